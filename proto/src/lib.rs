@@ -1,0 +1,34 @@
+//! Outpost's shared language: everything the hub and the agents must agree on, and nothing else.
+//!
+//! - [`manifest`]: Kubernetes YAML in, objects out.
+//! - [`body`]: the canonical snapshot body (objects in apply order, canonical JSON lines).
+//! - [`header`]: the signed snapshot header and its canonical encoding.
+//! - [`signing`]: ed25519 keys, key ids, root-certified signing keys, the trust store.
+//! - [`verify`]: the only way to obtain a [`VerifiedSnapshot`].
+//! - [`compress`]: zstd whole and delta (patch-from) payloads with bounded decompression.
+//! - [`wire`]: protocol messages and framing.
+//!
+//! Architecture invariant: this crate does no I/O. No files, sockets, clocks or randomness: time
+//! and key seeds come in as arguments. That keeps it deterministic, testable and usable from the
+//! hub, the agent and the simulations alike.
+
+mod codec;
+
+pub mod body;
+pub mod compress;
+pub mod digest;
+pub mod header;
+pub mod manifest;
+pub mod signing;
+pub mod verify;
+pub mod wire;
+
+pub use body::Body;
+pub use codec::DecodeError;
+pub use digest::Digest;
+pub use header::SnapshotHeader;
+pub use manifest::{Object, ObjectKey, SourceFile};
+pub use signing::{
+    KeyCertificate, KeyId, PublicKey, Signature, SignedKeyCertificate, SigningKey, TrustStore,
+};
+pub use verify::{Expectation, Installed, VerifiedHeader, VerifiedSnapshot};
