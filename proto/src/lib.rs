@@ -31,4 +31,6 @@ pub use manifest::{Object, ObjectKey, SourceFile};
 pub use signing::{
     KeyCertificate, KeyId, PublicKey, Signature, SignedKeyCertificate, SigningKey, TrustStore,
 };
-pub use verify::{Expectation, Installed, VerifiedHeader, VerifiedSnapshot};
+pub use verify::{
+    Expectation, Installed, ReceiveError, VerifiedHeader, VerifiedSnapshot, VerifyError,
+};

@@ -8,6 +8,7 @@
 //! assigned, a body that does not match the digest, size or object count.
 
 use crate::body::{Body, count_objects};
+use crate::compress::{self, DecompressError};
 use crate::digest::Digest;
 use crate::header::{HeaderError, SnapshotHeader};
 use crate::signing::{KeyId, SNAPSHOT_HEADER_CONTEXT, Signature, TrustError, TrustStore};
@@ -244,6 +245,57 @@ impl VerifiedHeader {
             header_bytes: self.header_bytes,
             signature: self.signature,
         })
+    }
+}
+
+/// Why a received payload did not become a verified snapshot.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ReceiveError {
+    /// The payload bytes are not the ones the transfer announced (corrupted or truncated in
+    /// transit, or a broken resume): discard them and fetch again from the start.
+    #[error(
+        "payload digest is {got}, the transfer announced {expected}; discard it and fetch again"
+    )]
+    PayloadDigest {
+        /// Announced in `TransferStart`.
+        expected: Digest,
+        /// Computed.
+        got: Digest,
+    },
+    /// The payload does not decompress to the header's size.
+    #[error(transparent)]
+    Decompress(#[from] DecompressError),
+    /// The rebuilt body does not match the header.
+    #[error(transparent)]
+    Verify(#[from] VerifyError),
+}
+
+impl VerifiedHeader {
+    /// Stage two from the wire: checks `payload` against the digest its transfer announced,
+    /// decompresses it (whole, or a delta against `reference`, a body the receiver already
+    /// verified) into at most the header's body size, then checks the body against the header.
+    ///
+    /// The payload digest is not signed: it catches transport damage early and cheaply. What an
+    /// attacker who rewrites it too can achieve is stopped by the signed body digest.
+    pub fn accept_payload(
+        self,
+        payload: &[u8],
+        payload_digest: Digest,
+        reference: Option<&Body>,
+    ) -> Result<VerifiedSnapshot, ReceiveError> {
+        let got = Digest::of(payload);
+        if got != payload_digest {
+            return Err(ReceiveError::PayloadDigest {
+                expected: payload_digest,
+                got,
+            });
+        }
+        let size = self.header.body_size;
+        let body = match reference {
+            None => compress::decompress_whole(payload, size)?,
+            Some(reference) => compress::decompress_delta(reference.as_bytes(), payload, size)?,
+        };
+        Ok(self.accept_body(body)?)
     }
 }
 
@@ -522,6 +574,47 @@ mod tests {
             ),
             Err(VerifyError::NotAssigned { .. })
         ));
+    }
+
+    #[test]
+    fn payloads_are_checked_before_and_after_decompression() {
+        let f = fixture();
+        let (bytes, signature) = f.header.clone().sign(&f.signer).unwrap();
+        let verified = || verify_header(&f.trust, &bytes, &signature.0, &expect("pos")).unwrap();
+        let payload = compress::compress_whole(f.body.as_bytes(), 3).unwrap();
+        let snapshot = verified()
+            .accept_payload(&payload, Digest::of(&payload), None)
+            .unwrap();
+        assert_eq!(snapshot.body(), &f.body);
+        // Truncated in transit: the announced payload digest catches it.
+        let cut = &payload[..payload.len() - 1];
+        assert!(matches!(
+            verified().accept_payload(cut, Digest::of(&payload), None),
+            Err(ReceiveError::PayloadDigest { .. })
+        ));
+        // A payload that inflates past the signed size (a bomb), even with a matching digest.
+        let bomb = compress::compress_whole(&vec![b'\n'; 50_000_000], 3).unwrap();
+        assert!(matches!(
+            verified().accept_payload(&bomb, Digest::of(&bomb), None),
+            Err(ReceiveError::Decompress(_))
+        ));
+        // A delta against the wrong reference body rebuilds garbage: the body digest refuses it.
+        let other = Body::render(&[SourceFile {
+            path: "b.yaml",
+            text: "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\ndata: {other: value}\n",
+        }])
+        .unwrap();
+        let delta = compress::compress_delta(other.as_bytes(), f.body.as_bytes(), 19).unwrap();
+        assert!(
+            verified()
+                .accept_payload(&delta, Digest::of(&delta), Some(&other))
+                .is_ok()
+        );
+        assert!(
+            verified()
+                .accept_payload(&delta, Digest::of(&delta), Some(&f.body))
+                .is_err()
+        );
     }
 
     #[test]
