@@ -56,12 +56,8 @@ impl Body {
         objects.sort_by(|a, b| apply_order(&a.key).cmp(&apply_order(&b.key)));
         for pair in objects.windows(2) {
             if pair[0].key == pair[1].key {
-                let key = &pair[0].key;
                 return Err(ManifestError::Duplicate {
-                    group: key.group.clone(),
-                    kind: key.kind.clone(),
-                    namespace: key.namespace.clone(),
-                    name: key.name.clone(),
+                    key: Box::new(pair[0].key.clone()),
                     first: pair[0].origin.clone(),
                     second: pair[1].origin.clone(),
                 });

@@ -85,18 +85,10 @@ pub enum ManifestError {
         expected: &'static str,
     },
     /// Two documents declare the same object.
-    #[error(
-        "{kind} {namespace}/{name} (group {group:?}) is declared twice: in {first} and in {second}"
-    )]
+    #[error("{} {}/{} (group {:?}) is declared twice: in {first} and in {second}", .key.kind, .key.namespace, .key.name, .key.group)]
     Duplicate {
-        /// API group.
-        group: String,
-        /// Kind.
-        kind: String,
-        /// Namespace, empty if none.
-        namespace: String,
-        /// Name.
-        name: String,
+        /// The object declared twice.
+        key: Box<ObjectKey>,
         /// Where it was first declared.
         first: String,
         /// Where it was declared again.
@@ -196,19 +188,19 @@ fn flatten_into(
         Some(Value::String(kind)) if !kind.is_empty() => kind.clone(),
         Some(_) => return Err(place.invalid("kind", "a non-empty string")),
     };
-    if kind.ends_with("List") {
-        if let Some(items) = map.get("items") {
-            let Value::Array(items) = items else {
-                return Err(place.invalid("items", "a list of objects"));
-            };
-            if depth >= MAX_LIST_NESTING {
-                return Err(place.invalid("items", "nested at most 8 Lists deep"));
-            }
-            for item in items.clone() {
-                flatten_into(item, place, depth + 1, out)?;
-            }
-            return Ok(());
+    if kind.ends_with("List")
+        && let Some(items) = map.get("items")
+    {
+        let Value::Array(items) = items else {
+            return Err(place.invalid("items", "a list of objects"));
+        };
+        if depth >= MAX_LIST_NESTING {
+            return Err(place.invalid("items", "nested at most 8 Lists deep"));
         }
+        for item in items.clone() {
+            flatten_into(item, place, depth + 1, out)?;
+        }
+        return Ok(());
     }
     let api_version = match map.get("apiVersion") {
         None => return Err(place.missing("apiVersion")),
