@@ -4,6 +4,7 @@
 //! - [`body`]: the canonical snapshot body (objects in apply order, canonical JSON lines).
 //! - [`header`]: the signed snapshot header and its canonical encoding.
 //! - [`signing`]: ed25519 keys, key ids, root-certified signing keys, the trust store.
+//! - [`selector`]: Kubernetes label selectors over agent labels, with a canonical text form.
 //! - [`verify`]: the only way to obtain a [`VerifiedSnapshot`].
 //! - [`compress`]: zstd whole and delta (patch-from) payloads with bounded decompression.
 //! - [`wire`]: protocol messages and framing.
@@ -19,6 +20,7 @@ pub mod compress;
 pub mod digest;
 pub mod header;
 pub mod manifest;
+pub mod selector;
 pub mod signing;
 pub mod verify;
 pub mod wire;
@@ -28,6 +30,7 @@ pub use codec::DecodeError;
 pub use digest::Digest;
 pub use header::SnapshotHeader;
 pub use manifest::{Object, ObjectKey, SourceFile};
+pub use selector::LabelSelector;
 pub use signing::{
     KeyCertificate, KeyId, PublicKey, Signature, SignedKeyCertificate, SigningKey, TrustStore,
 };
