@@ -131,7 +131,7 @@ impl LabelSelector {
             message: message.to_owned(),
         };
         let mut selector = LabelSelector::default();
-        for term in split_terms(text).map_err(|message| syntax(message))? {
+        for term in split_terms(text).map_err(&syntax)? {
             let term = term.trim();
             if term.is_empty() {
                 if text.trim().is_empty() {
@@ -154,15 +154,9 @@ impl LabelSelector {
                     Operator::In(BTreeSet::from([value.trim().to_owned()])),
                 )
             } else if let Some((key, values)) = split_set(term, " notin ") {
-                (
-                    key,
-                    Operator::NotIn(parse_set(values).map_err(|message| syntax(message))?),
-                )
+                (key, Operator::NotIn(parse_set(values).map_err(&syntax)?))
             } else if let Some((key, values)) = split_set(term, " in ") {
-                (
-                    key,
-                    Operator::In(parse_set(values).map_err(|message| syntax(message))?),
-                )
+                (key, Operator::In(parse_set(values).map_err(&syntax)?))
             } else {
                 (term, Operator::Exists)
             };
