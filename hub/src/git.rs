@@ -1,0 +1,292 @@
+//! Git sources read with gix: a bare mirror per source in the hub's data dir, fetched with forced
+//! refspecs so moved tags and force-pushed branches follow the remote, and pruned so deleted refs
+//! disappear. Trees and blobs are read straight from the object database; there is no work tree.
+//!
+//! gix is blocking here: call these from `spawn_blocking` in async code.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+use gix::bstr::ByteSlice;
+
+/// The refspecs a source mirrors: every branch and every tag, forced.
+const REFSPECS: [&str; 2] = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"];
+
+/// A mirrored Git repository.
+#[derive(Debug)]
+pub struct GitSource {
+    url: String,
+    path: PathBuf,
+    repo: gix::Repository,
+}
+
+/// A branch or tag and the commit it names (annotated tags peeled).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RefTarget {
+    /// Full name, e.g. `refs/tags/pos-v1.4.0`.
+    pub name: String,
+    /// Commit id, hex.
+    pub commit: String,
+}
+
+/// A file read from a tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeFile {
+    /// Path relative to the folder that was read.
+    pub path: String,
+    /// Contents.
+    pub bytes: Vec<u8>,
+}
+
+/// A Git operation that failed, with the source it concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    /// Opening or creating the local mirror failed.
+    #[error("cannot open the mirror of {url} at {path}: {message}")]
+    Open {
+        /// Remote URL.
+        url: String,
+        /// Mirror path.
+        path: PathBuf,
+        /// What gix said.
+        message: String,
+    },
+    /// Fetching from the remote failed (unreachable, refused, bad credentials).
+    #[error("fetching {url} failed: {message}")]
+    Fetch {
+        /// Remote URL.
+        url: String,
+        /// What gix said.
+        message: String,
+    },
+    /// Reading refs, commits, trees or blobs failed.
+    #[error("reading {what} in the mirror of {url}: {message}")]
+    Read {
+        /// Remote URL.
+        url: String,
+        /// What was being read.
+        what: String,
+        /// What gix said.
+        message: String,
+    },
+}
+
+/// What a fetch changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct FetchSummary {
+    /// Refs removed locally because the remote no longer has them.
+    pub pruned: Vec<String>,
+}
+
+impl GitSource {
+    /// Opens the mirror at `path`, creating an empty bare repository there first if needed.
+    pub fn open_or_init(url: &str, path: &Path) -> Result<GitSource, GitError> {
+        let open_error = |message: String| GitError::Open {
+            url: url.to_owned(),
+            path: path.to_owned(),
+            message,
+        };
+        let repo = if path.join("HEAD").exists() {
+            gix::open(path).map_err(|error| open_error(error.to_string()))?
+        } else {
+            std::fs::create_dir_all(path).map_err(|error| open_error(error.to_string()))?;
+            gix::init_bare(path).map_err(|error| open_error(error.to_string()))?
+        };
+        Ok(GitSource {
+            url: url.to_owned(),
+            path: path.to_owned(),
+            repo,
+        })
+    }
+
+    /// The remote URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Fetches every branch and tag from the remote, then prunes local refs the remote no
+    /// longer has.
+    pub fn fetch(&mut self) -> Result<FetchSummary, GitError> {
+        let fetch_error = |message: String| GitError::Fetch {
+            url: self.url.clone(),
+            message,
+        };
+        let remote = self
+            .repo
+            .remote_at(self.url.as_str())
+            .map_err(|error| fetch_error(error.to_string()))?
+            .with_fetch_tags(gix::remote::fetch::Tags::None)
+            .with_refspecs(REFSPECS, gix::remote::Direction::Fetch)
+            .map_err(|error| fetch_error(error.to_string()))?;
+        let interrupt = AtomicBool::new(false);
+        let outcome = remote
+            .connect(gix::remote::Direction::Fetch)
+            .map_err(|error| fetch_error(error.to_string()))?
+            .prepare_fetch(gix::progress::Discard, Default::default())
+            .map_err(|error| fetch_error(error.to_string()))?
+            .receive(gix::progress::Discard, &interrupt)
+            .map_err(|error| fetch_error(error.to_string()))?;
+        let remote_names: std::collections::BTreeSet<String> = outcome
+            .ref_map
+            .remote_refs
+            .iter()
+            .map(|reference| reference.unpack().0.to_str_lossy().into_owned())
+            .collect();
+        let mut summary = FetchSummary::default();
+        for local in self.refs()? {
+            if !remote_names.contains(&local.name) {
+                self.delete_ref(&local.name)?;
+                summary.pruned.push(local.name);
+            }
+        }
+        // gix caches refs and packs per handle; reopen so reads see what the fetch wrote.
+        self.repo = gix::open(&self.path).map_err(|error| fetch_error(error.to_string()))?;
+        Ok(summary)
+    }
+
+    /// Every branch and tag with the commit it names, sorted by name.
+    pub fn refs(&self) -> Result<Vec<RefTarget>, GitError> {
+        let read_error = |what: &str, message: String| GitError::Read {
+            url: self.url.clone(),
+            what: what.to_owned(),
+            message,
+        };
+        let platform = self
+            .repo
+            .references()
+            .map_err(|error| read_error("refs", error.to_string()))?;
+        let mut out = Vec::new();
+        for prefix in ["refs/heads/", "refs/tags/"] {
+            let iter = platform
+                .prefixed(prefix)
+                .map_err(|error| read_error("refs", error.to_string()))?;
+            for reference in iter {
+                let mut reference =
+                    reference.map_err(|error| read_error("refs", error.to_string()))?;
+                let name = reference.name().as_bstr().to_str_lossy().into_owned();
+                // A tag may name a tree or a blob; only commits can be released.
+                let Ok(commit) = reference.peel_to_commit() else {
+                    continue;
+                };
+                out.push(RefTarget {
+                    name,
+                    commit: commit.id.to_string(),
+                });
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// The id of the tree at `path` (relative, `""` for the root) in `commit`, or `None` if the
+    /// commit has no folder there.
+    pub fn tree_id(&self, commit: &str, path: &str) -> Result<Option<String>, GitError> {
+        Ok(self.tree_at(commit, path)?.map(|tree| tree.id.to_string()))
+    }
+
+    /// Every file under `path` in `commit`, with paths relative to `path`, sorted by path.
+    pub fn files(&self, commit: &str, path: &str) -> Result<Vec<TreeFile>, GitError> {
+        let read_error = |message: String| GitError::Read {
+            url: self.url.clone(),
+            what: format!("{path} at {commit}"),
+            message,
+        };
+        let Some(tree) = self.tree_at(commit, path)? else {
+            return Ok(Vec::new());
+        };
+        let entries = tree
+            .traverse()
+            .breadthfirst
+            .files()
+            .map_err(|error| read_error(error.to_string()))?;
+        let mut files = Vec::new();
+        for entry in entries {
+            if !entry.mode.is_blob() {
+                continue;
+            }
+            let object = self
+                .repo
+                .find_object(entry.oid)
+                .map_err(|error| read_error(error.to_string()))?;
+            files.push(TreeFile {
+                path: entry.filepath.to_str_lossy().into_owned(),
+                bytes: object.detach().data,
+            });
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(files)
+    }
+
+    /// The file at `path` in `commit`, if it exists and is a file.
+    pub fn read_file(&self, commit: &str, path: &str) -> Result<Option<Vec<u8>>, GitError> {
+        let read_error = |message: String| GitError::Read {
+            url: self.url.clone(),
+            what: format!("{path} at {commit}"),
+            message,
+        };
+        let Some(root) = self.tree_at(commit, "")? else {
+            return Ok(None);
+        };
+        let Some(entry) = root
+            .lookup_entry_by_path(path)
+            .map_err(|error| read_error(error.to_string()))?
+        else {
+            return Ok(None);
+        };
+        if !entry.mode().is_blob() {
+            return Ok(None);
+        }
+        let object = entry
+            .object()
+            .map_err(|error| read_error(error.to_string()))?;
+        Ok(Some(object.detach().data))
+    }
+
+    fn tree_at(&self, commit: &str, path: &str) -> Result<Option<gix::Tree<'_>>, GitError> {
+        let read_error = |message: String| GitError::Read {
+            url: self.url.clone(),
+            what: format!("{path:?} at {commit}"),
+            message,
+        };
+        let id = gix::ObjectId::from_hex(commit.as_bytes())
+            .map_err(|error| read_error(error.to_string()))?;
+        let root = self
+            .repo
+            .find_commit(id)
+            .map_err(|error| read_error(error.to_string()))?
+            .tree()
+            .map_err(|error| read_error(error.to_string()))?;
+        let path = path.trim_matches('/');
+        if path.is_empty() {
+            return Ok(Some(root));
+        }
+        let Some(entry) = root
+            .lookup_entry_by_path(path)
+            .map_err(|error| read_error(error.to_string()))?
+        else {
+            return Ok(None);
+        };
+        if !entry.mode().is_tree() {
+            return Ok(None);
+        }
+        let object = entry
+            .object()
+            .map_err(|error| read_error(error.to_string()))?;
+        Ok(Some(object.into_tree()))
+    }
+
+    fn delete_ref(&self, name: &str) -> Result<(), GitError> {
+        let read_error = |message: String| GitError::Read {
+            url: self.url.clone(),
+            what: format!("ref {name}"),
+            message,
+        };
+        let reference = self
+            .repo
+            .find_reference(name)
+            .map_err(|error| read_error(error.to_string()))?;
+        reference
+            .delete()
+            .map_err(|error| read_error(error.to_string()))
+    }
+}

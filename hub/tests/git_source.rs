@@ -1,0 +1,105 @@
+//! The hub's Git source against real repositories: tags (annotated and lightweight), branches,
+//! force-moved tags, deleted tags, and reading trees and blobs without a work tree.
+
+mod support;
+
+use outpost_hub::git::GitSource;
+use support::{Upstream, config_map};
+
+#[test]
+fn mirrors_branches_and_tags_and_reads_trees() {
+    let upstream = Upstream::new();
+    upstream.write("pos/app.yaml", &config_map("pos", "1"));
+    upstream.write("kiosk/app.yaml", &config_map("kiosk", "1"));
+    let first = upstream.commit("first");
+    upstream.git(&["tag", "-a", "pos-v1", "-m", "annotated"]);
+    upstream.git(&["tag", "light-v1"]);
+    upstream.write("pos/app.yaml", &config_map("pos", "2"));
+    let second = upstream.commit("second");
+
+    let data = tempfile::tempdir().unwrap();
+    let mut source = GitSource::open_or_init(&upstream.url(), &data.path().join("mirror")).unwrap();
+    source.fetch().unwrap();
+    let refs: Vec<(String, String)> = source
+        .refs()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.name, r.commit))
+        .collect();
+    assert_eq!(
+        refs,
+        [
+            ("refs/heads/main".to_owned(), second.clone()),
+            ("refs/tags/light-v1".to_owned(), first.clone()),
+            ("refs/tags/pos-v1".to_owned(), first.clone()),
+        ]
+    );
+    // No work tree: the mirror is bare.
+    assert!(!data.path().join("mirror/pos").exists());
+    let files = source.files(&first, "pos").unwrap();
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0].path, "app.yaml");
+    assert_eq!(
+        String::from_utf8(files[0].bytes.clone()).unwrap(),
+        config_map("pos", "1")
+    );
+    // kiosk did not change between the commits: same tree id. pos did.
+    assert_eq!(
+        source.tree_id(&first, "kiosk").unwrap(),
+        source.tree_id(&second, "kiosk").unwrap()
+    );
+    assert_ne!(
+        source.tree_id(&first, "pos").unwrap(),
+        source.tree_id(&second, "pos").unwrap()
+    );
+    assert_eq!(source.tree_id(&first, "missing").unwrap(), None);
+    assert!(source.read_file(&second, "pos/app.yaml").unwrap().is_some());
+    assert!(source.read_file(&second, "outpost.yaml").unwrap().is_none());
+}
+
+#[test]
+fn force_moved_and_deleted_tags_follow_the_remote() {
+    let upstream = Upstream::new();
+    upstream.write("pos/app.yaml", &config_map("pos", "1"));
+    let first = upstream.commit("first");
+    upstream.git(&["tag", "pos-v1"]);
+    upstream.git(&["tag", "doomed"]);
+    let data = tempfile::tempdir().unwrap();
+    let mirror = data.path().join("mirror");
+    let mut source = GitSource::open_or_init(&upstream.url(), &mirror).unwrap();
+    source.fetch().unwrap();
+
+    upstream.write("pos/app.yaml", &config_map("pos", "2"));
+    let second = upstream.commit("second");
+    upstream.git(&["tag", "-f", "pos-v1"]);
+    upstream.git(&["tag", "-d", "doomed"]);
+    // Reopen, as a restarted hub would.
+    let mut source = GitSource::open_or_init(&upstream.url(), &mirror).unwrap();
+    let summary = source.fetch().unwrap();
+    assert_eq!(summary.pruned, ["refs/tags/doomed"]);
+    let refs = source.refs().unwrap();
+    let pos = refs.iter().find(|r| r.name == "refs/tags/pos-v1").unwrap();
+    assert_eq!(pos.commit, second);
+    assert_ne!(pos.commit, first);
+    assert!(refs.iter().all(|r| r.name != "refs/tags/doomed"));
+}
+
+#[test]
+fn unreachable_remote_is_a_fetch_error_and_keeps_what_was_fetched() {
+    let upstream = Upstream::new();
+    upstream.write("pos/app.yaml", &config_map("pos", "1"));
+    upstream.commit("first");
+    let data = tempfile::tempdir().unwrap();
+    let mirror = data.path().join("mirror");
+    let mut source = GitSource::open_or_init(&upstream.url(), &mirror).unwrap();
+    source.fetch().unwrap();
+    let gone = format!("file://{}/does-not-exist", data.path().display());
+    let mut offline = GitSource::open_or_init(&gone, &mirror).unwrap();
+    let error = offline.fetch().unwrap_err();
+    assert!(error.to_string().contains("fetching"), "{error}");
+    assert_eq!(
+        offline.refs().unwrap().len(),
+        1,
+        "what was fetched before stays"
+    );
+}
