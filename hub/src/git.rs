@@ -184,13 +184,23 @@ impl GitSource {
         Ok(self.tree_at(commit, path)?.map(|tree| tree.id.to_string()))
     }
 
-    /// Every file under `path` in `commit`, with paths relative to `path`, sorted by path.
-    pub fn files(&self, commit: &str, path: &str) -> Result<Vec<TreeFile>, GitError> {
-        let read_error = |message: String| GitError::Read {
-            url: self.url.clone(),
-            what: format!("{path} at {commit}"),
-            message,
-        };
+    /// The paths of every file under `path` in `commit`, relative to `path`, sorted, without
+    /// reading the files.
+    pub fn list_files(&self, commit: &str, path: &str) -> Result<Vec<String>, GitError> {
+        let mut paths: Vec<String> = self
+            .entries(commit, path)?
+            .into_iter()
+            .map(|entry| entry.filepath.to_str_lossy().into_owned())
+            .collect();
+        paths.sort();
+        Ok(paths)
+    }
+
+    fn entries(
+        &self,
+        commit: &str,
+        path: &str,
+    ) -> Result<Vec<gix::traverse::tree::recorder::Entry>, GitError> {
         let Some(tree) = self.tree_at(commit, path)? else {
             return Ok(Vec::new());
         };
@@ -198,12 +208,26 @@ impl GitSource {
             .traverse()
             .breadthfirst
             .files()
-            .map_err(|error| read_error(error.to_string()))?;
+            .map_err(|error| GitError::Read {
+                url: self.url.clone(),
+                what: format!("{path} at {commit}"),
+                message: error.to_string(),
+            })?;
+        Ok(entries
+            .into_iter()
+            .filter(|entry| entry.mode.is_blob())
+            .collect())
+    }
+
+    /// Every file under `path` in `commit`, with paths relative to `path`, sorted by path.
+    pub fn files(&self, commit: &str, path: &str) -> Result<Vec<TreeFile>, GitError> {
+        let read_error = |message: String| GitError::Read {
+            url: self.url.clone(),
+            what: format!("{path} at {commit}"),
+            message,
+        };
         let mut files = Vec::new();
-        for entry in entries {
-            if !entry.mode.is_blob() {
-                continue;
-            }
+        for entry in self.entries(commit, path)? {
             let object = self
                 .repo
                 .find_object(entry.oid)

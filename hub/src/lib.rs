@@ -1,4 +1,6 @@
 //! The hub's library: Git sources, bundle definitions, rendering into signed snapshots, and the
 //! store. The binary (`main.rs`) is a thin shell over it.
 
+pub mod bundles;
 pub mod git;
+pub mod keys;
