@@ -4,3 +4,4 @@
 pub mod bundles;
 pub mod git;
 pub mod keys;
+pub mod store;

@@ -1,0 +1,604 @@
+//! The hub's store: snapshots, refs seen, releases (a bundle at a ref), generation counters,
+//! and an event log. SQLite in WAL mode with `synchronous=FULL`, versioned migrations, every
+//! change one transaction, so a crash at any point loses nothing that was committed.
+//!
+//! [`Store`] is the seam for a second (PostgreSQL) backend: the hub's logic talks to the trait.
+
+use std::path::Path;
+
+use outpost_proto::Digest;
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::git::RefTarget;
+
+/// Schema migrations, applied in order; the index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &[
+    // 1: source side.
+    "CREATE TABLE snapshots (
+        bundle TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        digest BLOB NOT NULL,
+        git_commit TEXT NOT NULL,
+        git_ref TEXT NOT NULL,
+        header BLOB NOT NULL,
+        signature BLOB NOT NULL,
+        body BLOB NOT NULL,
+        object_count INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (bundle, generation)
+    );
+    CREATE INDEX snapshots_by_digest ON snapshots (digest);
+    CREATE TABLE generations (bundle TEXT PRIMARY KEY, last INTEGER NOT NULL);
+    CREATE TABLE renders (
+        bundle TEXT NOT NULL,
+        tree_id TEXT NOT NULL,
+        selector TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        PRIMARY KEY (bundle, tree_id, selector)
+    );
+    CREATE TABLE refs (
+        source TEXT NOT NULL,
+        name TEXT NOT NULL,
+        git_commit TEXT NOT NULL,
+        deleted INTEGER NOT NULL DEFAULT 0,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (source, name)
+    );
+    CREATE TABLE releases (
+        source TEXT NOT NULL,
+        git_ref TEXT NOT NULL,
+        bundle TEXT NOT NULL,
+        git_commit TEXT NOT NULL,
+        generation INTEGER,
+        error TEXT,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (source, git_ref, bundle)
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        message TEXT NOT NULL
+    );",
+];
+
+/// A snapshot as stored: signed header, signature, canonical body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSnapshot {
+    /// Bundle name.
+    pub bundle: String,
+    /// Generation.
+    pub generation: u64,
+    /// Body digest.
+    pub digest: Digest,
+    /// Git commit.
+    pub git_commit: String,
+    /// Ref it was first rendered for.
+    pub git_ref: String,
+    /// Signed header bytes.
+    pub header: Vec<u8>,
+    /// Signature.
+    pub signature: Vec<u8>,
+    /// Canonical body.
+    pub body: Vec<u8>,
+    /// Objects in the body.
+    pub object_count: u64,
+    /// When it was rendered.
+    pub created_at: i64,
+}
+
+/// A bundle at a ref: rendered to a generation, or refused with an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    /// Source URL.
+    pub source: String,
+    /// Full ref name.
+    pub git_ref: String,
+    /// Bundle name.
+    pub bundle: String,
+    /// Commit the ref named.
+    pub git_commit: String,
+    /// The snapshot's generation, when it rendered.
+    pub generation: Option<u64>,
+    /// Why it did not render.
+    pub error: Option<String>,
+    /// Last change.
+    pub updated_at: i64,
+}
+
+/// How a ref changed since the last look.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefChange {
+    /// Seen for the first time.
+    New(RefTarget),
+    /// Now names another commit (a branch moved, or a tag was force-moved).
+    Moved {
+        /// The ref now.
+        target: RefTarget,
+        /// The commit it named before.
+        previous: String,
+    },
+    /// No longer on the remote.
+    Deleted(String),
+}
+
+/// One line of the event log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    /// Sequence number.
+    pub id: i64,
+    /// When (Unix seconds).
+    pub at: i64,
+    /// Kind, e.g. `fetch-failed`, `tag-moved`.
+    pub kind: String,
+    /// What it concerns (a source, ref or bundle).
+    pub subject: String,
+    /// Details.
+    pub message: String,
+}
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed (disk full, corrupt file, locked).
+    #[error("hub store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The file was written by a newer hub.
+    #[error(
+        "hub store schema version {found} is newer than this hub understands ({known}); run a newer hub"
+    )]
+    TooNew {
+        /// In the file.
+        found: usize,
+        /// Known here.
+        known: usize,
+    },
+}
+
+/// What the hub needs to keep. Implemented by SQLite today.
+pub trait Store {
+    /// Records the refs of `source` as fetched now; returns what changed since the last call.
+    fn record_refs(
+        &mut self,
+        source: &str,
+        refs: &[RefTarget],
+        now: i64,
+    ) -> Result<Vec<RefChange>, StoreError>;
+    /// The generation already rendered for this bundle tree and selector, if any.
+    fn rendered(
+        &self,
+        bundle: &str,
+        tree_id: &str,
+        selector: &str,
+    ) -> Result<Option<u64>, StoreError>;
+    /// Reserves the next generation of `bundle` (never handed out twice).
+    fn next_generation(&mut self, bundle: &str) -> Result<u64, StoreError>;
+    /// Stores a snapshot and the render that produced it, in one transaction.
+    fn insert_snapshot(
+        &mut self,
+        snapshot: &StoredSnapshot,
+        tree_id: &str,
+        selector: &str,
+    ) -> Result<(), StoreError>;
+    /// Remembers an existing generation as the render of a tree (same body as before).
+    fn insert_render(
+        &mut self,
+        bundle: &str,
+        tree_id: &str,
+        selector: &str,
+        generation: u64,
+    ) -> Result<(), StoreError>;
+    /// The newest snapshot of `bundle` with this body digest.
+    fn snapshot_by_digest(
+        &self,
+        bundle: &str,
+        digest: &Digest,
+    ) -> Result<Option<StoredSnapshot>, StoreError>;
+    /// A snapshot by bundle and generation.
+    fn snapshot(&self, bundle: &str, generation: u64)
+    -> Result<Option<StoredSnapshot>, StoreError>;
+    /// Sets the outcome of a release.
+    fn upsert_release(&mut self, release: &Release) -> Result<(), StoreError>;
+    /// Removes the releases of a deleted ref (its snapshots stay).
+    fn delete_releases(&mut self, source: &str, git_ref: &str) -> Result<(), StoreError>;
+    /// All releases, by source, ref and bundle.
+    fn releases(&self) -> Result<Vec<Release>, StoreError>;
+    /// Appends to the event log.
+    fn add_event(
+        &mut self,
+        at: i64,
+        kind: &str,
+        subject: &str,
+        message: &str,
+    ) -> Result<(), StoreError>;
+    /// The newest `limit` events, newest first.
+    fn events(&self, limit: usize) -> Result<Vec<Event>, StoreError>;
+}
+
+/// The SQLite store.
+#[derive(Debug)]
+pub struct SqliteStore {
+    connection: Connection,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path` and migrates it to the current schema.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let connection = Connection::open(path)?;
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.pragma_update(None, "synchronous", "FULL")?;
+        connection.pragma_update(None, "foreign_keys", "ON")?;
+        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mut store = SqliteStore { connection };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// The schema version after migration.
+    pub fn schema_version(&self) -> Result<usize, StoreError> {
+        let version: i64 = self
+            .connection
+            .pragma_query_value(None, "user_version", |row| row.get(0))?;
+        Ok(version as usize)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let found = self.schema_version()?;
+        if found > MIGRATIONS.len() {
+            return Err(StoreError::TooNew {
+                found,
+                known: MIGRATIONS.len(),
+            });
+        }
+        for (index, sql) in MIGRATIONS.iter().enumerate().skip(found) {
+            let transaction = self.connection.transaction()?;
+            transaction.execute_batch(sql)?;
+            transaction.pragma_update(None, "user_version", (index + 1) as i64)?;
+            transaction.commit()?;
+        }
+        Ok(())
+    }
+}
+
+const SNAPSHOT_COLUMNS: &str = "bundle, generation, digest, git_commit, git_ref, header, signature, body, object_count, created_at";
+
+fn snapshot_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredSnapshot> {
+    let digest: Vec<u8> = row.get(2)?;
+    let digest = <[u8; 32]>::try_from(digest.as_slice()).map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            2,
+            rusqlite::types::Type::Blob,
+            "digest is not 32 bytes".into(),
+        )
+    })?;
+    Ok(StoredSnapshot {
+        bundle: row.get(0)?,
+        generation: row.get::<_, i64>(1)? as u64,
+        digest: Digest(digest),
+        git_commit: row.get(3)?,
+        git_ref: row.get(4)?,
+        header: row.get(5)?,
+        signature: row.get(6)?,
+        body: row.get(7)?,
+        object_count: row.get::<_, i64>(8)? as u64,
+        created_at: row.get(9)?,
+    })
+}
+
+impl Store for SqliteStore {
+    fn record_refs(
+        &mut self,
+        source: &str,
+        refs: &[RefTarget],
+        now: i64,
+    ) -> Result<Vec<RefChange>, StoreError> {
+        let transaction = self.connection.transaction()?;
+        let mut known: std::collections::BTreeMap<String, String> = {
+            let mut statement = transaction
+                .prepare("SELECT name, git_commit FROM refs WHERE source = ?1 AND deleted = 0")?;
+            let rows = statement.query_map([source], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let mut changes = Vec::new();
+        for target in refs {
+            match known.remove(&target.name) {
+                Some(previous) if previous == target.commit => continue,
+                Some(previous) => changes.push(RefChange::Moved {
+                    target: target.clone(),
+                    previous,
+                }),
+                None => changes.push(RefChange::New(target.clone())),
+            }
+            transaction.execute(
+                "INSERT INTO refs (source, name, git_commit, deleted, updated_at) VALUES (?1, ?2, ?3, 0, ?4)
+                 ON CONFLICT (source, name) DO UPDATE SET git_commit = ?3, deleted = 0, updated_at = ?4",
+                params![source, target.name, target.commit, now],
+            )?;
+        }
+        for name in known.into_keys() {
+            transaction.execute(
+                "UPDATE refs SET deleted = 1, updated_at = ?3 WHERE source = ?1 AND name = ?2",
+                params![source, name, now],
+            )?;
+            changes.push(RefChange::Deleted(name));
+        }
+        transaction.commit()?;
+        Ok(changes)
+    }
+
+    fn rendered(
+        &self,
+        bundle: &str,
+        tree_id: &str,
+        selector: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .connection
+            .query_row(
+                "SELECT generation FROM renders WHERE bundle = ?1 AND tree_id = ?2 AND selector = ?3",
+                params![bundle, tree_id, selector],
+                |row| row.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(|generation| generation as u64))
+    }
+
+    fn next_generation(&mut self, bundle: &str) -> Result<u64, StoreError> {
+        let transaction = self.connection.transaction()?;
+        transaction.execute(
+            "INSERT INTO generations (bundle, last) VALUES (?1, 1)
+             ON CONFLICT (bundle) DO UPDATE SET last = last + 1",
+            [bundle],
+        )?;
+        let last: i64 = transaction.query_row(
+            "SELECT last FROM generations WHERE bundle = ?1",
+            [bundle],
+            |row| row.get(0),
+        )?;
+        transaction.commit()?;
+        Ok(last as u64)
+    }
+
+    fn insert_snapshot(
+        &mut self,
+        snapshot: &StoredSnapshot,
+        tree_id: &str,
+        selector: &str,
+    ) -> Result<(), StoreError> {
+        let transaction = self.connection.transaction()?;
+        transaction.execute(
+            &format!("INSERT INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+            params![
+                snapshot.bundle,
+                snapshot.generation as i64,
+                snapshot.digest.0.as_slice(),
+                snapshot.git_commit,
+                snapshot.git_ref,
+                snapshot.header,
+                snapshot.signature,
+                snapshot.body,
+                snapshot.object_count as i64,
+                snapshot.created_at,
+            ],
+        )?;
+        transaction.execute(
+            "INSERT OR REPLACE INTO renders (bundle, tree_id, selector, generation) VALUES (?1, ?2, ?3, ?4)",
+            params![snapshot.bundle, tree_id, selector, snapshot.generation as i64],
+        )?;
+        transaction.commit()?;
+        Ok(())
+    }
+
+    fn insert_render(
+        &mut self,
+        bundle: &str,
+        tree_id: &str,
+        selector: &str,
+        generation: u64,
+    ) -> Result<(), StoreError> {
+        self.connection.execute(
+            "INSERT OR REPLACE INTO renders (bundle, tree_id, selector, generation) VALUES (?1, ?2, ?3, ?4)",
+            params![bundle, tree_id, selector, generation as i64],
+        )?;
+        Ok(())
+    }
+
+    fn snapshot_by_digest(
+        &self,
+        bundle: &str,
+        digest: &Digest,
+    ) -> Result<Option<StoredSnapshot>, StoreError> {
+        Ok(self
+            .connection
+            .query_row(
+                &format!("SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE bundle = ?1 AND digest = ?2 ORDER BY generation DESC LIMIT 1"),
+                params![bundle, digest.0.as_slice()],
+                snapshot_from_row,
+            )
+            .optional()?)
+    }
+
+    fn snapshot(
+        &self,
+        bundle: &str,
+        generation: u64,
+    ) -> Result<Option<StoredSnapshot>, StoreError> {
+        Ok(self
+            .connection
+            .query_row(
+                &format!(
+                    "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE bundle = ?1 AND generation = ?2"
+                ),
+                params![bundle, generation as i64],
+                snapshot_from_row,
+            )
+            .optional()?)
+    }
+
+    fn upsert_release(&mut self, release: &Release) -> Result<(), StoreError> {
+        self.connection.execute(
+            "INSERT INTO releases (source, git_ref, bundle, git_commit, generation, error, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (source, git_ref, bundle) DO UPDATE SET
+               git_commit = ?4, generation = ?5, error = ?6, updated_at = ?7",
+            params![
+                release.source,
+                release.git_ref,
+                release.bundle,
+                release.git_commit,
+                release.generation.map(|g| g as i64),
+                release.error,
+                release.updated_at,
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn delete_releases(&mut self, source: &str, git_ref: &str) -> Result<(), StoreError> {
+        self.connection.execute(
+            "DELETE FROM releases WHERE source = ?1 AND git_ref = ?2",
+            params![source, git_ref],
+        )?;
+        Ok(())
+    }
+
+    fn releases(&self) -> Result<Vec<Release>, StoreError> {
+        let mut statement = self.connection.prepare(
+            "SELECT source, git_ref, bundle, git_commit, generation, error, updated_at FROM releases
+             ORDER BY source, git_ref, bundle",
+        )?;
+        let rows = statement.query_map([], |row| {
+            Ok(Release {
+                source: row.get(0)?,
+                git_ref: row.get(1)?,
+                bundle: row.get(2)?,
+                git_commit: row.get(3)?,
+                generation: row.get::<_, Option<i64>>(4)?.map(|g| g as u64),
+                error: row.get(5)?,
+                updated_at: row.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn add_event(
+        &mut self,
+        at: i64,
+        kind: &str,
+        subject: &str,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        self.connection.execute(
+            "INSERT INTO events (at, kind, subject, message) VALUES (?1, ?2, ?3, ?4)",
+            params![at, kind, subject, message],
+        )?;
+        Ok(())
+    }
+
+    fn events(&self, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let mut statement = self.connection.prepare(
+            "SELECT id, at, kind, subject, message FROM events ORDER BY id DESC LIMIT ?1",
+        )?;
+        let rows = statement.query_map([limit as i64], |row| {
+            Ok(Event {
+                id: row.get(0)?,
+                at: row.get(1)?,
+                kind: row.get(2)?,
+                subject: row.get(3)?,
+                message: row.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(name: &str, commit: &str) -> RefTarget {
+        RefTarget {
+            name: name.to_owned(),
+            commit: commit.to_owned(),
+        }
+    }
+
+    #[test]
+    fn ref_changes_are_new_moved_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+        let changes = store
+            .record_refs(
+                "s",
+                &[target("refs/tags/a", "1"), target("refs/tags/b", "1")],
+                10,
+            )
+            .unwrap();
+        assert_eq!(changes.len(), 2);
+        assert!(
+            store
+                .record_refs(
+                    "s",
+                    &[target("refs/tags/a", "1"), target("refs/tags/b", "1")],
+                    11
+                )
+                .unwrap()
+                .is_empty()
+        );
+        let changes = store
+            .record_refs("s", &[target("refs/tags/a", "2")], 12)
+            .unwrap();
+        assert_eq!(
+            changes,
+            [
+                RefChange::Moved {
+                    target: target("refs/tags/a", "2"),
+                    previous: "1".to_owned()
+                },
+                RefChange::Deleted("refs/tags/b".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn generations_only_grow_and_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let mut store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.next_generation("pos").unwrap(), 1);
+        assert_eq!(store.next_generation("pos").unwrap(), 2);
+        assert_eq!(store.next_generation("kiosk").unwrap(), 1);
+        drop(store);
+        let mut store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len());
+        assert_eq!(store.next_generation("pos").unwrap(), 3);
+    }
+
+    #[test]
+    fn a_store_from_a_newer_hub_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        SqliteStore::open(&path).unwrap();
+        let connection = Connection::open(&path).unwrap();
+        connection.pragma_update(None, "user_version", 99).unwrap();
+        drop(connection);
+        assert!(matches!(
+            SqliteStore::open(&path),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        std::fs::write(
+            &path,
+            b"this is not sqlite, just some text that is long enough to matter..",
+        )
+        .unwrap();
+        let error = SqliteStore::open(&path).unwrap_err().to_string();
+        assert!(error.contains("hub store"), "{error}");
+    }
+}
