@@ -5,3 +5,4 @@ pub mod bundles;
 pub mod git;
 pub mod keys;
 pub mod store;
+pub mod sync;

@@ -1,0 +1,289 @@
+//! A hub sync against real Git repositories: rendering, unchanged trees, invalid YAML in one
+//! bundle, force-moved and deleted tags, restarts, and a remote served by `git daemon`.
+
+mod support;
+
+use std::process::{Child, Command};
+
+use outpost_hub::git::GitSource;
+use outpost_hub::keys::HubKeys;
+use outpost_hub::store::{SqliteStore, Store};
+use outpost_hub::sync::sync_source;
+use outpost_proto::verify::{Expectation, verify_snapshot};
+use support::{Upstream, config_map};
+
+struct Hub {
+    data: tempfile::TempDir,
+    keys: HubKeys,
+    store: SqliteStore,
+}
+
+impl Hub {
+    fn new() -> Hub {
+        let data = tempfile::tempdir().unwrap();
+        Hub::open(data)
+    }
+
+    fn open(data: tempfile::TempDir) -> Hub {
+        let (keys, _) =
+            HubKeys::load_or_generate(&data.path().join("keys"), 1_800_000_000).unwrap();
+        let store = SqliteStore::open(&data.path().join("hub.db")).unwrap();
+        Hub { data, keys, store }
+    }
+
+    fn sync(&mut self, url: &str, now: i64) -> outpost_hub::sync::SyncReport {
+        let mut source = GitSource::open_or_init(url, &self.data.path().join("mirror")).unwrap();
+        sync_source(&mut self.store, &self.keys, &mut source, now).unwrap()
+    }
+
+    fn release(&self, git_ref: &str, bundle: &str) -> Option<outpost_hub::store::Release> {
+        self.store
+            .releases()
+            .unwrap()
+            .into_iter()
+            .find(|r| r.git_ref == git_ref && r.bundle == bundle)
+    }
+}
+
+fn two_bundles() -> Upstream {
+    let upstream = Upstream::new();
+    upstream.write("pos/app.yaml", &config_map("pos", "1"));
+    upstream.write("kiosk/app.yaml", &config_map("kiosk", "1"));
+    upstream.write("README.md", "not a bundle");
+    upstream.commit("first");
+    upstream.git(&["tag", "v1"]);
+    upstream
+}
+
+#[test]
+fn renders_signed_snapshots_and_skips_unchanged_trees() {
+    let upstream = two_bundles();
+    let mut hub = Hub::new();
+    let report = hub.sync(&upstream.url(), 1_800_000_100);
+    // main and v1 name the same commit: each bundle is rendered once, reused once.
+    assert_eq!(report.rendered.len(), 2, "{report:?}");
+    assert_eq!(report.unchanged, 2);
+    let pos = hub.release("refs/tags/v1", "pos").unwrap();
+    assert_eq!(pos.generation, Some(1));
+    let snapshot = hub.store.snapshot("pos", 1).unwrap().unwrap();
+    let verified = verify_snapshot(
+        &hub.keys.trust_store(),
+        &snapshot.header,
+        &snapshot.signature,
+        snapshot.body.clone(),
+        &Expectation {
+            bundle: "pos",
+            assigned_digest: Some(snapshot.digest),
+            installed: None,
+        },
+    )
+    .unwrap();
+    // refs/heads/main sorts before refs/tags/v1, so the snapshot names the branch it came from.
+    assert_eq!(verified.header().git_ref, "refs/heads/main");
+    assert_eq!(verified.body().object_count(), 1);
+
+    upstream.write("pos/app.yaml", &config_map("pos", "2"));
+    upstream.commit("second");
+    upstream.git(&["tag", "v2"]);
+    let report = hub.sync(&upstream.url(), 1_800_000_200);
+    assert_eq!(
+        report.rendered,
+        [("pos".to_owned(), 2, "refs/heads/main".to_owned())]
+    );
+    assert_eq!(
+        hub.release("refs/tags/v2", "pos").unwrap().generation,
+        Some(2)
+    );
+    assert_eq!(
+        hub.release("refs/tags/v2", "kiosk").unwrap().generation,
+        Some(1),
+        "kiosk's tree did not change"
+    );
+
+    // A restarted hub renders nothing again.
+    let Hub { data, .. } = hub;
+    let mut hub = Hub::open(data);
+    let report = hub.sync(&upstream.url(), 1_800_000_300);
+    assert!(report.rendered.is_empty(), "{report:?}");
+}
+
+#[test]
+fn invalid_yaml_refuses_that_bundle_only_with_file_and_line() {
+    let upstream = two_bundles();
+    upstream.write(
+        "kiosk/app.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: [broken\n",
+    );
+    upstream.write("pos/app.yaml", &config_map("pos", "3"));
+    upstream.commit("bad kiosk");
+    upstream.git(&["tag", "v3"]);
+    let mut hub = Hub::new();
+    let report = hub.sync(&upstream.url(), 1_800_000_100);
+    let kiosk = hub.release("refs/tags/v3", "kiosk").unwrap();
+    assert_eq!(kiosk.generation, None);
+    let error = kiosk.error.unwrap();
+    assert!(error.starts_with("kiosk/app.yaml:"), "{error}");
+    assert!(
+        report
+            .failed
+            .iter()
+            .any(|(git_ref, bundle, _)| git_ref == "refs/tags/v3" && bundle == "kiosk")
+    );
+    assert!(
+        hub.release("refs/tags/v3", "pos")
+            .unwrap()
+            .generation
+            .is_some()
+    );
+    assert!(
+        hub.release("refs/tags/v1", "kiosk")
+            .unwrap()
+            .generation
+            .is_some(),
+        "older releases unaffected"
+    );
+}
+
+#[test]
+fn force_moved_tag_gets_a_new_generation_and_deleted_tag_is_withdrawn() {
+    let upstream = two_bundles();
+    let mut hub = Hub::new();
+    hub.sync(&upstream.url(), 1_800_000_100);
+    assert_eq!(
+        hub.release("refs/tags/v1", "pos").unwrap().generation,
+        Some(1)
+    );
+
+    upstream.write("pos/app.yaml", &config_map("pos", "moved"));
+    upstream.commit("fix");
+    upstream.git(&["tag", "-f", "v1"]);
+    upstream.git(&["tag", "gone"]);
+    hub.sync(&upstream.url(), 1_800_000_200);
+    assert_eq!(
+        hub.release("refs/tags/v1", "pos").unwrap().generation,
+        Some(2)
+    );
+    let events = hub.store.events(10).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "tag-moved" && e.subject == "refs/tags/v1"),
+        "{events:?}"
+    );
+
+    upstream.git(&["tag", "-d", "gone"]);
+    hub.sync(&upstream.url(), 1_800_000_300);
+    assert!(hub.release("refs/tags/gone", "pos").is_none());
+    assert!(
+        hub.store
+            .events(10)
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "ref-deleted")
+    );
+    // The tag comes back at the old content: same body, but never generation 1 again for a new
+    // render; here the body equals generation 2's, so that snapshot is reused.
+    upstream.git(&["tag", "gone"]);
+    hub.sync(&upstream.url(), 1_800_000_400);
+    assert_eq!(
+        hub.release("refs/tags/gone", "pos").unwrap().generation,
+        Some(2)
+    );
+}
+
+#[test]
+fn outpost_yaml_declares_bundles_and_selectors() {
+    let upstream = Upstream::new();
+    upstream.write("apps/pos/app.yaml", &config_map("pos", "1"));
+    upstream.write(
+        "outpost.yaml",
+        "bundles:\n- name: pos-eu\n  path: apps/pos\n  selector:\n    matchLabels: {region: eu}\n",
+    );
+    upstream.commit("declared");
+    let mut hub = Hub::new();
+    hub.sync(&upstream.url(), 1_800_000_100);
+    let snapshot = hub.store.snapshot("pos-eu", 1).unwrap().unwrap();
+    let header = outpost_proto::SnapshotHeader::decode(&snapshot.header).unwrap();
+    assert_eq!(header.selector, "region=eu");
+
+    upstream.write("outpost.yaml", "bundles:\n- name: pos-eu\n  path: apps/pos\n  selector: {matchLabels: {region: 'not valid!'}}\n");
+    upstream.commit("broken definitions");
+    let report = hub.sync(&upstream.url(), 1_800_000_200);
+    assert!(
+        report
+            .failed
+            .iter()
+            .any(|(_, what, error)| what == "outpost.yaml"
+                && error.contains("not a valid label value")),
+        "{report:?}"
+    );
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn fetches_from_git_daemon_and_survives_it_going_away() {
+    let upstream = two_bundles();
+    let base = upstream.path().parent().unwrap().to_owned();
+    let name = upstream
+        .path()
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    // Run git-daemon itself, not through the `git` wrapper, so killing it stops the server.
+    let exec_path = upstream.git(&["--exec-path"]);
+    let daemon = Daemon(
+        Command::new(std::path::Path::new(&exec_path).join("git-daemon"))
+            .args(["--export-all", "--reuseaddr", "--listen=127.0.0.1"])
+            .arg(format!("--port={port}"))
+            .arg(format!("--base-path={}", base.display()))
+            .arg(&base)
+            .spawn()
+            .expect("git daemon"),
+    );
+    let url = format!("git://127.0.0.1:{port}/{name}");
+    let mut hub = Hub::new();
+    let mut report = hub.sync(&url, 1_800_000_100);
+    for _ in 0..50 {
+        if report.fetch_error.is_none() {
+            break;
+        }
+        // The daemon may still be starting.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        report = hub.sync(&url, 1_800_000_100);
+    }
+    assert_eq!(report.fetch_error, None);
+    assert_eq!(
+        hub.release("refs/tags/v1", "pos").unwrap().generation,
+        Some(1)
+    );
+
+    drop(daemon);
+    let report = hub.sync(&url, 1_800_000_200);
+    assert!(report.fetch_error.is_some());
+    assert!(
+        hub.store
+            .events(5)
+            .unwrap()
+            .iter()
+            .any(|e| e.kind == "fetch-failed")
+    );
+    assert_eq!(
+        hub.release("refs/tags/v1", "pos").unwrap().generation,
+        Some(1),
+        "keeps serving what it has"
+    );
+}
