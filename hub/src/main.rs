@@ -1,12 +1,19 @@
-//! `outpost-hub`: the hub binary. Today it offers `render`, which turns a bundle folder into its
-//! canonical snapshot body exactly as the hub will, so operators can check a bundle before they
-//! push it. Serving agents, Git sources and rollouts come with the hub, transport and rollout
-//! issues (see ARCHITECTURE.md).
+//! `outpost-hub`: the hub binary, a thin shell over the `outpost_hub` library.
+//!
+//! Today: `render` (check a bundle folder), `sync` (fetch a Git source and render its bundles at
+//! every branch and tag into signed snapshots, once or on an interval), and `releases`, `events`
+//! and `objects` to look at the store. Serving agents and the admin API come with the transport
+//! and hub issues (see ARCHITECTURE.md).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use outpost_hub::git::GitSource;
+use outpost_hub::keys::HubKeys;
+use outpost_hub::store::{SqliteStore, Store};
+use outpost_hub::sync::{SyncReport, sync_source};
 use outpost_proto::{Body, SourceFile};
 
 /// Outpost hub: reads Git, renders signed snapshots, serves edge agents.
@@ -15,6 +22,14 @@ use outpost_proto::{Body, SourceFile};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for scripts.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -29,12 +44,242 @@ enum Command {
         #[arg(long)]
         body_out: Option<PathBuf>,
     },
+    /// Fetch a Git source into the data dir and render every bundle at every branch and tag into
+    /// signed snapshots. Bundles come from outpost.yaml at the repository root, or are the
+    /// top-level folders holding manifests. Keys are generated in DATA_DIR/keys on first run;
+    /// give agents DATA_DIR/keys/root.pub.
+    Sync {
+        /// The hub's data dir (store, Git mirror, keys).
+        #[arg(long, env = "OUTPOST_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Git URL: a path, file://, git:// or http(s)://.
+        #[arg(long, env = "OUTPOST_SOURCE")]
+        source: String,
+        /// Keep syncing every this many seconds (with backoff while the remote is unreachable).
+        #[arg(long)]
+        every: Option<u64>,
+    },
+    /// List releases: each bundle at each branch and tag, with its generation or its error.
+    Releases {
+        /// The hub's data dir.
+        #[arg(long, env = "OUTPOST_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Show the event log (fetch failures, moved and deleted tags), newest first.
+    Events {
+        /// The hub's data dir.
+        #[arg(long, env = "OUTPOST_DATA_DIR")]
+        data_dir: PathBuf,
+        /// How many events.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Output format.
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// List the objects of one snapshot, in apply order.
+    Objects {
+        /// The hub's data dir.
+        #[arg(long, env = "OUTPOST_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Bundle name.
+        bundle: String,
+        /// Generation.
+        generation: u64,
+    },
 }
 
 fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().command {
         Command::Render { folder, body_out } => render(&folder, body_out.as_deref()),
+        Command::Sync {
+            data_dir,
+            source,
+            every,
+        } => sync(&data_dir, &source, every),
+        Command::Releases { data_dir, output } => releases(&data_dir, output),
+        Command::Events {
+            data_dir,
+            limit,
+            output,
+        } => events(&data_dir, limit, output),
+        Command::Objects {
+            data_dir,
+            bundle,
+            generation,
+        } => objects(&data_dir, &bundle, generation),
     }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64)
+}
+
+fn open_store(data_dir: &Path) -> Result<SqliteStore> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
+    let path = data_dir.join("hub.db");
+    SqliteStore::open(&path).with_context(|| format!("opening the store {}", path.display()))
+}
+
+fn sync(data_dir: &Path, url: &str, every: Option<u64>) -> Result<()> {
+    let mut store = open_store(data_dir)?;
+    let (keys, generated) = HubKeys::load_or_generate(&data_dir.join("keys"), unix_now())
+        .context("loading the signing keys")?;
+    if generated {
+        tracing::info!(
+            root = %keys.root.key_id(),
+            signer = %keys.signer.key_id(),
+            "generated new signing keys in {}; give agents {} and keep root.key offline",
+            data_dir.join("keys").display(),
+            data_dir.join("keys/root.pub").display()
+        );
+    }
+    let mirror = data_dir.join("git").join(hex::encode(
+        &outpost_proto::Digest::of(url.as_bytes()).0[..8],
+    ));
+    let mut source = GitSource::open_or_init(url, &mirror).context("opening the Git mirror")?;
+    let mut backoff = 0u32;
+    loop {
+        let report = sync_source(&mut store, &keys, &mut source, unix_now()).context("syncing")?;
+        print_report(&report);
+        let Some(every) = every else {
+            if report.fetch_error.is_some() {
+                bail!("the remote could not be fetched; what was fetched before is still served");
+            }
+            return Ok(());
+        };
+        backoff = match report.fetch_error {
+            Some(_) => (backoff + 1).min(6),
+            None => 0,
+        };
+        // Up to 64 × the interval while the remote is down, capped at an hour.
+        let wait = (every << backoff).min(3600.max(every));
+        std::thread::sleep(Duration::from_secs(wait));
+    }
+}
+
+fn print_report(report: &SyncReport) {
+    if let Some(error) = &report.fetch_error {
+        eprintln!("fetch failed: {error}");
+    }
+    for (bundle, generation, git_ref) in &report.rendered {
+        println!("rendered  {bundle} generation {generation} from {git_ref}");
+    }
+    for (git_ref, bundle, error) in &report.failed {
+        println!("refused   {bundle} at {git_ref}: {error}");
+    }
+    println!(
+        "{} rendered, {} unchanged, {} refused, {} ref changes",
+        report.rendered.len(),
+        report.unchanged,
+        report.failed.len(),
+        report.ref_changes.len()
+    );
+}
+
+fn releases(data_dir: &Path, output: Output) -> Result<()> {
+    let releases = open_store(data_dir)?.releases()?;
+    match output {
+        Output::Json => {
+            let rows: Vec<serde_json::Value> = releases
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "source": r.source, "ref": r.git_ref, "bundle": r.bundle, "commit": r.git_commit,
+                        "generation": r.generation, "error": r.error, "updated_at": r.updated_at,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        }
+        Output::Table => {
+            println!(
+                "{:<32} {:<20} {:<12} {:>10}  STATUS",
+                "REF", "BUNDLE", "COMMIT", "GENERATION"
+            );
+            for r in &releases {
+                println!(
+                    "{:<32} {:<20} {:<12} {:>10}  {}",
+                    r.git_ref,
+                    r.bundle,
+                    &r.git_commit[..r.git_commit.len().min(12)],
+                    r.generation.map_or("-".to_owned(), |g| g.to_string()),
+                    r.error
+                        .as_deref()
+                        .map_or("ok".to_owned(), |e| format!("refused: {e}"))
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn events(data_dir: &Path, limit: usize, output: Output) -> Result<()> {
+    let events = open_store(data_dir)?.events(limit)?;
+    match output {
+        Output::Json => {
+            let rows: Vec<serde_json::Value> = events
+                .iter()
+                .map(|e| serde_json::json!({"id": e.id, "at": e.at, "kind": e.kind, "subject": e.subject, "message": e.message}))
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        }
+        Output::Table => {
+            for e in &events {
+                println!(
+                    "{:>6} {:>12} {:<20} {:<30} {}",
+                    e.id, e.at, e.kind, e.subject, e.message
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn objects(data_dir: &Path, bundle: &str, generation: u64) -> Result<()> {
+    let store = open_store(data_dir)?;
+    let Some(snapshot) = store.snapshot(bundle, generation)? else {
+        bail!(
+            "no snapshot of bundle {bundle:?} at generation {generation}; see `outpost-hub releases`"
+        );
+    };
+    println!(
+        "snapshot {} ({} objects, from {} at {})",
+        snapshot.digest, snapshot.object_count, snapshot.git_ref, snapshot.git_commit
+    );
+    print_objects(outpost_proto::body::parse_lines(&snapshot.body))
+}
+
+fn print_objects(
+    objects: impl Iterator<Item = Result<serde_json::Value, outpost_proto::body::BodyError>>,
+) -> Result<()> {
+    for object in objects {
+        let object = object.context("reading the snapshot body")?;
+        let metadata = &object["metadata"];
+        let namespace = metadata["namespace"].as_str().unwrap_or("");
+        println!(
+            "{:<40} {:<32} {}{}{}",
+            object["apiVersion"].as_str().unwrap_or(""),
+            object["kind"].as_str().unwrap_or(""),
+            namespace,
+            if namespace.is_empty() { "" } else { "/" },
+            metadata["name"].as_str().unwrap_or(""),
+        );
+    }
+    Ok(())
 }
 
 fn render(folder: &Path, body_out: Option<&Path>) -> Result<()> {
@@ -64,19 +309,7 @@ fn render(folder: &Path, body_out: Option<&Path>) -> Result<()> {
         .map(|(path, text)| SourceFile { path, text })
         .collect();
     let body = Body::render(&files).context("rendering the bundle")?;
-    for object in body.objects() {
-        let object = object.context("reading back the rendered body")?;
-        let metadata = &object["metadata"];
-        let namespace = metadata["namespace"].as_str().unwrap_or("");
-        println!(
-            "{:<12} {:<40} {}{}{}",
-            object["apiVersion"].as_str().unwrap_or(""),
-            object["kind"].as_str().unwrap_or(""),
-            namespace,
-            if namespace.is_empty() { "" } else { "/" },
-            metadata["name"].as_str().unwrap_or(""),
-        );
-    }
+    print_objects(body.objects())?;
     println!(
         "{} objects from {} files, {} bytes, digest {}",
         body.object_count(),
