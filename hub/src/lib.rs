@@ -2,6 +2,7 @@
 //! store. The binary (`main.rs`) is a thin shell over it.
 
 pub mod bundles;
+pub mod config;
 pub mod git;
 pub mod keys;
 pub mod store;

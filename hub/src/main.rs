@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use outpost_hub::config::Config;
 use outpost_hub::git::GitSource;
 use outpost_hub::keys::HubKeys;
 use outpost_hub::store::{SqliteStore, Store};
@@ -59,6 +60,23 @@ enum Command {
         #[arg(long)]
         every: Option<u64>,
     },
+    /// Run the hub from a config file: sync every source every poll interval, backing off per
+    /// source while its remote is unreachable. (Serving agents and the admin API are not built
+    /// yet.) Every config problem is reported at once before anything starts.
+    Run {
+        /// The TOML config file (see docs/hub-config.md); OUTPOST_HUB_* variables override it.
+        #[arg(long, env = "OUTPOST_HUB_CONFIG")]
+        config: PathBuf,
+        /// Sync every source once and exit (non-zero if any fetch failed).
+        #[arg(long)]
+        once: bool,
+    },
+    /// Validate a config file (and OUTPOST_HUB_* overrides) and print the result.
+    CheckConfig {
+        /// The TOML config file.
+        #[arg(long, env = "OUTPOST_HUB_CONFIG")]
+        config: PathBuf,
+    },
     /// List releases: each bundle at each branch and tag, with its generation or its error.
     Releases {
         /// The hub's data dir.
@@ -107,6 +125,12 @@ fn main() -> Result<()> {
             source,
             every,
         } => sync(&data_dir, &source, every),
+        Command::Run { config, once } => run(&load_config(&config)?, once),
+        Command::CheckConfig { config } => {
+            let config = load_config(&config)?;
+            println!("{config:#?}");
+            Ok(())
+        }
         Command::Releases { data_dir, output } => releases(&data_dir, output),
         Command::Events {
             data_dir,
@@ -134,24 +158,94 @@ fn open_store(data_dir: &Path) -> Result<SqliteStore> {
     SqliteStore::open(&path).with_context(|| format!("opening the store {}", path.display()))
 }
 
-fn sync(data_dir: &Path, url: &str, every: Option<u64>) -> Result<()> {
-    let mut store = open_store(data_dir)?;
-    let (keys, generated) = HubKeys::load_or_generate(&data_dir.join("keys"), unix_now())
-        .context("loading the signing keys")?;
+fn load_config(path: &Path) -> Result<Config> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the config file {}", path.display()))?;
+    Config::parse(&text, |name| std::env::var(name).ok())
+        .with_context(|| format!("in {}", path.display()))
+}
+
+fn load_keys(key_dir: &Path) -> Result<HubKeys> {
+    let (keys, generated) =
+        HubKeys::load_or_generate(key_dir, unix_now()).context("loading the signing keys")?;
     if generated {
         tracing::info!(
             root = %keys.root.key_id(),
             signer = %keys.signer.key_id(),
             "generated new signing keys in {}; give agents {} and keep root.key offline",
-            data_dir.join("keys").display(),
-            data_dir.join("keys/root.pub").display()
+            key_dir.display(),
+            key_dir.join("root.pub").display()
         );
     }
+    Ok(keys)
+}
+
+/// Syncs every configured source on its own schedule.
+fn run(config: &Config, once: bool) -> Result<()> {
+    let mut store = open_store(&config.data_dir)?;
+    let keys = load_keys(&config.key_dir)?;
+    struct Scheduled {
+        source: GitSource,
+        due: std::time::Instant,
+        failures: u32,
+    }
+    let mut sources = Vec::new();
+    for source in &config.sources {
+        let mirror = config.data_dir.join("git").join(&source.name);
+        let git = GitSource::open_or_init(&source.url, &mirror)
+            .with_context(|| format!("opening the mirror of source {}", source.name))?;
+        sources.push(Scheduled {
+            source: git,
+            due: std::time::Instant::now(),
+            failures: 0,
+        });
+    }
+    loop {
+        let mut any_failed = false;
+        for scheduled in sources
+            .iter_mut()
+            .filter(|s| s.due <= std::time::Instant::now())
+        {
+            let report = sync_source(&mut store, &keys, &mut scheduled.source, unix_now())
+                .with_context(|| format!("syncing {}", scheduled.source.url()))?;
+            print_report(&report);
+            scheduled.failures = match report.fetch_error {
+                Some(_) => (scheduled.failures + 1).min(6),
+                None => 0,
+            };
+            any_failed |= scheduled.failures > 0;
+            scheduled.due =
+                std::time::Instant::now() + backoff(config.poll_interval, scheduled.failures);
+        }
+        if once {
+            if any_failed {
+                bail!("a source could not be fetched; what was fetched before is still served");
+            }
+            return Ok(());
+        }
+        let next = sources
+            .iter()
+            .map(|s| s.due)
+            .min()
+            .unwrap_or_else(std::time::Instant::now);
+        std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
+    }
+}
+
+/// The wait after `failures` consecutive failed fetches: the interval doubled per failure, at
+/// most 64 × the interval and at most an hour (never less than the interval).
+fn backoff(interval: Duration, failures: u32) -> Duration {
+    (interval * 2u32.pow(failures.min(6))).min(Duration::from_secs(3600).max(interval))
+}
+
+fn sync(data_dir: &Path, url: &str, every: Option<u64>) -> Result<()> {
+    let mut store = open_store(data_dir)?;
+    let keys = load_keys(&data_dir.join("keys"))?;
     let mirror = data_dir.join("git").join(hex::encode(
         &outpost_proto::Digest::of(url.as_bytes()).0[..8],
     ));
     let mut source = GitSource::open_or_init(url, &mirror).context("opening the Git mirror")?;
-    let mut backoff = 0u32;
+    let mut failures = 0u32;
     loop {
         let report = sync_source(&mut store, &keys, &mut source, unix_now()).context("syncing")?;
         print_report(&report);
@@ -161,13 +255,11 @@ fn sync(data_dir: &Path, url: &str, every: Option<u64>) -> Result<()> {
             }
             return Ok(());
         };
-        backoff = match report.fetch_error {
-            Some(_) => (backoff + 1).min(6),
+        failures = match report.fetch_error {
+            Some(_) => (failures + 1).min(6),
             None => 0,
         };
-        // Up to 64 × the interval while the remote is down, capped at an hour.
-        let wait = (every << backoff).min(3600.max(every));
-        std::thread::sleep(Duration::from_secs(wait));
+        std::thread::sleep(backoff(Duration::from_secs(every), failures));
     }
 }
 

@@ -80,3 +80,45 @@ fn sync_then_list_releases_objects_and_events() {
     let events = stdout(&hub(&["events", "--data-dir", data_dir]));
     assert!(events.contains("fetch-failed"), "{events}");
 }
+
+#[test]
+fn run_once_from_a_config_file_and_config_errors_listed_together() {
+    let upstream = Upstream::new();
+    upstream.write("pos/app.yaml", &config_map("pos", "1"));
+    upstream.commit("first");
+    let data = tempfile::tempdir().unwrap();
+    let config = data.path().join("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[[sources]]\nname = \"fleet\"\nurl = \"{}\"\n",
+            data.path().join("state").display(),
+            upstream.url()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let ran = stdout(&hub(&["run", "--config", config, "--once"]));
+    assert!(ran.contains("rendered  pos generation 1"), "{ran}");
+    assert!(data.path().join("state/git/fleet/HEAD").exists());
+    assert!(data.path().join("state/keys/signing.key").exists());
+
+    let bad = data.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "poll_interval_seconds = 0\n[[sources]]\nname = \"x\"\nurl = \"https://h/x.git\"\n",
+    )
+    .unwrap();
+    let checked = hub(&["check-config", "--config", bad.to_str().unwrap()]);
+    assert!(!checked.status.success());
+    let stderr = String::from_utf8_lossy(&checked.stderr);
+    assert!(stderr.contains("data_dir is required"), "{stderr}");
+    assert!(
+        stderr.contains("poll_interval_seconds must be at least 1"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("http(s) sources are not supported"),
+        "{stderr}"
+    );
+}

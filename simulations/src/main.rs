@@ -203,7 +203,7 @@ fn demo() -> Result<()> {
             .map_or("ACCEPTED (bug)".to_owned(), |e| e.to_string())
     );
     println!(
-        "\nNot built yet here: the hub serving agents over QUIC, the SQLite cache, reconciliation \
+        "\nNot built yet here: the hub serving agents over QUIC, the agent's SQLite cache, reconciliation \
          and rollouts (see the open issues). `cargo bench -p outpost-proto` measures the corpus."
     );
     Ok(())
