@@ -4,6 +4,7 @@
 //!
 //! [`Store`] is the seam for a second (PostgreSQL) backend: the hub's logic talks to the trait.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use outpost_proto::Digest;
@@ -61,7 +62,83 @@ const MIGRATIONS: &[&str] = &[
         subject TEXT NOT NULL,
         message TEXT NOT NULL
     );",
+    // 2: agents, their labels, enrolment tokens.
+    "CREATE TABLE agents (
+        id TEXT PRIMARY KEY,
+        public_key BLOB NOT NULL UNIQUE,
+        enrolled_at INTEGER NOT NULL,
+        last_seen INTEGER,
+        revoked_at INTEGER,
+        revoked_by TEXT,
+        revoked_why TEXT
+    );
+    CREATE TABLE agent_labels (
+        agent TEXT NOT NULL REFERENCES agents (id),
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (agent, key)
+    );
+    CREATE TABLE enrolment_tokens (
+        digest BLOB PRIMARY KEY,
+        labels TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at INTEGER,
+        used_by TEXT
+    );",
 ];
+
+/// An enrolled agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Agent {
+    /// Id: the first 16 hex digits of the SHA-256 of its public key.
+    pub id: String,
+    /// Its ed25519 public key.
+    pub public_key: Vec<u8>,
+    /// Labels, as set at enrolment or by operators.
+    pub labels: BTreeMap<String, String>,
+    /// When it enrolled.
+    pub enrolled_at: i64,
+    /// When it last connected.
+    pub last_seen: Option<i64>,
+    /// When, by whom and why it was revoked.
+    pub revoked: Option<(i64, String, String)>,
+}
+
+/// An enrolment token as listed (the secret itself is shown only once, at creation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrolmentToken {
+    /// SHA-256 of the token, hex: its handle.
+    pub digest: String,
+    /// Labels the enrolling agent gets.
+    pub labels: BTreeMap<String, String>,
+    /// Created when and by whom.
+    pub created_at: i64,
+    /// Who created it.
+    pub created_by: String,
+    /// Unusable after this.
+    pub expires_at: i64,
+    /// Used when and by which agent.
+    pub used: Option<(i64, String)>,
+}
+
+/// Why an enrolment token was not accepted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TokenError {
+    /// No such token.
+    #[error("unknown enrolment token; ask the operator for a new one (outpost-hub tokens create)")]
+    Unknown,
+    /// Already used.
+    #[error("enrolment token was already used by agent {0}; tokens are single-use")]
+    Used(String),
+    /// Expired.
+    #[error("enrolment token expired at {0}; ask the operator for a new one")]
+    Expired(i64),
+    /// The key is already enrolled.
+    #[error("this key is already enrolled as agent {0}")]
+    AlreadyEnrolled(String),
+}
 
 /// A snapshot as stored: signed header, signature, canonical body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,6 +291,45 @@ pub trait Store {
     ) -> Result<(), StoreError>;
     /// The newest `limit` events, newest first.
     fn events(&self, limit: usize) -> Result<Vec<Event>, StoreError>;
+    /// Stores a new enrolment token (by its digest) granting `labels`.
+    fn create_token(
+        &mut self,
+        token_digest: &Digest,
+        labels: &BTreeMap<String, String>,
+        created_by: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<(), StoreError>;
+    /// Enrolment tokens, newest first.
+    fn tokens(&self) -> Result<Vec<EnrolmentToken>, StoreError>;
+    /// Uses a token once to enrol `public_key`, in one transaction: the token is marked used and
+    /// the agent created with the token's labels. A second use fails.
+    fn enrol(
+        &mut self,
+        token_digest: &Digest,
+        public_key: &[u8],
+        now: i64,
+    ) -> Result<Result<Agent, TokenError>, StoreError>;
+    /// All agents, by id.
+    fn agents(&self) -> Result<Vec<Agent>, StoreError>;
+    /// One agent by id.
+    fn agent(&self, id: &str) -> Result<Option<Agent>, StoreError>;
+    /// Sets (`Some`) or removes (`None`) labels of an agent; returns false if there is no such agent.
+    fn label_agent(
+        &mut self,
+        id: &str,
+        changes: &BTreeMap<String, Option<String>>,
+        who: &str,
+        now: i64,
+    ) -> Result<bool, StoreError>;
+    /// Revokes an agent; returns false if there is no such agent.
+    fn revoke_agent(
+        &mut self,
+        id: &str,
+        who: &str,
+        why: &str,
+        now: i64,
+    ) -> Result<bool, StoreError>;
 }
 
 /// The SQLite store.
@@ -284,6 +400,72 @@ fn snapshot_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredSnapshot
         object_count: row.get::<_, i64>(8)? as u64,
         created_at: row.get(9)?,
     })
+}
+
+/// An agent's id from its public key: 16 hex digits of its SHA-256.
+pub fn agent_id(public_key: &[u8]) -> String {
+    Digest::of(public_key).to_hex()[..16].to_owned()
+}
+
+fn labels_to_json(labels: &BTreeMap<String, String>) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+fn labels_from_json(text: &str) -> BTreeMap<String, String> {
+    serde_json::from_str::<BTreeMap<String, String>>(text).unwrap_or_default()
+}
+
+impl SqliteStore {
+    fn agent_labels(&self, id: &str) -> Result<BTreeMap<String, String>, StoreError> {
+        let mut statement = self
+            .connection
+            .prepare("SELECT key, value FROM agent_labels WHERE agent = ?1")?;
+        let rows = statement.query_map([id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn agents_where(
+        &self,
+        filter: &str,
+        parameter: Option<&str>,
+    ) -> Result<Vec<Agent>, StoreError> {
+        let sql = format!(
+            "SELECT id, public_key, enrolled_at, last_seen, revoked_at, revoked_by, revoked_why FROM agents {filter} ORDER BY id"
+        );
+        let mut statement = self.connection.prepare(&sql)?;
+        let map = |row: &rusqlite::Row<'_>| {
+            let revoked_at: Option<i64> = row.get(4)?;
+            Ok(Agent {
+                id: row.get(0)?,
+                public_key: row.get(1)?,
+                labels: BTreeMap::new(),
+                enrolled_at: row.get(2)?,
+                last_seen: row.get(3)?,
+                revoked: match revoked_at {
+                    Some(at) => Some((
+                        at,
+                        row.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                        row.get::<_, Option<String>>(6)?.unwrap_or_default(),
+                    )),
+                    None => None,
+                },
+            })
+        };
+        let mut agents: Vec<Agent> = match parameter {
+            Some(parameter) => statement
+                .query_map([parameter], map)?
+                .collect::<Result<_, _>>()?,
+            None => statement.query_map([], map)?.collect::<Result<_, _>>()?,
+        };
+        for agent in &mut agents {
+            agent.labels = self.agent_labels(&agent.id)?;
+        }
+        Ok(agents)
+    }
 }
 
 impl Store for SqliteStore {
@@ -511,7 +693,198 @@ impl Store for SqliteStore {
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+
+    fn create_token(
+        &mut self,
+        token_digest: &Digest,
+        labels: &BTreeMap<String, String>,
+        created_by: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        self.connection.execute(
+            "INSERT INTO enrolment_tokens (digest, labels, created_at, created_by, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![token_digest.0.as_slice(), labels_to_json(labels), now, created_by, expires_at],
+        )?;
+        self.add_event(
+            now,
+            "token-created",
+            &token_digest.short(),
+            &format!("by {created_by}, labels {}", labels_to_json(labels)),
+        )
+    }
+
+    fn tokens(&self) -> Result<Vec<EnrolmentToken>, StoreError> {
+        let mut statement = self.connection.prepare(
+            "SELECT digest, labels, created_at, created_by, expires_at, used_at, used_by FROM enrolment_tokens ORDER BY created_at DESC",
+        )?;
+        let rows = statement.query_map([], |row| {
+            let digest: Vec<u8> = row.get(0)?;
+            let used_at: Option<i64> = row.get(5)?;
+            Ok(EnrolmentToken {
+                digest: hex::encode(digest),
+                labels: labels_from_json(&row.get::<_, String>(1)?),
+                created_at: row.get(2)?,
+                created_by: row.get(3)?,
+                expires_at: row.get(4)?,
+                used: match used_at {
+                    Some(at) => Some((at, row.get::<_, Option<String>>(6)?.unwrap_or_default())),
+                    None => None,
+                },
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn enrol(
+        &mut self,
+        token_digest: &Digest,
+        public_key: &[u8],
+        now: i64,
+    ) -> Result<Result<Agent, TokenError>, StoreError> {
+        let id = agent_id(public_key);
+        let transaction = self.connection.transaction()?;
+        let token: Option<(String, i64, Option<String>)> = transaction
+            .query_row(
+                "SELECT labels, expires_at, used_by FROM enrolment_tokens WHERE digest = ?1",
+                [token_digest.0.as_slice()],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .optional()?;
+        let Some((labels, expires_at, used_by)) = token else {
+            return Ok(Err(TokenError::Unknown));
+        };
+        if let Some(used_by) = used_by {
+            return Ok(Err(TokenError::Used(used_by)));
+        }
+        if now > expires_at {
+            return Ok(Err(TokenError::Expired(expires_at)));
+        }
+        let existing: Option<String> = transaction
+            .query_row(
+                "SELECT id FROM agents WHERE public_key = ?1",
+                [public_key],
+                |row| row.get(0),
+            )
+            .optional()?;
+        if let Some(existing) = existing {
+            return Ok(Err(TokenError::AlreadyEnrolled(existing)));
+        }
+        let labels = labels_from_json(&labels);
+        transaction.execute(
+            "UPDATE enrolment_tokens SET used_at = ?2, used_by = ?3 WHERE digest = ?1",
+            params![token_digest.0.as_slice(), now, id],
+        )?;
+        transaction.execute(
+            "INSERT INTO agents (id, public_key, enrolled_at) VALUES (?1, ?2, ?3)",
+            params![id, public_key, now],
+        )?;
+        for (key, value) in &labels {
+            transaction.execute(
+                "INSERT INTO agent_labels (agent, key, value) VALUES (?1, ?2, ?3)",
+                params![id, key, value],
+            )?;
+        }
+        transaction.execute(
+            "INSERT INTO events (at, kind, subject, message) VALUES (?1, 'agent-enrolled', ?2, ?3)",
+            params![now, id, format!("token {}", token_digest.short())],
+        )?;
+        transaction.commit()?;
+        Ok(Ok(Agent {
+            id,
+            public_key: public_key.to_vec(),
+            labels,
+            enrolled_at: now,
+            last_seen: None,
+            revoked: None,
+        }))
+    }
+
+    fn agents(&self) -> Result<Vec<Agent>, StoreError> {
+        self.agents_where("", None)
+    }
+
+    fn agent(&self, id: &str) -> Result<Option<Agent>, StoreError> {
+        Ok(self
+            .agents_where("WHERE id = ?1", Some(id))?
+            .into_iter()
+            .next())
+    }
+
+    fn label_agent(
+        &mut self,
+        id: &str,
+        changes: &BTreeMap<String, Option<String>>,
+        who: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let transaction = self.connection.transaction()?;
+        let exists: Option<String> = transaction
+            .query_row("SELECT id FROM agents WHERE id = ?1", [id], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        if exists.is_none() {
+            return Ok(false);
+        }
+        let mut described = Vec::new();
+        for (key, value) in changes {
+            match value {
+                Some(value) => {
+                    transaction.execute(
+                        "INSERT INTO agent_labels (agent, key, value) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (agent, key) DO UPDATE SET value = ?3",
+                        params![id, key, value],
+                    )?;
+                    described.push(format!("{key}={value}"));
+                }
+                None => {
+                    transaction.execute(
+                        "DELETE FROM agent_labels WHERE agent = ?1 AND key = ?2",
+                        params![id, key],
+                    )?;
+                    described.push(format!("{key}-"));
+                }
+            }
+        }
+        transaction.execute(
+            "INSERT INTO events (at, kind, subject, message) VALUES (?1, 'agent-labelled', ?2, ?3)",
+            params![now, id, format!("{} by {who}", described.join(","))],
+        )?;
+        transaction.commit()?;
+        Ok(true)
+    }
+
+    fn revoke_agent(
+        &mut self,
+        id: &str,
+        who: &str,
+        why: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let transaction = self.connection.transaction()?;
+        let changed = transaction.execute(
+            "UPDATE agents SET revoked_at = ?2, revoked_by = ?3, revoked_why = ?4 WHERE id = ?1 AND revoked_at IS NULL",
+            params![id, now, who, why],
+        )?;
+        if changed > 0 {
+            transaction.execute(
+                "INSERT INTO events (at, kind, subject, message) VALUES (?1, 'agent-revoked', ?2, ?3)",
+                params![now, id, format!("by {who}: {why}")],
+            )?;
+        }
+        let exists: Option<String> = transaction
+            .query_row("SELECT id FROM agents WHERE id = ?1", [id], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        transaction.commit()?;
+        Ok(exists.is_some())
+    }
 }
+
+#[cfg(test)]
+mod agent_tests;
 
 #[cfg(test)]
 mod tests {
