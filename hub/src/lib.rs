@@ -1,6 +1,7 @@
 //! The hub's library: Git sources, bundle definitions, rendering into signed snapshots, and the
 //! store. The binary (`main.rs`) is a thin shell over it.
 
+pub mod api;
 pub mod bundles;
 pub mod config;
 pub mod git;

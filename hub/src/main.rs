@@ -1,9 +1,11 @@
 //! `outpost-hub`: the hub binary, a thin shell over the `outpost_hub` library.
 //!
-//! Today: `render` (check a bundle folder), `sync` (fetch a Git source and render its bundles at
-//! every branch and tag into signed snapshots, once or on an interval), and `releases`, `events`
-//! and `objects` to look at the store. Serving agents and the admin API come with the transport
-//! and hub issues (see ARCHITECTURE.md).
+//! `run` serves the admin API and syncs the configured Git sources; the operator commands
+//! (`releases`, `agents`, `tokens`, …) are clients of that API; `sync` and `render` work locally
+//! without a running hub. Serving agents over QUIC comes with the transport issue.
+
+mod client;
+mod serve;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,9 +15,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use outpost_hub::config::Config;
 use outpost_hub::git::GitSource;
 use outpost_hub::keys::HubKeys;
-use outpost_hub::store::{SqliteStore, Store};
+use outpost_hub::store::SqliteStore;
 use outpost_hub::sync::{SyncReport, sync_source};
 use outpost_proto::{Body, SourceFile};
+
+use crate::client::{Client, label_changes, print_rows};
 
 /// Outpost hub: reads Git, renders signed snapshots, serves edge agents.
 #[derive(Debug, Parser)]
@@ -26,7 +30,7 @@ struct Cli {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum Output {
+pub(crate) enum Output {
     /// Aligned columns for people.
     Table,
     /// JSON for scripts.
@@ -77,37 +81,109 @@ enum Command {
         #[arg(long, env = "OUTPOST_HUB_CONFIG")]
         config: PathBuf,
     },
+    /// List bundles with their newest generation (admin API).
+    Bundles(ApiArgs),
     /// List releases: each bundle at each branch and tag, with its generation or its error.
-    Releases {
-        /// The hub's data dir.
-        #[arg(long, env = "OUTPOST_DATA_DIR")]
-        data_dir: PathBuf,
-        /// Output format.
-        #[arg(long, value_enum, default_value = "table")]
-        output: Output,
-    },
-    /// Show the event log (fetch failures, moved and deleted tags), newest first.
-    Events {
-        /// The hub's data dir.
-        #[arg(long, env = "OUTPOST_DATA_DIR")]
-        data_dir: PathBuf,
-        /// How many events.
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
-        /// Output format.
-        #[arg(long, value_enum, default_value = "table")]
-        output: Output,
-    },
-    /// List the objects of one snapshot, in apply order.
-    Objects {
-        /// The hub's data dir.
-        #[arg(long, env = "OUTPOST_DATA_DIR")]
-        data_dir: PathBuf,
+    Releases(ApiArgs),
+    /// Show one snapshot's signed header fields.
+    Snapshot {
+        #[command(flatten)]
+        api: ApiArgs,
         /// Bundle name.
         bundle: String,
         /// Generation.
         generation: u64,
     },
+    /// List the objects of one snapshot, in apply order.
+    Objects {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Bundle name.
+        bundle: String,
+        /// Generation.
+        generation: u64,
+    },
+    /// Show the event log (fetch failures, moved tags, enrolments, revocations), newest first.
+    Events {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// How many events.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Ask the hub to fetch every source now (what Git push hooks do via POST /hooks/git).
+    FetchNow(ApiArgs),
+    /// Enrolled agents: list, show, label, revoke.
+    Agents {
+        #[command(subcommand)]
+        command: AgentsCommand,
+    },
+    /// Single-use enrolment tokens: create, list.
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
+}
+
+/// Where the admin API is and how to print its answers.
+#[derive(Debug, Clone, clap::Args)]
+struct ApiArgs {
+    /// The hub's admin API.
+    #[arg(long, env = "OUTPOST_HUB_URL", default_value = "http://127.0.0.1:7070")]
+    hub: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+enum AgentsCommand {
+    /// List agents with labels and state.
+    List(ApiArgs),
+    /// Show one agent.
+    Show {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Agent id.
+        id: String,
+    },
+    /// Set labels (key=value) or remove them (key-).
+    Label {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Agent id.
+        id: String,
+        /// Changes: key=value sets, key- removes.
+        #[arg(required = true)]
+        changes: Vec<String>,
+    },
+    /// Revoke an agent: it is refused from its next connection on.
+    Revoke {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Agent id.
+        id: String,
+        /// Why (recorded with your login name).
+        #[arg(long)]
+        why: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokensCommand {
+    /// Create a single-use enrolment token; it is printed once and cannot be shown again.
+    Create {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Labels the enrolling agent gets (repeat: --label region=eu --label role=store).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Seconds until the token expires (default 7 days).
+        #[arg(long, default_value_t = 7 * 24 * 3600)]
+        ttl_seconds: i64,
+    },
+    /// List tokens (their digests) and whether they were used.
+    List(ApiArgs),
 }
 
 fn main() -> Result<()> {
@@ -125,33 +201,108 @@ fn main() -> Result<()> {
             source,
             every,
         } => sync(&data_dir, &source, every),
-        Command::Run { config, once } => run(&load_config(&config)?, once),
+        Command::Run { config, once } => {
+            let config = load_config(&config)?;
+            match once {
+                true => run(&config),
+                false => serve::serve(&config),
+            }
+        }
         Command::CheckConfig { config } => {
             let config = load_config(&config)?;
             println!("{config:#?}");
             Ok(())
         }
-        Command::Releases { data_dir, output } => releases(&data_dir, output),
-        Command::Events {
-            data_dir,
-            limit,
-            output,
-        } => events(&data_dir, limit, output),
-        Command::Objects {
-            data_dir,
+        Command::Bundles(api) => {
+            let rows = Client::new(&api.hub).get("/api/v1/bundles")?;
+            print_rows(
+                &rows,
+                api.output,
+                &[
+                    ("bundle", "BUNDLE"),
+                    ("newest_generation", "NEWEST GENERATION"),
+                    ("releases", "RELEASES"),
+                ],
+            );
+            Ok(())
+        }
+        Command::Releases(api) => {
+            let rows = Client::new(&api.hub).get("/api/v1/releases")?;
+            print_rows(
+                &rows,
+                api.output,
+                &[
+                    ("ref", "REF"),
+                    ("bundle", "BUNDLE"),
+                    ("commit", "COMMIT"),
+                    ("generation", "GENERATION"),
+                    ("error", "ERROR"),
+                ],
+            );
+            Ok(())
+        }
+        Command::Snapshot {
+            api,
             bundle,
             generation,
-        } => objects(&data_dir, &bundle, generation),
+        } => {
+            let snapshot =
+                Client::new(&api.hub).get(&format!("/api/v1/snapshots/{bundle}/{generation}"))?;
+            println!("{}", serde_json::to_string_pretty(&snapshot)?);
+            Ok(())
+        }
+        Command::Objects {
+            api,
+            bundle,
+            generation,
+        } => {
+            let objects = Client::new(&api.hub)
+                .get(&format!("/api/v1/snapshots/{bundle}/{generation}/objects"))?;
+            match api.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&objects)?),
+                Output::Table => print_objects(
+                    objects
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(Ok),
+                )?,
+            }
+            Ok(())
+        }
+        Command::Events { api, limit } => {
+            let rows = Client::new(&api.hub).get(&format!("/api/v1/events?limit={limit}"))?;
+            print_rows(
+                &rows,
+                api.output,
+                &[
+                    ("id", "ID"),
+                    ("at", "AT"),
+                    ("kind", "KIND"),
+                    ("subject", "SUBJECT"),
+                    ("message", "MESSAGE"),
+                ],
+            );
+            Ok(())
+        }
+        Command::FetchNow(api) => {
+            let answer = Client::new(&api.hub).post("/api/v1/fetch", serde_json::json!({}))?;
+            println!("{}", answer["status"].as_str().unwrap_or("requested"));
+            Ok(())
+        }
+        Command::Agents { command } => agents(command),
+        Command::Tokens { command } => tokens(command),
     }
 }
 
-fn unix_now() -> i64 {
+pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs() as i64)
 }
 
-fn open_store(data_dir: &Path) -> Result<SqliteStore> {
+pub(crate) fn open_store(data_dir: &Path) -> Result<SqliteStore> {
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
     let path = data_dir.join("hub.db");
@@ -165,7 +316,7 @@ fn load_config(path: &Path) -> Result<Config> {
         .with_context(|| format!("in {}", path.display()))
 }
 
-fn load_keys(key_dir: &Path) -> Result<HubKeys> {
+pub(crate) fn load_keys(key_dir: &Path) -> Result<HubKeys> {
     let (keys, generated) =
         HubKeys::load_or_generate(key_dir, unix_now()).context("loading the signing keys")?;
     if generated {
@@ -180,61 +331,29 @@ fn load_keys(key_dir: &Path) -> Result<HubKeys> {
     Ok(keys)
 }
 
-/// Syncs every configured source on its own schedule.
-fn run(config: &Config, once: bool) -> Result<()> {
+/// Syncs every configured source once.
+fn run(config: &Config) -> Result<()> {
     let mut store = open_store(&config.data_dir)?;
     let keys = load_keys(&config.key_dir)?;
-    struct Scheduled {
-        source: GitSource,
-        due: std::time::Instant,
-        failures: u32,
-    }
-    let mut sources = Vec::new();
+    let mut any_failed = false;
     for source in &config.sources {
         let mirror = config.data_dir.join("git").join(&source.name);
-        let git = GitSource::open_or_init(&source.url, &mirror)
+        let mut git = GitSource::open_or_init(&source.url, &mirror)
             .with_context(|| format!("opening the mirror of source {}", source.name))?;
-        sources.push(Scheduled {
-            source: git,
-            due: std::time::Instant::now(),
-            failures: 0,
-        });
+        let report = sync_source(&mut store, &keys, &mut git, unix_now())
+            .with_context(|| format!("syncing {}", source.name))?;
+        print_report(&report);
+        any_failed |= report.fetch_error.is_some();
     }
-    loop {
-        let mut any_failed = false;
-        for scheduled in sources
-            .iter_mut()
-            .filter(|s| s.due <= std::time::Instant::now())
-        {
-            let report = sync_source(&mut store, &keys, &mut scheduled.source, unix_now())
-                .with_context(|| format!("syncing {}", scheduled.source.url()))?;
-            print_report(&report);
-            scheduled.failures = match report.fetch_error {
-                Some(_) => (scheduled.failures + 1).min(6),
-                None => 0,
-            };
-            any_failed |= scheduled.failures > 0;
-            scheduled.due =
-                std::time::Instant::now() + backoff(config.poll_interval, scheduled.failures);
-        }
-        if once {
-            if any_failed {
-                bail!("a source could not be fetched; what was fetched before is still served");
-            }
-            return Ok(());
-        }
-        let next = sources
-            .iter()
-            .map(|s| s.due)
-            .min()
-            .unwrap_or_else(std::time::Instant::now);
-        std::thread::sleep(next.saturating_duration_since(std::time::Instant::now()));
+    if any_failed {
+        bail!("a source could not be fetched; what was fetched before is still served");
     }
+    Ok(())
 }
 
 /// The wait after `failures` consecutive failed fetches: the interval doubled per failure, at
 /// most 64 × the interval and at most an hour (never less than the interval).
-fn backoff(interval: Duration, failures: u32) -> Duration {
+pub(crate) fn backoff(interval: Duration, failures: u32) -> Duration {
     (interval * 2u32.pow(failures.min(6))).min(Duration::from_secs(3600).max(interval))
 }
 
@@ -263,7 +382,7 @@ fn sync(data_dir: &Path, url: &str, every: Option<u64>) -> Result<()> {
     }
 }
 
-fn print_report(report: &SyncReport) {
+pub(crate) fn print_report(report: &SyncReport) {
     if let Some(error) = &report.fetch_error {
         eprintln!("fetch failed: {error}");
     }
@@ -282,77 +401,83 @@ fn print_report(report: &SyncReport) {
     );
 }
 
-fn releases(data_dir: &Path, output: Output) -> Result<()> {
-    let releases = open_store(data_dir)?.releases()?;
-    match output {
-        Output::Json => {
-            let rows: Vec<serde_json::Value> = releases
-                .iter()
-                .map(|r| {
-                    serde_json::json!({
-                        "source": r.source, "ref": r.git_ref, "bundle": r.bundle, "commit": r.git_commit,
-                        "generation": r.generation, "error": r.error, "updated_at": r.updated_at,
-                    })
-                })
-                .collect();
-            println!("{}", serde_json::to_string_pretty(&rows)?);
+const AGENT_COLUMNS: &[(&str, &str)] = &[
+    ("id", "ID"),
+    ("labels", "LABELS"),
+    ("enrolled_at", "ENROLLED"),
+    ("last_seen", "LAST SEEN"),
+    ("revoked", "REVOKED"),
+];
+
+fn agents(command: AgentsCommand) -> Result<()> {
+    match command {
+        AgentsCommand::List(api) => {
+            let rows = Client::new(&api.hub).get("/api/v1/agents")?;
+            print_rows(&rows, api.output, AGENT_COLUMNS);
         }
-        Output::Table => {
-            println!(
-                "{:<32} {:<20} {:<12} {:>10}  STATUS",
-                "REF", "BUNDLE", "COMMIT", "GENERATION"
+        AgentsCommand::Show { api, id } => {
+            let agent = Client::new(&api.hub).get(&format!("/api/v1/agents/{id}"))?;
+            print_rows(&serde_json::json!([agent]), api.output, AGENT_COLUMNS);
+        }
+        AgentsCommand::Label { api, id, changes } => {
+            let body = serde_json::json!({"labels": label_changes(&changes)?});
+            let agent = Client::new(&api.hub).post(&format!("/api/v1/agents/{id}/labels"), body)?;
+            print_rows(&serde_json::json!([agent]), api.output, AGENT_COLUMNS);
+        }
+        AgentsCommand::Revoke { api, id, why } => {
+            let agent = Client::new(&api.hub).post(
+                &format!("/api/v1/agents/{id}/revoke"),
+                serde_json::json!({"why": why}),
+            )?;
+            print_rows(&serde_json::json!([agent]), api.output, AGENT_COLUMNS);
+        }
+    }
+    Ok(())
+}
+
+fn tokens(command: TokensCommand) -> Result<()> {
+    match command {
+        TokensCommand::Create {
+            api,
+            labels,
+            ttl_seconds,
+        } => {
+            let mut map = serde_json::Map::new();
+            for label in &labels {
+                let Some((key, value)) = label.split_once('=') else {
+                    bail!("--label {label:?}: write key=value");
+                };
+                map.insert(key.to_owned(), serde_json::json!(value));
+            }
+            let body = serde_json::json!({"labels": map, "ttl_seconds": ttl_seconds});
+            let token = Client::new(&api.hub).post("/api/v1/tokens", body)?;
+            match api.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&token)?),
+                Output::Table => {
+                    println!("{}", token["token"].as_str().unwrap_or_default());
+                    eprintln!(
+                        "single-use enrolment token, expires at {}; it is not shown again",
+                        token["expires_at"]
+                    );
+                }
+            }
+        }
+        TokensCommand::List(api) => {
+            let rows = Client::new(&api.hub).get("/api/v1/tokens")?;
+            print_rows(
+                &rows,
+                api.output,
+                &[
+                    ("digest", "DIGEST"),
+                    ("labels", "LABELS"),
+                    ("created_by", "CREATED BY"),
+                    ("expires_at", "EXPIRES"),
+                    ("used", "USED"),
+                ],
             );
-            for r in &releases {
-                println!(
-                    "{:<32} {:<20} {:<12} {:>10}  {}",
-                    r.git_ref,
-                    r.bundle,
-                    &r.git_commit[..r.git_commit.len().min(12)],
-                    r.generation.map_or("-".to_owned(), |g| g.to_string()),
-                    r.error
-                        .as_deref()
-                        .map_or("ok".to_owned(), |e| format!("refused: {e}"))
-                );
-            }
         }
     }
     Ok(())
-}
-
-fn events(data_dir: &Path, limit: usize, output: Output) -> Result<()> {
-    let events = open_store(data_dir)?.events(limit)?;
-    match output {
-        Output::Json => {
-            let rows: Vec<serde_json::Value> = events
-                .iter()
-                .map(|e| serde_json::json!({"id": e.id, "at": e.at, "kind": e.kind, "subject": e.subject, "message": e.message}))
-                .collect();
-            println!("{}", serde_json::to_string_pretty(&rows)?);
-        }
-        Output::Table => {
-            for e in &events {
-                println!(
-                    "{:>6} {:>12} {:<20} {:<30} {}",
-                    e.id, e.at, e.kind, e.subject, e.message
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
-fn objects(data_dir: &Path, bundle: &str, generation: u64) -> Result<()> {
-    let store = open_store(data_dir)?;
-    let Some(snapshot) = store.snapshot(bundle, generation)? else {
-        bail!(
-            "no snapshot of bundle {bundle:?} at generation {generation}; see `outpost-hub releases`"
-        );
-    };
-    println!(
-        "snapshot {} ({} objects, from {} at {})",
-        snapshot.digest, snapshot.object_count, snapshot.git_ref, snapshot.git_commit
-    );
-    print_objects(outpost_proto::body::parse_lines(&snapshot.body))
 }
 
 fn print_objects(

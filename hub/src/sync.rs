@@ -61,12 +61,28 @@ pub fn sync_source(
     source: &mut GitSource,
     now: i64,
 ) -> Result<SyncReport, SyncError> {
+    let fetched = source
+        .fetch()
+        .map(|_| ())
+        .map_err(|error| error.to_string());
+    render_fetched(store, keys, source, fetched, now)
+}
+
+/// The part of a sync after the fetch, given its outcome: lets a caller fetch without holding
+/// the store (the network may be slow) and render with it.
+pub fn render_fetched(
+    store: &mut impl Store,
+    keys: &HubKeys,
+    source: &GitSource,
+    fetched: Result<(), String>,
+    now: i64,
+) -> Result<SyncReport, SyncError> {
     let url = source.url().to_owned();
     let mut report = SyncReport::default();
-    if let Err(error) = source.fetch() {
+    if let Err(error) = fetched {
         tracing::warn!(source = %url, %error, "fetch failed; serving what was fetched before");
-        store.add_event(now, "fetch-failed", &url, &error.to_string())?;
-        report.fetch_error = Some(error.to_string());
+        store.add_event(now, "fetch-failed", &url, &error)?;
+        report.fetch_error = Some(error);
     }
     let refs = source.refs()?;
     report.ref_changes = store.record_refs(&url, &refs, now)?;

@@ -24,8 +24,65 @@ fn stdout(output: &Output) -> String {
     String::from_utf8(output.stdout.clone()).unwrap()
 }
 
+struct Server {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `outpost-hub run` on a free loopback port and waits until it answers.
+fn serve(config: &std::path::Path) -> Server {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(env!("CARGO_BIN_EXE_outpost-hub"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env("OUTPOST_HUB_LISTEN_ADMIN", format!("127.0.0.1:{port}"))
+        .env("OUTPOST_HUB_POLL_INTERVAL_SECONDS", "3600")
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let server = Server {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return server;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("the hub did not start listening on {port}");
+}
+
+/// Runs a CLI command against the server and parses its JSON output.
+fn api(server: &Server, args: &[&str]) -> serde_json::Value {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--hub", &server.url, "--output", "json"]);
+    serde_json::from_str(&stdout(&hub(&all))).unwrap()
+}
+
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..100 {
+        if check() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
 #[test]
-fn sync_then_list_releases_objects_and_events() {
+fn admin_api_and_cli_releases_objects_fetch_now_tokens_and_agents() {
     let upstream = Upstream::new();
     upstream.write("pos/app.yaml", &config_map("pos", "1"));
     upstream.write(
@@ -35,8 +92,145 @@ fn sync_then_list_releases_objects_and_events() {
     upstream.commit("first");
     upstream.git(&["tag", "pos-v1"]);
     let data = tempfile::tempdir().unwrap();
-    let data_dir = data.path().to_str().unwrap();
+    let state = data.path().join("state");
+    let config = data.path().join("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[[sources]]\nname = \"fleet\"\nurl = \"{}\"\n",
+            state.display(),
+            upstream.url()
+        ),
+    )
+    .unwrap();
+    let server = serve(&config);
 
+    // The first sync runs at start.
+    let tagged = |releases: &serde_json::Value, tag: &str| {
+        releases
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["ref"] == format!("refs/tags/{tag}"))
+            .cloned()
+    };
+    wait_for("the first sync", || {
+        tagged(&api(&server, &["releases"]), "pos-v1").is_some()
+    });
+    let release = tagged(&api(&server, &["releases"]), "pos-v1").unwrap();
+    assert_eq!(release["bundle"], "pos");
+    let generation = release["generation"].as_u64().unwrap();
+
+    let objects = api(&server, &["objects", "pos", &generation.to_string()]);
+    let kinds: Vec<&str> = objects
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["Namespace", "ConfigMap"]);
+    let snapshot = api(&server, &["snapshot", "pos", &generation.to_string()]);
+    assert_eq!(snapshot["object_count"], 2);
+
+    // A push hook makes the hub fetch at once, long before the hour-long poll interval.
+    upstream.write("pos/app.yaml", &config_map("pos", "2"));
+    upstream.commit("second");
+    upstream.git(&["tag", "pos-v2"]);
+    let hooked = hub(&["fetch-now", "--hub", &server.url]);
+    assert!(hooked.status.success());
+    wait_for("the hooked fetch", || {
+        tagged(&api(&server, &["releases"]), "pos-v2").is_some()
+    });
+    assert!(
+        tagged(&api(&server, &["releases"]), "pos-v2").unwrap()["generation"]
+            .as_u64()
+            .unwrap()
+            > generation
+    );
+
+    // Tokens: created with labels, shown once, listed by digest.
+    let token = api(
+        &server,
+        &[
+            "tokens",
+            "create",
+            "--label",
+            "region=eu",
+            "--label",
+            "ring=canary",
+        ],
+    );
+    let secret = token["token"].as_str().unwrap().to_owned();
+    let listed = api(&server, &["tokens", "list"]);
+    assert_eq!(listed[0]["digest"], token["digest"]);
+    assert!(
+        !listed.to_string().contains(&secret),
+        "the secret is never listed"
+    );
+    let bad = hub(&[
+        "tokens",
+        "create",
+        "--label",
+        "bad key=x",
+        "--hub",
+        &server.url,
+    ]);
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("400"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    // An agent enrols with the token (the transport's step, done here on the same store).
+    let agent_id = {
+        use outpost_hub::store::{SqliteStore, Store};
+        let mut store = SqliteStore::open(&state.join("hub.db")).unwrap();
+        let digest = outpost_proto::Digest::of(secret.as_bytes());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        store.enrol(&digest, &[9; 32], now).unwrap().unwrap().id
+    };
+    let agents = api(&server, &["agents", "list"]);
+    assert_eq!(agents[0]["labels"]["region"], "eu");
+    let labelled = api(
+        &server,
+        &["agents", "label", &agent_id, "region=uk", "ring-"],
+    );
+    assert_eq!(labelled[0]["labels"], serde_json::json!({"region": "uk"}));
+    let revoked = api(
+        &server,
+        &["agents", "revoke", &agent_id, "--why", "stolen van"],
+    );
+    assert_eq!(revoked[0]["revoked"]["why"], "stolen van");
+    let missing = hub(&[
+        "agents",
+        "revoke",
+        "nope",
+        "--why",
+        "x",
+        "--hub",
+        &server.url,
+    ]);
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("404"));
+    let events = api(&server, &["events"]);
+    assert!(
+        events
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "agent-revoked")
+    );
+}
+
+#[test]
+fn sync_locally_without_a_running_hub() {
+    let upstream = Upstream::new();
+    upstream.write("pos/app.yaml", &config_map("pos", "1"));
+    upstream.commit("first");
+    let data = tempfile::tempdir().unwrap();
+    let data_dir = data.path().to_str().unwrap();
     let synced = stdout(&hub(&[
         "sync",
         "--data-dir",
@@ -46,39 +240,22 @@ fn sync_then_list_releases_objects_and_events() {
     ]));
     assert!(synced.contains("rendered  pos generation 1"), "{synced}");
     assert!(data.path().join("keys/root.pub").exists());
-
-    let json = stdout(&hub(&[
-        "releases",
-        "--data-dir",
-        data_dir,
-        "--output",
-        "json",
-    ]));
-    let releases: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let tagged = releases
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["ref"] == "refs/tags/pos-v1")
-        .unwrap();
-    assert_eq!(tagged["bundle"], "pos");
-    assert_eq!(tagged["generation"], 1);
-
-    let objects = stdout(&hub(&["objects", "--data-dir", data_dir, "pos", "1"]));
-    let namespace = objects.find("Namespace").unwrap();
-    let config_map = objects.find("ConfigMap").unwrap();
-    assert!(namespace < config_map, "apply order: {objects}");
-
-    let missing = hub(&["objects", "--data-dir", data_dir, "pos", "9"]);
-    assert!(!missing.status.success());
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("outpost-hub releases"));
-
-    // An unreachable source: non-zero exit, and the failure is in the event log.
-    let gone = format!("file://{}/nowhere", data_dir);
+    let gone = format!("file://{data_dir}/nowhere");
     let failed = hub(&["sync", "--data-dir", data_dir, "--source", &gone]);
     assert!(!failed.status.success());
-    let events = stdout(&hub(&["events", "--data-dir", data_dir]));
-    assert!(events.contains("fetch-failed"), "{events}");
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("still served"));
+}
+
+#[test]
+fn cli_says_when_the_hub_is_unreachable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let output = hub(&["releases", "--hub", &format!("http://127.0.0.1:{port}")]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("is `outpost-hub run` up"));
 }
 
 #[test]
