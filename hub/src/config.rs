@@ -12,7 +12,9 @@
 //!
 //! [[sources]]                              # at least one
 //! name = "fleet"                           # a-z, 0-9, '-'; unique
-//! url = "git://git.example.com/fleet.git"  # a path, file://, git:// or ssh://
+//! url = "https://git.example.com/fleet.git" # a path, file://, git://, ssh://, http(s)://
+//! username = "outpost"                     # http(s) only, optional
+//! password_env = "FLEET_GIT_TOKEN"         # or password_file = "/run/secrets/fleet-token"
 //! ```
 //!
 //! Environment overrides: `OUTPOST_HUB_DATA_DIR`, `OUTPOST_HUB_KEY_DIR`,
@@ -25,6 +27,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::bundles::is_bundle_name;
+use crate::git::Credentials;
 
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +53,8 @@ pub struct SourceConfig {
     pub name: String,
     /// URL or path.
     pub url: String,
+    /// For http(s): user and password or token, read from the environment or a file at start.
+    pub credentials: Option<Credentials>,
 }
 
 /// Every problem found in a configuration, one per line.
@@ -84,6 +89,9 @@ struct RawListen {
 struct RawSource {
     name: String,
     url: String,
+    username: Option<String>,
+    password_env: Option<String>,
+    password_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -146,6 +154,7 @@ impl Config {
             );
         }
         let mut names = std::collections::BTreeSet::new();
+        let mut sources = Vec::new();
         for (index, source) in raw.sources.iter().enumerate() {
             let at = format!("sources[{index}] ({})", source.name);
             if !is_bundle_name(&source.name) {
@@ -159,6 +168,18 @@ impl Config {
             if let Some(problem) = url_problem(&source.url) {
                 problems.push(format!("{at}: {problem}"));
             }
+            let credentials = match credentials(source, &env) {
+                Ok(credentials) => credentials,
+                Err(problem) => {
+                    problems.push(format!("{at}: {problem}"));
+                    None
+                }
+            };
+            sources.push(SourceConfig {
+                name: source.name.clone(),
+                url: source.url.clone(),
+                credentials,
+            });
         }
         if !problems.is_empty() {
             return Err(ConfigError { problems });
@@ -169,15 +190,43 @@ impl Config {
             poll_interval: Duration::from_secs(poll_interval),
             listen_admin,
             listen_agents,
-            sources: raw
-                .sources
-                .into_iter()
-                .map(|source| SourceConfig {
-                    name: source.name,
-                    url: source.url,
-                })
-                .collect(),
+            sources,
         })
+    }
+}
+
+/// Resolves a source's credentials. Problems never quote the password.
+fn credentials(
+    source: &RawSource,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<Credentials>, String> {
+    let password = match (&source.password_env, &source.password_file) {
+        (Some(_), Some(_)) => return Err("give password_env or password_file, not both".to_owned()),
+        (Some(variable), None) => Some(
+            env(variable)
+                .ok_or_else(|| format!("password_env names {variable}, which is not set"))?,
+        ),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|error| format!("password_file {}: {error}", path.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    let is_http = source.url.starts_with("http://") || source.url.starts_with("https://");
+    match (&source.username, password) {
+        (None, None) => Ok(None),
+        (Some(_), None) => Err("username needs password_env or password_file".to_owned()),
+        (_, Some(_)) if !is_http => Err(
+            "credentials are used for http(s) sources only; ssh uses the system's ssh keys"
+                .to_owned(),
+        ),
+        (username, Some(password)) => Ok(Some(Credentials {
+            // Hosting services accept any user name with an access token.
+            username: username.clone().unwrap_or_else(|| "outpost".to_owned()),
+            password,
+        })),
     }
 }
 
@@ -186,14 +235,11 @@ fn url_problem(url: &str) -> Option<String> {
     match scheme {
         None if url.starts_with('/') => None,
         None => Some(format!(
-            "url {url:?} must be an absolute path or a file://, git:// or ssh:// URL"
+            "url {url:?} must be an absolute path or a file://, git://, ssh:// or http(s):// URL"
         )),
-        Some("file" | "git" | "ssh") => None,
-        Some("http" | "https") => Some(format!(
-            "url {url:?}: http(s) sources are not supported by this build yet; use git:// or ssh://, or mirror the repository locally"
-        )),
+        Some("file" | "git" | "ssh" | "http" | "https") => None,
         Some(other) => Some(format!(
-            "url {url:?}: unknown scheme {other:?}; use file://, git:// or ssh://"
+            "url {url:?}: unknown scheme {other:?}; use file://, git://, ssh:// or https://"
         )),
     }
 }
@@ -240,7 +286,7 @@ mod tests {
     #[test]
     fn every_problem_is_reported_at_once() {
         let error = Config::parse(
-            "poll_interval_seconds = 0\n[listen]\nadmin = \"nowhere\"\n[[sources]]\nname = \"Bad\"\nurl = \"https://example.com/x.git\"\n[[sources]]\nname = \"Bad\"\nurl = \"relative/path\"\n",
+            "poll_interval_seconds = 0\n[listen]\nadmin = \"nowhere\"\n[[sources]]\nname = \"Bad\"\nurl = \"https://example.com/x.git\"\npassword_env = \"NOT_SET\"\n[[sources]]\nname = \"Bad\"\nurl = \"relative/path\"\n",
             no_env,
         )
         .unwrap_err();
@@ -250,13 +296,48 @@ mod tests {
             "poll_interval_seconds must be at least 1",
             "listen.admin = \"nowhere\"",
             "sources[0] (Bad): name must be",
-            "http(s) sources are not supported",
+            "password_env names NOT_SET, which is not set",
             "sources[1] (Bad): name is used",
             "must be an absolute path",
         ] {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }
         assert_eq!(error.problems.len(), 8, "{text}");
+    }
+
+    #[test]
+    fn credentials_come_from_env_or_file_and_never_show() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let text = format!(
+            "data_dir = \"/d\"\n[[sources]]\nname = \"a\"\nurl = \"https://h/a.git\"\nusername = \"bot\"\npassword_env = \"TOKEN\"\n[[sources]]\nname = \"b\"\nurl = \"https://h/b.git\"\npassword_file = \"{}\"\n",
+            file.display()
+        );
+        let config =
+            Config::parse(&text, |name| (name == "TOKEN").then(|| "s3cret".to_owned())).unwrap();
+        assert_eq!(
+            config.sources[0].credentials,
+            Some(Credentials {
+                username: "bot".into(),
+                password: "s3cret".into()
+            })
+        );
+        assert_eq!(
+            config.sources[1].credentials.as_ref().unwrap().password,
+            "from-file"
+        );
+        assert!(!format!("{config:?}").contains("s3cret"));
+        let error = Config::parse(
+            "data_dir = \"/d\"\n[[sources]]\nname = \"a\"\nurl = \"git://h/a\"\nusername = \"bot\"\npassword_env = \"TOKEN\"\n",
+            |name| (name == "TOKEN").then(|| "s3cret".to_owned()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("http(s) sources only") && !error.contains("s3cret"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -18,6 +18,22 @@ pub struct GitSource {
     url: String,
     path: PathBuf,
     repo: gix::Repository,
+    credentials: Option<Credentials>,
+}
+
+/// A username and password (or token) for http(s) remotes. `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// The user name.
+    pub username: String,
+    /// The password or access token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({}, password elided)", self.username)
+    }
 }
 
 /// A branch or tag and the commit it names (annotated tags peeled).
@@ -71,6 +87,21 @@ pub enum GitError {
     },
 }
 
+/// An error with its chain of causes, `outer: inner: innermost`.
+fn describe(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// What a fetch changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FetchSummary {
@@ -87,16 +118,23 @@ impl GitSource {
             message,
         };
         let repo = if path.join("HEAD").exists() {
-            gix::open(path).map_err(|error| open_error(error.to_string()))?
+            gix::open(path).map_err(|error| open_error(describe(&error)))?
         } else {
-            std::fs::create_dir_all(path).map_err(|error| open_error(error.to_string()))?;
-            gix::init_bare(path).map_err(|error| open_error(error.to_string()))?
+            std::fs::create_dir_all(path).map_err(|error| open_error(describe(&error)))?;
+            gix::init_bare(path).map_err(|error| open_error(describe(&error)))?
         };
         Ok(GitSource {
             url: url.to_owned(),
             path: path.to_owned(),
             repo,
+            credentials: None,
         })
+    }
+
+    /// Uses these credentials when the remote asks for them (http(s) basic authentication).
+    pub fn with_credentials(mut self, credentials: Option<Credentials>) -> GitSource {
+        self.credentials = credentials;
+        self
     }
 
     /// The remote URL.
@@ -114,18 +152,35 @@ impl GitSource {
         let remote = self
             .repo
             .remote_at(self.url.as_str())
-            .map_err(|error| fetch_error(error.to_string()))?
+            .map_err(|error| fetch_error(describe(&error)))?
             .with_fetch_tags(gix::remote::fetch::Tags::None)
             .with_refspecs(REFSPECS, gix::remote::Direction::Fetch)
-            .map_err(|error| fetch_error(error.to_string()))?;
+            .map_err(|error| fetch_error(describe(&error)))?;
         let interrupt = AtomicBool::new(false);
-        let outcome = remote
+        let mut connection = remote
             .connect(gix::remote::Direction::Fetch)
-            .map_err(|error| fetch_error(error.to_string()))?
+            .map_err(|error| fetch_error(describe(&error)))?;
+        if let Some(credentials) = self.credentials.clone() {
+            connection = connection.with_credentials(move |action| match action {
+                gix::credentials::helper::Action::Get(context) => {
+                    Ok(Some(gix::credentials::protocol::Outcome {
+                        identity: gix::sec::identity::Account {
+                            username: credentials.username.clone(),
+                            password: credentials.password.clone(),
+                            oauth_refresh_token: None,
+                        },
+                        next: context.into(),
+                    }))
+                }
+                // Nothing to store or erase: the credentials come from the config.
+                _ => Ok(None),
+            });
+        }
+        let outcome = connection
             .prepare_fetch(gix::progress::Discard, Default::default())
-            .map_err(|error| fetch_error(error.to_string()))?
+            .map_err(|error| fetch_error(describe(&error)))?
             .receive(gix::progress::Discard, &interrupt)
-            .map_err(|error| fetch_error(error.to_string()))?;
+            .map_err(|error| fetch_error(describe(&error)))?;
         let remote_names: std::collections::BTreeSet<String> = outcome
             .ref_map
             .remote_refs
@@ -140,7 +195,7 @@ impl GitSource {
             }
         }
         // gix caches refs and packs per handle; reopen so reads see what the fetch wrote.
-        self.repo = gix::open(&self.path).map_err(|error| fetch_error(error.to_string()))?;
+        self.repo = gix::open(&self.path).map_err(|error| fetch_error(describe(&error)))?;
         Ok(summary)
     }
 
@@ -154,15 +209,15 @@ impl GitSource {
         let platform = self
             .repo
             .references()
-            .map_err(|error| read_error("refs", error.to_string()))?;
+            .map_err(|error| read_error("refs", describe(&error)))?;
         let mut out = Vec::new();
         for prefix in ["refs/heads/", "refs/tags/"] {
             let iter = platform
                 .prefixed(prefix)
-                .map_err(|error| read_error("refs", error.to_string()))?;
+                .map_err(|error| read_error("refs", describe(&error)))?;
             for reference in iter {
                 let mut reference =
-                    reference.map_err(|error| read_error("refs", error.to_string()))?;
+                    reference.map_err(|error| read_error("refs", describe(&error)))?;
                 let name = reference.name().as_bstr().to_str_lossy().into_owned();
                 // A tag may name a tree or a blob; only commits can be released.
                 let Ok(commit) = reference.peel_to_commit() else {
@@ -211,7 +266,7 @@ impl GitSource {
             .map_err(|error| GitError::Read {
                 url: self.url.clone(),
                 what: format!("{path} at {commit}"),
-                message: error.to_string(),
+                message: describe(&error),
             })?;
         Ok(entries
             .into_iter()
@@ -231,7 +286,7 @@ impl GitSource {
             let object = self
                 .repo
                 .find_object(entry.oid)
-                .map_err(|error| read_error(error.to_string()))?;
+                .map_err(|error| read_error(describe(&error)))?;
             files.push(TreeFile {
                 path: entry.filepath.to_str_lossy().into_owned(),
                 bytes: object.detach().data,
@@ -253,7 +308,7 @@ impl GitSource {
         };
         let Some(entry) = root
             .lookup_entry_by_path(path)
-            .map_err(|error| read_error(error.to_string()))?
+            .map_err(|error| read_error(describe(&error)))?
         else {
             return Ok(None);
         };
@@ -262,7 +317,7 @@ impl GitSource {
         }
         let object = entry
             .object()
-            .map_err(|error| read_error(error.to_string()))?;
+            .map_err(|error| read_error(describe(&error)))?;
         Ok(Some(object.detach().data))
     }
 
@@ -273,20 +328,20 @@ impl GitSource {
             message,
         };
         let id = gix::ObjectId::from_hex(commit.as_bytes())
-            .map_err(|error| read_error(error.to_string()))?;
+            .map_err(|error| read_error(describe(&error)))?;
         let root = self
             .repo
             .find_commit(id)
-            .map_err(|error| read_error(error.to_string()))?
+            .map_err(|error| read_error(describe(&error)))?
             .tree()
-            .map_err(|error| read_error(error.to_string()))?;
+            .map_err(|error| read_error(describe(&error)))?;
         let path = path.trim_matches('/');
         if path.is_empty() {
             return Ok(Some(root));
         }
         let Some(entry) = root
             .lookup_entry_by_path(path)
-            .map_err(|error| read_error(error.to_string()))?
+            .map_err(|error| read_error(describe(&error)))?
         else {
             return Ok(None);
         };
@@ -295,7 +350,7 @@ impl GitSource {
         }
         let object = entry
             .object()
-            .map_err(|error| read_error(error.to_string()))?;
+            .map_err(|error| read_error(describe(&error)))?;
         Ok(Some(object.into_tree()))
     }
 
@@ -308,9 +363,9 @@ impl GitSource {
         let reference = self
             .repo
             .find_reference(name)
-            .map_err(|error| read_error(error.to_string()))?;
+            .map_err(|error| read_error(describe(&error)))?;
         reference
             .delete()
-            .map_err(|error| read_error(error.to_string()))
+            .map_err(|error| read_error(describe(&error)))
     }
 }

@@ -339,7 +339,8 @@ fn run(config: &Config) -> Result<()> {
     for source in &config.sources {
         let mirror = config.data_dir.join("git").join(&source.name);
         let mut git = GitSource::open_or_init(&source.url, &mirror)
-            .with_context(|| format!("opening the mirror of source {}", source.name))?;
+            .with_context(|| format!("opening the mirror of source {}", source.name))?
+            .with_credentials(source.credentials.clone());
         let report = sync_source(&mut store, &keys, &mut git, unix_now())
             .with_context(|| format!("syncing {}", source.name))?;
         print_report(&report);

@@ -65,7 +65,7 @@ fn source_loop(
 ) {
     let mut source = loop {
         match GitSource::open_or_init(&config.url, mirror) {
-            Ok(source) => break source,
+            Ok(source) => break source.with_credentials(config.credentials.clone()),
             Err(error) => {
                 tracing::error!(source = %config.name, %error, "cannot open the mirror; retrying");
                 std::thread::sleep(interval);
