@@ -158,7 +158,7 @@ async fn releases(State(state): State<AdminState>) -> ApiResult {
             .releases()?
             .into_iter()
             .map(|r| {
-                json!({"source": r.source, "ref": r.git_ref, "bundle": r.bundle, "commit": r.git_commit,
+                json!({"source": r.source, "ref": r.git_ref, "bundle": r.bundle, "variant": r.variant, "commit": r.git_commit,
                        "generation": r.generation, "error": r.error, "updated_at": r.updated_at})
             })
             .collect();

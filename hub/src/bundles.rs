@@ -34,6 +34,20 @@ pub struct BundleDefinition {
     pub path: String,
     /// Which agents it targets.
     pub selector: LabelSelector,
+    /// Extra manifests for the agents that also match an overlay's selector, in declared order.
+    pub overlays: Vec<Overlay>,
+    /// Label keys whose values replace `${label:KEY}` in the manifests' string values.
+    pub substitute: Vec<String>,
+}
+
+/// Extra manifests for some of a bundle's agents. An overlay object with the same group, kind,
+/// namespace and name as a base object replaces it; others are added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    /// Which of the bundle's agents get it.
+    pub selector: LabelSelector,
+    /// Its folder in the repository.
+    pub path: String,
 }
 
 /// Why the bundles of a commit could not be determined.
@@ -63,6 +77,17 @@ struct BundleEntry {
     path: String,
     #[serde(default)]
     selector: Option<SelectorEntry>,
+    #[serde(default)]
+    overlays: Vec<OverlayEntry>,
+    #[serde(default)]
+    substitute: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverlayEntry {
+    selector: SelectorEntry,
+    path: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -128,37 +153,71 @@ pub fn parse_definitions(bytes: &[u8]) -> Result<Vec<BundleDefinition>, Definiti
         if !names.insert(entry.name.clone()) {
             problems.push(format!("{at}: name is used by an earlier bundle"));
         }
-        let path = entry.path.trim_matches('/').to_owned();
-        if path.split('/').any(|part| part == ".." || part == ".") {
-            problems.push(format!(
-                "{at}: path {:?} must be a folder inside the repository, without '.' or '..'",
-                entry.path
-            ));
-        }
+        let path = folder(&entry.path, &at, &mut problems);
         let selector = match &entry.selector {
             None => Ok(LabelSelector::everything()),
-            Some(selector) => LabelSelector::from_parts(
-                &selector.match_labels,
-                &selector
-                    .match_expressions
-                    .iter()
-                    .map(|e| (e.key.clone(), e.operator.clone(), e.values.clone()))
-                    .collect::<Vec<_>>(),
-            ),
+            Some(selector) => selector.parse(),
         };
-        match selector {
-            Ok(selector) => bundles.push(BundleDefinition {
-                name: entry.name,
-                path,
-                selector,
-            }),
-            Err(error) => problems.push(format!("{at}: selector: {error}")),
+        let selector = selector.unwrap_or_else(|error| {
+            problems.push(format!("{at}: selector: {error}"));
+            LabelSelector::everything()
+        });
+        let mut overlays = Vec::new();
+        for (overlay_index, overlay) in entry.overlays.iter().enumerate() {
+            let overlay_at = format!("{at}: overlays[{overlay_index}]");
+            let path = folder(&overlay.path, &overlay_at, &mut problems);
+            match overlay.selector.parse() {
+                Ok(selector) if selector.is_everything() => problems.push(format!(
+                    "{overlay_at}: an overlay needs a selector that narrows the bundle's agents; put manifests for all agents in the bundle's folder"
+                )),
+                Ok(selector) => overlays.push(Overlay { selector, path }),
+                Err(error) => problems.push(format!("{overlay_at}: selector: {error}")),
+            }
         }
+        for key in &entry.substitute {
+            if LabelSelector::parse(key).is_err() || key.contains(['=', '!', ',', ' ']) {
+                problems.push(format!(
+                    "{at}: substitute: {key:?} is not a valid label key"
+                ));
+            }
+        }
+        bundles.push(BundleDefinition {
+            name: entry.name,
+            path,
+            selector,
+            overlays,
+            substitute: entry.substitute,
+        });
     }
     match problems.is_empty() {
         true => Ok(bundles),
         false => Err(invalid(problems)),
     }
+}
+
+impl SelectorEntry {
+    fn parse(&self) -> Result<LabelSelector, outpost_proto::selector::SelectorError> {
+        LabelSelector::from_parts(
+            &self.match_labels,
+            &self
+                .match_expressions
+                .iter()
+                .map(|e| (e.key.clone(), e.operator.clone(), e.values.clone()))
+                .collect::<Vec<_>>(),
+        )
+    }
+}
+
+/// A folder path inside the repository, without leading or trailing `/`; records a problem for
+/// `.` and `..`.
+fn folder(path: &str, at: &str, problems: &mut Vec<String>) -> String {
+    let trimmed = path.trim_matches('/').to_owned();
+    if trimmed.split('/').any(|part| part == ".." || part == ".") {
+        problems.push(format!(
+            "{at}: path {path:?} must be a folder inside the repository, without '.' or '..'"
+        ));
+    }
+    trimmed
 }
 
 /// One bundle per top-level folder that holds manifests, named after it, for all agents.
@@ -176,6 +235,8 @@ pub fn implicit_bundles(paths: &[String]) -> Vec<BundleDefinition> {
             name: folder.to_owned(),
             path: folder.to_owned(),
             selector: LabelSelector::everything(),
+            overlays: Vec::new(),
+            substitute: Vec::new(),
         })
         .collect()
 }
@@ -208,6 +269,28 @@ mod tests {
             "region in (eu,uk),role=store"
         );
         assert!(bundles[1].selector.is_everything());
+    }
+
+    #[test]
+    fn overlays_and_substitutions_parse_and_are_checked() {
+        let bundles = parse_definitions(
+            b"bundles:\n- name: pos\n  path: apps/pos\n  overlays:\n  - {selector: {matchLabels: {region: eu}}, path: apps/pos-eu}\n  substitute: [store-id]\n",
+        )
+        .unwrap();
+        assert_eq!(bundles[0].overlays[0].path, "apps/pos-eu");
+        assert_eq!(bundles[0].overlays[0].selector.to_string(), "region=eu");
+        assert_eq!(bundles[0].substitute, ["store-id"]);
+        let error = parse_definitions(
+            b"bundles:\n- name: pos\n  path: p\n  overlays:\n  - {selector: {}, path: q}\n  - {selector: {matchLabels: {a: b}}, path: ../x}\n  substitute: ['bad key']\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("overlays[0]: an overlay needs a selector"),
+            "{error}"
+        );
+        assert!(error.contains("overlays[1]: path"), "{error}");
+        assert!(error.contains("substitute: \"bad key\""), "{error}");
     }
 
     #[test]

@@ -8,3 +8,4 @@ pub mod git;
 pub mod keys;
 pub mod store;
 pub mod sync;
+pub mod variants;

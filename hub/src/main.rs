@@ -234,6 +234,7 @@ fn main() -> Result<()> {
                 &[
                     ("ref", "REF"),
                     ("bundle", "BUNDLE"),
+                    ("variant", "VARIANT"),
                     ("commit", "COMMIT"),
                     ("generation", "GENERATION"),
                     ("error", "ERROR"),

@@ -87,6 +87,21 @@ const MIGRATIONS: &[&str] = &[
         used_at INTEGER,
         used_by TEXT
     );",
+    // 3: a release per render variant (overlays and substituted labels).
+    "CREATE TABLE releases_v3 (
+        source TEXT NOT NULL,
+        git_ref TEXT NOT NULL,
+        bundle TEXT NOT NULL,
+        variant TEXT NOT NULL,
+        git_commit TEXT NOT NULL,
+        generation INTEGER,
+        error TEXT,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (source, git_ref, bundle, variant)
+    );
+    INSERT INTO releases_v3 SELECT source, git_ref, bundle, '', git_commit, generation, error, updated_at FROM releases;
+    DROP TABLE releases;
+    ALTER TABLE releases_v3 RENAME TO releases;",
 ];
 
 /// An enrolled agent.
@@ -174,6 +189,8 @@ pub struct Release {
     pub git_ref: String,
     /// Bundle name.
     pub bundle: String,
+    /// The render variant's key (empty for the plain bundle; see `variants`).
+    pub variant: String,
     /// Commit the ref named.
     pub git_commit: String,
     /// The snapshot's generation, when it rendered.
@@ -279,6 +296,14 @@ pub trait Store {
     fn upsert_release(&mut self, release: &Release) -> Result<(), StoreError>;
     /// Removes the releases of a deleted ref (its snapshots stay).
     fn delete_releases(&mut self, source: &str, git_ref: &str) -> Result<(), StoreError>;
+    /// Removes a bundle's releases at a ref whose variants are no longer needed.
+    fn retain_variants(
+        &mut self,
+        source: &str,
+        git_ref: &str,
+        bundle: &str,
+        keep: &[String],
+    ) -> Result<(), StoreError>;
     /// All releases, by source, ref and bundle.
     fn releases(&self) -> Result<Vec<Release>, StoreError>;
     /// Appends to the event log.
@@ -620,9 +645,9 @@ impl Store for SqliteStore {
 
     fn upsert_release(&mut self, release: &Release) -> Result<(), StoreError> {
         self.connection.execute(
-            "INSERT INTO releases (source, git_ref, bundle, git_commit, generation, error, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (source, git_ref, bundle) DO UPDATE SET
+            "INSERT INTO releases (source, git_ref, bundle, git_commit, generation, error, updated_at, variant)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (source, git_ref, bundle, variant) DO UPDATE SET
                git_commit = ?4, generation = ?5, error = ?6, updated_at = ?7",
             params![
                 release.source,
@@ -632,6 +657,7 @@ impl Store for SqliteStore {
                 release.generation.map(|g| g as i64),
                 release.error,
                 release.updated_at,
+                release.variant,
             ],
         )?;
         Ok(())
@@ -645,10 +671,35 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn retain_variants(
+        &mut self,
+        source: &str,
+        git_ref: &str,
+        bundle: &str,
+        keep: &[String],
+    ) -> Result<(), StoreError> {
+        let transaction = self.connection.transaction()?;
+        let existing: Vec<String> = {
+            let mut statement = transaction.prepare(
+                "SELECT variant FROM releases WHERE source = ?1 AND git_ref = ?2 AND bundle = ?3",
+            )?;
+            let rows = statement.query_map(params![source, git_ref, bundle], |row| row.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for variant in existing.iter().filter(|variant| !keep.contains(variant)) {
+            transaction.execute(
+                "DELETE FROM releases WHERE source = ?1 AND git_ref = ?2 AND bundle = ?3 AND variant = ?4",
+                params![source, git_ref, bundle, variant],
+            )?;
+        }
+        transaction.commit()?;
+        Ok(())
+    }
+
     fn releases(&self) -> Result<Vec<Release>, StoreError> {
         let mut statement = self.connection.prepare(
-            "SELECT source, git_ref, bundle, git_commit, generation, error, updated_at FROM releases
-             ORDER BY source, git_ref, bundle",
+            "SELECT source, git_ref, bundle, git_commit, generation, error, updated_at, variant FROM releases
+             ORDER BY source, git_ref, bundle, variant",
         )?;
         let rows = statement.query_map([], |row| {
             Ok(Release {
@@ -659,6 +710,7 @@ impl Store for SqliteStore {
                 generation: row.get::<_, Option<i64>>(4)?.map(|g| g as u64),
                 error: row.get(5)?,
                 updated_at: row.get(6)?,
+                variant: row.get(7)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

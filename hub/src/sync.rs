@@ -6,12 +6,16 @@
 //! bundles and refs go on; a force-moved tag is re-rendered under a new generation, never an old
 //! one.
 
-use outpost_proto::{Body, Digest, SnapshotHeader, SourceFile};
+use std::collections::BTreeMap;
+
+use outpost_proto::manifest::{self, ManifestError};
+use outpost_proto::{Body, Digest, Object, ObjectKey, SnapshotHeader, SourceFile};
 
 use crate::bundles::{self, BundleDefinition};
 use crate::git::{GitError, GitSource, RefTarget};
 use crate::keys::HubKeys;
 use crate::store::{RefChange, Release, Store, StoreError, StoredSnapshot};
+use crate::variants::{self, Variant};
 
 /// What a sync did, for logs and the CLI.
 #[derive(Debug, Default)]
@@ -109,6 +113,13 @@ pub fn render_fetched(
             RefChange::New(_) | RefChange::Moved { .. } => {}
         }
     }
+    // Enrolled, not revoked agents decide which overlay and label variants are rendered.
+    let agent_labels: Vec<BTreeMap<String, String>> = store
+        .agents()?
+        .into_iter()
+        .filter(|agent| agent.revoked.is_none())
+        .map(|agent| agent.labels)
+        .collect();
     for target in &refs {
         let definitions = match bundles::bundles_at(source, &target.commit) {
             Ok(definitions) => definitions,
@@ -123,29 +134,41 @@ pub fn render_fetched(
             }
         };
         for definition in &definitions {
-            let outcome = release(store, keys, source, target, definition, now, &mut report);
-            let (generation, error) = match outcome {
-                Ok(generation) => (Some(generation), None),
-                Err(ReleaseOutcome::Refused(error)) => {
-                    tracing::warn!(bundle = %definition.name, git_ref = %target.name, %error, "release refused");
-                    report.failed.push((
-                        target.name.clone(),
-                        definition.name.clone(),
-                        error.clone(),
-                    ));
-                    (None, Some(error))
-                }
-                Err(ReleaseOutcome::Fatal(error)) => return Err(error),
-            };
-            store.upsert_release(&Release {
-                source: url.clone(),
-                git_ref: target.name.clone(),
-                bundle: definition.name.clone(),
-                git_commit: target.commit.clone(),
-                generation,
-                error,
-                updated_at: now,
-            })?;
+            let needed = variants::variants(definition, agent_labels.iter());
+            let variant_keys: Vec<String> = needed.iter().map(Variant::key).collect();
+            store.retain_variants(&url, &target.name, &definition.name, &variant_keys)?;
+            for variant in &needed {
+                let job = Job {
+                    source,
+                    target,
+                    definition,
+                    variant,
+                    now,
+                };
+                let (generation, error) = match release(store, keys, &job, &mut report) {
+                    Ok(generation) => (Some(generation), None),
+                    Err(ReleaseOutcome::Refused(error)) => {
+                        tracing::warn!(bundle = %definition.name, variant = %variant.key(), git_ref = %target.name, %error, "release refused");
+                        report.failed.push((
+                            target.name.clone(),
+                            definition.name.clone(),
+                            error.clone(),
+                        ));
+                        (None, Some(error))
+                    }
+                    Err(ReleaseOutcome::Fatal(error)) => return Err(error),
+                };
+                store.upsert_release(&Release {
+                    source: url.clone(),
+                    git_ref: target.name.clone(),
+                    bundle: definition.name.clone(),
+                    variant: variant.key(),
+                    git_commit: target.commit.clone(),
+                    generation,
+                    error,
+                    updated_at: now,
+                })?;
+            }
         }
     }
     Ok(report)
@@ -168,29 +191,57 @@ impl From<ReleaseError> for ReleaseOutcome {
     }
 }
 
-/// Renders one bundle at one ref, or finds it rendered; returns the snapshot's generation.
+/// One variant of one bundle at one ref: what a release renders.
+struct Job<'a> {
+    source: &'a GitSource,
+    target: &'a RefTarget,
+    definition: &'a BundleDefinition,
+    variant: &'a Variant,
+    now: i64,
+}
+
+/// Renders a job, or finds it rendered; returns the snapshot's generation.
 fn release(
     store: &mut impl Store,
     keys: &HubKeys,
-    source: &GitSource,
-    target: &RefTarget,
-    definition: &BundleDefinition,
-    now: i64,
+    job: &Job<'_>,
     report: &mut SyncReport,
 ) -> Result<u64, ReleaseOutcome> {
-    let selector = definition.selector.to_string();
-    let tree_id = source
-        .tree_id(&target.commit, &definition.path)
-        .map_err(ReleaseError::from)?
-        .ok_or_else(|| ReleaseError::MissingFolder(definition.path.clone()))?;
-    if let Some(generation) = store.rendered(&definition.name, &tree_id, &selector)? {
+    let Job {
+        source,
+        target,
+        definition,
+        variant,
+        now,
+    } = *job;
+    let selector = variants::variant_selector(definition, variant).to_string();
+    // The render key: the variant's selector and key; the tree key: every folder it reads.
+    let render_key = format!("{selector}#{}", variant.key());
+    let mut folders = vec![definition.path.clone()];
+    folders.extend(
+        variant
+            .overlays
+            .iter()
+            .filter_map(|index| definition.overlays.get(*index))
+            .map(|overlay| overlay.path.clone()),
+    );
+    let mut tree_ids = Vec::new();
+    for folder in &folders {
+        let tree_id = source
+            .tree_id(&target.commit, folder)
+            .map_err(ReleaseError::from)?
+            .ok_or_else(|| ReleaseError::MissingFolder(folder.clone()))?;
+        tree_ids.push(tree_id);
+    }
+    let tree_key = tree_ids.join("+");
+    if let Some(generation) = store.rendered(&definition.name, &tree_key, &render_key)? {
         report.unchanged += 1;
         return Ok(generation);
     }
-    let body = render(source, &target.commit, definition)?;
+    let body = render(source, &target.commit, &folders, &variant.labels)?;
     let digest = body.digest();
     if let Some(existing) = same_snapshot(store, &definition.name, &digest, &selector)? {
-        store.insert_render(&definition.name, &tree_id, &selector, existing)?;
+        store.insert_render(&definition.name, &tree_key, &render_key, existing)?;
         report.unchanged += 1;
         return Ok(existing);
     }
@@ -223,10 +274,10 @@ fn release(
             body: body.into_bytes(),
             created_at: now,
         },
-        &tree_id,
-        &selector,
+        &tree_key,
+        &render_key,
     )?;
-    tracing::info!(bundle = %definition.name, generation, snapshot = %digest.short(), git_ref = %target.name, "rendered");
+    tracing::info!(bundle = %definition.name, variant = %variant.key(), generation, snapshot = %digest.short(), git_ref = %target.name, "rendered");
     report
         .rendered
         .push((definition.name.clone(), generation, target.name.clone()));
@@ -248,28 +299,51 @@ fn same_snapshot(
     Ok(same_selector.then_some(existing.generation))
 }
 
+/// Reads the manifests of `folders` (the bundle's, then its overlays'), lets later folders'
+/// objects replace earlier ones with the same key, substitutes labels, and builds the body.
 fn render(
     source: &GitSource,
     commit: &str,
-    definition: &BundleDefinition,
+    folders: &[String],
+    labels: &BTreeMap<String, String>,
 ) -> Result<Body, ReleaseError> {
-    let files = source.files(commit, &definition.path)?;
-    let mut texts = Vec::new();
-    for file in files
-        .into_iter()
-        .filter(|file| bundles::is_manifest(&file.path))
-    {
-        let path = match definition.path.is_empty() {
-            true => file.path,
-            false => format!("{}/{}", definition.path, file.path),
-        };
-        let text =
-            String::from_utf8(file.bytes).map_err(|_| ReleaseError::NotUtf8(path.clone()))?;
-        texts.push((path, text));
+    let mut objects: BTreeMap<ObjectKey, Object> = BTreeMap::new();
+    for folder in folders {
+        let mut in_this_folder: BTreeMap<ObjectKey, String> = BTreeMap::new();
+        for file in source.files(commit, folder)? {
+            if !bundles::is_manifest(&file.path) {
+                continue;
+            }
+            let path = match folder.is_empty() {
+                true => file.path,
+                false => format!("{folder}/{}", file.path),
+            };
+            let text =
+                String::from_utf8(file.bytes).map_err(|_| ReleaseError::NotUtf8(path.clone()))?;
+            for object in manifest::parse_file(SourceFile {
+                path: &path,
+                text: &text,
+            })? {
+                // The same object twice in one folder is an error; an overlay replacing a base
+                // object is the point of overlays.
+                if let Some(first) =
+                    in_this_folder.insert(object.key.clone(), object.origin.clone())
+                {
+                    return Err(ReleaseError::Manifest(ManifestError::Duplicate {
+                        key: Box::new(object.key),
+                        first,
+                        second: object.origin,
+                    }));
+                }
+                objects.insert(object.key.clone(), object);
+            }
+        }
     }
-    let sources: Vec<SourceFile<'_>> = texts
-        .iter()
-        .map(|(path, text)| SourceFile { path, text })
-        .collect();
-    Ok(Body::render(&sources)?)
+    let mut objects: Vec<Object> = objects.into_values().collect();
+    if !labels.is_empty() {
+        for object in &mut objects {
+            variants::substitute(&mut object.value, labels);
+        }
+    }
+    Ok(Body::from_objects(objects)?)
 }

@@ -287,3 +287,102 @@ fn fetches_from_git_daemon_and_survives_it_going_away() {
         "keeps serving what it has"
     );
 }
+
+#[test]
+fn overlays_and_label_substitution_render_one_snapshot_per_variant() {
+    let upstream = Upstream::new();
+    upstream.write(
+        "apps/pos/app.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: pos, namespace: shop}\ndata: {store: 'store-${label:store-id}', currency: EUR}\n",
+    );
+    upstream.write(
+        "apps/pos-us/app.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: pos, namespace: shop}\ndata: {store: 'store-${label:store-id}', currency: USD}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: tax, namespace: shop}\ndata: {mode: sales-tax}\n",
+    );
+    upstream.write(
+        "outpost.yaml",
+        "bundles:\n- name: pos\n  path: apps/pos\n  selector: {matchLabels: {role: store}}\n  overlays:\n  - {selector: {matchLabels: {region: us}}, path: apps/pos-us}\n  substitute: [store-id]\n",
+    );
+    upstream.commit("pos with a US overlay");
+    let mut hub = Hub::new();
+    // Three agents: two in the EU (one store each), one in the US; one without a store-id.
+    for (seed, labels) in [
+        (
+            1u8,
+            vec![("role", "store"), ("region", "eu"), ("store-id", "17")],
+        ),
+        (
+            2,
+            vec![("role", "store"), ("region", "us"), ("store-id", "42")],
+        ),
+        (3, vec![("role", "store"), ("region", "eu")]),
+    ] {
+        let token = outpost_proto::Digest::of(&[seed]);
+        let labels = labels
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        hub.store
+            .create_token(&token, &labels, "test", 0, i64::MAX)
+            .unwrap();
+        hub.store.enrol(&token, &[seed; 32], 1).unwrap().unwrap();
+    }
+    hub.sync(&upstream.url(), 1_800_000_100);
+    let releases: Vec<_> = hub
+        .store
+        .releases()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.git_ref == "refs/heads/main")
+        .collect();
+    let variants: Vec<&str> = releases.iter().map(|r| r.variant.as_str()).collect();
+    assert_eq!(
+        variants,
+        ["overlays=0;store-id=42", "store-id=17"],
+        "the agent without a store-id gets none"
+    );
+    let body = |variant: &str| {
+        let release = releases.iter().find(|r| r.variant == variant).unwrap();
+        let snapshot = hub
+            .store
+            .snapshot("pos", release.generation.unwrap())
+            .unwrap()
+            .unwrap();
+        let header = outpost_proto::SnapshotHeader::decode(&snapshot.header).unwrap();
+        (String::from_utf8(snapshot.body).unwrap(), header.selector)
+    };
+    let (us, us_selector) = body("overlays=0;store-id=42");
+    assert!(
+        us.contains(r#""currency":"USD","store":"store-42""#),
+        "{us}"
+    );
+    assert!(us.contains(r#""name":"tax""#), "{us}");
+    assert_eq!(us_selector, "region=us,role=store,store-id=42");
+    let (eu, _) = body("store-id=17");
+    assert!(
+        eu.contains(r#""currency":"EUR","store":"store-17""#),
+        "{eu}"
+    );
+    assert!(!eu.contains("tax"), "{eu}");
+
+    // The EU agent moves to the US: its old variant is withdrawn, a new one rendered.
+    let eu_agent = outpost_hub::store::agent_id(&[1; 32]);
+    let changes = [("region".to_owned(), Some("us".to_owned()))].into();
+    hub.store
+        .label_agent(&eu_agent, &changes, "test", 2)
+        .unwrap();
+    let report = hub.sync(&upstream.url(), 1_800_000_200);
+    assert_eq!(report.rendered.len(), 1, "{report:?}");
+    let variants: Vec<String> = hub
+        .store
+        .releases()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.git_ref == "refs/heads/main")
+        .map(|r| r.variant)
+        .collect();
+    assert_eq!(
+        variants,
+        ["overlays=0;store-id=17", "overlays=0;store-id=42"]
+    );
+}

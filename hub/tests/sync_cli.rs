@@ -283,7 +283,7 @@ fn run_once_from_a_config_file_and_config_errors_listed_together() {
     let bad = data.path().join("bad.toml");
     std::fs::write(
         &bad,
-        "poll_interval_seconds = 0\n[[sources]]\nname = \"x\"\nurl = \"https://h/x.git\"\n",
+        "poll_interval_seconds = 0\n[[sources]]\nname = \"x\"\nurl = \"https://h/x.git\"\npassword_env = \"OUTPOST_TEST_NOT_SET\"\n",
     )
     .unwrap();
     let checked = hub(&["check-config", "--config", bad.to_str().unwrap()]);
@@ -295,7 +295,7 @@ fn run_once_from_a_config_file_and_config_errors_listed_together() {
         "{stderr}"
     );
     assert!(
-        stderr.contains("http(s) sources are not supported"),
+        stderr.contains("OUTPOST_TEST_NOT_SET, which is not set"),
         "{stderr}"
     );
 }

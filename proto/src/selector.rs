@@ -178,6 +178,22 @@ impl LabelSelector {
         })
     }
 
+    /// The selector requiring both this and `other`.
+    pub fn and(&self, other: &LabelSelector) -> LabelSelector {
+        LabelSelector {
+            requirements: self
+                .requirements
+                .union(&other.requirements)
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// A selector of `key=value` requirements, one per label.
+    pub fn from_labels(labels: &BTreeMap<String, String>) -> Result<LabelSelector, SelectorError> {
+        LabelSelector::from_parts(labels, &[])
+    }
+
     /// Whether this selects every agent.
     pub fn is_everything(&self) -> bool {
         self.requirements.is_empty()
@@ -361,6 +377,14 @@ mod tests {
         assert_eq!(a.to_string(), "!legacy,region=eu,role in (kiosk,store)");
         assert_eq!(LabelSelector::parse(&a.to_string()).unwrap(), a);
         assert_eq!(LabelSelector::everything().to_string(), "");
+    }
+
+    #[test]
+    fn and_combines_requirements() {
+        let a = LabelSelector::parse("region=eu").unwrap();
+        let b = LabelSelector::parse("role=store,region=eu").unwrap();
+        assert_eq!(a.and(&b).to_string(), "region=eu,role=store");
+        assert_eq!(LabelSelector::everything().and(&a), a);
     }
 
     #[test]
