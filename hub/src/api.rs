@@ -282,15 +282,21 @@ async fn label_agent(
     let who = who(&headers);
     let now = (state.now)();
     with_store(&state, move |store| {
-        if !store.label_agent(&id, &request.labels, &who, now)? {
-            return Err(not_found(format!("no agent {id:?}")));
-        }
-        let agent = store
-            .agent(&id)?
-            .ok_or_else(|| not_found(format!("no agent {id:?}")))?;
-        Ok(Json(agent_json(&agent)))
+        let found = store.label_agent(&id, &request.labels, &who, now)?;
+        changed_agent(store, &id, found)
     })
     .await
+}
+
+/// The agent as it is after a change, or 404 if the change found no such agent.
+fn changed_agent(store: &SqliteStore, id: &str, found: bool) -> ApiResult {
+    let agent = match found {
+        true => store.agent(id)?,
+        false => None,
+    };
+    let agent =
+        agent.ok_or_else(|| not_found(format!("no agent {id:?}; see GET /api/v1/agents")))?;
+    Ok(Json(agent_json(&agent)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -313,13 +319,8 @@ async fn revoke_agent(
     let who = who(&headers);
     let now = (state.now)();
     with_store(&state, move |store| {
-        if !store.revoke_agent(&id, &who, &request.why, now)? {
-            return Err(not_found(format!("no agent {id:?}")));
-        }
-        let agent = store
-            .agent(&id)?
-            .ok_or_else(|| not_found(format!("no agent {id:?}")))?;
-        Ok(Json(agent_json(&agent)))
+        let found = store.revoke_agent(&id, &who, &request.why, now)?;
+        changed_agent(store, &id, found)
     })
     .await
 }

@@ -113,11 +113,7 @@ fn fetches_over_https_with_credentials_from_the_environment() {
     assert!(made.success());
     let server_py = web.path().join("server.py");
     std::fs::write(&server_py, SERVER).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let _server = Server(
         Command::new("python3")
             .arg(&server_py)
@@ -130,12 +126,7 @@ fn fetches_over_https_with_credentials_from_the_environment() {
             .spawn()
             .expect("python3 is installed"),
     );
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    support::wait_for_port(port);
     let name = upstream.path().file_name().unwrap().to_str().unwrap();
     let url = format!("https://127.0.0.1:{port}/cgi-bin/git/{name}");
     let ca = cert.to_str().unwrap();

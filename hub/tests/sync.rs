@@ -239,10 +239,7 @@ fn fetches_from_git_daemon_and_survives_it_going_away() {
         .to_str()
         .unwrap()
         .to_owned();
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
+    let port = support::free_port();
     // Run git-daemon itself, not through the `git` wrapper, so killing it stops the server.
     let exec_path = upstream.git(&["--exec-path"]);
     let daemon = Daemon(

@@ -38,11 +38,7 @@ impl Drop for Server {
 
 /// Starts `outpost-hub run` on a free loopback port and waits until it answers.
 fn serve(config: &std::path::Path) -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_outpost-hub"))
         .args(["run", "--config", config.to_str().unwrap()])
         .env("OUTPOST_HUB_LISTEN_ADMIN", format!("127.0.0.1:{port}"))
@@ -55,13 +51,8 @@ fn serve(config: &std::path::Path) -> Server {
         child,
         url: format!("http://127.0.0.1:{port}"),
     };
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return server;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    panic!("the hub did not start listening on {port}");
+    support::wait_for_port(port);
+    server
 }
 
 /// Runs a CLI command against the server and parses its JSON output.
@@ -248,11 +239,7 @@ fn sync_locally_without_a_running_hub() {
 
 #[test]
 fn cli_says_when_the_hub_is_unreachable() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = support::free_port();
     let output = hub(&["releases", "--hub", &format!("http://127.0.0.1:{port}")]);
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("is `outpost-hub run` up"));
