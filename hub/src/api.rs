@@ -25,7 +25,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use outpost_proto::{Digest, SnapshotHeader};
+use outpost_proto::{Digest, SnapshotHeader, selector};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -271,13 +271,7 @@ async fn label_agent(
     Json(request): Json<LabelRequest>,
 ) -> ApiResult {
     for (key, value) in &request.labels {
-        let check = match value {
-            Some(value) => format!("{key}={value}"),
-            None => key.clone(),
-        };
-        outpost_proto::LabelSelector::parse(&check).map_err(|error| {
-            ApiError(StatusCode::BAD_REQUEST, format!("label {check:?}: {error}"))
-        })?;
+        check_label(key, value.as_deref())?;
     }
     let who = who(&headers);
     let now = (state.now)();
@@ -286,6 +280,13 @@ async fn label_agent(
         changed_agent(store, &id, found)
     })
     .await
+}
+
+/// Refuses a label key or value that Kubernetes' label syntax does not allow.
+fn check_label(key: &str, value: Option<&str>) -> Result<(), ApiError> {
+    selector::check_key(key)
+        .and_then(|()| value.map_or(Ok(()), selector::check_value))
+        .map_err(|error| ApiError(StatusCode::BAD_REQUEST, format!("label {key}: {error}")))
 }
 
 /// The agent as it is after a change, or 404 if the change found no such agent.
@@ -338,12 +339,7 @@ async fn create_token(
     Json(request): Json<TokenRequest>,
 ) -> ApiResult {
     for (key, value) in &request.labels {
-        outpost_proto::LabelSelector::parse(&format!("{key}={value}")).map_err(|error| {
-            ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("label {key}={value}: {error}"),
-            )
-        })?;
+        check_label(key, Some(value))?;
     }
     let ttl = request.ttl_seconds.unwrap_or(7 * 24 * 3600);
     if ttl <= 0 {

@@ -175,7 +175,7 @@ pub fn parse_definitions(bytes: &[u8]) -> Result<Vec<BundleDefinition>, Definiti
             }
         }
         for key in &entry.substitute {
-            if LabelSelector::parse(key).is_err() || key.contains(['=', '!', ',', ' ']) {
+            if outpost_proto::selector::check_key(key).is_err() {
                 problems.push(format!(
                     "{at}: substitute: {key:?} is not a valid label key"
                 ));

@@ -27,7 +27,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::bundles::is_bundle_name;
-use crate::git::Credentials;
+use crate::git::{Credentials, GitError, GitSource};
 
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,6 +227,21 @@ fn credentials(
             username: username.clone().unwrap_or_else(|| "outpost".to_owned()),
             password,
         })),
+    }
+}
+
+impl Config {
+    /// Where a source's bare mirror lives: `data_dir/git/<name>`.
+    pub fn mirror_path(&self, source: &SourceConfig) -> PathBuf {
+        self.data_dir.join("git").join(&source.name)
+    }
+
+    /// Opens (creating if needed) a source's mirror, with its credentials.
+    pub fn open_source(&self, source: &SourceConfig) -> Result<GitSource, GitError> {
+        Ok(
+            GitSource::open_or_init(&source.url, &self.mirror_path(source))?
+                .with_credentials(source.credentials.clone()),
+        )
     }
 }
 

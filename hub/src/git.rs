@@ -298,60 +298,60 @@ impl GitSource {
 
     /// The file at `path` in `commit`, if it exists and is a file.
     pub fn read_file(&self, commit: &str, path: &str) -> Result<Option<Vec<u8>>, GitError> {
-        let read_error = |message: String| GitError::Read {
-            url: self.url.clone(),
-            what: format!("{path} at {commit}"),
-            message,
-        };
-        let Some(root) = self.tree_at(commit, "")? else {
-            return Ok(None);
-        };
-        let Some(entry) = root
-            .lookup_entry_by_path(path)
-            .map_err(|error| read_error(describe(&error)))?
-        else {
-            return Ok(None);
-        };
-        if !entry.mode().is_blob() {
-            return Ok(None);
-        }
-        let object = entry
-            .object()
-            .map_err(|error| read_error(describe(&error)))?;
-        Ok(Some(object.detach().data))
+        let object = self.object_at(commit, path, gix::object::Kind::Blob)?;
+        Ok(object.map(|object| object.detach().data))
     }
 
     fn tree_at(&self, commit: &str, path: &str) -> Result<Option<gix::Tree<'_>>, GitError> {
-        let read_error = |message: String| GitError::Read {
+        let object = self.object_at(commit, path, gix::object::Kind::Tree)?;
+        Ok(object.map(gix::Object::into_tree))
+    }
+
+    /// The object at `path` (relative; `""` is the root tree) in `commit`, if it is of `kind`.
+    fn object_at(
+        &self,
+        commit: &str,
+        path: &str,
+        kind: gix::object::Kind,
+    ) -> Result<Option<gix::Object<'_>>, GitError> {
+        let read_error = |error: &dyn std::error::Error| GitError::Read {
             url: self.url.clone(),
             what: format!("{path:?} at {commit}"),
-            message,
+            message: describe(error),
         };
-        let id = gix::ObjectId::from_hex(commit.as_bytes())
-            .map_err(|error| read_error(describe(&error)))?;
+        let id = gix::ObjectId::from_hex(commit.as_bytes()).map_err(|error| read_error(&error))?;
         let root = self
             .repo
             .find_commit(id)
-            .map_err(|error| read_error(describe(&error)))?
+            .map_err(|error| read_error(&error))?
             .tree()
-            .map_err(|error| read_error(describe(&error)))?;
+            .map_err(|error| read_error(&error))?;
         let path = path.trim_matches('/');
         if path.is_empty() {
+            if kind != gix::object::Kind::Tree {
+                return Ok(None);
+            }
+            let root = self
+                .repo
+                .find_object(root.id)
+                .map_err(|error| read_error(&error))?;
             return Ok(Some(root));
         }
         let Some(entry) = root
             .lookup_entry_by_path(path)
-            .map_err(|error| read_error(describe(&error)))?
+            .map_err(|error| read_error(&error))?
         else {
             return Ok(None);
         };
-        if !entry.mode().is_tree() {
+        let wanted = match kind {
+            gix::object::Kind::Tree => entry.mode().is_tree(),
+            gix::object::Kind::Blob => entry.mode().is_blob(),
+            _ => false,
+        };
+        if !wanted {
             return Ok(None);
         }
-        let object = entry
-            .object()
-            .map_err(|error| read_error(describe(&error)))?;
-        Ok(Some(object.into_tree()))
+        Ok(Some(entry.object().map_err(|error| read_error(&error))?))
     }
 
     fn delete_ref(&self, name: &str) -> Result<(), GitError> {

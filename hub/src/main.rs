@@ -8,7 +8,6 @@ mod client;
 mod serve;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -49,8 +48,8 @@ enum Command {
         #[arg(long)]
         body_out: Option<PathBuf>,
     },
-    /// Fetch a Git source into the data dir and render every bundle at every branch and tag into
-    /// signed snapshots. Bundles come from outpost.yaml at the repository root, or are the
+    /// Fetch a Git source into the data dir once and render every bundle at every branch and tag
+    /// into signed snapshots (for a hub that keeps syncing, use `run`). Bundles come from outpost.yaml at the repository root, or are the
     /// top-level folders holding manifests. Keys are generated in DATA_DIR/keys on first run;
     /// give agents DATA_DIR/keys/root.pub.
     Sync {
@@ -60,9 +59,6 @@ enum Command {
         /// Git URL: a path, file://, git:// or http(s)://.
         #[arg(long, env = "OUTPOST_SOURCE")]
         source: String,
-        /// Keep syncing every this many seconds (with backoff while the remote is unreachable).
-        #[arg(long)]
-        every: Option<u64>,
     },
     /// Run the hub from a config file: sync every source every poll interval, backing off per
     /// source while its remote is unreachable. (Serving agents and the admin API are not built
@@ -196,11 +192,7 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Render { folder, body_out } => render(&folder, body_out.as_deref()),
-        Command::Sync {
-            data_dir,
-            source,
-            every,
-        } => sync(&data_dir, &source, every),
+        Command::Sync { data_dir, source } => sync(&data_dir, &source),
         Command::Run { config, once } => {
             let config = load_config(&config)?;
             match once {
@@ -338,10 +330,9 @@ fn run(config: &Config) -> Result<()> {
     let keys = load_keys(&config.key_dir)?;
     let mut any_failed = false;
     for source in &config.sources {
-        let mirror = config.data_dir.join("git").join(&source.name);
-        let mut git = GitSource::open_or_init(&source.url, &mirror)
-            .with_context(|| format!("opening the mirror of source {}", source.name))?
-            .with_credentials(source.credentials.clone());
+        let mut git = config
+            .open_source(source)
+            .with_context(|| format!("opening the mirror of source {}", source.name))?;
         let report = sync_source(&mut store, &keys, &mut git, unix_now())
             .with_context(|| format!("syncing {}", source.name))?;
         print_report(&report);
@@ -353,35 +344,20 @@ fn run(config: &Config) -> Result<()> {
     Ok(())
 }
 
-/// The wait after `failures` consecutive failed fetches: the interval doubled per failure, at
-/// most 64 × the interval and at most an hour (never less than the interval).
-pub(crate) fn backoff(interval: Duration, failures: u32) -> Duration {
-    (interval * 2u32.pow(failures.min(6))).min(Duration::from_secs(3600).max(interval))
-}
-
-fn sync(data_dir: &Path, url: &str, every: Option<u64>) -> Result<()> {
+/// Syncs one source once, without a config file.
+fn sync(data_dir: &Path, url: &str) -> Result<()> {
     let mut store = open_store(data_dir)?;
     let keys = load_keys(&data_dir.join("keys"))?;
     let mirror = data_dir.join("git").join(hex::encode(
         &outpost_proto::Digest::of(url.as_bytes()).0[..8],
     ));
     let mut source = GitSource::open_or_init(url, &mirror).context("opening the Git mirror")?;
-    let mut failures = 0u32;
-    loop {
-        let report = sync_source(&mut store, &keys, &mut source, unix_now()).context("syncing")?;
-        print_report(&report);
-        let Some(every) = every else {
-            if report.fetch_error.is_some() {
-                bail!("the remote could not be fetched; what was fetched before is still served");
-            }
-            return Ok(());
-        };
-        failures = match report.fetch_error {
-            Some(_) => (failures + 1).min(6),
-            None => 0,
-        };
-        std::thread::sleep(backoff(Duration::from_secs(every), failures));
+    let report = sync_source(&mut store, &keys, &mut source, unix_now()).context("syncing")?;
+    print_report(&report);
+    if report.fetch_error.is_some() {
+        bail!("the remote could not be fetched; what was fetched before is still served");
     }
+    Ok(())
 }
 
 pub(crate) fn print_report(report: &SyncReport) {
@@ -548,10 +524,8 @@ fn collect_manifests(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> 
         let path = entry?.path();
         if path.is_dir() {
             collect_manifests(&path, out)?;
-        } else if path
-            .extension()
-            .is_some_and(|ext| ext == "yaml" || ext == "yml" || ext == "json")
-        {
+        } else if outpost_hub::bundles::is_manifest(&path.to_string_lossy()) {
+            // The same rule the hub applies to bundle folders in Git.
             out.push(path);
         }
     }

@@ -1,19 +1,23 @@
 //! `outpost-hub run`: the admin API on tokio, and one thread per Git source that fetches on the
 //! poll interval (backing off while the remote is down) or when the API asks it to.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use outpost_hub::api::{AdminState, FetchNow, router};
 use outpost_hub::config::{Config, SourceConfig};
-use outpost_hub::git::GitSource;
 use outpost_hub::keys::HubKeys;
 use outpost_hub::store::SqliteStore;
 use outpost_hub::sync::render_fetched;
 
-use crate::{backoff, load_keys, open_store, print_report, unix_now};
+use crate::{load_keys, open_store, print_report, unix_now};
+
+/// The wait after `failures` consecutive failed fetches: the interval doubled per failure, at
+/// most 64 × the interval and at most an hour (never less than the interval).
+fn backoff(interval: Duration, failures: u32) -> Duration {
+    (interval * 2u32.pow(failures.min(6))).min(Duration::from_secs(3600).max(interval))
+}
 
 /// Serves the admin API and syncs every source until interrupted.
 pub(crate) fn serve(config: &Config) -> Result<()> {
@@ -22,11 +26,10 @@ pub(crate) fn serve(config: &Config) -> Result<()> {
     let fetch_now = Arc::new(FetchNow::default());
     for source in config.sources.clone() {
         let (store, keys, fetch_now) = (store.clone(), keys.clone(), fetch_now.clone());
-        let mirror = config.data_dir.join("git").join(&source.name);
-        let interval = config.poll_interval;
+        let config = config.clone();
         std::thread::Builder::new()
             .name(format!("source-{}", source.name))
-            .spawn(move || source_loop(&source, &mirror, &store, &keys, &fetch_now, interval))
+            .spawn(move || source_loop(&config, &source, &store, &keys, &fetch_now))
             .context("starting a source thread")?;
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
@@ -56,18 +59,18 @@ pub(crate) fn serve(config: &Config) -> Result<()> {
 }
 
 fn source_loop(
-    config: &SourceConfig,
-    mirror: &Path,
+    config: &Config,
+    source_config: &SourceConfig,
     store: &Mutex<SqliteStore>,
     keys: &HubKeys,
     fetch_now: &FetchNow,
-    interval: Duration,
 ) {
+    let interval = config.poll_interval;
     let mut source = loop {
-        match GitSource::open_or_init(&config.url, mirror) {
-            Ok(source) => break source.with_credentials(config.credentials.clone()),
+        match config.open_source(source_config) {
+            Ok(source) => break source,
             Err(error) => {
-                tracing::error!(source = %config.name, %error, "cannot open the mirror; retrying");
+                tracing::error!(source = %source_config.name, %error, "cannot open the mirror; retrying");
                 std::thread::sleep(interval);
             }
         }
@@ -85,7 +88,7 @@ fn source_loop(
                 match render_fetched(&mut *store, keys, &source, fetched, unix_now()) {
                     Ok(report) => print_report(&report),
                     Err(error) => {
-                        tracing::error!(source = %config.name, %error, "sync failed; retrying")
+                        tracing::error!(source = %source_config.name, %error, "sync failed; retrying")
                     }
                 }
             }

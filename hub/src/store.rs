@@ -427,6 +427,13 @@ fn snapshot_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredSnapshot
     })
 }
 
+fn agent_exists(connection: &Connection, id: &str) -> rusqlite::Result<bool> {
+    connection
+        .query_row("SELECT 1 FROM agents WHERE id = ?1", [id], |_| Ok(()))
+        .optional()
+        .map(|row| row.is_some())
+}
+
 /// An agent's id from its public key: 16 hex digits of its SHA-256.
 pub fn agent_id(public_key: &[u8]) -> String {
     Digest::of(public_key).to_hex()[..16].to_owned()
@@ -445,12 +452,32 @@ fn labels_from_json(text: &str) -> BTreeMap<String, String> {
 }
 
 impl SqliteStore {
-    fn agent_labels(&self, id: &str) -> Result<BTreeMap<String, String>, StoreError> {
-        let mut statement = self
-            .connection
-            .prepare("SELECT key, value FROM agent_labels WHERE agent = ?1")?;
-        let rows = statement.query_map([id], |row| Ok((row.get(0)?, row.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+    /// Labels of the agents `filter` selects (`""` for all), by agent id, in one query.
+    fn labels_where(
+        &self,
+        filter: &str,
+        parameter: Option<&str>,
+    ) -> Result<BTreeMap<String, BTreeMap<String, String>>, StoreError> {
+        let sql = format!("SELECT agent, key, value FROM agent_labels {filter}");
+        let mut statement = self.connection.prepare(&sql)?;
+        let map = |row: &rusqlite::Row<'_>| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+            ))
+        };
+        let rows: Vec<(String, String, String)> = match parameter {
+            Some(parameter) => statement
+                .query_map([parameter], map)?
+                .collect::<Result<_, _>>()?,
+            None => statement.query_map([], map)?.collect::<Result<_, _>>()?,
+        };
+        let mut labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        for (agent, key, value) in rows {
+            labels.entry(agent).or_default().insert(key, value);
+        }
+        Ok(labels)
     }
 
     fn agents_where(
@@ -486,8 +513,13 @@ impl SqliteStore {
                 .collect::<Result<_, _>>()?,
             None => statement.query_map([], map)?.collect::<Result<_, _>>()?,
         };
+        let label_filter = match parameter {
+            Some(_) => "WHERE agent = ?1",
+            None => "",
+        };
+        let mut labels = self.labels_where(label_filter, parameter)?;
         for agent in &mut agents {
-            agent.labels = self.agent_labels(&agent.id)?;
+            agent.labels = labels.remove(&agent.id).unwrap_or_default();
         }
         Ok(agents)
     }
@@ -871,12 +903,8 @@ impl Store for SqliteStore {
         now: i64,
     ) -> Result<bool, StoreError> {
         let transaction = self.connection.transaction()?;
-        let exists: Option<String> = transaction
-            .query_row("SELECT id FROM agents WHERE id = ?1", [id], |row| {
-                row.get(0)
-            })
-            .optional()?;
-        if exists.is_none() {
+        let exists = agent_exists(&transaction, id)?;
+        if !exists {
             return Ok(false);
         }
         let mut described = Vec::new();
@@ -925,13 +953,9 @@ impl Store for SqliteStore {
                 params![now, id, format!("by {who}: {why}")],
             )?;
         }
-        let exists: Option<String> = transaction
-            .query_row("SELECT id FROM agents WHERE id = ?1", [id], |row| {
-                row.get(0)
-            })
-            .optional()?;
+        let exists = agent_exists(&transaction, id)?;
         transaction.commit()?;
-        Ok(exists.is_some())
+        Ok(exists)
     }
 }
 

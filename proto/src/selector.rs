@@ -298,7 +298,8 @@ fn is_name(text: &str, max: usize) -> bool {
             .all(|&byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.'))
 }
 
-fn check_key(key: &str) -> Result<(), SelectorError> {
+/// Checks a label key against Kubernetes' syntax: `[prefix/]name`.
+pub fn check_key(key: &str) -> Result<(), SelectorError> {
     let (prefix, name) = match key.split_once('/') {
         Some((prefix, name)) => (Some(prefix), name),
         None => (None, key),
@@ -318,7 +319,8 @@ fn check_key(key: &str) -> Result<(), SelectorError> {
     }
 }
 
-fn check_value(value: &str) -> Result<(), SelectorError> {
+/// Checks a label value against Kubernetes' syntax (empty is allowed).
+pub fn check_value(value: &str) -> Result<(), SelectorError> {
     match value.is_empty() || is_name(value, 63) {
         true => Ok(()),
         false => Err(SelectorError::InvalidValue(value.to_owned())),
@@ -406,6 +408,24 @@ mod tests {
             structured,
             LabelSelector::parse("region=eu,role in (kiosk,store),!legacy,hw").unwrap()
         );
+    }
+
+    #[test]
+    fn labels_are_checked_on_their_own() {
+        assert!(check_key("example.com/store-id").is_ok());
+        assert!(matches!(
+            check_key("bad key"),
+            Err(SelectorError::InvalidKey(_))
+        ));
+        assert!(matches!(
+            check_key("a=b"),
+            Err(SelectorError::InvalidKey(_))
+        ));
+        assert!(check_value("").is_ok());
+        assert!(matches!(
+            check_value("x y"),
+            Err(SelectorError::InvalidValue(_))
+        ));
     }
 
     #[test]
