@@ -10,8 +10,10 @@
 //! - `GET /api/v1/agents`, `GET /api/v1/agents/{id}`,
 //!   `POST /api/v1/agents/{id}/labels` (`{"labels": {"k": "v" | null}}`),
 //!   `POST /api/v1/agents/{id}/revoke` (`{"why": "..."}`)
-//! - `POST /api/v1/tokens` (`{"labels": {...}, "ttl_seconds": N}`) → the token, shown once;
+//! - `POST /api/v1/tokens` (`{"labels": {...}, "ttl_seconds": N}`) → the token, shown once, and
+//!   an enrolment bundle (hub address, hub key pin, root key, token) for the device;
 //!   `GET /api/v1/tokens`
+//! - `GET /api/v1/status` (`?agent=ID`) — the last status each agent reported per bundle
 //!
 //! Who did something is taken from the `x-outpost-user` header (the CLI sends the login name).
 //! There is no authentication yet: the API listens on loopback by default; put it behind an
@@ -29,15 +31,18 @@ use outpost_proto::{Digest, SnapshotHeader, selector};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::store::{Agent, SqliteStore, Store, StoreError};
+use crate::store::{Agent, FleetStore, SqliteStore, Store, StoreError};
 
-/// Wakes the sync threads: bump the counter and notify.
+/// Wakes the sync threads (bump the counter and notify), and tells agent connections that the
+/// fleet changed (assignments, labels, revocations).
 #[derive(Debug, Default)]
 pub struct FetchNow {
     /// Requests so far.
     pub requests: Mutex<u64>,
     /// Signalled on every request.
     pub signal: Condvar,
+    /// Ticks when agent connections should look at their agent again.
+    pub fleet: tokio::sync::watch::Sender<u64>,
 }
 
 impl FetchNow {
@@ -47,6 +52,34 @@ impl FetchNow {
             *requests += 1;
         }
         self.signal.notify_all();
+    }
+
+    /// Tells every agent connection to re-read its agent (revocation, assignments).
+    pub fn fleet_changed(&self) {
+        self.fleet.send_modify(|tick| *tick += 1);
+    }
+}
+
+/// What goes into an enrolment bundle besides the token.
+#[derive(Debug, Clone)]
+pub struct EnrolmentInfo {
+    /// Address agents dial.
+    pub hub_address: String,
+    /// SHA-256 of the hub's TLS public key.
+    pub hub_pin: Digest,
+    /// The root public key that certifies snapshot signing keys.
+    pub root_key: outpost_proto::PublicKey,
+}
+
+impl EnrolmentInfo {
+    /// The bundle text (TOML) for one token.
+    pub fn bundle(&self, token: &str) -> String {
+        format!(
+            "# Outpost enrolment bundle: single-use, secret. On the device:\n#   outpost-agent enrol --bundle THIS_FILE\nhub = \"{}\"\nhub_pin = \"{}\"\nroot_key = \"{}\"\ntoken = \"{token}\"\n",
+            self.hub_address,
+            self.hub_pin.to_hex(),
+            hex::encode(self.root_key.to_bytes()),
+        )
     }
 }
 
@@ -59,6 +92,8 @@ pub struct AdminState {
     pub fetch_now: Arc<FetchNow>,
     /// The clock (Unix seconds), injected for tests.
     pub now: fn() -> i64,
+    /// For enrolment bundles.
+    pub enrolment: Arc<EnrolmentInfo>,
 }
 
 /// An API error: status and message.
@@ -100,6 +135,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/agents/{id}/labels", post(label_agent))
         .route("/api/v1/agents/{id}/revoke", post(revoke_agent))
         .route("/api/v1/tokens", get(tokens).post(create_token))
+        .route("/api/v1/status", get(statuses))
         .with_state(state)
 }
 
@@ -275,11 +311,14 @@ async fn label_agent(
     }
     let who = who(&headers);
     let now = (state.now)();
-    with_store(&state, move |store| {
+    let result = with_store(&state, move |store| {
         let found = store.label_agent(&id, &request.labels, &who, now)?;
         changed_agent(store, &id, found)
     })
-    .await
+    .await;
+    // New labels may mean new variants and assignments: sync, then agents hear of it.
+    state.fetch_now.request();
+    result
 }
 
 /// Refuses a label key or value that Kubernetes' label syntax does not allow.
@@ -319,11 +358,14 @@ async fn revoke_agent(
     }
     let who = who(&headers);
     let now = (state.now)();
-    with_store(&state, move |store| {
+    let result = with_store(&state, move |store| {
         let found = store.revoke_agent(&id, &who, &request.why, now)?;
         changed_agent(store, &id, found)
     })
-    .await
+    .await;
+    // A connected revoked agent is cut off at once.
+    state.fetch_now.fleet_changed();
+    result
 }
 
 #[derive(Debug, Deserialize)]
@@ -356,9 +398,10 @@ async fn create_token(
     let who = who(&headers);
     let now = (state.now)();
     let labels = request.labels;
+    let bundle = state.enrolment.bundle(&token);
     with_store(&state, move |store| {
         store.create_token(&digest, &labels, &who, now, now + ttl)?;
-        Ok(Json(json!({"token": token, "digest": digest.to_hex(), "labels": labels, "expires_at": now + ttl})))
+        Ok(Json(json!({"token": token, "digest": digest.to_hex(), "labels": labels, "expires_at": now + ttl, "bundle": bundle})))
     })
     .await
 }
@@ -371,6 +414,30 @@ async fn tokens(State(state): State<AdminState>) -> ApiResult {
             .map(|t| {
                 json!({"digest": t.digest, "labels": t.labels, "created_at": t.created_at, "created_by": t.created_by,
                        "expires_at": t.expires_at, "used": t.used.map(|(at, agent)| json!({"at": at, "agent": agent}))})
+            })
+            .collect();
+        Ok(Json(Value::Array(rows)))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+struct StatusQuery {
+    agent: Option<String>,
+}
+
+async fn statuses(State(state): State<AdminState>, Query(query): Query<StatusQuery>) -> ApiResult {
+    with_store(&state, move |store| {
+        let rows: Vec<Value> = store
+            .statuses(query.agent.as_deref())?
+            .into_iter()
+            .map(|row| {
+                let status = row.status;
+                json!({"agent": row.agent, "bundle": status.bundle, "generation": status.generation,
+                       "snapshot": status.digest.to_hex(), "phase": format!("{:?}", status.phase),
+                       "objects_ready": status.objects_ready, "objects_total": status.objects_total,
+                       "message": status.message, "observed_at": status.observed_at,
+                       "stale": status.stale, "received_at": row.received_at})
             })
             .collect();
         Ok(Json(Value::Array(rows)))

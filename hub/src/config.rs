@@ -9,12 +9,16 @@
 //! [listen]                                 # optional
 //! admin = "127.0.0.1:7070"                 # admin API (default shown)
 //! agents = "0.0.0.0:7443"                  # QUIC for agents (default shown)
+//! agents_public = "hub.example.com:7443"   # how agents reach it (enrolment bundles); default:
+//!                                          # listen.agents, 0.0.0.0 read as 127.0.0.1
 //!
 //! [[sources]]                              # at least one
 //! name = "fleet"                           # a-z, 0-9, '-'; unique
 //! url = "https://git.example.com/fleet.git" # a path, file://, git://, ssh://, http(s)://
 //! username = "outpost"                     # http(s) only, optional
 //! password_env = "FLEET_GIT_TOKEN"         # or password_file = "/run/secrets/fleet-token"
+//! track = "main"                           # branch (or full ref) agents run until a rollout
+//!                                          # says otherwise; default main
 //! ```
 //!
 //! Environment overrides: `OUTPOST_HUB_DATA_DIR`, `OUTPOST_HUB_KEY_DIR`,
@@ -42,6 +46,8 @@ pub struct Config {
     pub listen_admin: SocketAddr,
     /// QUIC address for agents.
     pub listen_agents: SocketAddr,
+    /// The address agents dial (written into enrolment bundles).
+    pub agents_public: String,
     /// Git sources.
     pub sources: Vec<SourceConfig>,
 }
@@ -55,6 +61,8 @@ pub struct SourceConfig {
     pub url: String,
     /// For http(s): user and password or token, read from the environment or a file at start.
     pub credentials: Option<Credentials>,
+    /// The full ref agents run by default (`refs/heads/main` unless configured).
+    pub track: String,
 }
 
 /// Every problem found in a configuration, one per line.
@@ -82,6 +90,7 @@ struct RawConfig {
 struct RawListen {
     admin: Option<String>,
     agents: Option<String>,
+    agents_public: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -92,6 +101,7 @@ struct RawSource {
     username: Option<String>,
     password_env: Option<String>,
     password_file: Option<PathBuf>,
+    track: Option<String>,
 }
 
 impl Config {
@@ -143,6 +153,18 @@ impl Config {
         };
         let listen_admin = address("admin", raw.listen.admin, "127.0.0.1:7070");
         let listen_agents = address("agents", raw.listen.agents, "0.0.0.0:7443");
+        let agents_public =
+            raw.listen.agents_public.clone().unwrap_or_else(|| {
+                match listen_agents.ip().is_unspecified() {
+                    true => format!("127.0.0.1:{}", listen_agents.port()),
+                    false => listen_agents.to_string(),
+                }
+            });
+        if !agents_public.contains(':') {
+            problems.push(format!(
+                "listen.agents_public = {agents_public:?} needs a port, like \"hub.example.com:7443\""
+            ));
+        }
         if listen_admin == listen_agents {
             problems.push(format!(
                 "listen.admin and listen.agents are both {listen_admin}"
@@ -175,10 +197,15 @@ impl Config {
                     None
                 }
             };
+            let track = match source.track.as_deref().unwrap_or("main") {
+                full if full.starts_with("refs/") => full.to_owned(),
+                branch => format!("refs/heads/{branch}"),
+            };
             sources.push(SourceConfig {
                 name: source.name.clone(),
                 url: source.url.clone(),
                 credentials,
+                track,
             });
         }
         if !problems.is_empty() {
@@ -190,6 +217,7 @@ impl Config {
             poll_interval: Duration::from_secs(poll_interval),
             listen_admin,
             listen_agents,
+            agents_public,
             sources,
         })
     }

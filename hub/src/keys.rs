@@ -4,7 +4,8 @@
 //!
 //! Files in the key dir: `root.key`, `signing.key` (32-byte seeds, hex), `signing.cert` (the
 //! root's certificate for the signing key: certificate bytes and signature, hex, one per line),
-//! `root.pub` (the root public key, hex).
+//! `root.pub` (the root public key, hex), `transport.key` (the hub's QUIC/TLS identity; agents pin
+//! its public key).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,8 @@ pub struct HubKeys {
     pub signer: SigningKey,
     /// The root's certificate for `signer`.
     pub certificate: SignedKeyCertificate,
+    /// The hub's TLS identity towards agents (a raw ed25519 key; agents pin it).
+    pub transport: SigningKey,
 }
 
 /// A key file that cannot be read, written or trusted.
@@ -61,6 +64,7 @@ impl HubKeys {
         })?;
         let (root, new_root) = load_or_generate_key(&dir.join("root.key"))?;
         let (signer, new_signer) = load_or_generate_key(&dir.join("signing.key"))?;
+        let (transport, _) = load_or_generate_key(&dir.join("transport.key"))?;
         let certificate_path = dir.join("signing.cert");
         let certificate = if new_root || new_signer || !certificate_path.exists() {
             let certificate = root.certify(&KeyCertificate {
@@ -86,6 +90,7 @@ impl HubKeys {
             root,
             signer,
             certificate,
+            transport,
         };
         // Refuse a certificate that does not certify our signer under our root.
         let mut trust = TrustStore::new(keys.root.public_key());

@@ -2,10 +2,12 @@
 //! store. The binary (`main.rs`) is a thin shell over it.
 
 pub mod api;
+pub mod assign;
 pub mod bundles;
 pub mod config;
 pub mod git;
 pub mod keys;
 pub mod store;
 pub mod sync;
+pub mod transport;
 pub mod variants;

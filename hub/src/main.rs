@@ -177,6 +177,10 @@ enum TokensCommand {
         /// Seconds until the token expires (default 7 days).
         #[arg(long, default_value_t = 7 * 24 * 3600)]
         ttl_seconds: i64,
+        /// Write the enrolment bundle (hub address, hub key pin, root key, token) to this file
+        /// (mode 0600) for the device: `outpost-agent enrol --bundle FILE`.
+        #[arg(long)]
+        bundle_file: Option<PathBuf>,
     },
     /// List tokens (their digests) and whether they were used.
     List(ApiArgs),
@@ -419,6 +423,7 @@ fn tokens(command: TokensCommand) -> Result<()> {
             api,
             labels,
             ttl_seconds,
+            bundle_file,
         } => {
             let mut map = serde_json::Map::new();
             for label in &labels {
@@ -429,6 +434,13 @@ fn tokens(command: TokensCommand) -> Result<()> {
             }
             let body = serde_json::json!({"labels": map, "ttl_seconds": ttl_seconds});
             let token = Client::new(&api.hub).post("/api/v1/tokens", body)?;
+            if let Some(path) = &bundle_file {
+                write_secret(path, token["bundle"].as_str().unwrap_or_default())?;
+                eprintln!(
+                    "enrolment bundle written to {}; copy it to the device and run `outpost-agent enrol --bundle FILE`",
+                    path.display()
+                );
+            }
             match api.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&token)?),
                 Output::Table => {
@@ -530,4 +542,19 @@ fn collect_manifests(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> 
         }
     }
     Ok(())
+}
+
+/// Writes a secret file readable only by its owner.
+fn write_secret(path: &Path, text: &str) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }

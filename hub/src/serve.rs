@@ -1,15 +1,19 @@
-//! `outpost-hub run`: the admin API on tokio, and one thread per Git source that fetches on the
-//! poll interval (backing off while the remote is down) or when the API asks it to.
+//! `outpost-hub run`: the admin API and the QUIC agent service on tokio, and one thread per Git
+//! source that fetches on the poll interval (backing off while the remote is down) or when the
+//! API asks it to, then recomputes the assignments that follow the source's tracked ref.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use outpost_hub::api::{AdminState, FetchNow, router};
+use outpost_hub::api::{AdminState, EnrolmentInfo, FetchNow, router};
+use outpost_hub::assign::assign_tracked;
 use outpost_hub::config::{Config, SourceConfig};
 use outpost_hub::keys::HubKeys;
 use outpost_hub::store::SqliteStore;
 use outpost_hub::sync::render_fetched;
+use outpost_hub::transport::{AgentService, ServiceOptions};
+use outpost_proto::transport::{Tuning, hub_pin, server_config};
 
 use crate::{load_keys, open_store, print_report, unix_now};
 
@@ -33,7 +37,31 @@ pub(crate) fn serve(config: &Config) -> Result<()> {
             .context("starting a source thread")?;
     }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let enrolment = Arc::new(EnrolmentInfo {
+        hub_address: config.agents_public.clone(),
+        hub_pin: hub_pin(&keys.transport.public_key()),
+        root_key: keys.root.public_key(),
+    });
     runtime.block_on(async {
+        let quic = server_config(&keys.transport, &Tuning::default())
+            .context("setting up TLS for agents")?;
+        let endpoint = quinn::Endpoint::server(quic, config.listen_agents).with_context(|| {
+            format!(
+                "binding the agent service to {} (listen.agents)",
+                config.listen_agents
+            )
+        })?;
+        let on_enrol = fetch_now.clone();
+        let service = Arc::new(AgentService::new(
+            store.clone(),
+            keys.clone(),
+            fetch_now.fleet.subscribe(),
+            Box::new(move || on_enrol.request()),
+            unix_now,
+            ServiceOptions::default(),
+        ));
+        tracing::info!(address = %config.listen_agents, pin = %enrolment.hub_pin.to_hex(), "agent service listening (QUIC)");
+        tokio::spawn(outpost_hub::transport::serve(endpoint, service));
         let listener = tokio::net::TcpListener::bind(config.listen_admin)
             .await
             .with_context(|| {
@@ -47,6 +75,7 @@ pub(crate) fn serve(config: &Config) -> Result<()> {
             store,
             fetch_now,
             now: unix_now,
+            enrolment,
         };
         axum::serve(listener, router(state))
             .with_graceful_shutdown(async {
@@ -85,8 +114,16 @@ fn source_loop(
         let failed = fetched.is_err();
         match store.lock() {
             Ok(mut store) => {
-                match render_fetched(&mut *store, keys, &source, fetched, unix_now()) {
-                    Ok(report) => print_report(&report),
+                let now = unix_now();
+                let synced = render_fetched(&mut *store, keys, &source, fetched, now)
+                    .inspect(print_report)
+                    .and_then(|_| assign_tracked(&mut *store, &source, &source_config.track, now));
+                match synced {
+                    Ok(changed) if !changed.is_empty() => {
+                        tracing::info!(agents = changed.len(), "assignments changed");
+                        fetch_now.fleet_changed();
+                    }
+                    Ok(_) => {}
                     Err(error) => {
                         tracing::error!(source = %source_config.name, %error, "sync failed; retrying")
                     }

@@ -102,6 +102,43 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO releases_v3 SELECT source, git_ref, bundle, '', git_commit, generation, error, updated_at FROM releases;
     DROP TABLE releases;
     ALTER TABLE releases_v3 RENAME TO releases;",
+    // 4: serving agents: assignments, the status they report, what they run.
+    "ALTER TABLE agents ADD COLUMN agent_version TEXT;
+    ALTER TABLE agents ADD COLUMN assignment_sequence INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN status_sequence INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE assignments (
+        agent TEXT NOT NULL REFERENCES agents (id),
+        bundle TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        digest BLOB NOT NULL,
+        origin TEXT NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (agent, bundle)
+    );
+    CREATE TABLE bundle_status (
+        agent TEXT NOT NULL REFERENCES agents (id),
+        bundle TEXT NOT NULL,
+        digest BLOB NOT NULL,
+        generation INTEGER NOT NULL,
+        phase TEXT NOT NULL,
+        objects_total INTEGER NOT NULL,
+        objects_ready INTEGER NOT NULL,
+        message TEXT NOT NULL,
+        observed_at INTEGER NOT NULL,
+        stale INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        PRIMARY KEY (agent, bundle)
+    );
+    CREATE TABLE status_history (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent TEXT NOT NULL,
+        bundle TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        phase TEXT NOT NULL,
+        message TEXT NOT NULL,
+        observed_at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL
+    );",
 ];
 
 /// An enrolled agent.
@@ -958,6 +995,9 @@ impl Store for SqliteStore {
         Ok(exists)
     }
 }
+
+mod fleet;
+pub use fleet::{AgentAssignments, AssignmentRow, FleetStore, StoredStatus};
 
 #[cfg(test)]
 mod agent_tests;

@@ -8,6 +8,8 @@
 //! - [`verify`]: the only way to obtain a [`VerifiedSnapshot`].
 //! - [`compress`]: zstd whole and delta (patch-from) payloads with bounded decompression.
 //! - [`wire`]: protocol messages and framing.
+//! - `transport` (feature `transport`): TLS with raw ed25519 keys and QUIC tuning, shared by hub
+//!   and agents.
 //!
 //! Architecture invariant: this crate does no I/O. No files, sockets, clocks or randomness: time
 //! and key seeds come in as arguments. That keeps it deterministic, testable and usable from the
@@ -22,6 +24,8 @@ pub mod header;
 pub mod manifest;
 pub mod selector;
 pub mod signing;
+#[cfg(feature = "transport")]
+pub mod transport;
 pub mod verify;
 pub mod wire;
 

@@ -59,6 +59,53 @@ pub struct SignedKeyCertificate {
     pub signature: Signature,
 }
 
+impl SignedKeyCertificate {
+    /// Certificate bytes followed by the 64-byte signature: the form sent to agents.
+    pub fn to_wire(&self) -> Vec<u8> {
+        let mut out = self.bytes.clone();
+        out.extend_from_slice(&self.signature.0);
+        out
+    }
+
+    /// Reads [`SignedKeyCertificate::to_wire`]'s form (checked later by
+    /// [`TrustStore::add_certificate`]).
+    pub fn from_wire(bytes: &[u8]) -> Result<SignedKeyCertificate, TrustError> {
+        let split = bytes
+            .len()
+            .checked_sub(64)
+            .ok_or(TrustError::SignatureLength(bytes.len()))?;
+        Ok(SignedKeyCertificate {
+            bytes: bytes[..split].to_vec(),
+            signature: Signature::from_slice(&bytes[split..])?,
+        })
+    }
+}
+
+/// DER prefix of an ed25519 SubjectPublicKeyInfo (RFC 8410): SEQUENCE { SEQUENCE { OID
+/// 1.3.101.112 }, BIT STRING (32 bytes) }. The key follows.
+const ED25519_SPKI_PREFIX: [u8; 12] = [
+    0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00,
+];
+
+impl PublicKey {
+    /// The key as a DER SubjectPublicKeyInfo: the TLS raw public key (RFC 7250) of hubs and agents.
+    pub fn to_spki_der(&self) -> Vec<u8> {
+        let mut out = ED25519_SPKI_PREFIX.to_vec();
+        out.extend_from_slice(self.inner.as_bytes());
+        out
+    }
+
+    /// Reads an ed25519 SubjectPublicKeyInfo; anything else (another algorithm, extra bytes) is
+    /// refused.
+    pub fn from_spki_der(der: &[u8]) -> Result<PublicKey, TrustError> {
+        let key = der
+            .strip_prefix(&ED25519_SPKI_PREFIX[..])
+            .and_then(|rest| <&[u8; 32]>::try_from(rest).ok())
+            .ok_or(TrustError::InvalidPublicKey)?;
+        PublicKey::from_bytes(key)
+    }
+}
+
 /// The keys an agent trusts: one root, and the signing keys it has certified.
 #[derive(Debug, Clone)]
 pub struct TrustStore {

@@ -42,6 +42,35 @@ pub enum Message {
     Ack(Ack),
     /// Either way: a request failed.
     Error(ErrorMessage),
+    /// Agent → hub, first on the first connection of a new key: a single-use enrolment token.
+    Enrol(Enrol),
+    /// Hub → agent: the key is enrolled as this agent.
+    Enrolled(Enrolled),
+    /// Hub → agent, after `Hello`: the root-certified snapshot signing keys in use.
+    Trust(Trust),
+}
+
+/// Enrol the connection's key (from the TLS client identity) with a token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrol {
+    /// The token the operator created (`outpost-hub tokens create`).
+    pub token: String,
+    /// The agent's build version.
+    pub agent_version: String,
+}
+
+/// The outcome of a successful [`Enrol`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolled {
+    /// The agent's id on the hub.
+    pub agent_id: String,
+}
+
+/// Signing-key certificates, each signed by the root key the agent pins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trust {
+    /// Encoded `SignedKeyCertificate`s.
+    pub certificates: Vec<Vec<u8>>,
 }
 
 /// The agent introduces itself (its identity comes from the TLS client certificate).
@@ -226,6 +255,10 @@ pub enum ErrorCode {
     Malformed,
     /// The hub failed internally; retry later.
     Internal,
+    /// An enrolment token was refused (unknown, used, expired).
+    BadToken,
+    /// The hub does not hold the requested snapshot (any more).
+    UnknownSnapshot,
 }
 
 /// A frame that cannot be encoded or decoded.

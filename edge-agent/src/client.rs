@@ -1,0 +1,682 @@
+//! The agent's link to the hub: one long-lived QUIC connection, re-established with capped,
+//! jittered exponential backoff; enrolment on first contact; assignments accepted by sequence;
+//! snapshots fetched (delta against what the agent holds), persisted chunk by chunk so a broken
+//! transfer resumes from the last byte kept, and verified before they are installed; status
+//! reports sent from the outbox and deleted only when acknowledged.
+//!
+//! Retry or give up is decided in one place, [`SessionError::is_fatal`]: refusals by the hub
+//! (revoked, unknown key, bad token) stop the agent with the hub's words; everything else is
+//! retried.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outpost_proto::transport::{
+    MessageReader, SERVER_NAME, StreamError, Tuning, client_config, send_message,
+};
+use outpost_proto::verify::verify_header;
+use outpost_proto::wire::{
+    Assignment, BundleStatus, Enrol, ErrorCode, ErrorMessage, Fetch, Hello, Message,
+    PayloadEncoding, Phase, Resume,
+};
+use outpost_proto::{Expectation, SigningKey};
+use tokio::sync::{Notify, watch};
+
+use crate::state::{Download, State, StateError};
+
+/// How the client behaves.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// QUIC tuning.
+    pub tuning: Tuning,
+    /// First reconnect delay (before jitter).
+    pub backoff_min: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+    /// Seed for the backoff jitter (give each agent its own).
+    pub seed: u64,
+    /// Reported to the hub.
+    pub agent_version: String,
+    /// Attempts per snapshot when received bytes do not verify.
+    pub fetch_attempts: u32,
+    /// Local UDP address.
+    pub bind: SocketAddr,
+    /// Status reports in flight before waiting for acknowledgements.
+    pub reports_in_flight: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> ClientOptions {
+        ClientOptions {
+            tuning: Tuning::default(),
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            seed: 0,
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            fetch_attempts: 3,
+            bind: SocketAddr::from(([0, 0, 0, 0], 0)),
+            reports_in_flight: 16,
+        }
+    }
+}
+
+/// Figures the client keeps, for tests, benchmarks and `status`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Connections established.
+    pub connections: AtomicU64,
+    /// Payload bytes received (resent bytes count again).
+    pub payload_bytes: AtomicU64,
+    /// Snapshots installed.
+    pub installs: AtomicU64,
+    /// Transfers whose bytes did not verify and were dropped.
+    pub rejected: AtomicU64,
+    /// Status reports acknowledged.
+    pub acknowledged: AtomicU64,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The hub refused this agent.
+    #[error("the hub refused this agent ({code:?}): {message}")]
+    Refused {
+        /// Why.
+        code: ErrorCode,
+        /// The hub's words.
+        message: String,
+    },
+    /// The state database failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The endpoint could not be created.
+    #[error("cannot open a UDP socket on {bind}: {source}")]
+    Bind {
+        /// Address.
+        bind: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("the hub refused this agent ({0:?}): {1}")]
+    Refused(ErrorCode, String),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("cannot reach the hub at {0}: {1}")]
+    Resolve(String, String),
+    #[error("TLS setup: {0}")]
+    Setup(String),
+    #[error("connecting: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("protocol: {0}")]
+    Protocol(String),
+}
+
+impl SessionError {
+    /// Refusals and a broken state database end the agent; the rest is retried.
+    fn is_fatal(&self) -> bool {
+        matches!(self, SessionError::Refused(..) | SessionError::State(_))
+    }
+}
+
+/// Why one transfer failed.
+enum TransferError {
+    /// The bytes or header did not verify: drop them, fetch again.
+    Rejected(String),
+    /// The hub would not send it (not assigned, gone): wait for new assignments.
+    Declined(ErrorMessage),
+    /// The link or the state failed.
+    Session(SessionError),
+}
+
+macro_rules! transfer_error_from {
+    ($($source:ty),*) => {$(
+        impl From<$source> for TransferError {
+            fn from(error: $source) -> Self {
+                TransferError::Session(error.into())
+            }
+        }
+    )*};
+}
+
+transfer_error_from!(
+    SessionError,
+    StateError,
+    StreamError,
+    quinn::ConnectionError
+);
+
+/// An agent's connection manager. Cheap to clone; clones share everything.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    key: SigningKey,
+    state: Arc<Mutex<State>>,
+    options: ClientOptions,
+    counters: Counters,
+    installed: watch::Sender<u64>,
+    outbox_ready: Notify,
+}
+
+impl From<quinn::ReadError> for SessionError {
+    fn from(error: quinn::ReadError) -> Self {
+        SessionError::Stream(error.into())
+    }
+}
+
+impl From<quinn::WriteError> for SessionError {
+    fn from(error: quinn::WriteError) -> Self {
+        SessionError::Stream(error.into())
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64)
+}
+
+/// splitmix64: a tiny seeded generator for backoff jitter.
+fn next_random(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The wait before reconnect attempt `failures` (0 after a clean close): the cap doubles per
+/// failure from `min` up to `max`, and the wait is drawn uniformly from the upper half of the
+/// cap, so a hub restart spreads thousands of agents out instead of bringing them back at once.
+pub fn backoff_delay(min: Duration, max: Duration, failures: u32, random: u64) -> Duration {
+    let cap = min.saturating_mul(1u32 << failures.min(20)).min(max);
+    let half = cap / 2;
+    let spread = half.as_millis().max(1) as u64;
+    half + Duration::from_millis(random % spread)
+}
+
+impl Client {
+    /// A client for the agent with `key` and `state`.
+    pub fn new(key: SigningKey, state: State, options: ClientOptions) -> Client {
+        Client {
+            inner: Arc::new(Inner {
+                key,
+                state: Arc::new(Mutex::new(state)),
+                options,
+                counters: Counters::default(),
+                installed: watch::Sender::new(0),
+                outbox_ready: Notify::new(),
+            }),
+        }
+    }
+
+    /// The figures.
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// Ticks on every installed snapshot.
+    pub fn installed(&self) -> watch::Receiver<u64> {
+        self.inner.installed.subscribe()
+    }
+
+    /// Runs `work` on the state database on a blocking thread.
+    pub async fn with_state<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut State) -> Result<T, StateError> + Send + 'static,
+    ) -> Result<T, StateError> {
+        let state = self.inner.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut state = state.lock().unwrap_or_else(|e| e.into_inner());
+            work(&mut state)
+        })
+        .await
+        .unwrap_or_else(|error| Err(StateError::Corrupt(format!("state task failed: {error}"))))
+    }
+
+    /// Queues a status report for the hub.
+    pub async fn report(&self, bundles: Vec<BundleStatus>) -> Result<u64, StateError> {
+        let sequence = self
+            .with_state(move |state| state.queue_status(bundles, unix_now()))
+            .await?;
+        self.inner.outbox_ready.notify_one();
+        Ok(sequence)
+    }
+
+    /// Stays connected to the hub until refused. Returns only with the reason it stopped.
+    pub async fn run(&self) -> AgentError {
+        let bind = self.inner.options.bind;
+        let endpoint = match quinn::Endpoint::client(bind) {
+            Ok(endpoint) => endpoint,
+            Err(source) => return AgentError::Bind { bind, source },
+        };
+        let mut failures = 0u32;
+        let mut random = self.inner.options.seed ^ 0x5EED;
+        loop {
+            let mut connected = false;
+            match self.session(&endpoint, &mut connected).await {
+                Ok(()) => tracing::info!("the hub closed the connection; reconnecting"),
+                Err(error) if error.is_fatal() => {
+                    return match error {
+                        SessionError::Refused(code, message) => {
+                            AgentError::Refused { code, message }
+                        }
+                        SessionError::State(error) => AgentError::State(error),
+                        other => AgentError::State(StateError::Corrupt(other.to_string())),
+                    };
+                }
+                Err(error) => tracing::warn!(%error, "link to the hub lost"),
+            }
+            failures = if connected { 0 } else { failures + 1 };
+            let options = &self.inner.options;
+            let delay = backoff_delay(
+                options.backoff_min,
+                options.backoff_max,
+                failures,
+                next_random(&mut random),
+            );
+            tracing::debug!(?delay, failures, "reconnecting after");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn session(
+        &self,
+        endpoint: &quinn::Endpoint,
+        connected: &mut bool,
+    ) -> Result<(), SessionError> {
+        let enrolment = self
+            .with_state(|state| state.enrolment())
+            .await?
+            .ok_or(StateError::NotEnrolled)?;
+        let config = client_config(
+            &self.inner.key,
+            enrolment.hub_pin,
+            &self.inner.options.tuning,
+        )
+        .map_err(|error| SessionError::Setup(error.to_string()))?;
+        let address = tokio::net::lookup_host(&enrolment.hub)
+            .await
+            .map_err(|error| SessionError::Resolve(enrolment.hub.clone(), error.to_string()))?
+            .next()
+            .ok_or_else(|| SessionError::Resolve(enrolment.hub.clone(), "no address".to_owned()))?;
+        let connection = endpoint.connect_with(config, address, SERVER_NAME)?.await?;
+        *connected = true;
+        self.inner
+            .counters
+            .connections
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::info!(hub = %enrolment.hub, "connected to the hub");
+        let (mut send, recv) = connection.open_bi().await?;
+        let mut reader = MessageReader::new(recv);
+        if let (Some(token), None) = (enrolment.token, &enrolment.agent_id) {
+            let enrol = Enrol {
+                token,
+                agent_version: self.inner.options.agent_version.clone(),
+            };
+            send_message(&mut send, &Message::Enrol(enrol)).await?;
+            match reader.next().await? {
+                Some(Message::Enrolled(enrolled)) => {
+                    tracing::info!(agent = %enrolled.agent_id, "enrolled");
+                    let id = enrolled.agent_id.clone();
+                    self.with_state(move |state| state.enrolled(&id)).await?;
+                }
+                Some(Message::Error(error)) => {
+                    return Err(SessionError::Refused(error.code, error.message));
+                }
+                other => {
+                    return Err(SessionError::Protocol(format!(
+                        "expected Enrolled, got {other:?}"
+                    )));
+                }
+            }
+        }
+        let (sequence, have) = self
+            .with_state(|state| Ok((state.assignment_sequence()?, state.held()?)))
+            .await?;
+        let hello = Hello {
+            agent_version: self.inner.options.agent_version.clone(),
+            assignment_sequence: sequence,
+            have,
+        };
+        send_message(&mut send, &Message::Hello(hello)).await?;
+
+        let wake_fetcher = Arc::new(Notify::new());
+        let fetcher = tokio::spawn({
+            let (client, connection, wake) =
+                (self.clone(), connection.clone(), wake_fetcher.clone());
+            async move { client.fetch_loop(&connection, &wake).await }
+        });
+        let _abort = AbortOnDrop(fetcher.abort_handle());
+        let mut fetcher = fetcher;
+        let mut in_flight: VecDeque<u64> = VecDeque::new();
+        let mut sent_upto = 0u64;
+        loop {
+            // Send queued reports, keeping a bounded number unacknowledged.
+            let room = self
+                .inner
+                .options
+                .reports_in_flight
+                .saturating_sub(in_flight.len());
+            if room > 0 {
+                let reports = self
+                    .with_state(move |state| state.outbox(sent_upto, room))
+                    .await?;
+                for report in reports {
+                    sent_upto = report.sequence;
+                    in_flight.push_back(report.sequence);
+                    send_message(&mut send, &Message::StatusReport(report)).await?;
+                }
+            }
+            tokio::select! {
+                message = reader.next() => match message? {
+                    Some(Message::Trust(trust)) => {
+                        let certificates = trust.certificates;
+                        let added = self
+                            .with_state(move |state| {
+                                let mut added = 0;
+                                for certificate in &certificates {
+                                    added += usize::from(state.add_certificate(certificate)?);
+                                }
+                                Ok(added)
+                            })
+                            .await?;
+                        tracing::debug!(added, "signing-key certificates");
+                        wake_fetcher.notify_one();
+                    }
+                    Some(Message::Assign(assign)) => {
+                        let sequence = assign.sequence;
+                        let accepted = self.with_state(move |state| state.accept_assign(&assign)).await?;
+                        tracing::info!(sequence, accepted, "assignments");
+                        wake_fetcher.notify_one();
+                    }
+                    Some(Message::Ack(ack)) => {
+                        self.with_state(move |state| state.acknowledge(ack.sequence)).await?;
+                        while in_flight.front().is_some_and(|sequence| *sequence <= ack.sequence) {
+                            in_flight.pop_front();
+                            self.inner.counters.acknowledged.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Some(Message::Error(error)) => match error.code {
+                        ErrorCode::Revoked | ErrorCode::UnknownAgent | ErrorCode::BadToken => {
+                            return Err(SessionError::Refused(error.code, error.message));
+                        }
+                        code => tracing::warn!(?code, message = %error.message, "hub reported an error"),
+                    },
+                    Some(other) => tracing::warn!(?other, "unexpected message on the control stream"),
+                    None => return Ok(()),
+                },
+                () = self.inner.outbox_ready.notified() => {}
+                ended = &mut fetcher => {
+                    return match ended {
+                        Ok(Err(error)) => Err(error),
+                        _ => Err(SessionError::Protocol("fetcher stopped".to_owned())),
+                    };
+                }
+            }
+        }
+    }
+
+    /// Fetches every assigned snapshot the agent does not hold, then waits for news.
+    async fn fetch_loop(
+        &self,
+        connection: &quinn::Connection,
+        wake: &Notify,
+    ) -> Result<(), SessionError> {
+        // Snapshots the hub declined or that failed verification too often: not asked again
+        // until the next news (assignments or trust).
+        let mut skipped: HashSet<outpost_proto::Digest> = HashSet::new();
+        loop {
+            let (assignments, held) = self
+                .with_state(|state| Ok((state.assignments()?, state.held()?)))
+                .await?;
+            let missing: Vec<Assignment> = assignments
+                .into_iter()
+                .filter(|assignment| {
+                    !held.iter().any(|held| {
+                        held.bundle == assignment.bundle && held.digest == assignment.digest
+                    }) && !skipped.contains(&assignment.digest)
+                })
+                .collect();
+            if missing.is_empty() {
+                wake.notified().await;
+                skipped.clear();
+                continue;
+            }
+            for assignment in missing {
+                if !self.fetch_one(connection, &assignment).await? {
+                    skipped.insert(assignment.digest);
+                }
+            }
+        }
+    }
+
+    /// Fetches one snapshot, retrying when its bytes do not verify. Ok(false): not installed.
+    async fn fetch_one(
+        &self,
+        connection: &quinn::Connection,
+        assignment: &Assignment,
+    ) -> Result<bool, SessionError> {
+        let attempts = self.inner.options.fetch_attempts.max(1);
+        for attempt in 1..=attempts {
+            match self.transfer(connection, assignment).await {
+                Ok(()) => return Ok(true),
+                Err(TransferError::Rejected(reason)) => {
+                    self.inner.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(bundle = %assignment.bundle, snapshot = %assignment.digest.short(), attempt, %reason, "received snapshot rejected; discarding it");
+                    let digest = assignment.digest;
+                    self.with_state(move |state| state.drop_download(&digest))
+                        .await?;
+                }
+                Err(TransferError::Declined(error)) => {
+                    tracing::warn!(bundle = %assignment.bundle, code = ?error.code, message = %error.message, "hub declined the fetch");
+                    return Ok(false);
+                }
+                Err(TransferError::Session(error)) => return Err(error),
+            }
+        }
+        let status = BundleStatus {
+            bundle: assignment.bundle.clone(),
+            digest: assignment.digest,
+            generation: assignment.generation,
+            phase: Phase::Failed,
+            objects_total: 0,
+            objects_ready: 0,
+            message: format!(
+                "snapshot failed verification {attempts} times; keeping the installed one"
+            ),
+            observed_at: unix_now(),
+            stale: false,
+        };
+        self.report(vec![status]).await?;
+        Ok(false)
+    }
+
+    async fn transfer(
+        &self,
+        connection: &quinn::Connection,
+        assignment: &Assignment,
+    ) -> Result<(), TransferError> {
+        let (bundle, wanted) = (assignment.bundle.clone(), assignment.digest);
+        let lookup = bundle.clone();
+        let (held, partial, trust, installed) = self
+            .with_state(move |state| {
+                Ok((
+                    state.held()?,
+                    state.download(&wanted)?,
+                    state.trust_store()?,
+                    state.installed(&lookup)?,
+                ))
+            })
+            .await?;
+        let have: Vec<_> = held
+            .iter()
+            .filter(|held| held.bundle == bundle)
+            .map(|held| held.digest)
+            .collect();
+        let resume = partial
+            .as_ref()
+            .filter(|partial| partial.received > 0)
+            .map(|partial| Resume {
+                payload_digest: partial.payload_digest,
+                offset: partial.received,
+            });
+        let (mut send, recv) = connection.open_bi().await?;
+        let fetch = Fetch {
+            snapshot: wanted,
+            have,
+            resume,
+        };
+        send_message(&mut send, &Message::Fetch(fetch)).await?;
+        let _ = send.finish();
+        let mut reader = MessageReader::new(recv);
+        let start = match reader.next().await? {
+            Some(Message::TransferStart(start)) => start,
+            Some(Message::Error(error)) => return Err(TransferError::Declined(error)),
+            other => {
+                return Err(SessionError::Protocol(format!(
+                    "expected TransferStart, got {other:?}"
+                ))
+                .into());
+            }
+        };
+        // The header is checked before any payload byte is kept.
+        let expect = Expectation {
+            bundle: &bundle,
+            assigned_digest: Some(wanted),
+            installed,
+        };
+        let header = verify_header(&trust, &start.header, &start.signature, &expect)
+            .map_err(|error| TransferError::Rejected(error.to_string()))?;
+        let reference = match start.encoding {
+            PayloadEncoding::Whole => None,
+            PayloadEncoding::Delta { base } => {
+                let lookup = bundle.clone();
+                let snapshot = self
+                    .with_state(move |state| state.load_snapshot(&lookup, &base))
+                    .await?
+                    .ok_or_else(|| {
+                        TransferError::Rejected(format!(
+                            "delta against {} which this agent does not hold",
+                            base.short()
+                        ))
+                    })?;
+                Some(snapshot.body().clone())
+            }
+        };
+        let continuing = partial.as_ref().is_some_and(|partial| {
+            partial.payload_digest == start.payload_digest
+                && partial.received == start.offset
+                && start.offset > 0
+        });
+        if !continuing {
+            if start.offset != 0 {
+                return Err(TransferError::Rejected(format!(
+                    "hub resumed at byte {} of a payload this agent does not hold",
+                    start.offset
+                )));
+            }
+            let download = Download {
+                snapshot: wanted,
+                bundle: bundle.clone(),
+                header: start.header.clone(),
+                signature: start.signature.clone(),
+                encoding: start.encoding,
+                payload_size: start.payload_size,
+                payload_digest: start.payload_digest,
+                received: 0,
+            };
+            self.with_state(move |state| state.begin_download(&download))
+                .await?;
+        }
+        let size = start.payload_size;
+        let mut received = start.offset;
+        if size > outpost_proto::header::MAX_BODY_SIZE {
+            return Err(TransferError::Rejected(format!(
+                "payload of {size} bytes exceeds the limit"
+            )));
+        }
+        while received < size {
+            let chunk = match reader.next().await? {
+                Some(Message::TransferChunk(chunk)) => chunk,
+                Some(Message::Error(error)) => return Err(TransferError::Declined(error)),
+                None => {
+                    return Err(SessionError::Protocol(format!(
+                        "transfer ended at byte {received} of {size}"
+                    ))
+                    .into());
+                }
+                Some(other) => {
+                    return Err(SessionError::Protocol(format!(
+                        "unexpected {other:?} in a transfer"
+                    ))
+                    .into());
+                }
+            };
+            let length = chunk.bytes.len() as u64;
+            if chunk.payload_digest != start.payload_digest
+                || chunk.offset != received
+                || length > size - received
+            {
+                return Err(TransferError::Rejected(format!(
+                    "chunk at {} ({length} bytes) does not continue the payload at {received}",
+                    chunk.offset
+                )));
+            }
+            self.with_state(move |state| state.append_chunk(&wanted, chunk.offset, &chunk.bytes))
+                .await?;
+            received += length;
+            self.inner
+                .counters
+                .payload_bytes
+                .fetch_add(length, Ordering::Relaxed);
+        }
+        let payload = self.with_state(move |state| state.payload(&wanted)).await?;
+        let snapshot = header
+            .accept_payload(&payload, start.payload_digest, reference.as_ref())
+            .map_err(|error| TransferError::Rejected(error.to_string()))?;
+        let generation = snapshot.header().generation;
+        let objects = snapshot.header().object_count;
+        self.with_state(move |state| state.install(&snapshot, unix_now()))
+            .await?;
+        tracing::info!(%bundle, generation, snapshot = %wanted.short(), encoding = ?start.encoding, bytes = size, "snapshot installed");
+        self.inner.counters.installs.fetch_add(1, Ordering::Relaxed);
+        self.inner.installed.send_modify(|count| *count += 1);
+        let status = BundleStatus {
+            bundle,
+            digest: wanted,
+            generation,
+            phase: Phase::Applying,
+            objects_total: objects,
+            objects_ready: 0,
+            message: "snapshot verified and installed".to_owned(),
+            observed_at: unix_now(),
+            stale: false,
+        };
+        self.report(vec![status]).await?;
+        Ok(())
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,597 @@
+//! The agent's state: one SQLite file (WAL, `synchronous=FULL`) in the state dir. Every change is
+//! one transaction, so a kill at any instant leaves the old state or the new one.
+//!
+//! Holds: enrolment (hub address, pin, root key, token until used, agent id), signing-key
+//! certificates, verified snapshots (the current and the previous generation per bundle),
+//! assignments with their sequence, partial downloads (so a transfer resumes after a restart),
+//! and the status outbox. Snapshots are stored only as a [`VerifiedSnapshot`] and re-verified
+//! when loaded, so a damaged file can never be applied silently.
+
+use std::path::Path;
+
+use outpost_proto::wire::{
+    Assign, Assignment, HeldSnapshot, Message, PayloadEncoding, StatusReport,
+};
+use outpost_proto::{
+    Digest, Expectation, Installed, PublicKey, SignedKeyCertificate, TrustStore, VerifiedSnapshot,
+};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Schema migrations; index + 1 is the version.
+const MIGRATIONS: &[&str] = &["CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
+    CREATE TABLE certificates (key_id BLOB PRIMARY KEY, wire BLOB NOT NULL);
+    CREATE TABLE snapshots (
+        bundle TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        digest BLOB NOT NULL,
+        header BLOB NOT NULL,
+        signature BLOB NOT NULL,
+        body BLOB NOT NULL,
+        installed_at INTEGER NOT NULL,
+        PRIMARY KEY (bundle, generation)
+    );
+    CREATE TABLE assignments (bundle TEXT PRIMARY KEY, generation INTEGER NOT NULL, digest BLOB NOT NULL);
+    CREATE TABLE downloads (
+        snapshot BLOB PRIMARY KEY,
+        bundle TEXT NOT NULL,
+        header BLOB NOT NULL,
+        signature BLOB NOT NULL,
+        base BLOB,
+        payload_size INTEGER NOT NULL,
+        payload_digest BLOB NOT NULL
+    );
+    CREATE TABLE download_chunks (
+        snapshot BLOB NOT NULL,
+        offset INTEGER NOT NULL,
+        bytes BLOB NOT NULL,
+        PRIMARY KEY (snapshot, offset)
+    );
+    CREATE TABLE outbox (sequence INTEGER PRIMARY KEY, frame BLOB NOT NULL, created_at INTEGER NOT NULL);"];
+
+/// Where the agent is enrolled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enrolment {
+    /// Hub address (`host:port`).
+    pub hub: String,
+    /// SHA-256 of the hub's TLS key.
+    pub hub_pin: Digest,
+    /// Root of snapshot trust.
+    pub root_key: PublicKey,
+    /// The token, until the hub confirmed enrolment.
+    pub token: Option<String>,
+    /// The agent's id, once enrolled.
+    pub agent_id: Option<String>,
+}
+
+/// A transfer in progress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Download {
+    /// Snapshot (body digest).
+    pub snapshot: Digest,
+    /// Bundle.
+    pub bundle: String,
+    /// Signed header and signature from `TransferStart`.
+    pub header: Vec<u8>,
+    /// Signature.
+    pub signature: Vec<u8>,
+    /// Whole or delta.
+    pub encoding: PayloadEncoding,
+    /// Payload length.
+    pub payload_size: u64,
+    /// Payload digest.
+    pub payload_digest: Digest,
+    /// Bytes held so far.
+    pub received: u64,
+}
+
+/// The state file failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// SQLite failed (disk full, corrupt file).
+    #[error("agent state database: {0}; if the file is damaged, move it aside and re-enrol")]
+    Sqlite(#[from] rusqlite::Error),
+    /// A newer agent wrote the file.
+    #[error(
+        "agent state schema {found} is newer than this agent understands ({known}); run a newer agent"
+    )]
+    TooNew {
+        /// In the file.
+        found: usize,
+        /// Known here.
+        known: usize,
+    },
+    /// The agent has not been enrolled.
+    #[error("this agent is not enrolled; run `outpost-agent enrol --bundle FILE` first")]
+    NotEnrolled,
+    /// A stored value is damaged.
+    #[error("agent state: {0}")]
+    Corrupt(String),
+}
+
+/// The open state database.
+#[derive(Debug)]
+pub struct State {
+    connection: Connection,
+}
+
+fn digest_from(bytes: &[u8]) -> Result<Digest, StateError> {
+    <[u8; 32]>::try_from(bytes)
+        .map(Digest)
+        .map_err(|_| StateError::Corrupt(format!("a digest of {} bytes", bytes.len())))
+}
+
+impl State {
+    /// Opens (creating) `path` and migrates it. A file that is not a database is an error that
+    /// says so; nothing is overwritten.
+    pub fn open(path: &Path) -> Result<State, StateError> {
+        let connection = Connection::open(path)?;
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.pragma_update(None, "synchronous", "FULL")?;
+        connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        let found: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
+        let found = found as usize;
+        if found > MIGRATIONS.len() {
+            return Err(StateError::TooNew {
+                found,
+                known: MIGRATIONS.len(),
+            });
+        }
+        let mut state = State { connection };
+        for (index, sql) in MIGRATIONS.iter().enumerate().skip(found) {
+            let transaction = state.connection.transaction()?;
+            transaction.execute_batch(sql)?;
+            transaction.pragma_update(None, "user_version", (index + 1) as i64)?;
+            transaction.commit()?;
+        }
+        Ok(state)
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self
+            .connection
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
+                row.get(0)
+            })
+            .optional()?)
+    }
+
+    fn meta_text(&self, key: &str) -> Result<Option<String>, StateError> {
+        self.meta(key)?
+            .map(|bytes| {
+                String::from_utf8(bytes)
+                    .map_err(|_| StateError::Corrupt(format!("{key} is not text")))
+            })
+            .transpose()
+    }
+
+    /// Records where to enrol (from an enrolment bundle), replacing an unfinished enrolment.
+    pub fn set_enrolment(
+        &mut self,
+        hub: &str,
+        hub_pin: &Digest,
+        root_key: &PublicKey,
+        token: &str,
+    ) -> Result<(), StateError> {
+        let transaction = self.connection.transaction()?;
+        for (key, value) in [
+            ("hub", hub.as_bytes().to_vec()),
+            ("hub_pin", hub_pin.0.to_vec()),
+            ("root_key", root_key.to_bytes().to_vec()),
+            ("token", token.as_bytes().to_vec()),
+        ] {
+            transaction.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2",
+                params![key, value],
+            )?;
+        }
+        transaction.commit()?;
+        Ok(())
+    }
+
+    /// The enrolment, if any.
+    pub fn enrolment(&self) -> Result<Option<Enrolment>, StateError> {
+        let (Some(hub), Some(pin), Some(root)) = (
+            self.meta_text("hub")?,
+            self.meta("hub_pin")?,
+            self.meta("root_key")?,
+        ) else {
+            return Ok(None);
+        };
+        let root = <[u8; 32]>::try_from(root.as_slice())
+            .ok()
+            .and_then(|bytes| PublicKey::from_bytes(&bytes).ok())
+            .ok_or_else(|| StateError::Corrupt("root_key is not an ed25519 key".to_owned()))?;
+        Ok(Some(Enrolment {
+            hub,
+            hub_pin: digest_from(&pin)?,
+            root_key: root,
+            token: self.meta_text("token")?,
+            agent_id: self.meta_text("agent_id")?,
+        }))
+    }
+
+    /// The hub confirmed enrolment: keep the id, forget the token.
+    pub fn enrolled(&mut self, agent_id: &str) -> Result<(), StateError> {
+        let transaction = self.connection.transaction()?;
+        transaction.execute(
+            "INSERT INTO meta (key, value) VALUES ('agent_id', ?1) ON CONFLICT (key) DO UPDATE SET value = ?1",
+            [agent_id.as_bytes()],
+        )?;
+        transaction.execute("DELETE FROM meta WHERE key = 'token'", [])?;
+        transaction.commit()?;
+        Ok(())
+    }
+
+    /// The trust store: the pinned root and the certificates the hub sent that it certifies.
+    pub fn trust_store(&self) -> Result<TrustStore, StateError> {
+        let enrolment = self.enrolment()?.ok_or(StateError::NotEnrolled)?;
+        let mut trust = TrustStore::new(enrolment.root_key);
+        let mut statement = self.connection.prepare("SELECT wire FROM certificates")?;
+        let rows: Vec<Vec<u8>> = statement
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        for wire in rows {
+            if let Ok(certificate) = SignedKeyCertificate::from_wire(&wire) {
+                let _ = trust.add_certificate(&certificate);
+            }
+        }
+        Ok(trust)
+    }
+
+    /// Keeps a signing-key certificate if the root certifies it; returns whether it did.
+    pub fn add_certificate(&mut self, wire: &[u8]) -> Result<bool, StateError> {
+        let mut trust = self.trust_store()?;
+        let Ok(certificate) = SignedKeyCertificate::from_wire(wire) else {
+            return Ok(false);
+        };
+        let Ok(key_id) = trust.add_certificate(&certificate) else {
+            return Ok(false);
+        };
+        self.connection.execute(
+            "INSERT INTO certificates (key_id, wire) VALUES (?1, ?2) ON CONFLICT (key_id) DO UPDATE SET wire = ?2",
+            params![key_id.0.as_slice(), wire],
+        )?;
+        Ok(true)
+    }
+
+    /// The sequence of the last accepted assignment set.
+    pub fn assignment_sequence(&self) -> Result<u64, StateError> {
+        Ok(self
+            .meta("assignment_sequence")?
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    /// Accepts an `Assign` if its sequence is above the last one (a replayed old one changes
+    /// nothing); returns whether it was accepted.
+    pub fn accept_assign(&mut self, assign: &Assign) -> Result<bool, StateError> {
+        let transaction = self.connection.transaction()?;
+        let current: u64 = transaction
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'assignment_sequence'",
+                [],
+                |row| row.get::<_, Vec<u8>>(0),
+            )
+            .optional()?
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        if assign.sequence <= current && current != 0 {
+            return Ok(false);
+        }
+        transaction.execute("DELETE FROM assignments", [])?;
+        for assignment in &assign.assignments {
+            transaction.execute(
+                "INSERT INTO assignments (bundle, generation, digest) VALUES (?1, ?2, ?3)",
+                params![
+                    assignment.bundle,
+                    assignment.generation as i64,
+                    assignment.digest.0.as_slice()
+                ],
+            )?;
+        }
+        transaction.execute(
+            "INSERT INTO meta (key, value) VALUES ('assignment_sequence', ?1) ON CONFLICT (key) DO UPDATE SET value = ?1",
+            [assign.sequence.to_be_bytes().as_slice()],
+        )?;
+        transaction.commit()?;
+        Ok(true)
+    }
+
+    /// Current assignments, by bundle.
+    pub fn assignments(&self) -> Result<Vec<Assignment>, StateError> {
+        let mut statement = self
+            .connection
+            .prepare("SELECT bundle, generation, digest FROM assignments ORDER BY bundle")?;
+        let rows: Vec<(String, i64, Vec<u8>)> = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        rows.into_iter()
+            .map(|(bundle, generation, digest)| {
+                Ok(Assignment {
+                    bundle,
+                    generation: generation as u64,
+                    digest: digest_from(&digest)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Snapshots held, newest generation first within each bundle.
+    pub fn held(&self) -> Result<Vec<HeldSnapshot>, StateError> {
+        let mut statement = self.connection.prepare(
+            "SELECT bundle, generation, digest FROM snapshots ORDER BY bundle, generation DESC",
+        )?;
+        let rows: Vec<(String, i64, Vec<u8>)> = statement
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        rows.into_iter()
+            .map(|(bundle, generation, digest)| {
+                Ok(HeldSnapshot {
+                    bundle,
+                    generation: generation as u64,
+                    digest: digest_from(&digest)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The newest installed snapshot of `bundle` (generation and digest).
+    pub fn installed(&self, bundle: &str) -> Result<Option<Installed>, StateError> {
+        Ok(self
+            .held()?
+            .into_iter()
+            .find(|held| held.bundle == bundle)
+            .map(|held| Installed {
+                generation: held.generation,
+                digest: held.digest,
+            }))
+    }
+
+    /// Loads a held snapshot and verifies it again (signature, digest, size): a damaged file
+    /// is an error, never a wrong apply.
+    pub fn load_snapshot(
+        &self,
+        bundle: &str,
+        digest: &Digest,
+    ) -> Result<Option<VerifiedSnapshot>, StateError> {
+        let row: Option<(Vec<u8>, Vec<u8>, Vec<u8>)> = self
+            .connection
+            .query_row(
+                "SELECT header, signature, body FROM snapshots WHERE bundle = ?1 AND digest = ?2",
+                params![bundle, digest.0.as_slice()],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .optional()?;
+        let Some((header, signature, body)) = row else {
+            return Ok(None);
+        };
+        let trust = self.trust_store()?;
+        let expect = Expectation {
+            bundle,
+            assigned_digest: Some(*digest),
+            installed: None,
+        };
+        outpost_proto::verify::verify_snapshot(&trust, &header, &signature, body, &expect)
+            .map(Some)
+            .map_err(|error| {
+                StateError::Corrupt(format!(
+                    "held snapshot {} of {bundle} no longer verifies: {error}",
+                    digest.short()
+                ))
+            })
+    }
+
+    /// Installs a verified snapshot in one transaction: stores it, keeps the previous generation
+    /// of its bundle for rollback, drops older ones and the finished download.
+    pub fn install(&mut self, snapshot: &VerifiedSnapshot, now: i64) -> Result<(), StateError> {
+        let header = snapshot.header();
+        let transaction = self.connection.transaction()?;
+        transaction.execute(
+            "INSERT OR IGNORE INTO snapshots (bundle, generation, digest, header, signature, body, installed_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                header.bundle,
+                header.generation as i64,
+                header.body_digest.0.as_slice(),
+                snapshot.header_bytes(),
+                snapshot.signature().0.as_slice(),
+                snapshot.body().as_bytes(),
+                now
+            ],
+        )?;
+        // Keep the two newest generations of the bundle.
+        transaction.execute(
+            "DELETE FROM snapshots WHERE bundle = ?1 AND generation NOT IN
+             (SELECT generation FROM snapshots WHERE bundle = ?1 ORDER BY generation DESC LIMIT 2)",
+            [&header.bundle],
+        )?;
+        transaction.execute(
+            "DELETE FROM download_chunks WHERE snapshot = ?1",
+            [header.body_digest.0.as_slice()],
+        )?;
+        transaction.execute(
+            "DELETE FROM downloads WHERE snapshot = ?1",
+            [header.body_digest.0.as_slice()],
+        )?;
+        transaction.commit()?;
+        Ok(())
+    }
+
+    /// The download in progress for `snapshot`, if any.
+    pub fn download(&self, snapshot: &Digest) -> Result<Option<Download>, StateError> {
+        let row: Option<(String, Vec<u8>, Vec<u8>, Option<Vec<u8>>, i64, Vec<u8>)> = self
+            .connection
+            .query_row(
+                "SELECT bundle, header, signature, base, payload_size, payload_digest FROM downloads WHERE snapshot = ?1",
+                [snapshot.0.as_slice()],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?, row.get(5)?)),
+            )
+            .optional()?;
+        let Some((bundle, header, signature, base, payload_size, payload_digest)) = row else {
+            return Ok(None);
+        };
+        let received: i64 = self.connection.query_row(
+            "SELECT COALESCE(SUM(LENGTH(bytes)), 0) FROM download_chunks WHERE snapshot = ?1",
+            [snapshot.0.as_slice()],
+            |row| row.get(0),
+        )?;
+        Ok(Some(Download {
+            snapshot: *snapshot,
+            bundle,
+            header,
+            signature,
+            encoding: match base {
+                Some(base) => PayloadEncoding::Delta {
+                    base: digest_from(&base)?,
+                },
+                None => PayloadEncoding::Whole,
+            },
+            payload_size: payload_size as u64,
+            payload_digest: digest_from(&payload_digest)?,
+            received: received as u64,
+        }))
+    }
+
+    /// Starts (or restarts) a download, dropping bytes of any earlier one for the snapshot.
+    pub fn begin_download(&mut self, download: &Download) -> Result<(), StateError> {
+        let transaction = self.connection.transaction()?;
+        let key = download.snapshot.0.as_slice();
+        transaction.execute("DELETE FROM download_chunks WHERE snapshot = ?1", [key])?;
+        transaction.execute("DELETE FROM downloads WHERE snapshot = ?1", [key])?;
+        let base = match download.encoding {
+            PayloadEncoding::Delta { base } => Some(base.0.to_vec()),
+            PayloadEncoding::Whole => None,
+        };
+        transaction.execute(
+            "INSERT INTO downloads (snapshot, bundle, header, signature, base, payload_size, payload_digest)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                key,
+                download.bundle,
+                download.header,
+                download.signature,
+                base,
+                download.payload_size as i64,
+                download.payload_digest.0.as_slice()
+            ],
+        )?;
+        transaction.commit()?;
+        Ok(())
+    }
+
+    /// Appends received payload bytes at `offset` (durably).
+    pub fn append_chunk(
+        &mut self,
+        snapshot: &Digest,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<(), StateError> {
+        self.connection.execute(
+            "INSERT OR REPLACE INTO download_chunks (snapshot, offset, bytes) VALUES (?1, ?2, ?3)",
+            params![snapshot.0.as_slice(), offset as i64, bytes],
+        )?;
+        Ok(())
+    }
+
+    /// The payload bytes received, in order.
+    pub fn payload(&self, snapshot: &Digest) -> Result<Vec<u8>, StateError> {
+        let mut statement = self
+            .connection
+            .prepare("SELECT bytes FROM download_chunks WHERE snapshot = ?1 ORDER BY offset")?;
+        let mut payload = Vec::new();
+        let mut rows = statement.query([snapshot.0.as_slice()])?;
+        while let Some(row) = rows.next()? {
+            let bytes: Vec<u8> = row.get(0)?;
+            payload.extend_from_slice(&bytes);
+        }
+        Ok(payload)
+    }
+
+    /// Forgets a download (its bytes did not verify).
+    pub fn drop_download(&mut self, snapshot: &Digest) -> Result<(), StateError> {
+        let transaction = self.connection.transaction()?;
+        transaction.execute(
+            "DELETE FROM download_chunks WHERE snapshot = ?1",
+            [snapshot.0.as_slice()],
+        )?;
+        transaction.execute(
+            "DELETE FROM downloads WHERE snapshot = ?1",
+            [snapshot.0.as_slice()],
+        )?;
+        transaction.commit()?;
+        Ok(())
+    }
+
+    /// Queues a status report; its sequence is assigned here and never reused.
+    pub fn queue_status(
+        &mut self,
+        bundles: Vec<outpost_proto::wire::BundleStatus>,
+        now: i64,
+    ) -> Result<u64, StateError> {
+        let transaction = self.connection.transaction()?;
+        let last: u64 = transaction
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'outbox_last'",
+                [],
+                |row| row.get::<_, Vec<u8>>(0),
+            )
+            .optional()?
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let sequence = last + 1;
+        let frame = outpost_proto::wire::encode_frame(&Message::StatusReport(StatusReport {
+            sequence,
+            bundles,
+        }))
+        .map_err(|error| StateError::Corrupt(format!("status report: {error}")))?;
+        transaction.execute(
+            "INSERT INTO outbox (sequence, frame, created_at) VALUES (?1, ?2, ?3)",
+            params![sequence as i64, frame, now],
+        )?;
+        transaction.execute(
+            "INSERT INTO meta (key, value) VALUES ('outbox_last', ?1) ON CONFLICT (key) DO UPDATE SET value = ?1",
+            [sequence.to_be_bytes().as_slice()],
+        )?;
+        transaction.commit()?;
+        Ok(sequence)
+    }
+
+    /// Queued reports after `after`, oldest first, at most `limit`.
+    pub fn outbox(&self, after: u64, limit: usize) -> Result<Vec<StatusReport>, StateError> {
+        let mut statement = self
+            .connection
+            .prepare("SELECT frame FROM outbox WHERE sequence > ?1 ORDER BY sequence LIMIT ?2")?;
+        let frames: Vec<Vec<u8>> = statement
+            .query_map(params![after as i64, limit as i64], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut reports = Vec::new();
+        for frame in frames {
+            let mut decoder = outpost_proto::wire::FrameDecoder::new();
+            decoder.push(&frame);
+            match decoder.next_message() {
+                Ok(Some(Message::StatusReport(report))) => reports.push(report),
+                other => {
+                    return Err(StateError::Corrupt(format!(
+                        "outbox entry does not decode: {other:?}"
+                    )));
+                }
+            }
+        }
+        Ok(reports)
+    }
+
+    /// Number of queued reports.
+    pub fn outbox_len(&self) -> Result<u64, StateError> {
+        let count: i64 = self
+            .connection
+            .query_row("SELECT COUNT(*) FROM outbox", [], |row| row.get(0))?;
+        Ok(count as u64)
+    }
+
+    /// The hub stored reports up to `sequence`: delete them.
+    pub fn acknowledge(&mut self, sequence: u64) -> Result<(), StateError> {
+        self.connection
+            .execute("DELETE FROM outbox WHERE sequence <= ?1", [sequence as i64])?;
+        Ok(())
+    }
+}

@@ -1,0 +1,319 @@
+//! The store's side of serving agents: assignments (what each agent should run, with a sequence
+//! that grows on every change), what agents report, and when they were last connected.
+
+use std::collections::BTreeMap;
+
+use outpost_proto::Digest;
+use outpost_proto::wire::{BundleStatus, Phase};
+use rusqlite::{OptionalExtension, params};
+
+use super::{SqliteStore, StoreError};
+
+/// One agent's assignment for one bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssignmentRow {
+    /// Agent id.
+    pub agent: String,
+    /// Bundle name.
+    pub bundle: String,
+    /// Generation of the snapshot.
+    pub generation: u64,
+    /// Body digest of the snapshot.
+    pub digest: Digest,
+}
+
+/// All of an agent's assignments and their sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AgentAssignments {
+    /// Grows with every change.
+    pub sequence: u64,
+    /// One per bundle, by bundle.
+    pub entries: Vec<AssignmentRow>,
+}
+
+/// The last status an agent reported for a bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredStatus {
+    /// Agent id.
+    pub agent: String,
+    /// What it reported.
+    pub status: BundleStatus,
+    /// When the hub received it.
+    pub received_at: i64,
+}
+
+/// What serving agents needs of the store.
+pub trait FleetStore {
+    /// Replaces the assignments that `origin` (e.g. `track:<source url>`) made with `wanted`,
+    /// in one transaction, and bumps the sequence of every agent whose assignments changed.
+    /// Returns those agents.
+    fn set_assignments(
+        &mut self,
+        origin: &str,
+        wanted: &[AssignmentRow],
+        now: i64,
+    ) -> Result<Vec<String>, StoreError>;
+    /// An agent's assignments.
+    fn assignments(&self, agent: &str) -> Result<AgentAssignments, StoreError>;
+    /// Records a connection: last seen and the agent's version.
+    fn agent_connected(&mut self, agent: &str, version: &str, now: i64) -> Result<(), StoreError>;
+    /// Stores a status report unless its sequence was stored before (a retransmission after a
+    /// lost acknowledgement): returns whether it was new. Either way the agent may delete it.
+    fn record_status(
+        &mut self,
+        agent: &str,
+        sequence: u64,
+        bundles: &[BundleStatus],
+        now: i64,
+    ) -> Result<bool, StoreError>;
+    /// The last status of every bundle on every agent (or one agent).
+    fn statuses(&self, agent: Option<&str>) -> Result<Vec<StoredStatus>, StoreError>;
+    /// Number of status reports stored for an agent (history).
+    fn status_history_len(&self, agent: &str) -> Result<u64, StoreError>;
+    /// The body digest of a bundle's generation.
+    fn snapshot_digest(&self, bundle: &str, generation: u64) -> Result<Option<Digest>, StoreError>;
+}
+
+fn digest_from(bytes: Vec<u8>) -> Digest {
+    Digest(<[u8; 32]>::try_from(bytes.as_slice()).unwrap_or([0; 32]))
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Applying => "Applying",
+        Phase::Healthy => "Healthy",
+        Phase::Degraded => "Degraded",
+        Phase::Failed => "Failed",
+    }
+}
+
+fn phase_from(name: &str) -> Phase {
+    match name {
+        "Healthy" => Phase::Healthy,
+        "Degraded" => Phase::Degraded,
+        "Failed" => Phase::Failed,
+        _ => Phase::Applying,
+    }
+}
+
+impl FleetStore for SqliteStore {
+    fn set_assignments(
+        &mut self,
+        origin: &str,
+        wanted: &[AssignmentRow],
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let transaction = self.connection.transaction()?;
+        let mut current: BTreeMap<(String, String), (u64, Vec<u8>, String)> = BTreeMap::new();
+        {
+            let mut statement = transaction
+                .prepare("SELECT agent, bundle, generation, digest, origin FROM assignments")?;
+            let rows = statement.query_map([], |row| {
+                Ok((
+                    (row.get::<_, String>(0)?, row.get::<_, String>(1)?),
+                    (
+                        row.get::<_, i64>(2)? as u64,
+                        row.get::<_, Vec<u8>>(3)?,
+                        row.get::<_, String>(4)?,
+                    ),
+                ))
+            })?;
+            for row in rows {
+                let (key, value) = row?;
+                current.insert(key, value);
+            }
+        }
+        let mut changed = std::collections::BTreeSet::new();
+        let wanted_keys: std::collections::BTreeSet<(String, String)> = wanted
+            .iter()
+            .map(|row| (row.agent.clone(), row.bundle.clone()))
+            .collect();
+        // Withdraw this origin's assignments that are no longer wanted.
+        for ((agent, bundle), (_, _, row_origin)) in &current {
+            if row_origin == origin && !wanted_keys.contains(&(agent.clone(), bundle.clone())) {
+                transaction.execute(
+                    "DELETE FROM assignments WHERE agent = ?1 AND bundle = ?2",
+                    params![agent, bundle],
+                )?;
+                changed.insert(agent.clone());
+            }
+        }
+        for row in wanted {
+            let key = (row.agent.clone(), row.bundle.clone());
+            let same = current.get(&key).is_some_and(|(generation, digest, _)| {
+                *generation == row.generation && digest.as_slice() == row.digest.0.as_slice()
+            });
+            if same {
+                continue;
+            }
+            transaction.execute(
+                "INSERT INTO assignments (agent, bundle, generation, digest, origin, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (agent, bundle) DO UPDATE SET generation = ?3, digest = ?4, origin = ?5, updated_at = ?6",
+                params![
+                    row.agent,
+                    row.bundle,
+                    row.generation as i64,
+                    row.digest.0.as_slice(),
+                    origin,
+                    now
+                ],
+            )?;
+            changed.insert(row.agent.clone());
+        }
+        for agent in &changed {
+            transaction.execute(
+                "UPDATE agents SET assignment_sequence = assignment_sequence + 1 WHERE id = ?1",
+                [agent],
+            )?;
+        }
+        transaction.commit()?;
+        Ok(changed.into_iter().collect())
+    }
+
+    fn assignments(&self, agent: &str) -> Result<AgentAssignments, StoreError> {
+        let sequence: Option<i64> = self
+            .connection
+            .query_row(
+                "SELECT assignment_sequence FROM agents WHERE id = ?1",
+                [agent],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let mut statement = self.connection.prepare(
+            "SELECT bundle, generation, digest FROM assignments WHERE agent = ?1 ORDER BY bundle",
+        )?;
+        let entries = statement
+            .query_map([agent], |row| {
+                Ok(AssignmentRow {
+                    agent: agent.to_owned(),
+                    bundle: row.get(0)?,
+                    generation: row.get::<_, i64>(1)? as u64,
+                    digest: digest_from(row.get(2)?),
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(AgentAssignments {
+            sequence: sequence.unwrap_or(0) as u64,
+            entries,
+        })
+    }
+
+    fn agent_connected(&mut self, agent: &str, version: &str, now: i64) -> Result<(), StoreError> {
+        self.connection.execute(
+            "UPDATE agents SET last_seen = ?2, agent_version = ?3 WHERE id = ?1",
+            params![agent, now, version],
+        )?;
+        Ok(())
+    }
+
+    fn record_status(
+        &mut self,
+        agent: &str,
+        sequence: u64,
+        bundles: &[BundleStatus],
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let transaction = self.connection.transaction()?;
+        let stored: Option<i64> = transaction
+            .query_row(
+                "SELECT status_sequence FROM agents WHERE id = ?1",
+                [agent],
+                |row| row.get(0),
+            )
+            .optional()?;
+        let Some(stored) = stored else {
+            return Ok(false);
+        };
+        if sequence <= stored as u64 {
+            return Ok(false);
+        }
+        for status in bundles {
+            let phase = phase_name(status.phase);
+            transaction.execute(
+                "INSERT INTO bundle_status (agent, bundle, digest, generation, phase, objects_total, objects_ready, message, observed_at, stale, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT (agent, bundle) DO UPDATE SET digest = ?3, generation = ?4, phase = ?5, objects_total = ?6, objects_ready = ?7, message = ?8, observed_at = ?9, stale = ?10, received_at = ?11
+                 WHERE observed_at <= ?9",
+                params![
+                    agent,
+                    status.bundle,
+                    status.digest.0.as_slice(),
+                    status.generation as i64,
+                    phase,
+                    status.objects_total as i64,
+                    status.objects_ready as i64,
+                    status.message,
+                    status.observed_at,
+                    status.stale,
+                    now
+                ],
+            )?;
+            transaction.execute(
+                "INSERT INTO status_history (agent, bundle, generation, phase, message, observed_at, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    agent,
+                    status.bundle,
+                    status.generation as i64,
+                    phase,
+                    status.message,
+                    status.observed_at,
+                    now
+                ],
+            )?;
+        }
+        transaction.execute(
+            "UPDATE agents SET status_sequence = ?2 WHERE id = ?1",
+            params![agent, sequence as i64],
+        )?;
+        transaction.commit()?;
+        Ok(true)
+    }
+
+    fn statuses(&self, agent: Option<&str>) -> Result<Vec<StoredStatus>, StoreError> {
+        let mut statement = self.connection.prepare(
+            "SELECT agent, bundle, digest, generation, phase, objects_total, objects_ready, message, observed_at, stale, received_at
+             FROM bundle_status WHERE ?1 IS NULL OR agent = ?1 ORDER BY agent, bundle",
+        )?;
+        let rows = statement.query_map([agent], |row| {
+            Ok(StoredStatus {
+                agent: row.get(0)?,
+                status: BundleStatus {
+                    bundle: row.get(1)?,
+                    digest: digest_from(row.get(2)?),
+                    generation: row.get::<_, i64>(3)? as u64,
+                    phase: phase_from(&row.get::<_, String>(4)?),
+                    objects_total: row.get::<_, i64>(5)? as u64,
+                    objects_ready: row.get::<_, i64>(6)? as u64,
+                    message: row.get(7)?,
+                    observed_at: row.get(8)?,
+                    stale: row.get(9)?,
+                },
+                received_at: row.get(10)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn status_history_len(&self, agent: &str) -> Result<u64, StoreError> {
+        let count: i64 = self.connection.query_row(
+            "SELECT COUNT(*) FROM status_history WHERE agent = ?1",
+            [agent],
+            |row| row.get(0),
+        )?;
+        Ok(count as u64)
+    }
+
+    fn snapshot_digest(&self, bundle: &str, generation: u64) -> Result<Option<Digest>, StoreError> {
+        let digest: Option<Vec<u8>> = self
+            .connection
+            .query_row(
+                "SELECT digest FROM snapshots WHERE bundle = ?1 AND generation = ?2",
+                params![bundle, generation as i64],
+                |row| row.get(0),
+            )
+            .optional()?;
+        Ok(digest.map(digest_from))
+    }
+}

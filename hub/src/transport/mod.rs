@@ -1,0 +1,557 @@
+//! Serving agents over QUIC: enrolment, identity, assignments pushed as they change, snapshot
+//! transfers (whole or delta, resumable), and status reports with acknowledgements.
+//!
+//! One connection per agent. The agent opens a control stream first: `Enrol` (first time) or
+//! `Hello`; the hub answers with `Trust` (signing-key certificates) and `Assign`, then pushes
+//! `Assign` whenever the agent's assignments change and acks every `StatusReport`. Each fetch
+//! is its own stream: `Fetch` → `TransferStart` + `TransferChunk`s, then the hub finishes it.
+//!
+//! The hub serves only snapshots assigned to the asking agent; unknown and revoked keys get an
+//! `Error` that says what to do, then the connection is closed.
+
+mod payloads;
+
+use std::sync::{Arc, Mutex};
+
+use outpost_proto::transport::{MessageReader, StreamError, peer_public_key, send_message};
+use outpost_proto::wire::{
+    Assign, Assignment, Enrolled, ErrorCode, ErrorMessage, Fetch, Message, TransferChunk,
+    TransferStart, Trust,
+};
+use outpost_proto::{Digest, PublicKey};
+use tokio::sync::watch;
+
+use crate::keys::HubKeys;
+use crate::store::{Agent, FleetStore, SqliteStore, Store, StoreError, agent_id};
+
+pub use payloads::{Bodies, Payload, PayloadCache, PayloadError};
+
+/// Application close codes on agent connections.
+pub mod close {
+    /// The agent's key is not enrolled.
+    pub const UNKNOWN_AGENT: u32 = 1;
+    /// The agent was revoked.
+    pub const REVOKED: u32 = 2;
+    /// The enrolment token was refused.
+    pub const BAD_TOKEN: u32 = 3;
+    /// The agent broke the protocol.
+    pub const PROTOCOL: u32 = 4;
+}
+
+/// Settings of the agent service.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    /// zstd level for payloads.
+    pub compression_level: i32,
+    /// Bytes of payload per `TransferChunk`.
+    pub chunk_size: usize,
+    /// Payload cache bound.
+    pub cache_bytes: usize,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> ServiceOptions {
+        ServiceOptions {
+            compression_level: outpost_proto::compress::DEFAULT_LEVEL,
+            chunk_size: 64 << 10,
+            cache_bytes: 256 << 20,
+        }
+    }
+}
+
+/// What every agent connection shares.
+pub struct AgentService {
+    store: Arc<Mutex<SqliteStore>>,
+    keys: Arc<HubKeys>,
+    payloads: PayloadCache,
+    changes: watch::Receiver<u64>,
+    on_enrol: Box<dyn Fn() + Send + Sync>,
+    now: fn() -> i64,
+    options: ServiceOptions,
+}
+
+impl std::fmt::Debug for AgentService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentService")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The handshake or the connection failed.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// A stream failed.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The peer broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// A payload could not be made.
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
+}
+
+impl AgentService {
+    /// A service over the hub's store and keys. `changes` ticks whenever assignments, labels or
+    /// revocations may have changed; `on_enrol` runs after a new agent enrols (to render its
+    /// variants).
+    pub fn new(
+        store: Arc<Mutex<SqliteStore>>,
+        keys: Arc<HubKeys>,
+        changes: watch::Receiver<u64>,
+        on_enrol: Box<dyn Fn() + Send + Sync>,
+        now: fn() -> i64,
+        options: ServiceOptions,
+    ) -> AgentService {
+        AgentService {
+            store,
+            keys,
+            payloads: PayloadCache::new(options.compression_level, options.cache_bytes),
+            changes,
+            on_enrol,
+            now,
+            options,
+        }
+    }
+
+    /// The payload cache (for figures: compressions run).
+    pub fn payloads(&self) -> &PayloadCache {
+        &self.payloads
+    }
+
+    async fn with_store<T: Send + 'static>(
+        self: &Arc<Self>,
+        work: impl FnOnce(&mut SqliteStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, ServeError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
+            work(&mut store)
+        })
+        .await
+        .map_err(|error| ServeError::Protocol(format!("store task failed: {error}")))?
+        .map_err(ServeError::from)
+    }
+}
+
+/// Accepts agent connections on `endpoint` until it is closed.
+pub async fn serve(endpoint: quinn::Endpoint, service: Arc<AgentService>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let service = service.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match handle_connection(incoming, service).await {
+                Ok(()) => tracing::debug!(%remote, "agent connection closed"),
+                Err(error) => tracing::debug!(%remote, %error, "agent connection ended"),
+            }
+        });
+    }
+}
+
+async fn refuse(
+    connection: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    code: ErrorCode,
+    close_code: u32,
+    message: String,
+) -> Result<(), ServeError> {
+    tracing::info!(remote = %connection.remote_address(), ?code, %message, "agent refused");
+    let _ = send_message(send, &Message::Error(ErrorMessage { code, message })).await;
+    let _ = send.finish();
+    // Give the error frame a moment to leave before the close overtakes it.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), send.stopped()).await;
+    connection.close(close_code.into(), b"refused");
+    Ok(())
+}
+
+async fn handle_connection(
+    incoming: quinn::Incoming,
+    service: Arc<AgentService>,
+) -> Result<(), ServeError> {
+    let connection = incoming.await?;
+    let key = peer_public_key(&connection)
+        .ok_or_else(|| ServeError::Protocol("no ed25519 client key".to_owned()))?;
+    let id = agent_id(&key.to_bytes());
+    let (mut send, recv) = connection.accept_bi().await?;
+    let mut reader = MessageReader::new(recv);
+    let first = reader
+        .next()
+        .await?
+        .ok_or_else(|| ServeError::Protocol("control stream closed before Hello".to_owned()))?;
+    let lookup = id.clone();
+    let agent = service
+        .with_store(move |store| store.agent(&lookup))
+        .await?
+        .filter(|agent| agent.public_key == key.to_bytes());
+    let agent = match (agent, first) {
+        (Some(agent), first) if agent.revoked.is_some() => {
+            let _ = first;
+            return refuse(
+                &connection,
+                &mut send,
+                ErrorCode::Revoked,
+                close::REVOKED,
+                revoked_text(&agent),
+            )
+            .await;
+        }
+        (Some(agent), Message::Enrol(_)) => {
+            // Enrolled before, but the answer was lost: say so again.
+            send_message(
+                &mut send,
+                &Message::Enrolled(Enrolled {
+                    agent_id: agent.id.clone(),
+                }),
+            )
+            .await?;
+            agent
+        }
+        (Some(agent), Message::Hello(hello)) => {
+            return run_session(&service, connection, send, reader, agent, Some(hello)).await;
+        }
+        (None, Message::Enrol(enrol)) => match enrol_agent(&service, &key, &enrol.token).await? {
+            Ok(agent) => {
+                tracing::info!(agent = %agent.id, version = %enrol.agent_version, "agent enrolled");
+                send_message(
+                    &mut send,
+                    &Message::Enrolled(Enrolled {
+                        agent_id: agent.id.clone(),
+                    }),
+                )
+                .await?;
+                (service.on_enrol)();
+                agent
+            }
+            Err(message) => {
+                return refuse(
+                    &connection,
+                    &mut send,
+                    ErrorCode::BadToken,
+                    close::BAD_TOKEN,
+                    message,
+                )
+                .await;
+            }
+        },
+        (None, _) => {
+            return refuse(
+                &connection,
+                &mut send,
+                ErrorCode::UnknownAgent,
+                close::UNKNOWN_AGENT,
+                format!(
+                    "agent key {id} is not enrolled on this hub; enrol it with a token from `outpost-hub tokens create`"
+                ),
+            )
+            .await;
+        }
+        (Some(_), other) => {
+            return Err(ServeError::Protocol(format!(
+                "expected Hello or Enrol first, got {}",
+                message_name(&other)
+            )));
+        }
+    };
+    run_session(&service, connection, send, reader, agent, None).await
+}
+
+fn revoked_text(agent: &Agent) -> String {
+    let (at, who, why) = agent.revoked.clone().unwrap_or_default();
+    format!(
+        "agent {} was revoked at {at} by {who}: {why}; it gets nothing from this hub. Enrol a new key with a new token if this was a mistake",
+        agent.id
+    )
+}
+
+async fn enrol_agent(
+    service: &Arc<AgentService>,
+    key: &PublicKey,
+    token: &str,
+) -> Result<Result<Agent, String>, ServeError> {
+    let digest = Digest::of(token.as_bytes());
+    let public_key = key.to_bytes();
+    let now = (service.now)();
+    let outcome = service
+        .with_store(move |store| store.enrol(&digest, &public_key, now))
+        .await?;
+    Ok(outcome.map_err(|error| error.to_string()))
+}
+
+fn message_name(message: &Message) -> &'static str {
+    match message {
+        Message::Hello(_) => "Hello",
+        Message::Assign(_) => "Assign",
+        Message::Fetch(_) => "Fetch",
+        Message::TransferStart(_) => "TransferStart",
+        Message::TransferChunk(_) => "TransferChunk",
+        Message::StatusReport(_) => "StatusReport",
+        Message::Ack(_) => "Ack",
+        Message::Error(_) => "Error",
+        Message::Enrol(_) => "Enrol",
+        Message::Enrolled(_) => "Enrolled",
+        Message::Trust(_) => "Trust",
+    }
+}
+
+/// The enrolled agent's session: the control stream's loop, with fetches on their own streams.
+async fn run_session(
+    service: &Arc<AgentService>,
+    connection: quinn::Connection,
+    mut send: quinn::SendStream,
+    mut reader: MessageReader,
+    agent: Agent,
+    mut hello: Option<outpost_proto::wire::Hello>,
+) -> Result<(), ServeError> {
+    let id = agent.id.clone();
+    if hello.is_none() {
+        match reader.next().await? {
+            Some(Message::Hello(first)) => hello = Some(first),
+            other => {
+                return Err(ServeError::Protocol(format!(
+                    "expected Hello after enrolment, got {:?}",
+                    other.as_ref().map(message_name)
+                )));
+            }
+        }
+    }
+    let version = hello.map(|hello| hello.agent_version).unwrap_or_default();
+    let now = (service.now)();
+    let seen = id.clone();
+    service
+        .with_store(move |store| store.agent_connected(&seen, &version, now))
+        .await?;
+    let span = tracing::info_span!("agent", agent = %id);
+    let _entered = span.enter();
+    tracing::info!(remote = %connection.remote_address(), "agent connected");
+    drop(_entered);
+    send_message(
+        &mut send,
+        &Message::Trust(Trust {
+            certificates: vec![service.keys.certificate.to_wire()],
+        }),
+    )
+    .await?;
+    let mut changes = service.changes.clone();
+    let mut sent_sequence = None;
+    loop {
+        // (Re)check the agent and send its assignments if they changed.
+        let lookup = id.clone();
+        let (agent, assignments) = service
+            .with_store(move |store| Ok((store.agent(&lookup)?, store.assignments(&lookup)?)))
+            .await?;
+        match agent {
+            Some(agent) if agent.revoked.is_none() => {}
+            Some(agent) => {
+                return refuse(
+                    &connection,
+                    &mut send,
+                    ErrorCode::Revoked,
+                    close::REVOKED,
+                    revoked_text(&agent),
+                )
+                .await;
+            }
+            None => {
+                return refuse(
+                    &connection,
+                    &mut send,
+                    ErrorCode::UnknownAgent,
+                    close::UNKNOWN_AGENT,
+                    format!("agent {id} is no longer known to this hub"),
+                )
+                .await;
+            }
+        }
+        if sent_sequence != Some(assignments.sequence) {
+            sent_sequence = Some(assignments.sequence);
+            let assign = Assign {
+                sequence: assignments.sequence,
+                assignments: assignments
+                    .entries
+                    .iter()
+                    .map(|row| Assignment {
+                        bundle: row.bundle.clone(),
+                        generation: row.generation,
+                        digest: row.digest,
+                    })
+                    .collect(),
+            };
+            send_message(&mut send, &Message::Assign(assign)).await?;
+        }
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    connection.close(0u32.into(), b"hub stopping");
+                    return Ok(());
+                }
+            }
+            message = reader.next() => match message? {
+                Some(Message::StatusReport(report)) => {
+                    let (agent, now) = (id.clone(), (service.now)());
+                    let sequence = report.sequence;
+                    let new = service
+                        .with_store(move |store| store.record_status(&agent, sequence, &report.bundles, now))
+                        .await?;
+                    tracing::debug!(agent = %id, sequence, new, "status report stored");
+                    send_message(&mut send, &Message::Ack(outpost_proto::wire::Ack { sequence })).await?;
+                }
+                Some(Message::Hello(_)) => {}
+                Some(other) => {
+                    connection.close(close::PROTOCOL.into(), b"unexpected message");
+                    return Err(ServeError::Protocol(format!("unexpected {} on the control stream", message_name(&other))));
+                }
+                None => return Ok(()),
+            },
+            stream = connection.accept_bi() => {
+                let (stream_send, stream_recv) = stream?;
+                let (service, agent) = (service.clone(), id.clone());
+                tokio::spawn(async move {
+                    if let Err(error) = serve_fetch(&service, &agent, stream_send, stream_recv).await {
+                        tracing::debug!(%agent, %error, "fetch ended");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// One fetch: check the snapshot is assigned, choose whole or delta, send from the resume point.
+async fn serve_fetch(
+    service: &Arc<AgentService>,
+    agent: &str,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> Result<(), ServeError> {
+    let mut reader = MessageReader::new(recv);
+    let fetch: Fetch = match reader.next().await? {
+        Some(Message::Fetch(fetch)) => fetch,
+        other => {
+            return Err(ServeError::Protocol(format!(
+                "expected Fetch, got {:?}",
+                other.as_ref().map(message_name)
+            )));
+        }
+    };
+    let (lookup, wanted, have) = (agent.to_owned(), fetch.snapshot, fetch.have.clone());
+    // The snapshot must be assigned to this agent; pick the first held body we still have.
+    let found = service
+        .with_store(move |store| {
+            let assignments = store.assignments(&lookup)?;
+            let Some(row) = assignments
+                .entries
+                .into_iter()
+                .find(|row| row.digest == wanted)
+            else {
+                return Ok(None);
+            };
+            let Some(target) = store.snapshot_by_digest(&row.bundle, &wanted)? else {
+                return Ok(Some(None));
+            };
+            let mut base = None;
+            for digest in have.iter().filter(|digest| **digest != wanted).take(4) {
+                if let Some(snapshot) = store.snapshot_by_digest(&row.bundle, digest)? {
+                    base = Some(snapshot.digest);
+                    break;
+                }
+            }
+            Ok(Some(Some((
+                target.bundle,
+                target.header,
+                target.signature,
+                base,
+            ))))
+        })
+        .await?;
+    let (bundle, header, signature, base) = match found {
+        Some(Some(found)) => found,
+        Some(None) => {
+            let message = format!("the hub no longer holds snapshot {}", wanted.short());
+            return error_reply(&mut send, ErrorCode::UnknownSnapshot, message).await;
+        }
+        None => {
+            let message = format!(
+                "snapshot {} is not assigned to agent {agent}",
+                wanted.short()
+            );
+            return error_reply(&mut send, ErrorCode::NotAssigned, message).await;
+        }
+    };
+    let store = service.store.clone();
+    let load_bundle = bundle.clone();
+    let payload = service
+        .payloads
+        .get(wanted, base, move || {
+            let store = store.lock().unwrap_or_else(|e| e.into_inner());
+            let body = |digest: &Digest| -> Result<Vec<u8>, String> {
+                store
+                    .snapshot_by_digest(&load_bundle, digest)
+                    .map_err(|error| error.to_string())?
+                    .map(|snapshot| snapshot.body)
+                    .ok_or_else(|| format!("snapshot {} vanished", digest.short()))
+            };
+            Ok(Bodies {
+                target: body(&wanted)?,
+                base: base.as_ref().map(body).transpose()?,
+            })
+        })
+        .await?;
+    let size = payload.bytes.len() as u64;
+    let offset = match fetch.resume {
+        Some(resume) if resume.payload_digest == payload.digest && resume.offset <= size => {
+            resume.offset
+        }
+        _ => 0,
+    };
+    tracing::debug!(%agent, %bundle, snapshot = %wanted.short(), encoding = ?payload.encoding, size, offset, "sending");
+    send_message(
+        &mut send,
+        &Message::TransferStart(TransferStart {
+            snapshot: wanted,
+            header,
+            signature,
+            encoding: payload.encoding,
+            payload_size: size,
+            payload_digest: payload.digest,
+            offset,
+        }),
+    )
+    .await?;
+    let chunk_size = service
+        .options
+        .chunk_size
+        .clamp(1, outpost_proto::wire::MAX_CHUNK_SIZE);
+    let mut position = offset as usize;
+    while position < payload.bytes.len() {
+        let end = (position + chunk_size).min(payload.bytes.len());
+        send_message(
+            &mut send,
+            &Message::TransferChunk(TransferChunk {
+                payload_digest: payload.digest,
+                offset: position as u64,
+                bytes: payload.bytes[position..end].to_vec(),
+            }),
+        )
+        .await?;
+        position = end;
+    }
+    let _ = send.finish();
+    let _ = send.stopped().await;
+    Ok(())
+}
+
+async fn error_reply(
+    send: &mut quinn::SendStream,
+    code: ErrorCode,
+    message: String,
+) -> Result<(), ServeError> {
+    send_message(send, &Message::Error(ErrorMessage { code, message })).await?;
+    let _ = send.finish();
+    Ok(())
+}
