@@ -1,4 +1,6 @@
-//! Home of Outpost's end-to-end tests: real hub and agent processes, real Git repositories served
-//! by `git daemon`, real QUIC on loopback, and the project's Kubernetes API test server. They
-//! arrive with the hub, transport and agent issues; the binaries' own CLI tests live beside them
-//! (`hub/tests`, `simulations/tests`) until then.
+//! Outpost's end-to-end test kit and tests: an in-process fleet over real QUIC and SQLite
+//! ([`harness`]), a seeded lossy UDP link ([`lossy`]), and tests with real processes. The
+//! binaries' own CLI tests live beside them (`hub/tests`, `simulations/tests`).
+
+pub mod harness;
+pub mod lossy;

@@ -1,0 +1,374 @@
+//! An in-process fleet for transport tests and benchmarks: a hub (its real SQLite store, keys and
+//! QUIC agent service on loopback) and agents (their real key files, SQLite state and QUIC
+//! client), with snapshots published and assigned directly in the hub's store so a test controls
+//! exactly what each agent should run.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use outpost_agent::client::AgentError;
+use outpost_agent::{Client, ClientOptions, State, identity, paths};
+use outpost_hub::api::FetchNow;
+use outpost_hub::keys::HubKeys;
+use outpost_hub::store::{AssignmentRow, FleetStore, SqliteStore, Store, StoredSnapshot};
+use outpost_hub::transport::{AgentService, ServiceOptions};
+use outpost_proto::transport::{Tuning, hub_pin, server_config};
+use outpost_proto::{Body, Digest, SnapshotHeader, SourceFile};
+
+/// Unix seconds now.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64)
+}
+
+/// A hub serving agents on loopback.
+#[derive(Debug)]
+pub struct TestHub {
+    /// Holds the store and keys.
+    pub dir: tempfile::TempDir,
+    /// The hub's store.
+    pub store: Arc<Mutex<SqliteStore>>,
+    /// The hub's keys.
+    pub keys: Arc<HubKeys>,
+    /// The agent service.
+    pub service: Arc<AgentService>,
+    /// Wakes agent connections.
+    pub fetch_now: Arc<FetchNow>,
+    /// The QUIC address.
+    pub address: SocketAddr,
+    endpoint: quinn::Endpoint,
+    assignments: Mutex<BTreeMap<(String, String), AssignmentRow>>,
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"test over");
+    }
+}
+
+/// A published snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// Its generation.
+    pub generation: u64,
+    /// Its body digest.
+    pub digest: Digest,
+}
+
+impl TestHub {
+    /// Starts a hub with `options` and QUIC `tuning`.
+    pub async fn start(options: ServiceOptions, tuning: &Tuning) -> TestHub {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(&dir.path().join("hub.db")).expect("hub store");
+        let (keys, _) = HubKeys::load_or_generate(&dir.path().join("keys"), unix_now())
+            .expect("hub keys");
+        let (store, keys) = (Arc::new(Mutex::new(store)), Arc::new(keys));
+        let fetch_now = Arc::new(FetchNow::default());
+        let config = server_config(&keys.transport, tuning).expect("server config");
+        let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().expect("address"))
+            .expect("hub endpoint");
+        let address = endpoint.local_addr().expect("bound");
+        let service = Arc::new(AgentService::new(
+            store.clone(),
+            keys.clone(),
+            fetch_now.fleet.subscribe(),
+            Box::new(|| {}),
+            unix_now,
+            options,
+        ));
+        tokio::spawn(outpost_hub::transport::serve(
+            endpoint.clone(),
+            service.clone(),
+        ));
+        TestHub {
+            dir,
+            store,
+            keys,
+            service,
+            fetch_now,
+            address,
+            endpoint,
+            assignments: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Renders `yaml` as the next generation of `bundle`, signs and stores it.
+    pub fn publish(&self, bundle: &str, yaml: &str) -> Published {
+        let body = Body::render(&[SourceFile {
+            path: "manifests.yaml",
+            text: yaml,
+        }])
+        .expect("valid manifests");
+        let mut store = self.store.lock().expect("store");
+        let generation = store.next_generation(bundle).expect("generation");
+        let digest = body.digest();
+        let (header, signature) = SnapshotHeader {
+            bundle: bundle.to_owned(),
+            generation,
+            git_commit: "0".repeat(40),
+            git_ref: "refs/heads/main".to_owned(),
+            body_digest: digest,
+            body_size: body.as_bytes().len() as u64,
+            object_count: body.object_count(),
+            created_at: unix_now(),
+            expires_at: None,
+            selector: String::new(),
+            key_id: self.keys.signer.key_id(),
+        }
+        .sign(&self.keys.signer)
+        .expect("header");
+        store
+            .insert_snapshot(
+                &StoredSnapshot {
+                    bundle: bundle.to_owned(),
+                    generation,
+                    digest,
+                    git_commit: "0".repeat(40),
+                    git_ref: "refs/heads/main".to_owned(),
+                    header,
+                    signature: signature.0.to_vec(),
+                    object_count: body.object_count(),
+                    body: body.into_bytes(),
+                    created_at: unix_now(),
+                },
+                &format!("tree-{generation}"),
+                "",
+            )
+            .expect("insert snapshot");
+        Published { generation, digest }
+    }
+
+    /// A single-use enrolment token granting `labels`.
+    pub fn token(&self, labels: &[(&str, &str)]) -> String {
+        let mut secret = [0u8; 16];
+        getrandom::fill(&mut secret).expect("randomness");
+        let token = hex::encode(secret);
+        let labels: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        self.store
+            .lock()
+            .expect("store")
+            .create_token(
+                &Digest::of(token.as_bytes()),
+                &labels,
+                "test",
+                unix_now(),
+                unix_now() + 3600,
+            )
+            .expect("token");
+        token
+    }
+
+    /// Assigns `snapshot` of `bundle` to `agent` and tells connected agents.
+    pub fn assign(&self, agent: &str, bundle: &str, snapshot: Published) {
+        let rows: Vec<AssignmentRow> = {
+            let mut assignments = self.assignments.lock().expect("assignments");
+            assignments.insert(
+                (agent.to_owned(), bundle.to_owned()),
+                AssignmentRow {
+                    agent: agent.to_owned(),
+                    bundle: bundle.to_owned(),
+                    generation: snapshot.generation,
+                    digest: snapshot.digest,
+                },
+            );
+            assignments.values().cloned().collect()
+        };
+        self.store
+            .lock()
+            .expect("store")
+            .set_assignments("test", &rows, unix_now())
+            .expect("assign");
+        self.fetch_now.fleet_changed();
+    }
+
+    /// Revokes an agent and tells connected agents.
+    pub fn revoke(&self, agent: &str, why: &str) {
+        self.store
+            .lock()
+            .expect("store")
+            .revoke_agent(agent, "test", why, unix_now())
+            .expect("revoke");
+        self.fetch_now.fleet_changed();
+    }
+
+    /// The pin agents need.
+    pub fn pin(&self) -> Digest {
+        hub_pin(&self.keys.transport.public_key())
+    }
+}
+
+/// An agent with its own state dir, driven in-process.
+#[derive(Debug)]
+pub struct TestAgent {
+    /// State dir.
+    pub dir: PathBuf,
+    /// The running client.
+    pub client: Client,
+    options: ClientOptions,
+    task: Option<tokio::task::JoinHandle<AgentError>>,
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+impl TestAgent {
+    /// Creates an agent in `dir` set to enrol with `hub` (dialled at `address`) using `token`.
+    pub fn new(
+        dir: &Path,
+        hub: &TestHub,
+        address: SocketAddr,
+        token: &str,
+        options: ClientOptions,
+    ) -> TestAgent {
+        let (_, _) = identity::load_or_create(&paths::key(dir)).expect("agent key");
+        let mut state = State::open(&paths::database(dir)).expect("agent state");
+        state
+            .set_enrolment(
+                &address.to_string(),
+                &hub.pin(),
+                &hub.keys.root.public_key(),
+                token,
+            )
+            .expect("enrolment");
+        drop(state);
+        TestAgent::open(dir, options)
+    }
+
+    /// Opens an existing agent state dir (as a restarted process would).
+    pub fn open(dir: &Path, options: ClientOptions) -> TestAgent {
+        let (key, _) = identity::load_or_create(&paths::key(dir)).expect("agent key");
+        let state = State::open(&paths::database(dir)).expect("agent state");
+        TestAgent {
+            dir: dir.to_owned(),
+            client: Client::new(key, state, options.clone()),
+            options,
+            task: None,
+        }
+    }
+
+    /// Starts the connection loop.
+    pub fn start(&mut self) {
+        let client = self.client.clone();
+        self.task = Some(tokio::spawn(async move { client.run().await }));
+    }
+
+    /// Kills the agent (the task and its connection vanish, as with kill -9) and starts a
+    /// fresh one on the same state dir.
+    pub fn restart(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        let options = self.options.clone();
+        *self = TestAgent::open(&self.dir.clone(), options);
+        self.start();
+    }
+
+    /// Waits for the agent to stop (it stops only when refused) and returns why.
+    pub async fn stopped(&mut self) -> AgentError {
+        let task = self.task.take().expect("agent started");
+        task.await.expect("agent task")
+    }
+
+    /// The agent id, once enrolled.
+    pub async fn id(&self) -> Option<String> {
+        self.client
+            .with_state(|state| Ok(state.enrolment()?.and_then(|e| e.agent_id)))
+            .await
+            .expect("state")
+    }
+
+    /// Waits until the agent is enrolled; returns its id.
+    pub async fn enrolled(&self) -> String {
+        loop {
+            if let Some(id) = self.id().await {
+                return id;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the agent holds `snapshot`.
+    pub async fn holds(&self, snapshot: Published) {
+        let mut installed = self.client.installed();
+        loop {
+            let held = self
+                .client
+                .with_state(|state| state.held())
+                .await
+                .expect("state");
+            if held.iter().any(|held| held.digest == snapshot.digest) {
+                return;
+            }
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_millis(200),
+                installed.changed(),
+            )
+            .await;
+        }
+    }
+}
+
+/// Client options for tests: fast reconnects.
+pub fn quick_options(seed: u64) -> ClientOptions {
+    ClientOptions {
+        backoff_min: std::time::Duration::from_millis(50),
+        backoff_max: std::time::Duration::from_millis(500),
+        seed,
+        ..ClientOptions::default()
+    }
+}
+
+/// A manifest of `count` ConfigMaps carrying `bytes_each` of incompressible data (base64 of
+/// seeded random bytes), so payload sizes are predictable.
+pub fn bulky_manifests(count: usize, bytes_each: usize, seed: u64) -> String {
+    let mut random = seed;
+    let mut yaml = String::new();
+    for index in 0..count {
+        let mut raw = Vec::with_capacity(bytes_each);
+        while raw.len() < bytes_each {
+            random = random.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = random;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            raw.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+        }
+        raw.truncate(bytes_each);
+        yaml.push_str(&format!(
+            "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: blob-{index}\n  namespace: default\nbinaryData:\n  blob: {}\n",
+            base64(&raw)
+        ));
+    }
+    yaml
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18, 12, 6, 0].iter().enumerate() {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> shift) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,194 @@
+//! Transport: enrolment and identity, assignments, fetches whole and by delta, status reports.
+//! Real QUIC on loopback, real SQLite files on both sides.
+
+use std::time::Duration;
+
+use outpost_agent::client::AgentError;
+use outpost_e2e::harness::{TestAgent, TestHub, bulky_manifests, quick_options};
+use outpost_hub::store::FleetStore;
+use outpost_hub::transport::ServiceOptions;
+use outpost_proto::transport::Tuning;
+use outpost_proto::wire::{ErrorCode, Phase};
+
+const APP: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: app\n  namespace: default\ndata:\n  version: \"1\"\n";
+
+fn options() -> ServiceOptions {
+    ServiceOptions {
+        compression_level: 3,
+        ..ServiceOptions::default()
+    }
+}
+
+async fn within<T>(seconds: u64, what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(seconds), future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {seconds}s waiting for {what}"))
+}
+
+fn refusal(error: AgentError) -> (ErrorCode, String) {
+    match error {
+        AgentError::Refused { code, message } => (code, message),
+        other => panic!("expected a refusal, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolment_fetch_report_and_token_reuse_refused() {
+    let hub = TestHub::start(options(), &Tuning::default()).await;
+    let first = hub.publish("app", APP);
+    let token = hub.token(&[("region", "eu")]);
+    let dirs = tempfile::tempdir().unwrap();
+
+    let mut agent = TestAgent::new(
+        &dirs.path().join("a"),
+        &hub,
+        hub.address,
+        &token,
+        quick_options(1),
+    );
+    agent.start();
+    let id = within(20, "enrolment", agent.enrolled()).await;
+    let stored = hub.store.lock().unwrap();
+    let record = outpost_hub::store::Store::agent(&*stored, &id)
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.labels.get("region").map(String::as_str), Some("eu"));
+    drop(stored);
+
+    hub.assign(&id, "app", first);
+    within(20, "first snapshot", agent.holds(first)).await;
+
+    // The install is reported, stored by the hub and acknowledged (the outbox empties).
+    within(20, "status report", async {
+        loop {
+            let statuses = hub.store.lock().unwrap().statuses(Some(&id)).unwrap();
+            let outbox = agent
+                .client
+                .with_state(|state| state.outbox_len())
+                .await
+                .unwrap();
+            if statuses.len() == 1 && outbox == 0 {
+                assert_eq!(statuses[0].status.digest, first.digest);
+                assert_eq!(statuses[0].status.phase, Phase::Applying);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+
+    // A new generation arrives as a delta against the held one.
+    let second = hub.publish("app", &APP.replace("\"1\"", "\"2\""));
+    hub.assign(&id, "app", second);
+    within(20, "second snapshot", agent.holds(second)).await;
+    let held = agent
+        .client
+        .with_state(|state| state.held())
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 2, "the previous generation is kept: {held:?}");
+
+    // The same token again, from another key: refused, and the agent stops with the reason.
+    let mut thief = TestAgent::new(
+        &dirs.path().join("b"),
+        &hub,
+        hub.address,
+        &token,
+        quick_options(2),
+    );
+    thief.start();
+    let (code, message) = refusal(within(20, "token refusal", thief.stopped()).await);
+    assert_eq!(code, ErrorCode::BadToken);
+    assert!(message.contains("already used"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_key_is_refused() {
+    let hub = TestHub::start(options(), &Tuning::default()).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let mut agent = TestAgent::new(
+        dirs.path(),
+        &hub,
+        hub.address,
+        "never-issued",
+        quick_options(3),
+    );
+    // Pretend the agent enrolled (it did not): it says Hello with a key the hub never saw.
+    agent
+        .client
+        .with_state(|state| state.enrolled("0123456789abcdef"))
+        .await
+        .unwrap();
+    agent.start();
+    let (code, message) = refusal(within(20, "refusal", agent.stopped()).await);
+    assert_eq!(code, ErrorCode::UnknownAgent);
+    assert!(message.contains("not enrolled"), "{message}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_agent_is_cut_off_and_stays_out() {
+    let hub = TestHub::start(options(), &Tuning::default()).await;
+    let token = hub.token(&[]);
+    let dirs = tempfile::tempdir().unwrap();
+    let mut agent = TestAgent::new(dirs.path(), &hub, hub.address, &token, quick_options(4));
+    agent.start();
+    let id = within(20, "enrolment", agent.enrolled()).await;
+    let snapshot = hub.publish("app", APP);
+    hub.assign(&id, "app", snapshot);
+    within(20, "snapshot", agent.holds(snapshot)).await;
+
+    hub.revoke(&id, "device stolen");
+    let (code, message) = refusal(within(20, "cut-off", agent.stopped()).await);
+    assert_eq!(code, ErrorCode::Revoked);
+    assert!(message.contains("device stolen"), "{message}");
+
+    // Reconnecting does not help.
+    agent.restart();
+    let (code, _) = refusal(within(20, "refusal on reconnect", agent.stopped()).await);
+    assert_eq!(code, ErrorCode::Revoked);
+    // What it held stays held (offline autonomy is the agent's business, not the hub's).
+    let held = agent
+        .client
+        .with_state(|state| state.held())
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_gets_only_what_is_assigned_to_it() {
+    let hub = TestHub::start(options(), &Tuning::default()).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let mut a = TestAgent::new(
+        &dirs.path().join("a"),
+        &hub,
+        hub.address,
+        &hub.token(&[]),
+        quick_options(5),
+    );
+    let mut b = TestAgent::new(
+        &dirs.path().join("b"),
+        &hub,
+        hub.address,
+        &hub.token(&[]),
+        quick_options(6),
+    );
+    a.start();
+    b.start();
+    let (id_a, id_b) = (
+        within(20, "a", a.enrolled()).await,
+        within(20, "b", b.enrolled()).await,
+    );
+    let secret = hub.publish("secret", &bulky_manifests(1, 1000, 7));
+    let public = hub.publish("public", APP);
+    hub.assign(&id_a, "secret", secret);
+    hub.assign(&id_b, "public", public);
+    within(20, "a's snapshot", a.holds(secret)).await;
+    within(20, "b's snapshot", b.holds(public)).await;
+    let held_b = b.client.with_state(|state| state.held()).await.unwrap();
+    assert!(held_b.iter().all(|held| held.bundle == "public"), "{held_b:?}");
+
+    // b asks for a's snapshot by digest on its own connection: the hub declines.
+    let declined = hub.store.lock().unwrap().assignments(&id_b).unwrap();
+    assert!(declined.entries.iter().all(|row| row.digest != secret.digest));
+}
