@@ -612,35 +612,56 @@ impl Client {
             )));
         }
         while received < size {
-            let chunk = match reader.next().await? {
-                Some(Message::TransferChunk(chunk)) => chunk,
-                Some(Message::Error(error)) => return Err(TransferError::Declined(error)),
-                None => {
-                    return Err(SessionError::Protocol(format!(
-                        "transfer ended at byte {received} of {size}"
-                    ))
-                    .into());
+            // Take every chunk that has already arrived and keep them in one transaction, so
+            // persisting keeps pace with the link and little is lost if the agent dies.
+            let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
+            let mut batch_end = received;
+            loop {
+                let next = if batch.is_empty() {
+                    reader.next().await?
+                } else {
+                    match tokio::time::timeout(Duration::ZERO, reader.next()).await {
+                        Ok(next) => next?,
+                        Err(_) => break,
+                    }
+                };
+                let chunk = match next {
+                    Some(Message::TransferChunk(chunk)) => chunk,
+                    Some(Message::Error(error)) => return Err(TransferError::Declined(error)),
+                    None if !batch.is_empty() => break,
+                    None => {
+                        return Err(SessionError::Protocol(format!(
+                            "transfer ended at byte {received} of {size}"
+                        ))
+                        .into());
+                    }
+                    Some(other) => {
+                        return Err(SessionError::Protocol(format!(
+                            "unexpected {other:?} in a transfer"
+                        ))
+                        .into());
+                    }
+                };
+                let length = chunk.bytes.len() as u64;
+                if chunk.payload_digest != start.payload_digest
+                    || chunk.offset != batch_end
+                    || length > size - batch_end
+                {
+                    return Err(TransferError::Rejected(format!(
+                        "chunk at {} ({length} bytes) does not continue the payload at {batch_end}",
+                        chunk.offset
+                    )));
                 }
-                Some(other) => {
-                    return Err(SessionError::Protocol(format!(
-                        "unexpected {other:?} in a transfer"
-                    ))
-                    .into());
+                batch_end += length;
+                batch.push((chunk.offset, chunk.bytes));
+                if batch_end == size || batch.len() >= 64 {
+                    break;
                 }
-            };
-            let length = chunk.bytes.len() as u64;
-            if chunk.payload_digest != start.payload_digest
-                || chunk.offset != received
-                || length > size - received
-            {
-                return Err(TransferError::Rejected(format!(
-                    "chunk at {} ({length} bytes) does not continue the payload at {received}",
-                    chunk.offset
-                )));
             }
-            self.with_state(move |state| state.append_chunk(&wanted, chunk.offset, &chunk.bytes))
+            let length = batch_end - received;
+            self.with_state(move |state| state.append_chunks(&wanted, &batch))
                 .await?;
-            received += length;
+            received = batch_end;
             self.inner
                 .counters
                 .payload_bytes

@@ -479,18 +479,28 @@ impl State {
         Ok(())
     }
 
-    /// Appends received payload bytes at `offset` (durably).
-    pub fn append_chunk(
+    /// Appends received payload slices `(offset, bytes)` in one transaction. Chunks are written
+    /// with `synchronous=NORMAL`: in WAL mode they survive a process crash, and a power loss can
+    /// only drop the newest ones, which leaves a shorter but consistent download to resume.
+    pub fn append_chunks(
         &mut self,
         snapshot: &Digest,
-        offset: u64,
-        bytes: &[u8],
+        chunks: &[(u64, Vec<u8>)],
     ) -> Result<(), StateError> {
-        self.connection.execute(
-            "INSERT OR REPLACE INTO download_chunks (snapshot, offset, bytes) VALUES (?1, ?2, ?3)",
-            params![snapshot.0.as_slice(), offset as i64, bytes],
-        )?;
-        Ok(())
+        self.connection
+            .pragma_update(None, "synchronous", "NORMAL")?;
+        let result = (|| {
+            let transaction = self.connection.transaction()?;
+            for (offset, bytes) in chunks {
+                transaction.execute(
+                    "INSERT OR REPLACE INTO download_chunks (snapshot, offset, bytes) VALUES (?1, ?2, ?3)",
+                    params![snapshot.0.as_slice(), *offset as i64, bytes],
+                )?;
+            }
+            transaction.commit()
+        })();
+        self.connection.pragma_update(None, "synchronous", "FULL")?;
+        Ok(result?)
     }
 
     /// The payload bytes received, in order.

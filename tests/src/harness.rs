@@ -63,8 +63,8 @@ impl TestHub {
     pub async fn start(options: ServiceOptions, tuning: &Tuning) -> TestHub {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = SqliteStore::open(&dir.path().join("hub.db")).expect("hub store");
-        let (keys, _) = HubKeys::load_or_generate(&dir.path().join("keys"), unix_now())
-            .expect("hub keys");
+        let (keys, _) =
+            HubKeys::load_or_generate(&dir.path().join("keys"), unix_now()).expect("hub keys");
         let (store, keys) = (Arc::new(Mutex::new(store)), Arc::new(keys));
         let fetch_now = Arc::new(FetchNow::default());
         let config = server_config(&keys.transport, tuning).expect("server config");
@@ -310,11 +310,9 @@ impl TestAgent {
             if held.iter().any(|held| held.digest == snapshot.digest) {
                 return;
             }
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_millis(200),
-                installed.changed(),
-            )
-            .await;
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_millis(200), installed.changed())
+                    .await;
         }
     }
 }

@@ -8,7 +8,8 @@ use outpost_e2e::harness::{TestAgent, TestHub, bulky_manifests, quick_options};
 use outpost_hub::store::FleetStore;
 use outpost_hub::transport::ServiceOptions;
 use outpost_proto::transport::Tuning;
-use outpost_proto::wire::{ErrorCode, Phase};
+use outpost_proto::transport::{MessageReader, send_message};
+use outpost_proto::wire::{ErrorCode, Fetch, Hello, Message, Phase};
 
 const APP: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: app\n  namespace: default\ndata:\n  version: \"1\"\n";
 
@@ -81,11 +82,7 @@ async fn enrolment_fetch_report_and_token_reuse_refused() {
     let second = hub.publish("app", &APP.replace("\"1\"", "\"2\""));
     hub.assign(&id, "app", second);
     within(20, "second snapshot", agent.holds(second)).await;
-    let held = agent
-        .client
-        .with_state(|state| state.held())
-        .await
-        .unwrap();
+    let held = agent.client.with_state(|state| state.held()).await.unwrap();
     assert_eq!(held.len(), 2, "the previous generation is kept: {held:?}");
 
     // The same token again, from another key: refused, and the agent stops with the reason.
@@ -147,11 +144,7 @@ async fn revoked_agent_is_cut_off_and_stays_out() {
     let (code, _) = refusal(within(20, "refusal on reconnect", agent.stopped()).await);
     assert_eq!(code, ErrorCode::Revoked);
     // What it held stays held (offline autonomy is the agent's business, not the hub's).
-    let held = agent
-        .client
-        .with_state(|state| state.held())
-        .await
-        .unwrap();
+    let held = agent.client.with_state(|state| state.held()).await.unwrap();
     assert_eq!(held.len(), 1);
 }
 
@@ -186,9 +179,49 @@ async fn an_agent_gets_only_what_is_assigned_to_it() {
     within(20, "a's snapshot", a.holds(secret)).await;
     within(20, "b's snapshot", b.holds(public)).await;
     let held_b = b.client.with_state(|state| state.held()).await.unwrap();
-    assert!(held_b.iter().all(|held| held.bundle == "public"), "{held_b:?}");
+    assert!(
+        held_b.iter().all(|held| held.bundle == "public"),
+        "{held_b:?}"
+    );
 
-    // b asks for a's snapshot by digest on its own connection: the hub declines.
-    let declined = hub.store.lock().unwrap().assignments(&id_b).unwrap();
-    assert!(declined.entries.iter().all(|row| row.digest != secret.digest));
+    // b asks for a's snapshot by digest, speaking the protocol itself: the hub declines.
+    let (key, _) =
+        outpost_agent::identity::load_or_create(&outpost_agent::paths::key(&b.dir)).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let config =
+        outpost_proto::transport::client_config(&key, hub.pin(), &Tuning::default()).unwrap();
+    let connection = endpoint
+        .connect_with(config, hub.address, "outpost-hub")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut control, _control_recv) = connection.open_bi().await.unwrap();
+    let hello = Hello {
+        agent_version: "test".into(),
+        assignment_sequence: 0,
+        have: vec![],
+    };
+    send_message(&mut control, &Message::Hello(hello))
+        .await
+        .unwrap();
+    let (mut send, recv) = connection.open_bi().await.unwrap();
+    let fetch = Fetch {
+        snapshot: secret.digest,
+        have: vec![],
+        resume: None,
+    };
+    send_message(&mut send, &Message::Fetch(fetch))
+        .await
+        .unwrap();
+    let reply = within(20, "reply", MessageReader::new(recv).next())
+        .await
+        .unwrap();
+    match reply {
+        Some(Message::Error(error)) => {
+            assert_eq!(error.code, ErrorCode::NotAssigned);
+            assert!(error.message.contains(&id_b), "{}", error.message);
+        }
+        other => panic!("expected NotAssigned, got {other:?}"),
+    }
+    assert_ne!(id_a, id_b);
 }

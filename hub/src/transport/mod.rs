@@ -53,7 +53,7 @@ impl Default for ServiceOptions {
     fn default() -> ServiceOptions {
         ServiceOptions {
             compression_level: outpost_proto::compress::DEFAULT_LEVEL,
-            chunk_size: 64 << 10,
+            chunk_size: 32 << 10,
             cache_bytes: 256 << 20,
         }
     }
