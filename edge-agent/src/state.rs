@@ -419,7 +419,8 @@ impl State {
 
     /// The download in progress for `snapshot`, if any.
     pub fn download(&self, snapshot: &Digest) -> Result<Option<Download>, StateError> {
-        let row: Option<(String, Vec<u8>, Vec<u8>, Option<Vec<u8>>, i64, Vec<u8>)> = self
+        type Row = (String, Vec<u8>, Vec<u8>, Option<Vec<u8>>, i64, Vec<u8>);
+        let row: Option<Row> = self
             .connection
             .query_row(
                 "SELECT bundle, header, signature, base, payload_size, payload_digest FROM downloads WHERE snapshot = ?1",

@@ -119,6 +119,14 @@ enum Command {
         #[command(subcommand)]
         command: TokensCommand,
     },
+    /// The last status each agent reported for each bundle.
+    Status {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+    },
 }
 
 /// Where the admin API is and how to print its answers.
@@ -290,6 +298,27 @@ fn main() -> Result<()> {
         }
         Command::Agents { command } => agents(command),
         Command::Tokens { command } => tokens(command),
+        Command::Status { api, agent } => {
+            let path = match agent {
+                Some(agent) => format!("/api/v1/status?agent={agent}"),
+                None => "/api/v1/status".to_owned(),
+            };
+            let rows = Client::new(&api.hub).get(&path)?;
+            print_rows(
+                &rows,
+                api.output,
+                &[
+                    ("agent", "AGENT"),
+                    ("bundle", "BUNDLE"),
+                    ("generation", "GENERATION"),
+                    ("phase", "PHASE"),
+                    ("objects_ready", "READY"),
+                    ("objects_total", "TOTAL"),
+                    ("message", "MESSAGE"),
+                ],
+            );
+            Ok(())
+        }
     }
 }
 
@@ -337,9 +366,12 @@ fn run(config: &Config) -> Result<()> {
         let mut git = config
             .open_source(source)
             .with_context(|| format!("opening the mirror of source {}", source.name))?;
-        let report = sync_source(&mut store, &keys, &mut git, unix_now())
+        let now = unix_now();
+        let report = sync_source(&mut store, &keys, &mut git, now)
             .with_context(|| format!("syncing {}", source.name))?;
         print_report(&report);
+        outpost_hub::assign::assign_tracked(&mut store, &git, &source.track, now)
+            .with_context(|| format!("assigning {}", source.name))?;
         any_failed |= report.fetch_error.is_some();
     }
     if any_failed {

@@ -42,6 +42,10 @@ fn serve(config: &std::path::Path) -> Server {
     let child = Command::new(env!("CARGO_BIN_EXE_outpost-hub"))
         .args(["run", "--config", config.to_str().unwrap()])
         .env("OUTPOST_HUB_LISTEN_ADMIN", format!("127.0.0.1:{port}"))
+        .env(
+            "OUTPOST_HUB_LISTEN_AGENTS",
+            format!("127.0.0.1:{}", support::free_udp_port()),
+        )
         .env("OUTPOST_HUB_POLL_INTERVAL_SECONDS", "3600")
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::null())

@@ -163,3 +163,176 @@ async fn a_transfer_killed_ten_times_resumes_each_time() {
         "{on_the_wire} bytes on the wire for a payload of {payload_size}"
     );
 }
+
+/// A man in the middle holding the hub's stolen TLS key and the agent's key: it relays every
+/// stream, and rewrites the first `tamper` transfers — one payload byte flipped, the payload
+/// digest recomputed so the transport-level check passes. Only the signed body digest is left
+/// to catch it.
+async fn malicious_relay(
+    agent_side: quinn::Endpoint,
+    hub: std::net::SocketAddr,
+    upstream_config: quinn::ClientConfig,
+    tamper: std::sync::Arc<std::sync::atomic::AtomicU32>,
+) {
+    use outpost_proto::transport::{MessageReader, send_message};
+    use outpost_proto::wire::Message;
+    let upstream_endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    while let Some(incoming) = agent_side.accept().await {
+        let Ok(downstream) = incoming.await else {
+            continue;
+        };
+        let Ok(connecting) =
+            upstream_endpoint.connect_with(upstream_config.clone(), hub, "outpost-hub")
+        else {
+            continue;
+        };
+        let Ok(upstream) = connecting.await else {
+            continue;
+        };
+        let tamper = tamper.clone();
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((mut down_send, mut down_recv)) = downstream.accept_bi().await {
+                let Ok((mut up_send, mut up_recv)) = upstream.open_bi().await else {
+                    return;
+                };
+                if first {
+                    // The control stream: pass bytes through both ways.
+                    first = false;
+                    tokio::spawn(async move {
+                        let mut buffer = vec![0u8; 65536];
+                        while let Ok(Some(n)) = down_recv.read(&mut buffer).await {
+                            if up_send.write_all(&buffer[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    tokio::spawn(async move {
+                        let mut buffer = vec![0u8; 65536];
+                        while let Ok(Some(n)) = up_recv.read(&mut buffer).await {
+                            if down_send.write_all(&buffer[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                    continue;
+                }
+                let tamper = tamper.clone();
+                tokio::spawn(async move {
+                    // A fetch: forward the request, take the whole answer, maybe rewrite it.
+                    let mut request = MessageReader::new(down_recv);
+                    let Ok(Some(fetch)) = request.next().await else {
+                        return;
+                    };
+                    if send_message(&mut up_send, &fetch).await.is_err() {
+                        return;
+                    }
+                    let _ = up_send.finish();
+                    let mut answer = Vec::new();
+                    let mut replies = MessageReader::new(up_recv);
+                    while let Ok(Some(message)) = replies.next().await {
+                        answer.push(message);
+                    }
+                    let should_tamper = tamper
+                        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                        .is_ok();
+                    if should_tamper {
+                        let mut payload = Vec::new();
+                        for message in &answer {
+                            if let Message::TransferChunk(chunk) = message {
+                                payload.extend_from_slice(&chunk.bytes);
+                            }
+                        }
+                        let middle = payload.len() / 2;
+                        payload[middle] ^= 0x20;
+                        let digest = outpost_proto::Digest::of(&payload);
+                        let mut position = 0;
+                        for message in &mut answer {
+                            match message {
+                                Message::TransferStart(start) => start.payload_digest = digest,
+                                Message::TransferChunk(chunk) => {
+                                    let end = position + chunk.bytes.len();
+                                    chunk.bytes = payload[position..end].to_vec();
+                                    chunk.payload_digest = digest;
+                                    position = end;
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    for message in &answer {
+                        if send_message(&mut down_send, message).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = down_send.finish();
+                    let _ = down_send.stopped().await;
+                });
+            }
+        });
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_altered_by_a_malicious_relay_are_rejected_and_fetched_again() {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU32;
+    let hub = TestHub::start(options(), &Tuning::default()).await;
+    let dirs = tempfile::tempdir().unwrap();
+    // Enrol directly, then steal the agent's key for the relay's upstream leg.
+    let mut agent = TestAgent::new(
+        dirs.path(),
+        &hub,
+        hub.address,
+        &hub.token(&[]),
+        quick_options(40),
+    );
+    agent.start();
+    let id = within(20, "enrolment", agent.enrolled()).await;
+    drop(agent);
+    let (agent_key, _) =
+        outpost_agent::identity::load_or_create(&outpost_agent::paths::key(dirs.path())).unwrap();
+    let upstream_config =
+        outpost_proto::transport::client_config(&agent_key, hub.pin(), &Tuning::default()).unwrap();
+    let stolen =
+        outpost_proto::transport::server_config(&hub.keys.transport, &Tuning::default()).unwrap();
+    let relay_endpoint = quinn::Endpoint::server(stolen, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let relay_address = relay_endpoint.local_addr().unwrap();
+    let tamper = Arc::new(AtomicU32::new(1));
+    tokio::spawn(malicious_relay(
+        relay_endpoint,
+        hub.address,
+        upstream_config,
+        tamper.clone(),
+    ));
+
+    // The agent now reaches the hub only through the relay.
+    outpost_agent::State::open(&outpost_agent::paths::database(dirs.path()))
+        .unwrap()
+        .set_enrolment(
+            &relay_address.to_string(),
+            &hub.pin(),
+            &hub.keys.root.public_key(),
+            "spent",
+        )
+        .unwrap();
+    let mut agent = TestAgent::open(dirs.path(), quick_options(41));
+    agent.start();
+    let snapshot = hub.publish("app", &bulky_manifests(3, 20_000, 9));
+    hub.assign(&id, "app", snapshot);
+    within(30, "the snapshot, fetched again", agent.holds(snapshot)).await;
+    assert_eq!(
+        tamper.load(Ordering::SeqCst),
+        0,
+        "the relay tampered with a transfer"
+    );
+    assert_eq!(agent.client.counters().rejected.load(Ordering::Relaxed), 1);
+    assert_eq!(agent.client.counters().installs.load(Ordering::Relaxed), 1);
+    let held = agent
+        .client
+        .with_state(move |state| state.load_snapshot("app", &snapshot.digest))
+        .await
+        .unwrap()
+        .expect("held");
+    assert_eq!(held.digest(), snapshot.digest);
+}

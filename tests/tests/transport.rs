@@ -49,12 +49,13 @@ async fn enrolment_fetch_report_and_token_reuse_refused() {
     );
     agent.start();
     let id = within(20, "enrolment", agent.enrolled()).await;
-    let stored = hub.store.lock().unwrap();
-    let record = outpost_hub::store::Store::agent(&*stored, &id)
-        .unwrap()
-        .unwrap();
+    let record = {
+        let stored = hub.store.lock().unwrap();
+        outpost_hub::store::Store::agent(&*stored, &id)
+            .unwrap()
+            .unwrap()
+    };
     assert_eq!(record.labels.get("region").map(String::as_str), Some("eu"));
-    drop(stored);
 
     hub.assign(&id, "app", first);
     within(20, "first snapshot", agent.holds(first)).await;

@@ -76,6 +76,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A loopback UDP port that was free a moment ago (for the QUIC agent service).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Waits up to ten seconds for something to listen on a loopback port.
 pub fn wait_for_port(port: u16) {
     for _ in 0..100 {

@@ -1,0 +1,230 @@
+//! The real binaries: `outpost-hub run` serving a real Git repository, an enrolment bundle made
+//! with `outpost-hub tokens create --bundle-file`, and `outpost-agent enrol` / `run` / `status`
+//! as separate processes talking QUIC on loopback. The binaries are those `cargo test
+//! --workspace` builds (target/<profile>/); run `cargo build --workspace` first otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+fn binary(name: &str) -> PathBuf {
+    let mut dir = std::env::current_exe().unwrap();
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` (or `cargo test --workspace`) first",
+        path.display()
+    );
+    path
+}
+
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let status = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "git {args:?}");
+}
+
+fn free_port(udp: bool) -> u16 {
+    match udp {
+        true => std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port(),
+        false => std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port(),
+    }
+}
+
+fn run(program: &Path, args: &[&str], env: &[(&str, String)]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{} {args:?} failed:\n{}{}",
+        program.display(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+fn wait_for(what: &str, seconds: u64, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+    while std::time::Instant::now() < deadline {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!("timed out after {seconds}s waiting for {what}");
+}
+
+#[test]
+fn hub_and_agent_processes_enrol_fetch_and_report() {
+    let (hub_bin, agent_bin) = (binary("outpost-hub"), binary("outpost-agent"));
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    std::fs::create_dir_all(repo.join("shop")).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"]);
+    git(&repo, &["config", "user.email", "t@outpost.invalid"]);
+    git(&repo, &["config", "user.name", "T"]);
+    let config_map = |value: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: shop\n  namespace: default\ndata:\n  value: \"{value}\"\n"
+        )
+    };
+    std::fs::write(repo.join("shop/app.yaml"), config_map("1")).unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "first"]);
+
+    let (admin, agents) = (free_port(false), free_port(true));
+    let config = work.path().join("hub.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\npoll_interval_seconds = 3600\n[listen]\nadmin = \"127.0.0.1:{admin}\"\nagents = \"127.0.0.1:{agents}\"\n[[sources]]\nname = \"fleet\"\nurl = \"file://{}\"\n",
+            work.path().join("hub").display(),
+            repo.display()
+        ),
+    )
+    .unwrap();
+    let _hub = Process(
+        Command::new(&hub_bin)
+            .args(["run", "--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{admin}");
+    wait_for("the hub's admin API", 20, || {
+        std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok()
+    });
+
+    // The operator makes an enrolment bundle; the device enrols with it.
+    let bundle = work.path().join("enrol.toml");
+    run(
+        &hub_bin,
+        &[
+            "tokens",
+            "create",
+            "--label",
+            "role=store",
+            "--bundle-file",
+            bundle.to_str().unwrap(),
+            "--hub",
+            &url,
+        ],
+        &[],
+    );
+    let text = std::fs::read_to_string(&bundle).unwrap();
+    assert!(
+        text.contains(&format!("hub = \"127.0.0.1:{agents}\"")),
+        "{text}"
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&bundle).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let state = work.path().join("agent");
+    let env = [("OUTPOST_AGENT_STATE_DIR", state.display().to_string())];
+    let enrolled = run(
+        &agent_bin,
+        &[
+            "enrol",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--timeout-seconds",
+            "30",
+        ],
+        &env,
+    );
+    assert!(enrolled.contains("enrolled as agent"), "{enrolled}");
+    // The same bundle on a second device is refused, with the reason.
+    let second = Command::new(&agent_bin)
+        .args([
+            "enrol",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--timeout-seconds",
+            "30",
+        ])
+        .env("OUTPOST_AGENT_STATE_DIR", work.path().join("agent2"))
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already used"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+
+    // The agent runs; the hub renders the bundle for it and assigns main's release.
+    let _agent = Process(
+        Command::new(&agent_bin)
+            .arg("run")
+            .env("OUTPOST_AGENT_STATE_DIR", &state)
+            .env("OUTPOST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&run(&agent_bin, &["status", "--output", "json"], &env)).unwrap()
+    };
+    let holds_all = |status: &serde_json::Value| {
+        let assignments = status["assignments"].as_array().unwrap();
+        !assignments.is_empty() && assignments.iter().all(|a| a["held"] == true)
+    };
+    wait_for("the agent to hold its assignment", 60, || {
+        holds_all(&status())
+    });
+    let first = status()["assignments"][0]["snapshot"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // A new commit: the hub hears of it (push hook), renders, assigns; the agent follows.
+    std::fs::write(repo.join("shop/app.yaml"), config_map("2")).unwrap();
+    git(&repo, &["commit", "-qam", "second"]);
+    run(&hub_bin, &["fetch-now", "--hub", &url], &[]);
+    wait_for("the agent to hold the new release", 60, || {
+        let status = status();
+        holds_all(&status) && status["assignments"][0]["snapshot"] != first.as_str()
+    });
+    // Status reports reached the hub.
+    wait_for("status at the hub", 30, || {
+        let body: serde_json::Value = serde_json::from_str(&run(
+            &hub_bin,
+            &["status", "--hub", &url, "--output", "json"],
+            &[],
+        ))
+        .unwrap();
+        body.as_array()
+            .is_some_and(|rows| rows.iter().any(|row| row["bundle"] == "shop"))
+    });
+}
