@@ -166,17 +166,24 @@ impl TestHub {
 
     /// Assigns `snapshot` of `bundle` to `agent` and tells connected agents.
     pub fn assign(&self, agent: &str, bundle: &str, snapshot: Published) {
+        self.assign_all(&[agent.to_owned()], bundle, snapshot);
+    }
+
+    /// Assigns `snapshot` of `bundle` to every agent in `agents` in one change.
+    pub fn assign_all(&self, agents: &[String], bundle: &str, snapshot: Published) {
         let rows: Vec<AssignmentRow> = {
             let mut assignments = self.assignments.lock().expect("assignments");
-            assignments.insert(
-                (agent.to_owned(), bundle.to_owned()),
-                AssignmentRow {
-                    agent: agent.to_owned(),
-                    bundle: bundle.to_owned(),
-                    generation: snapshot.generation,
-                    digest: snapshot.digest,
-                },
-            );
+            for agent in agents {
+                assignments.insert(
+                    (agent.clone(), bundle.to_owned()),
+                    AssignmentRow {
+                        agent: agent.clone(),
+                        bundle: bundle.to_owned(),
+                        generation: snapshot.generation,
+                        digest: snapshot.digest,
+                    },
+                );
+            }
             assignments.values().cloned().collect()
         };
         self.store

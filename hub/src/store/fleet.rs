@@ -70,6 +70,13 @@ pub trait FleetStore {
     fn statuses(&self, agent: Option<&str>) -> Result<Vec<StoredStatus>, StoreError>;
     /// Number of status reports stored for an agent (history).
     fn status_history_len(&self, agent: &str) -> Result<u64, StoreError>;
+    /// The signed header and signature of a bundle's snapshot with this body digest (newest
+    /// generation), without loading the body.
+    fn snapshot_header(
+        &self,
+        bundle: &str,
+        digest: &Digest,
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
     /// The body digest of a bundle's generation.
     fn snapshot_digest(&self, bundle: &str, generation: u64) -> Result<Option<Digest>, StoreError>;
 }
@@ -303,6 +310,21 @@ impl FleetStore for SqliteStore {
             |row| row.get(0),
         )?;
         Ok(count as u64)
+    }
+
+    fn snapshot_header(
+        &self,
+        bundle: &str,
+        digest: &Digest,
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        Ok(self
+            .connection
+            .query_row(
+                "SELECT header, signature FROM snapshots WHERE bundle = ?1 AND digest = ?2 ORDER BY generation DESC LIMIT 1",
+                params![bundle, digest.0.as_slice()],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .optional()?)
     }
 
     fn snapshot_digest(&self, bundle: &str, generation: u64) -> Result<Option<Digest>, StoreError> {
