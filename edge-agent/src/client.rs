@@ -200,15 +200,20 @@ fn next_random(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The wait before reconnect attempt `failures` (0 after a clean close): the cap doubles per
-/// failure from `min` up to `max`, and the wait is drawn uniformly from the upper half of the
-/// cap, so a hub restart spreads thousands of agents out instead of bringing them back at once.
+/// The wait before a reconnect: drawn uniformly from [cap/8, cap] where the cap doubles with
+/// each failed attempt from `min` up to `max` ("full jitter", floored so an agent never
+/// hammers). After an established connection is lost the agent starts at the fourth step
+/// ([`LOST_CONNECTION_STEP`]), so when a hub restarts, thousands of agents come back spread
+/// over seconds instead of in the same instant.
 pub fn backoff_delay(min: Duration, max: Duration, failures: u32, random: u64) -> Duration {
     let cap = min.saturating_mul(1u32 << failures.min(20)).min(max);
-    let half = cap / 2;
-    let spread = half.as_millis().max(1) as u64;
-    half + Duration::from_millis(random % spread)
+    let floor = cap / 8;
+    let spread = (cap - floor).as_millis().max(1) as u64;
+    floor + Duration::from_millis(random % spread)
 }
+
+/// Where backoff starts after an established connection is lost.
+pub const LOST_CONNECTION_STEP: u32 = 3;
 
 impl Client {
     /// A client for the agent with `key` and `state`.
@@ -282,7 +287,11 @@ impl Client {
                 }
                 Err(error) => tracing::warn!(%error, "link to the hub lost"),
             }
-            failures = if connected { 0 } else { failures + 1 };
+            failures = if connected {
+                LOST_CONNECTION_STEP
+            } else {
+                failures + 1
+            };
             let options = &self.inner.options;
             let delay = backoff_delay(
                 options.backoff_min,
@@ -699,5 +708,39 @@ struct AbortOnDrop(tokio::task::AbortHandle);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_spreads_a_herd() {
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(300));
+        let mut random = 7;
+        for failures in 0..30 {
+            let cap = (min * 2u32.pow(failures.min(20))).min(max);
+            for _ in 0..100 {
+                let delay = backoff_delay(min, max, failures, next_random(&mut random));
+                assert!(
+                    delay >= cap / 8 && delay <= cap,
+                    "{failures}: {delay:?} vs {cap:?}"
+                );
+            }
+        }
+        // 10,000 agents losing the hub at once: reconnects spread over the whole window, no
+        // second of it holds more than a fifth of them.
+        let mut per_second = [0u32; 9];
+        for agent in 0..10_000u64 {
+            let mut random = agent;
+            let delay = backoff_delay(min, max, LOST_CONNECTION_STEP, next_random(&mut random));
+            per_second[delay.as_secs() as usize] += 1;
+        }
+        assert!(
+            per_second.iter().all(|count| *count < 2_000),
+            "{per_second:?}"
+        );
+        assert_eq!(per_second.iter().sum::<u32>(), 10_000);
     }
 }

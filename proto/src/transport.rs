@@ -49,7 +49,10 @@ pub struct Tuning {
 pub enum Congestion {
     /// quinn's default, loss-based: halves its window on loss, so random loss starves it.
     Cubic,
-    /// Model-based (bandwidth and RTT estimates), largely insensitive to random loss.
+    /// quinn's BBR (our default): paces at the measured bottleneck rate and keeps about two
+    /// bandwidth-delay products in flight, so random loss costs little more than the lost
+    /// packets. (It still enters packet-conservation recovery on loss; a variant that ignored
+    /// isolated losses measured no better here, see docs/benchmarks.md.)
     Bbr,
 }
 

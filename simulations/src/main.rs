@@ -203,8 +203,9 @@ fn demo() -> Result<()> {
             .map_or("ACCEPTED (bug)".to_owned(), |e| e.to_string())
     );
     println!(
-        "\nNot built yet here: the hub serving agents over QUIC, the agent's SQLite cache, reconciliation \
-         and rollouts (see the open issues). `cargo bench -p outpost-proto` measures the corpus."
+        "\nThis demo is the snapshot pipeline only. Hub and agents over QUIC run as real \
+         processes (docs/hub-config.md, `cargo bench -p outpost-e2e --bench goodput`); not built \
+         yet: the agent's reconcile loop, rollouts, and this fleet simulation (the open issues)."
     );
     Ok(())
 }

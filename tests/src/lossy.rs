@@ -4,7 +4,8 @@
 //!
 //! Each direction is a queue: a packet waits until the link is free (bandwidth), then travels
 //! for the delay plus jitter. A packet that would wait longer than `queue_limit` is dropped
-//! (tail drop, like a router's buffer). Loss, duplication and blackouts apply on entry.
+//! (tail drop, like a router's buffer). Blackouts and duplication apply on entry; random loss
+//! applies after the packet has used the link.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -122,7 +123,9 @@ struct Direction {
 }
 
 impl Direction {
-    /// When `size` bytes entering now arrive, or `None` if they are dropped (possibly twice).
+    /// When `size` bytes entering now arrive (twice if duplicated); empty if dropped. A packet
+    /// lost to `loss` has still used the link (as on a radio link), so goodput is bounded by
+    /// capacity × (1 − loss); a packet that finds the queue full never enters it.
     fn admit(&mut self, size: usize, manual_blackout: bool) -> Vec<Instant> {
         let now = Instant::now();
         let since = now - self.started;
@@ -132,7 +135,7 @@ impl Direction {
                 .blackouts
                 .iter()
                 .any(|(start, length)| since >= *start && since < *start + *length);
-        if blacked_out || self.random.chance(self.profile.loss) {
+        if blacked_out {
             return Vec::new();
         }
         let copies = 1 + usize::from(self.random.chance(self.profile.duplicate));
@@ -150,6 +153,9 @@ impl Direction {
                 }
                 None => now,
             };
+            if self.random.chance(self.profile.loss) {
+                continue;
+            }
             arrivals.push(departure + self.profile.delay + self.random.below(self.profile.jitter));
         }
         arrivals
