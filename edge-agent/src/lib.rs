@@ -93,3 +93,49 @@ impl EnrolmentBundle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enrolment_bundle_problems_are_named_at_once() {
+        let error = EnrolmentBundle::parse("hub = \"nowhere\"\nhub_pin = \"zz\"\n").unwrap_err();
+        for expected in [
+            "missing root_key",
+            "missing token",
+            "hub_pin is not",
+            "needs a port",
+        ] {
+            assert!(error.contains(expected), "{expected:?} missing in {error}");
+        }
+        let root = outpost_proto::SigningKey::from_seed([1; 32]).public_key();
+        let text = format!(
+            "# comment\nhub = \"hub:7443\"\nhub_pin = \"{}\"\nroot_key = \"{}\"\ntoken = \"t\"\n",
+            "ab".repeat(32),
+            hex::encode(root.to_bytes())
+        );
+        let bundle = EnrolmentBundle::parse(&text).unwrap();
+        assert_eq!(
+            (bundle.hub.as_str(), bundle.token.as_str()),
+            ("hub:7443", "t")
+        );
+    }
+
+    #[test]
+    fn a_damaged_state_file_is_a_clear_error_and_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = paths::database(dir.path());
+        std::fs::write(
+            &path,
+            b"this is not a database, it was overwritten by accident",
+        )
+        .unwrap();
+        let error = State::open(&path).unwrap_err().to_string();
+        assert!(error.contains("move it aside"), "{error}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"this is not a database, it was overwritten by accident"
+        );
+    }
+}

@@ -997,7 +997,7 @@ impl Store for SqliteStore {
 }
 
 mod fleet;
-pub use fleet::{AgentAssignments, AssignmentRow, FleetStore, StoredStatus};
+pub use fleet::{AgentAssignments, AssignmentRow, FleetStore, SignedHeader, StoredStatus};
 
 #[cfg(test)]
 mod agent_tests;

@@ -9,6 +9,9 @@ use rusqlite::{OptionalExtension, params};
 
 use super::{SqliteStore, StoreError};
 
+/// A snapshot's signed header bytes and signature.
+pub type SignedHeader = (Vec<u8>, Vec<u8>);
+
 /// One agent's assignment for one bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AssignmentRow {
@@ -76,7 +79,7 @@ pub trait FleetStore {
         &self,
         bundle: &str,
         digest: &Digest,
-    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError>;
+    ) -> Result<Option<SignedHeader>, StoreError>;
     /// The body digest of a bundle's generation.
     fn snapshot_digest(&self, bundle: &str, generation: u64) -> Result<Option<Digest>, StoreError>;
 }
@@ -316,7 +319,7 @@ impl FleetStore for SqliteStore {
         &self,
         bundle: &str,
         digest: &Digest,
-    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Option<SignedHeader>, StoreError> {
         Ok(self
             .connection
             .query_row(
