@@ -377,3 +377,22 @@ fn base64(bytes: &[u8]) -> String {
     }
     out
 }
+
+/// Service options for tests: a fast compression level.
+pub fn test_service_options() -> ServiceOptions {
+    ServiceOptions {
+        compression_level: 3,
+        ..ServiceOptions::default()
+    }
+}
+
+/// Awaits `future`, failing the test with `what` after `seconds`.
+pub async fn within<T>(
+    seconds: u64,
+    what: &str,
+    future: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::time::timeout(std::time::Duration::from_secs(seconds), future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {seconds}s waiting for {what}"))
+}

@@ -4,23 +4,11 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use outpost_e2e::harness::{TestAgent, TestHub, bulky_manifests, quick_options};
+use outpost_e2e::harness::{
+    TestAgent, TestHub, bulky_manifests, quick_options, test_service_options as options, within,
+};
 use outpost_e2e::lossy::{LinkProfile, Relay};
-use outpost_hub::transport::ServiceOptions;
 use outpost_proto::transport::Tuning;
-
-fn options() -> ServiceOptions {
-    ServiceOptions {
-        compression_level: 3,
-        ..ServiceOptions::default()
-    }
-}
-
-async fn within<T>(seconds: u64, what: &str, future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(seconds), future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {seconds}s waiting for {what}"))
-}
 
 /// Five ConfigMaps of 1 MB random bytes each: a ~6.7 MB body (base64) whose payload is ~5 MB.
 fn five_megabytes(seed: u64) -> String {

@@ -4,27 +4,15 @@
 use std::time::Duration;
 
 use outpost_agent::client::AgentError;
-use outpost_e2e::harness::{TestAgent, TestHub, bulky_manifests, quick_options};
+use outpost_e2e::harness::{
+    TestAgent, TestHub, bulky_manifests, quick_options, test_service_options as options, within,
+};
 use outpost_hub::store::FleetStore;
-use outpost_hub::transport::ServiceOptions;
 use outpost_proto::transport::Tuning;
 use outpost_proto::transport::{MessageReader, send_message};
 use outpost_proto::wire::{ErrorCode, Fetch, Hello, Message, Phase};
 
 const APP: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: app\n  namespace: default\ndata:\n  version: \"1\"\n";
-
-fn options() -> ServiceOptions {
-    ServiceOptions {
-        compression_level: 3,
-        ..ServiceOptions::default()
-    }
-}
-
-async fn within<T>(seconds: u64, what: &str, future: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(Duration::from_secs(seconds), future)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {seconds}s waiting for {what}"))
-}
 
 fn refusal(error: AgentError) -> (ErrorCode, String) {
     match error {

@@ -193,14 +193,7 @@ async fn handle_connection(
     let agent = match (agent, first) {
         (Some(agent), first) if agent.revoked.is_some() => {
             let _ = first;
-            return refuse(
-                &connection,
-                &mut send,
-                ErrorCode::Revoked,
-                close::REVOKED,
-                revoked_text(&agent),
-            )
-            .await;
+            return refuse_revoked(&connection, &mut send, &agent).await;
         }
         (Some(agent), Message::Enrol(_)) => {
             // Enrolled before, but the answer was lost: say so again.
@@ -262,12 +255,24 @@ async fn handle_connection(
     run_session(&service, connection, send, reader, agent, None).await
 }
 
-fn revoked_text(agent: &Agent) -> String {
+async fn refuse_revoked(
+    connection: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    agent: &Agent,
+) -> Result<(), ServeError> {
     let (at, who, why) = agent.revoked.clone().unwrap_or_default();
-    format!(
+    let message = format!(
         "agent {} was revoked at {at} by {who}: {why}; it gets nothing from this hub. Enrol a new key with a new token if this was a mistake",
         agent.id
+    );
+    refuse(
+        connection,
+        send,
+        ErrorCode::Revoked,
+        close::REVOKED,
+        message,
     )
+    .await
 }
 
 async fn enrol_agent(
@@ -349,14 +354,7 @@ async fn run_session(
         match agent {
             Some(agent) if agent.revoked.is_none() => {}
             Some(agent) => {
-                return refuse(
-                    &connection,
-                    &mut send,
-                    ErrorCode::Revoked,
-                    close::REVOKED,
-                    revoked_text(&agent),
-                )
-                .await;
+                return refuse_revoked(&connection, &mut send, &agent).await;
             }
             None => {
                 return refuse(
