@@ -4,7 +4,7 @@
 //! transfer resumes from the last byte kept, and verified before they are installed; status
 //! reports sent from the outbox and deleted only when acknowledged.
 //!
-//! Retry or give up is decided in one place, [`SessionError::is_fatal`]: refusals by the hub
+//! Retry or give up is decided in one place, `SessionError::into_fatal`: refusals by the hub
 //! (revoked, unknown key, bad token) stop the agent with the hub's words; everything else is
 //! retried.
 
@@ -124,9 +124,13 @@ enum SessionError {
 }
 
 impl SessionError {
-    /// Refusals and a broken state database end the agent; the rest is retried.
-    fn is_fatal(&self) -> bool {
-        matches!(self, SessionError::Refused(..) | SessionError::State(_))
+    /// Refusals and a broken state database end the agent (`Ok`); the rest is retried (`Err`).
+    fn into_fatal(self) -> Result<AgentError, SessionError> {
+        match self {
+            SessionError::Refused(code, message) => Ok(AgentError::Refused { code, message }),
+            SessionError::State(error) => Ok(AgentError::State(error)),
+            other => Err(other),
+        }
     }
 }
 
@@ -171,18 +175,6 @@ struct Inner {
     counters: Counters,
     installed: watch::Sender<u64>,
     outbox_ready: Notify,
-}
-
-impl From<quinn::ReadError> for SessionError {
-    fn from(error: quinn::ReadError) -> Self {
-        SessionError::Stream(error.into())
-    }
-}
-
-impl From<quinn::WriteError> for SessionError {
-    fn from(error: quinn::WriteError) -> Self {
-        SessionError::Stream(error.into())
-    }
 }
 
 fn unix_now() -> i64 {
@@ -274,18 +266,14 @@ impl Client {
         let mut random = self.inner.options.seed ^ 0x5EED;
         loop {
             let mut connected = false;
-            match self.session(&endpoint, &mut connected).await {
+            match self
+                .session(&endpoint, &mut connected)
+                .await
+                .map_err(SessionError::into_fatal)
+            {
                 Ok(()) => tracing::info!("the hub closed the connection; reconnecting"),
-                Err(error) if error.is_fatal() => {
-                    return match error {
-                        SessionError::Refused(code, message) => {
-                            AgentError::Refused { code, message }
-                        }
-                        SessionError::State(error) => AgentError::State(error),
-                        other => AgentError::State(StateError::Corrupt(other.to_string())),
-                    };
-                }
-                Err(error) => tracing::warn!(%error, "link to the hub lost"),
+                Err(Ok(fatal)) => return fatal,
+                Err(Err(error)) => tracing::warn!(%error, "link to the hub lost"),
             }
             failures = if connected {
                 LOST_CONNECTION_STEP

@@ -115,9 +115,32 @@ pub struct State {
 }
 
 fn digest_from(bytes: &[u8]) -> Result<Digest, StateError> {
-    <[u8; 32]>::try_from(bytes)
-        .map(Digest)
-        .map_err(|_| StateError::Corrupt(format!("a digest of {} bytes", bytes.len())))
+    Digest::from_slice(bytes)
+        .ok_or_else(|| StateError::Corrupt(format!("a digest of {} bytes", bytes.len())))
+}
+
+/// A `meta` value (also inside a transaction, which derefs to a connection).
+fn read_meta(connection: &Connection, key: &str) -> rusqlite::Result<Option<Vec<u8>>> {
+    connection
+        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
+            row.get(0)
+        })
+        .optional()
+}
+
+fn write_meta(connection: &Connection, key: &str, value: &[u8]) -> rusqlite::Result<()> {
+    connection.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2",
+        params![key, value],
+    )?;
+    Ok(())
+}
+
+/// A `meta` counter (8 bytes big-endian), 0 when absent.
+fn read_counter(connection: &Connection, key: &str) -> rusqlite::Result<u64> {
+    Ok(read_meta(connection, key)?
+        .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes))
 }
 
 impl State {
@@ -147,12 +170,7 @@ impl State {
     }
 
     fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
-        Ok(self
-            .connection
-            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| {
-                row.get(0)
-            })
-            .optional()?)
+        Ok(read_meta(&self.connection, key)?)
     }
 
     fn meta_text(&self, key: &str) -> Result<Option<String>, StateError> {
@@ -173,17 +191,10 @@ impl State {
         token: &str,
     ) -> Result<(), StateError> {
         let transaction = self.connection.transaction()?;
-        for (key, value) in [
-            ("hub", hub.as_bytes().to_vec()),
-            ("hub_pin", hub_pin.0.to_vec()),
-            ("root_key", root_key.to_bytes().to_vec()),
-            ("token", token.as_bytes().to_vec()),
-        ] {
-            transaction.execute(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2",
-                params![key, value],
-            )?;
-        }
+        write_meta(&transaction, "hub", hub.as_bytes())?;
+        write_meta(&transaction, "hub_pin", &hub_pin.0)?;
+        write_meta(&transaction, "root_key", &root_key.to_bytes())?;
+        write_meta(&transaction, "token", token.as_bytes())?;
         transaction.commit()?;
         Ok(())
     }
@@ -213,10 +224,7 @@ impl State {
     /// The hub confirmed enrolment: keep the id, forget the token.
     pub fn enrolled(&mut self, agent_id: &str) -> Result<(), StateError> {
         let transaction = self.connection.transaction()?;
-        transaction.execute(
-            "INSERT INTO meta (key, value) VALUES ('agent_id', ?1) ON CONFLICT (key) DO UPDATE SET value = ?1",
-            [agent_id.as_bytes()],
-        )?;
+        write_meta(&transaction, "agent_id", agent_id.as_bytes())?;
         transaction.execute("DELETE FROM meta WHERE key = 'token'", [])?;
         transaction.commit()?;
         Ok(())
@@ -256,25 +264,14 @@ impl State {
 
     /// The sequence of the last accepted assignment set.
     pub fn assignment_sequence(&self) -> Result<u64, StateError> {
-        Ok(self
-            .meta("assignment_sequence")?
-            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
-            .map_or(0, u64::from_be_bytes))
+        Ok(read_counter(&self.connection, "assignment_sequence")?)
     }
 
     /// Accepts an `Assign` if its sequence is above the last one (a replayed old one changes
     /// nothing); returns whether it was accepted.
     pub fn accept_assign(&mut self, assign: &Assign) -> Result<bool, StateError> {
         let transaction = self.connection.transaction()?;
-        let current: u64 = transaction
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'assignment_sequence'",
-                [],
-                |row| row.get::<_, Vec<u8>>(0),
-            )
-            .optional()?
-            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
-            .map_or(0, u64::from_be_bytes);
+        let current = read_counter(&transaction, "assignment_sequence")?;
         if assign.sequence <= current && current != 0 {
             return Ok(false);
         }
@@ -289,50 +286,55 @@ impl State {
                 ],
             )?;
         }
-        transaction.execute(
-            "INSERT INTO meta (key, value) VALUES ('assignment_sequence', ?1) ON CONFLICT (key) DO UPDATE SET value = ?1",
-            [assign.sequence.to_be_bytes().as_slice()],
+        write_meta(
+            &transaction,
+            "assignment_sequence",
+            &assign.sequence.to_be_bytes(),
         )?;
         transaction.commit()?;
         Ok(true)
     }
 
-    /// Current assignments, by bundle.
-    pub fn assignments(&self) -> Result<Vec<Assignment>, StateError> {
-        let mut statement = self
-            .connection
-            .prepare("SELECT bundle, generation, digest FROM assignments ORDER BY bundle")?;
+    /// Rows of (bundle, generation, digest) that `sql` selects.
+    fn bundle_rows(&self, sql: &str) -> Result<Vec<(String, u64, Digest)>, StateError> {
+        let mut statement = self.connection.prepare(sql)?;
         let rows: Vec<(String, i64, Vec<u8>)> = statement
             .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
             .collect::<Result<_, _>>()?;
         rows.into_iter()
             .map(|(bundle, generation, digest)| {
-                Ok(Assignment {
-                    bundle,
-                    generation: generation as u64,
-                    digest: digest_from(&digest)?,
-                })
+                Ok((bundle, generation as u64, digest_from(&digest)?))
             })
             .collect()
     }
 
+    /// Current assignments, by bundle.
+    pub fn assignments(&self) -> Result<Vec<Assignment>, StateError> {
+        let rows =
+            self.bundle_rows("SELECT bundle, generation, digest FROM assignments ORDER BY bundle")?;
+        Ok(rows
+            .into_iter()
+            .map(|(bundle, generation, digest)| Assignment {
+                bundle,
+                generation,
+                digest,
+            })
+            .collect())
+    }
+
     /// Snapshots held, newest generation first within each bundle.
     pub fn held(&self) -> Result<Vec<HeldSnapshot>, StateError> {
-        let mut statement = self.connection.prepare(
+        let rows = self.bundle_rows(
             "SELECT bundle, generation, digest FROM snapshots ORDER BY bundle, generation DESC",
         )?;
-        let rows: Vec<(String, i64, Vec<u8>)> = statement
-            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
-            .collect::<Result<_, _>>()?;
-        rows.into_iter()
-            .map(|(bundle, generation, digest)| {
-                Ok(HeldSnapshot {
-                    bundle,
-                    generation: generation as u64,
-                    digest: digest_from(&digest)?,
-                })
+        Ok(rows
+            .into_iter()
+            .map(|(bundle, generation, digest)| HeldSnapshot {
+                bundle,
+                generation,
+                digest,
             })
-            .collect()
+            .collect())
     }
 
     /// The newest installed snapshot of `bundle` (generation and digest).
@@ -540,16 +542,7 @@ impl State {
         now: i64,
     ) -> Result<u64, StateError> {
         let transaction = self.connection.transaction()?;
-        let last: u64 = transaction
-            .query_row(
-                "SELECT value FROM meta WHERE key = 'outbox_last'",
-                [],
-                |row| row.get::<_, Vec<u8>>(0),
-            )
-            .optional()?
-            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_slice()).ok())
-            .map_or(0, u64::from_be_bytes);
-        let sequence = last + 1;
+        let sequence = read_counter(&transaction, "outbox_last")? + 1;
         let frame = outpost_proto::wire::encode_frame(&Message::StatusReport(StatusReport {
             sequence,
             bundles,
@@ -559,10 +552,7 @@ impl State {
             "INSERT INTO outbox (sequence, frame, created_at) VALUES (?1, ?2, ?3)",
             params![sequence as i64, frame, now],
         )?;
-        transaction.execute(
-            "INSERT INTO meta (key, value) VALUES ('outbox_last', ?1) ON CONFLICT (key) DO UPDATE SET value = ?1",
-            [sequence.to_be_bytes().as_slice()],
-        )?;
+        write_meta(&transaction, "outbox_last", &sequence.to_be_bytes())?;
         transaction.commit()?;
         Ok(sequence)
     }

@@ -441,19 +441,23 @@ impl SqliteStore {
 
 const SNAPSHOT_COLUMNS: &str = "bundle, generation, digest, git_commit, git_ref, header, signature, body, object_count, created_at";
 
-fn snapshot_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredSnapshot> {
-    let digest: Vec<u8> = row.get(2)?;
-    let digest = <[u8; 32]>::try_from(digest.as_slice()).map_err(|_| {
+/// Reads a 32-byte digest column; another length is a conversion error, never a made-up digest.
+fn digest_at(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Digest> {
+    let bytes: Vec<u8> = row.get(index)?;
+    Digest::from_slice(&bytes).ok_or_else(|| {
         rusqlite::Error::FromSqlConversionFailure(
-            2,
+            index,
             rusqlite::types::Type::Blob,
             "digest is not 32 bytes".into(),
         )
-    })?;
+    })
+}
+
+fn snapshot_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredSnapshot> {
     Ok(StoredSnapshot {
         bundle: row.get(0)?,
         generation: row.get::<_, i64>(1)? as u64,
-        digest: Digest(digest),
+        digest: digest_at(row, 2)?,
         git_commit: row.get(3)?,
         git_ref: row.get(4)?,
         header: row.get(5)?,

@@ -41,6 +41,11 @@ impl Digest {
         hex::encode(&self.0[..6])
     }
 
+    /// Reads 32 raw bytes (e.g. a stored column); anything else is `None`.
+    pub fn from_slice(bytes: &[u8]) -> Option<Digest> {
+        <[u8; 32]>::try_from(bytes).ok().map(Digest)
+    }
+
     /// Parses 64 hex digits.
     pub fn from_hex(text: &str) -> Result<Digest, ParseDigestError> {
         let mut bytes = [0u8; 32];

@@ -51,11 +51,7 @@ async fn transfer(case: &Case, seed: u64) -> (u64, Duration, bool) {
         tuning,
         ..quick_options(seed)
     };
-    let mut agent = TestAgent::new(dirs.path(), &hub, relay.address(), &hub.token(&[]), client);
-    agent.start();
-    let id = tokio::time::timeout(Duration::from_secs(120), agent.enrolled())
-        .await
-        .expect("enrolment within two minutes");
+    let (agent, id) = TestAgent::enrolled(dirs.path(), &hub, relay.address(), client).await;
     let snapshot = hub.publish("big", &bulky_manifests(10, 1_000_000, seed));
     let started = Instant::now();
     hub.assign(&id, "big", snapshot);
@@ -146,7 +142,7 @@ async fn fleet() {
     }
     let mut ids = Vec::new();
     for agent in &fleet {
-        ids.push(agent.enrolled().await);
+        ids.push(agent.enrolled_id().await);
     }
     hub.assign_all(&ids, "app", first);
     for agent in &fleet {
@@ -158,16 +154,19 @@ async fn fleet() {
         started.elapsed().as_secs_f64()
     );
     let compressions_before = hub.service.payloads().compressions();
-    let bytes_before: u64 = fleet
-        .iter()
-        .map(|agent| {
-            agent
-                .client
-                .counters()
-                .payload_bytes
-                .load(Ordering::Relaxed)
-        })
-        .sum();
+    let payload_bytes = |fleet: &[TestAgent]| -> u64 {
+        fleet
+            .iter()
+            .map(|agent| {
+                agent
+                    .client
+                    .counters()
+                    .payload_bytes
+                    .load(Ordering::Relaxed)
+            })
+            .sum()
+    };
+    let bytes_before = payload_bytes(&fleet);
     // One ConfigMap changes: every agent gets generation 2 as a delta.
     let second = hub.publish("app", &base.replacen("name: blob-3", "name: blob-3x", 1));
     let started = Instant::now();
@@ -176,17 +175,7 @@ async fn fleet() {
         agent.holds(second).await;
     }
     let elapsed = started.elapsed();
-    let bytes: u64 = fleet
-        .iter()
-        .map(|agent| {
-            agent
-                .client
-                .counters()
-                .payload_bytes
-                .load(Ordering::Relaxed)
-        })
-        .sum::<u64>()
-        - bytes_before;
+    let bytes = payload_bytes(&fleet) - bytes_before;
     println!(
         "fleet: {agents} agents received one delta in {:.2}s on loopback; {} payload bytes each; the hub compressed {} time(s)",
         elapsed.as_secs_f64(),

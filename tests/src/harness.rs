@@ -252,6 +252,20 @@ impl TestAgent {
         TestAgent::open(dir, options)
     }
 
+    /// Creates an agent in `dir` with a fresh token (no labels), starts it dialling `address`,
+    /// and waits (at most two minutes) until the hub has enrolled it; returns it and its id.
+    pub async fn enrolled(
+        dir: &Path,
+        hub: &TestHub,
+        address: SocketAddr,
+        options: ClientOptions,
+    ) -> (TestAgent, String) {
+        let mut agent = TestAgent::new(dir, hub, address, &hub.token(&[]), options);
+        agent.start();
+        let id = within(120, "enrolment", agent.enrolled_id()).await;
+        (agent, id)
+    }
+
     /// Opens an existing agent state dir (as a restarted process would).
     pub fn open(dir: &Path, options: ClientOptions) -> TestAgent {
         let (key, _) = identity::load_or_create(&paths::key(dir)).expect("agent key");
@@ -296,7 +310,7 @@ impl TestAgent {
     }
 
     /// Waits until the agent is enrolled; returns its id.
-    pub async fn enrolled(&self) -> String {
+    pub async fn enrolled_id(&self) -> String {
         loop {
             if let Some(id) = self.id().await {
                 return id;

@@ -23,16 +23,8 @@ async fn five_megabytes_at_30_percent_loss_and_300ms_rtt() {
         .await
         .unwrap();
     let dirs = tempfile::tempdir().unwrap();
-    let token = hub.token(&[]);
-    let mut agent = TestAgent::new(
-        dirs.path(),
-        &hub,
-        relay.address(),
-        &token,
-        quick_options(30),
-    );
-    agent.start();
-    let id = within(60, "enrolment over the lossy link", agent.enrolled()).await;
+    let (agent, id) =
+        TestAgent::enrolled(dirs.path(), &hub, relay.address(), quick_options(30)).await;
     let snapshot = hub.publish("big", &five_megabytes(1));
     let started = Instant::now();
     hub.assign(&id, "big", snapshot);
@@ -73,16 +65,8 @@ async fn a_transfer_killed_ten_times_resumes_each_time() {
         .await
         .unwrap();
     let dirs = tempfile::tempdir().unwrap();
-    let token = hub.token(&[]);
-    let mut agent = TestAgent::new(
-        dirs.path(),
-        &hub,
-        relay.address(),
-        &token,
-        quick_options(10),
-    );
-    agent.start();
-    let id = within(30, "enrolment", agent.enrolled()).await;
+    let (mut agent, id) =
+        TestAgent::enrolled(dirs.path(), &hub, relay.address(), quick_options(10)).await;
     let snapshot = hub.publish("big", &five_megabytes(2));
     let before = relay.stats().down_bytes_delivered.load(Ordering::Relaxed);
     hub.assign(&id, "big", snapshot);
@@ -268,15 +252,7 @@ async fn bytes_altered_by_a_malicious_relay_are_rejected_and_fetched_again() {
     let hub = TestHub::start(options(), &Tuning::default()).await;
     let dirs = tempfile::tempdir().unwrap();
     // Enrol directly, then steal the agent's key for the relay's upstream leg.
-    let mut agent = TestAgent::new(
-        dirs.path(),
-        &hub,
-        hub.address,
-        &hub.token(&[]),
-        quick_options(40),
-    );
-    agent.start();
-    let id = within(20, "enrolment", agent.enrolled()).await;
+    let (agent, id) = TestAgent::enrolled(dirs.path(), &hub, hub.address, quick_options(40)).await;
     drop(agent);
     let (agent_key, _) =
         outpost_agent::identity::load_or_create(&outpost_agent::paths::key(dirs.path())).unwrap();

@@ -36,7 +36,7 @@ async fn enrolment_fetch_report_and_token_reuse_refused() {
         quick_options(1),
     );
     agent.start();
-    let id = within(20, "enrolment", agent.enrolled()).await;
+    let id = within(20, "enrolment", agent.enrolled_id()).await;
     let record = {
         let stored = hub.store.lock().unwrap();
         outpost_hub::store::Store::agent(&*stored, &id)
@@ -114,11 +114,9 @@ async fn unknown_key_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_agent_is_cut_off_and_stays_out() {
     let hub = TestHub::start(options(), &Tuning::default()).await;
-    let token = hub.token(&[]);
     let dirs = tempfile::tempdir().unwrap();
-    let mut agent = TestAgent::new(dirs.path(), &hub, hub.address, &token, quick_options(4));
-    agent.start();
-    let id = within(20, "enrolment", agent.enrolled()).await;
+    let (mut agent, id) =
+        TestAgent::enrolled(dirs.path(), &hub, hub.address, quick_options(4)).await;
     let snapshot = hub.publish("app", APP);
     hub.assign(&id, "app", snapshot);
     within(20, "snapshot", agent.holds(snapshot)).await;
@@ -141,26 +139,10 @@ async fn revoked_agent_is_cut_off_and_stays_out() {
 async fn an_agent_gets_only_what_is_assigned_to_it() {
     let hub = TestHub::start(options(), &Tuning::default()).await;
     let dirs = tempfile::tempdir().unwrap();
-    let mut a = TestAgent::new(
-        &dirs.path().join("a"),
-        &hub,
-        hub.address,
-        &hub.token(&[]),
-        quick_options(5),
-    );
-    let mut b = TestAgent::new(
-        &dirs.path().join("b"),
-        &hub,
-        hub.address,
-        &hub.token(&[]),
-        quick_options(6),
-    );
-    a.start();
-    b.start();
-    let (id_a, id_b) = (
-        within(20, "a", a.enrolled()).await,
-        within(20, "b", b.enrolled()).await,
-    );
+    let (a, id_a) =
+        TestAgent::enrolled(&dirs.path().join("a"), &hub, hub.address, quick_options(5)).await;
+    let (b, id_b) =
+        TestAgent::enrolled(&dirs.path().join("b"), &hub, hub.address, quick_options(6)).await;
     let secret = hub.publish("secret", &bulky_manifests(1, 1000, 7));
     let public = hub.publish("public", APP);
     hub.assign(&id_a, "secret", secret);

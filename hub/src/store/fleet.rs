@@ -7,7 +7,7 @@ use outpost_proto::Digest;
 use outpost_proto::wire::{BundleStatus, Phase};
 use rusqlite::{OptionalExtension, params};
 
-use super::{SqliteStore, StoreError};
+use super::{SqliteStore, StoreError, digest_at};
 
 /// A snapshot's signed header bytes and signature.
 pub type SignedHeader = (Vec<u8>, Vec<u8>);
@@ -82,10 +82,6 @@ pub trait FleetStore {
     ) -> Result<Option<SignedHeader>, StoreError>;
     /// The body digest of a bundle's generation.
     fn snapshot_digest(&self, bundle: &str, generation: u64) -> Result<Option<Digest>, StoreError>;
-}
-
-fn digest_from(bytes: Vec<u8>) -> Digest {
-    Digest(<[u8; 32]>::try_from(bytes.as_slice()).unwrap_or([0; 32]))
 }
 
 fn phase_name(phase: Phase) -> &'static str {
@@ -199,7 +195,7 @@ impl FleetStore for SqliteStore {
                     agent: agent.to_owned(),
                     bundle: row.get(0)?,
                     generation: row.get::<_, i64>(1)? as u64,
-                    digest: digest_from(row.get(2)?),
+                    digest: digest_at(row, 2)?,
                 })
             })?
             .collect::<Result<_, _>>()?;
@@ -291,7 +287,7 @@ impl FleetStore for SqliteStore {
                 agent: row.get(0)?,
                 status: BundleStatus {
                     bundle: row.get(1)?,
-                    digest: digest_from(row.get(2)?),
+                    digest: digest_at(row, 2)?,
                     generation: row.get::<_, i64>(3)? as u64,
                     phase: phase_from(&row.get::<_, String>(4)?),
                     objects_total: row.get::<_, i64>(5)? as u64,
@@ -331,14 +327,13 @@ impl FleetStore for SqliteStore {
     }
 
     fn snapshot_digest(&self, bundle: &str, generation: u64) -> Result<Option<Digest>, StoreError> {
-        let digest: Option<Vec<u8>> = self
+        Ok(self
             .connection
             .query_row(
                 "SELECT digest FROM snapshots WHERE bundle = ?1 AND generation = ?2",
                 params![bundle, generation as i64],
-                |row| row.get(0),
+                |row| digest_at(row, 0),
             )
-            .optional()?;
-        Ok(digest.map(digest_from))
+            .optional()?)
     }
 }

@@ -191,8 +191,7 @@ async fn handle_connection(
         .await?
         .filter(|agent| agent.public_key == key.to_bytes());
     let agent = match (agent, first) {
-        (Some(agent), first) if agent.revoked.is_some() => {
-            let _ = first;
+        (Some(agent), _) if agent.revoked.is_some() => {
             return refuse_revoked(&connection, &mut send, &agent).await;
         }
         (Some(agent), Message::Enrol(_)) => {
@@ -345,43 +344,13 @@ async fn run_session(
     .await?;
     let mut changes = service.changes.clone();
     let mut sent_sequence = None;
+    // The agent is (re)read at the start and whenever the fleet changes, not per message.
+    let mut recheck = true;
     loop {
-        // (Re)check the agent and send its assignments if they changed.
-        let lookup = id.clone();
-        let (agent, assignments) = service
-            .with_store(move |store| Ok((store.agent(&lookup)?, store.assignments(&lookup)?)))
-            .await?;
-        match agent {
-            Some(agent) if agent.revoked.is_none() => {}
-            Some(agent) => {
-                return refuse_revoked(&connection, &mut send, &agent).await;
-            }
-            None => {
-                return refuse(
-                    &connection,
-                    &mut send,
-                    ErrorCode::UnknownAgent,
-                    close::UNKNOWN_AGENT,
-                    format!("agent {id} is no longer known to this hub"),
-                )
-                .await;
-            }
-        }
-        if sent_sequence != Some(assignments.sequence) {
-            sent_sequence = Some(assignments.sequence);
-            let assign = Assign {
-                sequence: assignments.sequence,
-                assignments: assignments
-                    .entries
-                    .iter()
-                    .map(|row| Assignment {
-                        bundle: row.bundle.clone(),
-                        generation: row.generation,
-                        digest: row.digest,
-                    })
-                    .collect(),
-            };
-            send_message(&mut send, &Message::Assign(assign)).await?;
+        if std::mem::take(&mut recheck)
+            && !push_assignments(service, &connection, &mut send, &id, &mut sent_sequence).await?
+        {
+            return Ok(());
         }
         tokio::select! {
             changed = changes.changed() => {
@@ -389,6 +358,7 @@ async fn run_session(
                     connection.close(0u32.into(), b"hub stopping");
                     return Ok(());
                 }
+                recheck = true;
             }
             message = reader.next() => match message? {
                 Some(Message::StatusReport(report)) => {
@@ -418,6 +388,57 @@ async fn run_session(
             }
         }
     }
+}
+
+/// Re-reads the agent: refuses it if it was revoked or removed (returns false), else sends its
+/// assignments if their sequence is not the one sent last.
+async fn push_assignments(
+    service: &Arc<AgentService>,
+    connection: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    id: &str,
+    sent_sequence: &mut Option<u64>,
+) -> Result<bool, ServeError> {
+    let lookup = id.to_owned();
+    let (agent, assignments) = service
+        .with_store(move |store| Ok((store.agent(&lookup)?, store.assignments(&lookup)?)))
+        .await?;
+    match agent {
+        Some(agent) if agent.revoked.is_none() => {}
+        Some(agent) => {
+            refuse_revoked(connection, send, &agent).await?;
+            return Ok(false);
+        }
+        None => {
+            let message = format!("agent {id} is no longer known to this hub");
+            refuse(
+                connection,
+                send,
+                ErrorCode::UnknownAgent,
+                close::UNKNOWN_AGENT,
+                message,
+            )
+            .await?;
+            return Ok(false);
+        }
+    }
+    if *sent_sequence != Some(assignments.sequence) {
+        *sent_sequence = Some(assignments.sequence);
+        let assign = Assign {
+            sequence: assignments.sequence,
+            assignments: assignments
+                .entries
+                .iter()
+                .map(|row| Assignment {
+                    bundle: row.bundle.clone(),
+                    generation: row.generation,
+                    digest: row.digest,
+                })
+                .collect(),
+        };
+        send_message(send, &Message::Assign(assign)).await?;
+    }
+    Ok(true)
 }
 
 /// One fetch: check the snapshot is assigned, choose whole or delta, send from the resume point.
