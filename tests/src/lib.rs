@@ -3,4 +3,5 @@
 //! binaries' own CLI tests live beside them (`hub/tests`, `simulations/tests`).
 
 pub mod harness;
+pub mod kubeapi;
 pub mod lossy;
