@@ -174,7 +174,9 @@ struct Inner {
     options: ClientOptions,
     counters: Counters,
     installed: watch::Sender<u64>,
+    changed: watch::Sender<u64>,
     outbox_ready: Notify,
+    fetch_wanted: Notify,
 }
 
 fn unix_now() -> i64 {
@@ -217,7 +219,9 @@ impl Client {
                 options,
                 counters: Counters::default(),
                 installed: watch::Sender::new(0),
+                changed: watch::Sender::new(0),
                 outbox_ready: Notify::new(),
+                fetch_wanted: Notify::new(),
             }),
         }
     }
@@ -230,6 +234,17 @@ impl Client {
     /// Ticks on every installed snapshot.
     pub fn installed(&self) -> watch::Receiver<u64> {
         self.inner.installed.subscribe()
+    }
+
+    /// Ticks when what the agent should enforce may have changed: a snapshot was installed or
+    /// a new assignment set was accepted.
+    pub fn changed(&self) -> watch::Receiver<u64> {
+        self.inner.changed.subscribe()
+    }
+
+    /// Asks the fetcher to look for missing snapshots again (one was dropped as damaged).
+    pub fn refetch(&self) {
+        self.inner.fetch_wanted.notify_one();
     }
 
     /// Runs `work` on the state database on a blocking thread.
@@ -353,11 +368,13 @@ impl Client {
         };
         send_message(&mut send, &Message::Hello(hello)).await?;
 
-        let wake_fetcher = Arc::new(Notify::new());
         let fetcher = tokio::spawn({
-            let (client, connection, wake) =
-                (self.clone(), connection.clone(), wake_fetcher.clone());
-            async move { client.fetch_loop(&connection, &wake).await }
+            let (client, connection) = (self.clone(), connection.clone());
+            async move {
+                client
+                    .fetch_loop(&connection, &client.inner.fetch_wanted)
+                    .await
+            }
         });
         let _abort = AbortOnDrop(fetcher.abort_handle());
         let mut fetcher = fetcher;
@@ -394,13 +411,16 @@ impl Client {
                             })
                             .await?;
                         tracing::debug!(added, "signing-key certificates");
-                        wake_fetcher.notify_one();
+                        self.refetch();
                     }
                     Some(Message::Assign(assign)) => {
                         let sequence = assign.sequence;
                         let accepted = self.with_state(move |state| state.accept_assign(&assign)).await?;
                         tracing::info!(sequence, accepted, "assignments");
-                        wake_fetcher.notify_one();
+                        if accepted {
+                            self.inner.changed.send_modify(|count| *count += 1);
+                        }
+                        self.refetch();
                     }
                     Some(Message::Ack(ack)) => {
                         self.with_state(move |state| state.acknowledge(ack.sequence)).await?;
@@ -675,6 +695,7 @@ impl Client {
         tracing::info!(%bundle, generation, snapshot = %wanted.short(), encoding = ?start.encoding, bytes = size, "snapshot installed");
         self.inner.counters.installs.fetch_add(1, Ordering::Relaxed);
         self.inner.installed.send_modify(|count| *count += 1);
+        self.inner.changed.send_modify(|count| *count += 1);
         let status = BundleStatus {
             bundle,
             digest: wanted,

@@ -1,14 +1,18 @@
 //! The edge agent's library: its identity, its state database, and its link to the hub. The
 //! binary (`main.rs`) is a thin shell; tests and simulations drive the same code in-process.
 //!
-//! Still to come (the edge-agent issue): the reconcile loop against the local cluster. Today the
-//! agent enrols, keeps its assignments, fetches, verifies and caches snapshots, and reports.
+//! [`client`] keeps the link to the hub; [`reconcile`] keeps the cluster (a [`target`]) at the
+//! snapshots held in [`state`], independently of the link.
 
 pub mod client;
+pub mod health;
 pub mod identity;
+pub mod reconcile;
 pub mod state;
+pub mod target;
 
 pub use client::{Client, ClientOptions, Counters};
+pub use reconcile::{ReconcileOptions, Reconciler};
 pub use state::State;
 
 /// The files in an agent's state dir.

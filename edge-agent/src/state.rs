@@ -17,6 +17,8 @@ use outpost_proto::{
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::target::ObjectRef;
+
 /// Schema migrations; index + 1 is the version.
 const MIGRATIONS: &[&str] = &["CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL);
     CREATE TABLE certificates (key_id BLOB PRIMARY KEY, wire BLOB NOT NULL);
@@ -46,7 +48,18 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE meta (key TEXT PRIMARY KEY, value BL
         bytes BLOB NOT NULL,
         PRIMARY KEY (snapshot, offset)
     );
-    CREATE TABLE outbox (sequence INTEGER PRIMARY KEY, frame BLOB NOT NULL, created_at INTEGER NOT NULL);"];
+    CREATE TABLE outbox (sequence INTEGER PRIMARY KEY, frame BLOB NOT NULL, created_at INTEGER NOT NULL);",
+    // 2: the reconcile loop's applied inventory and the last status of each bundle.
+    "CREATE TABLE inventory (
+        bundle TEXT NOT NULL,
+        grp TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        api_version TEXT NOT NULL,
+        PRIMARY KEY (bundle, grp, kind, namespace, name)
+    );
+    CREATE TABLE last_status (bundle TEXT PRIMARY KEY, status TEXT NOT NULL);"];
 
 /// Where the agent is enrolled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +119,9 @@ pub enum StateError {
     /// A stored value is damaged.
     #[error("agent state: {0}")]
     Corrupt(String),
+    /// SQLite's integrity check failed.
+    #[error("agent state database is damaged: {0}")]
+    Damaged(String),
 }
 
 /// The open state database.
@@ -543,6 +559,14 @@ impl State {
     ) -> Result<u64, StateError> {
         let transaction = self.connection.transaction()?;
         let sequence = read_counter(&transaction, "outbox_last")? + 1;
+        for status in &bundles {
+            let text = serde_json::to_string(status)
+                .map_err(|error| StateError::Corrupt(format!("status: {error}")))?;
+            transaction.execute(
+                "INSERT INTO last_status (bundle, status) VALUES (?1, ?2) ON CONFLICT (bundle) DO UPDATE SET status = ?2",
+                params![status.bundle, text],
+            )?;
+        }
         let frame = outpost_proto::wire::encode_frame(&Message::StatusReport(StatusReport {
             sequence,
             bundles,
@@ -594,5 +618,120 @@ impl State {
         self.connection
             .execute("DELETE FROM outbox WHERE sequence <= ?1", [sequence as i64])?;
         Ok(())
+    }
+
+    /// The last status queued for each bundle (what `outpost-agent status` shows).
+    pub fn last_statuses(&self) -> Result<Vec<outpost_proto::wire::BundleStatus>, StateError> {
+        let mut statement = self
+            .connection
+            .prepare("SELECT status FROM last_status ORDER BY bundle")?;
+        let texts: Vec<String> = statement
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        texts
+            .iter()
+            .map(|text| {
+                serde_json::from_str(text)
+                    .map_err(|error| StateError::Corrupt(format!("last status: {error}")))
+            })
+            .collect()
+    }
+
+    /// Forgets a bundle's last status (it is no longer assigned).
+    pub fn forget_status(&mut self, bundle: &str) -> Result<(), StateError> {
+        self.connection
+            .execute("DELETE FROM last_status WHERE bundle = ?1", [bundle])?;
+        Ok(())
+    }
+
+    /// Objects the agent applied (or is about to apply) for `bundle`.
+    pub fn inventory(&self, bundle: &str) -> Result<Vec<ObjectRef>, StateError> {
+        let mut statement = self.connection.prepare(
+            "SELECT api_version, kind, namespace, name FROM inventory WHERE bundle = ?1 ORDER BY grp, kind, namespace, name",
+        )?;
+        let rows = statement
+            .query_map([bundle], |row| {
+                Ok(ObjectRef {
+                    api_version: row.get(0)?,
+                    kind: row.get(1)?,
+                    namespace: row.get(2)?,
+                    name: row.get(3)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Bundles with objects in the inventory.
+    pub fn inventory_bundles(&self) -> Result<Vec<String>, StateError> {
+        let mut statement = self
+            .connection
+            .prepare("SELECT DISTINCT bundle FROM inventory ORDER BY bundle")?;
+        let rows = statement
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(rows)
+    }
+
+    /// Number of objects in the inventory.
+    pub fn inventory_len(&self) -> Result<u64, StateError> {
+        let count: i64 =
+            self.connection
+                .query_row("SELECT COUNT(*) FROM inventory", [], |row| row.get(0))?;
+        Ok(count as u64)
+    }
+
+    /// Records objects of `bundle` in one transaction, before they are applied: a crash after
+    /// the apply can then never leave an object the agent does not know it created.
+    pub fn inventory_add(&mut self, bundle: &str, objects: &[ObjectRef]) -> Result<(), StateError> {
+        let transaction = self.connection.transaction()?;
+        for object in objects {
+            transaction.execute(
+                "INSERT INTO inventory (bundle, grp, kind, namespace, name, api_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (bundle, grp, kind, namespace, name) DO UPDATE SET api_version = ?6",
+                params![bundle, object.group(), object.kind, object.namespace, object.name, object.api_version],
+            )?;
+        }
+        transaction.commit()?;
+        Ok(())
+    }
+
+    /// Removes pruned (or disowned) objects of `bundle` from the inventory.
+    pub fn inventory_remove(
+        &mut self,
+        bundle: &str,
+        objects: &[ObjectRef],
+    ) -> Result<(), StateError> {
+        let transaction = self.connection.transaction()?;
+        for object in objects {
+            transaction.execute(
+                "DELETE FROM inventory WHERE bundle = ?1 AND grp = ?2 AND kind = ?3 AND namespace = ?4 AND name = ?5",
+                params![bundle, object.group(), object.kind, object.namespace, object.name],
+            )?;
+        }
+        transaction.commit()?;
+        Ok(())
+    }
+
+    /// Drops a held snapshot that no longer verifies, so the client fetches it again.
+    pub fn drop_snapshot(&mut self, bundle: &str, digest: &Digest) -> Result<(), StateError> {
+        self.connection.execute(
+            "DELETE FROM snapshots WHERE bundle = ?1 AND digest = ?2",
+            params![bundle, digest.0.as_slice()],
+        )?;
+        Ok(())
+    }
+
+    /// SQLite's `quick_check`: `Err` names the damage.
+    pub fn quick_check(&self) -> Result<(), StateError> {
+        let mut statement = self.connection.prepare("PRAGMA quick_check")?;
+        let lines: Vec<String> = statement
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        if lines.len() == 1 && lines[0] == "ok" {
+            Ok(())
+        } else {
+            Err(StateError::Damaged(lines.join("; ")))
+        }
     }
 }

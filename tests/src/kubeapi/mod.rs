@@ -910,7 +910,7 @@ impl Shared {
                 let body = parse_body(request)?;
                 let write = match request.content_type.as_str() {
                     "application/apply-patch+yaml" => {
-                        if request.query.get("fieldManager").is_none() {
+                        if !request.query.contains_key("fieldManager") {
                             return Err(ApiError::bad_request(
                                 "PATCH /apply requires a fieldManager",
                             ));

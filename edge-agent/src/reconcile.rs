@@ -1,0 +1,829 @@
+//! The reconcile loop: keeps the cluster at the snapshots the agent holds, on its own clock,
+//! whether or not the hub is reachable.
+//!
+//! Per assigned bundle it enforces the assigned snapshot once held (until then the newest held
+//! one), in the body's order (Namespaces, CRDs, the rest):
+//! 1. objects are resolved against the cluster's API and written to the inventory in one
+//!    transaction *before* they are applied, so a crash can never leave an object the agent
+//!    does not know it created;
+//! 2. each object is server-side applied (field manager `outpost-agent`, forced or not as
+//!    configured) with the label `outpost.io/bundle=<bundle>`; after a CRD the loop waits until
+//!    it is Established and refreshes discovery before its custom resources;
+//! 3. a failing object is retried with its own backoff while the others go on; an unreachable
+//!    API stops the pass and is retried with backoff;
+//! 4. once every object applied, objects that left the snapshot are pruned: those in the
+//!    inventory and those the cluster lists with the bundle label (only the inventory's kinds),
+//!    deleted in reverse apply order, and only if they carry the bundle's label — the agent
+//!    never deletes what it did not create;
+//! 5. health is read from what the API returns, then polled while objects progress;
+//! 6. a status (Applying, Healthy, Degraded, Failed, counts, the first problem) is queued in
+//!    the outbox whenever it changes.
+//!
+//! Everything is re-applied every `drift_interval` (server-side apply of an unchanged object
+//! writes nothing), which corrects drift. Bundles no longer assigned are pruned entirely.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use outpost_proto::wire::{BundleStatus, HeldSnapshot, Phase};
+use outpost_proto::{Digest, VerifiedSnapshot};
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::client::{Client, backoff_delay};
+use crate::health::{Health, assess};
+use crate::state::StateError;
+use crate::target::{BUNDLE_LABEL, ClusterTarget, ObjectRef, TargetError};
+
+/// How the loop behaves.
+#[derive(Debug, Clone)]
+pub struct ReconcileOptions {
+    /// Server-side apply field manager.
+    pub field_manager: String,
+    /// Take over fields another manager owns (drift correction against `kubectl edit` needs it).
+    pub force_conflicts: bool,
+    /// Re-apply everything this often.
+    pub drift_interval: Duration,
+    /// Re-read progressing objects this often.
+    pub health_poll: Duration,
+    /// After this long, objects still progressing make the bundle Degraded.
+    pub health_timeout: Duration,
+    /// First retry of a failing object (or an unreachable API).
+    pub retry_min: Duration,
+    /// Longest wait between retries.
+    pub retry_max: Duration,
+    /// How long to wait for a CRD to be Established.
+    pub crd_timeout: Duration,
+    /// Seed for retry jitter.
+    pub seed: u64,
+}
+
+impl Default for ReconcileOptions {
+    fn default() -> ReconcileOptions {
+        ReconcileOptions {
+            field_manager: "outpost-agent".to_owned(),
+            force_conflicts: true,
+            drift_interval: Duration::from_secs(300),
+            health_poll: Duration::from_secs(5),
+            health_timeout: Duration::from_secs(600),
+            retry_min: Duration::from_secs(2),
+            retry_max: Duration::from_secs(300),
+            crd_timeout: Duration::from_secs(60),
+            seed: 0,
+        }
+    }
+}
+
+/// Figures the loop keeps.
+#[derive(Debug, Default)]
+pub struct ReconcileCounters {
+    /// Passes run.
+    pub passes: AtomicU64,
+    /// Objects applied (successful apply calls).
+    pub applied: AtomicU64,
+    /// Apply calls that failed.
+    pub failed: AtomicU64,
+    /// Objects deleted by pruning.
+    pub pruned: AtomicU64,
+    /// Status reports queued.
+    pub reports: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+struct ObjectState {
+    reference: Option<ObjectRef>,
+    health: Health,
+    error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    retry_at: Instant,
+}
+
+/// What the loop knows about one bundle's enforced snapshot.
+#[derive(Debug)]
+struct BundleRun {
+    digest: Digest,
+    generation: u64,
+    expires_at: Option<i64>,
+    started: Instant,
+    objects: Vec<Value>,
+    states: Vec<ObjectState>,
+    backoff: HashMap<usize, Backoff>,
+    last_full: Option<Instant>,
+    last_poll: Option<Instant>,
+    cluster_error: Option<String>,
+    body_error: Option<String>,
+    reported: Option<(Digest, Phase, u64, String)>,
+}
+
+impl BundleRun {
+    fn new(bundle: &str, snapshot: &VerifiedSnapshot) -> BundleRun {
+        let mut objects = Vec::new();
+        let mut body_error = None;
+        for object in snapshot.body().objects() {
+            match object {
+                Ok(mut object) => {
+                    if !object["metadata"]["labels"].is_object() {
+                        object["metadata"]["labels"] = Value::Object(Default::default());
+                    }
+                    object["metadata"]["labels"][BUNDLE_LABEL] = Value::String(bundle.to_owned());
+                    objects.push(object);
+                }
+                Err(error) => body_error = Some(error.to_string()),
+            }
+        }
+        let states = vec![
+            ObjectState {
+                reference: None,
+                health: Health::Progressing("not applied yet".to_owned()),
+                error: None,
+            };
+            objects.len()
+        ];
+        let header = snapshot.header();
+        BundleRun {
+            digest: snapshot.digest(),
+            generation: header.generation,
+            expires_at: header.expires_at,
+            started: Instant::now(),
+            objects,
+            states,
+            backoff: HashMap::new(),
+            last_full: None,
+            last_poll: None,
+            cluster_error: None,
+            body_error,
+            reported: None,
+        }
+    }
+
+    fn progressing(&self) -> bool {
+        self.states
+            .iter()
+            .any(|state| state.error.is_none() && matches!(state.health, Health::Progressing(_)))
+    }
+
+    fn all_applied(&self) -> bool {
+        self.body_error.is_none()
+            && self
+                .states
+                .iter()
+                .all(|state| state.error.is_none() && state.reference.is_some())
+    }
+
+    fn name(&self, index: usize) -> String {
+        self.states[index]
+            .reference
+            .clone()
+            .or_else(|| ObjectRef::of(&self.objects[index]))
+            .map_or_else(|| format!("object {index}"), |r| r.to_string())
+    }
+
+    /// Phase, objects ready, and the first problem.
+    fn phase(&self, health_timeout: Duration) -> (Phase, u64, String) {
+        let ready = self
+            .states
+            .iter()
+            .filter(|state| state.error.is_none() && state.health == Health::Ready)
+            .count() as u64;
+        if let Some(error) = self.cluster_error.as_ref().or(self.body_error.as_ref()) {
+            return (Phase::Failed, ready, error.clone());
+        }
+        let failed: Vec<usize> = (0..self.states.len())
+            .filter(|&i| self.states[i].error.is_some())
+            .collect();
+        if let Some(&first) = failed.first() {
+            let error = self.states[first].error.clone().unwrap_or_default();
+            return (
+                Phase::Failed,
+                ready,
+                format!(
+                    "{} of {} objects failed to apply; {}: {error}",
+                    failed.len(),
+                    self.states.len(),
+                    self.name(first)
+                ),
+            );
+        }
+        let failing = self
+            .states
+            .iter()
+            .enumerate()
+            .find_map(|(i, state)| match &state.health {
+                Health::Failed(message) => Some((i, message)),
+                _ => None,
+            });
+        if let Some((index, message)) = failing {
+            return (
+                Phase::Degraded,
+                ready,
+                format!("{}: {message}", self.name(index)),
+            );
+        }
+        let progressing =
+            self.states
+                .iter()
+                .enumerate()
+                .find_map(|(i, state)| match &state.health {
+                    Health::Progressing(message) => Some((i, message)),
+                    _ => None,
+                });
+        if let Some((index, message)) = progressing {
+            if self.started.elapsed() >= health_timeout {
+                return (
+                    Phase::Degraded,
+                    ready,
+                    format!(
+                        "{}: not ready after {}s: {message}",
+                        self.name(index),
+                        health_timeout.as_secs()
+                    ),
+                );
+            }
+            return (
+                Phase::Applying,
+                ready,
+                format!("{}: {message}", self.name(index)),
+            );
+        }
+        (Phase::Healthy, ready, String::new())
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64)
+}
+
+fn splitmix(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The reconcile loop for one cluster.
+#[derive(Debug)]
+pub struct Reconciler<T> {
+    client: Client,
+    target: Arc<T>,
+    options: ReconcileOptions,
+    bundles: BTreeMap<String, BundleRun>,
+    counters: Arc<ReconcileCounters>,
+    cluster_failures: u32,
+    cluster_retry_at: Option<Instant>,
+    random: u64,
+}
+
+impl<T: ClusterTarget> Reconciler<T> {
+    /// A loop reconciling `target` against the snapshots `client`'s state holds.
+    pub fn new(client: Client, target: Arc<T>, options: ReconcileOptions) -> Reconciler<T> {
+        let random = options.seed ^ 0xC0FFEE;
+        Reconciler {
+            client,
+            target,
+            options,
+            bundles: BTreeMap::new(),
+            counters: Arc::new(ReconcileCounters::default()),
+            cluster_failures: 0,
+            cluster_retry_at: None,
+            random,
+        }
+    }
+
+    /// The loop's figures.
+    pub fn counters(&self) -> Arc<ReconcileCounters> {
+        self.counters.clone()
+    }
+
+    /// Runs until the state database fails. Passes run when the client installs a snapshot or
+    /// accepts assignments, and when a timer (drift, retry, health poll) is due.
+    pub async fn run(mut self) -> StateError {
+        let mut changed = self.client.changed();
+        loop {
+            let next = match self.pass().await {
+                Ok(next) => next,
+                Err(
+                    error @ (StateError::Sqlite(_)
+                    | StateError::Damaged(_)
+                    | StateError::TooNew { .. }),
+                ) => {
+                    return error;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "reconcile pass failed");
+                    Instant::now() + self.options.retry_min
+                }
+            };
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                _ = changed.changed() => {}
+            }
+        }
+    }
+
+    /// One pass over every bundle; returns when the next one is due.
+    pub async fn pass(&mut self) -> Result<Instant, StateError> {
+        self.counters.passes.fetch_add(1, Ordering::Relaxed);
+        let (assignments, held, in_inventory, sequence) = self
+            .client
+            .with_state(|state| {
+                Ok((
+                    state.assignments()?,
+                    state.held()?,
+                    state.inventory_bundles()?,
+                    state.assignment_sequence()?,
+                ))
+            })
+            .await?;
+        let mut next = Instant::now() + self.options.drift_interval;
+        let assigned: BTreeSet<String> = assignments.iter().map(|a| a.bundle.clone()).collect();
+        for assignment in &assignments {
+            let bundle = assignment.bundle.clone();
+            let Some(digest) = enforced_snapshot(&held, &bundle, &assignment.digest) else {
+                continue;
+            };
+            if self
+                .bundles
+                .get(&bundle)
+                .is_none_or(|run| run.digest != digest)
+            {
+                let (lookup, lookup_digest) = (bundle.clone(), digest);
+                match self
+                    .client
+                    .with_state(move |state| state.load_snapshot(&lookup, &lookup_digest))
+                    .await
+                {
+                    Ok(Some(snapshot)) => {
+                        tracing::info!(%bundle, generation = snapshot.header().generation, snapshot = %digest.short(), "enforcing snapshot");
+                        self.bundles
+                            .insert(bundle.clone(), BundleRun::new(&bundle, &snapshot));
+                    }
+                    Ok(None) => continue,
+                    Err(StateError::Corrupt(reason)) => {
+                        self.drop_damaged(&bundle, digest, assignment.generation, reason)
+                            .await?;
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            next = next.min(self.reconcile_bundle(&bundle).await?);
+        }
+        self.bundles.retain(|bundle, _| assigned.contains(bundle));
+        if sequence > 0 {
+            for bundle in in_inventory.iter().filter(|b| !assigned.contains(*b)) {
+                tracing::info!(%bundle, "bundle no longer assigned; removing its objects");
+                match self.prune(bundle, &HashSet::new()).await {
+                    Ok(true) => {
+                        let bundle = bundle.clone();
+                        self.client
+                            .with_state(move |state| state.forget_status(&bundle))
+                            .await?;
+                    }
+                    Ok(false) => next = next.min(Instant::now() + self.options.retry_min),
+                    Err(TargetError::Unreachable(_)) => {
+                        next = next.min(self.cluster_down());
+                    }
+                    Err(error) => tracing::warn!(%bundle, %error, "pruning an unassigned bundle"),
+                }
+            }
+        }
+        Ok(next)
+    }
+
+    /// A held snapshot no longer verifies: drop it (never apply it), report, fetch it again.
+    async fn drop_damaged(
+        &mut self,
+        bundle: &str,
+        digest: Digest,
+        generation: u64,
+        reason: String,
+    ) -> Result<(), StateError> {
+        tracing::error!(%bundle, snapshot = %digest.short(), %reason, "held snapshot is damaged; dropping it and fetching it again");
+        let name = bundle.to_owned();
+        self.client
+            .with_state(move |state| state.drop_snapshot(&name, &digest))
+            .await?;
+        self.bundles.remove(bundle);
+        self.client.refetch();
+        self.client
+            .report(vec![BundleStatus {
+                bundle: bundle.to_owned(),
+                digest,
+                generation,
+                phase: Phase::Failed,
+                objects_total: 0,
+                objects_ready: 0,
+                message: format!("held snapshot damaged ({reason}); fetching it again"),
+                observed_at: unix_now(),
+                stale: false,
+            }])
+            .await?;
+        self.counters.reports.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn cluster_down(&mut self) -> Instant {
+        self.cluster_failures = self.cluster_failures.saturating_add(1);
+        let delay = backoff_delay(
+            self.options.retry_min,
+            self.options.retry_max,
+            self.cluster_failures.saturating_sub(1),
+            splitmix(&mut self.random),
+        );
+        let at = Instant::now() + delay;
+        self.cluster_retry_at = Some(at);
+        at
+    }
+
+    async fn reconcile_bundle(&mut self, bundle: &str) -> Result<Instant, StateError> {
+        let Some(mut run) = self.bundles.remove(bundle) else {
+            return Ok(Instant::now() + self.options.drift_interval);
+        };
+        let outcome = self.reconcile_run(bundle, &mut run).await;
+        let report = self.report_if_changed(bundle, &mut run).await;
+        self.bundles.insert(bundle.to_owned(), run);
+        report?;
+        Ok(outcome)
+    }
+
+    /// Applies, prunes or polls as due; returns when this bundle next needs attention.
+    async fn reconcile_run(&mut self, bundle: &str, run: &mut BundleRun) -> Instant {
+        let now = Instant::now();
+        if let Some(at) = self.cluster_retry_at.filter(|at| *at > now) {
+            return at;
+        }
+        let full_due = run
+            .last_full
+            .is_none_or(|at| now >= at + self.options.drift_interval)
+            || run.cluster_error.is_some()
+            || run.backoff.values().any(|backoff| backoff.retry_at <= now);
+        let result = if full_due {
+            self.apply_all(bundle, run).await
+        } else if run.progressing()
+            && run
+                .last_poll
+                .is_none_or(|at| now >= at + self.options.health_poll)
+        {
+            self.poll(run).await
+        } else {
+            Ok(())
+        };
+        if let Err(error) = result {
+            run.cluster_error = Some(error.to_string());
+            tracing::warn!(%bundle, %error, "cluster API unreachable; retrying");
+            return self.cluster_down();
+        }
+        self.cluster_failures = 0;
+        self.cluster_retry_at = None;
+        run.cluster_error = None;
+        let mut next = run
+            .last_full
+            .map_or(now, |at| at + self.options.drift_interval);
+        if let Some(retry) = run.backoff.values().map(|b| b.retry_at).min() {
+            next = next.min(retry);
+        }
+        if run.progressing() {
+            next = next.min(Instant::now() + self.options.health_poll);
+        }
+        next
+    }
+
+    async fn record(&self, bundle: &str, references: Vec<ObjectRef>) -> Result<(), TargetError> {
+        if references.is_empty() {
+            return Ok(());
+        }
+        let bundle = bundle.to_owned();
+        self.client
+            .with_state(move |state| state.inventory_add(&bundle, &references))
+            .await
+            .map_err(|error| TargetError::Other(format!("recording the inventory: {error}")))
+    }
+
+    /// Applies every object not waiting for a retry. `Err` only when the API is unreachable.
+    async fn apply_all(&mut self, bundle: &str, run: &mut BundleRun) -> Result<(), TargetError> {
+        let count = run.objects.len();
+        let mut recorded = vec![false; count];
+        let mut refreshed = false;
+        let now = Instant::now();
+        for index in 0..count {
+            if run.backoff.get(&index).is_some_and(|b| b.retry_at > now) {
+                continue;
+            }
+            if !recorded[index] {
+                // Resolve and record, in one transaction, everything from here that resolves.
+                let mut batch = Vec::new();
+                let unrecorded: Vec<usize> = (index..count).filter(|&i| !recorded[i]).collect();
+                for later in unrecorded {
+                    match self.target.resolve(&run.objects[later]).await {
+                        Ok(reference) => {
+                            recorded[later] = true;
+                            run.states[later].reference = Some(reference.clone());
+                            batch.push(reference);
+                        }
+                        Err(TargetError::Unreachable(message)) => {
+                            return Err(TargetError::Unreachable(message));
+                        }
+                        Err(_) => {}
+                    }
+                }
+                if let Err(error) = self.record(bundle, batch).await {
+                    // Without the inventory nothing may be applied.
+                    run.cluster_error = Some(error.to_string());
+                    return Ok(());
+                }
+            }
+            if !recorded[index] {
+                if !refreshed {
+                    refreshed = true;
+                    self.target.refresh().await?;
+                }
+                match self.target.resolve(&run.objects[index]).await {
+                    Ok(reference) => {
+                        recorded[index] = true;
+                        run.states[index].reference = Some(reference.clone());
+                        if let Err(error) = self.record(bundle, vec![reference]).await {
+                            run.cluster_error = Some(error.to_string());
+                            return Ok(());
+                        }
+                    }
+                    Err(TargetError::Unreachable(message)) => {
+                        return Err(TargetError::Unreachable(message));
+                    }
+                    Err(error) => {
+                        self.fail(run, index, &error);
+                        continue;
+                    }
+                }
+            }
+            match self
+                .target
+                .apply(
+                    &run.objects[index],
+                    &self.options.field_manager,
+                    self.options.force_conflicts,
+                )
+                .await
+            {
+                Ok(live) => {
+                    self.counters.applied.fetch_add(1, Ordering::Relaxed);
+                    run.backoff.remove(&index);
+                    run.states[index].error = None;
+                    run.states[index].health = assess(&live);
+                    if let Some(reference) = ObjectRef::of(&live) {
+                        run.states[index].reference = Some(reference);
+                    }
+                    if run.states[index]
+                        .reference
+                        .as_ref()
+                        .is_some_and(|r| r.rank() == 1)
+                    {
+                        self.wait_established(run, index).await?;
+                        self.target.refresh().await?;
+                        refreshed = false;
+                    }
+                }
+                Err(TargetError::Unreachable(message)) => {
+                    return Err(TargetError::Unreachable(message));
+                }
+                Err(error) => {
+                    self.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    self.fail(run, index, &error);
+                }
+            }
+        }
+        run.last_full = Some(now);
+        run.last_poll = Some(Instant::now());
+        if run.all_applied() {
+            let desired: HashSet<_> = run
+                .states
+                .iter()
+                .filter_map(|state| state.reference.as_ref().map(ObjectRef::identity))
+                .collect();
+            self.prune(bundle, &desired).await?;
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, run: &mut BundleRun, index: usize, error: &TargetError) {
+        let failures = run.backoff.get(&index).map_or(0, |b| b.failures) + 1;
+        let delay = backoff_delay(
+            self.options.retry_min,
+            self.options.retry_max,
+            failures - 1,
+            splitmix(&mut self.random),
+        );
+        run.backoff.insert(
+            index,
+            Backoff {
+                failures,
+                retry_at: Instant::now() + delay,
+            },
+        );
+        let mut message = error.to_string();
+        if matches!(error, TargetError::Conflict(_)) && !self.options.force_conflicts {
+            message.push_str(" (the agent does not force conflicts: set cluster.force_conflicts = true to take these fields over)");
+        }
+        tracing::warn!(object = %run.name(index), error = %message, failures, "apply failed; retrying later");
+        run.states[index].error = Some(message);
+    }
+
+    /// Waits until the CRD at `index` is Established (or fails it after `crd_timeout`).
+    async fn wait_established(
+        &mut self,
+        run: &mut BundleRun,
+        index: usize,
+    ) -> Result<(), TargetError> {
+        let Some(reference) = run.states[index].reference.clone() else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + self.options.crd_timeout;
+        let mut wait = Duration::from_millis(20);
+        while run.states[index].health != Health::Ready {
+            if Instant::now() >= deadline {
+                let error = TargetError::Other(format!(
+                    "not established after {}s",
+                    self.options.crd_timeout.as_secs()
+                ));
+                self.fail(run, index, &error);
+                return Ok(());
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(1));
+            if let Some(live) = self.target.get(&reference).await? {
+                run.states[index].health = assess(&live);
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-reads objects that are still progressing.
+    async fn poll(&mut self, run: &mut BundleRun) -> Result<(), TargetError> {
+        for index in 0..run.states.len() {
+            let state = &run.states[index];
+            if state.error.is_some() || !matches!(state.health, Health::Progressing(_)) {
+                continue;
+            }
+            let Some(reference) = state.reference.clone() else {
+                continue;
+            };
+            match self.target.get(&reference).await? {
+                Some(live) => run.states[index].health = assess(&live),
+                None => {
+                    run.states[index].health = Health::Progressing(
+                        "deleted from the cluster; applying it again".to_owned(),
+                    );
+                    run.last_full = None;
+                }
+            }
+        }
+        run.last_poll = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Deletes objects of `bundle` not in `desired` (identities) that carry the bundle's label;
+    /// `Ok(true)` when nothing is left to prune.
+    async fn prune(
+        &mut self,
+        bundle: &str,
+        desired: &HashSet<(String, String, String, String)>,
+    ) -> Result<bool, TargetError> {
+        let name = bundle.to_owned();
+        let inventory = self
+            .client
+            .with_state(move |state| state.inventory(&name))
+            .await
+            .map_err(|error| TargetError::Other(format!("reading the inventory: {error}")))?;
+        let mut candidates: BTreeMap<(String, String, String, String), ObjectRef> = inventory
+            .iter()
+            .filter(|r| !desired.contains(&r.identity()))
+            .map(|r| (r.identity(), r.clone()))
+            .collect();
+        let kinds: BTreeMap<(String, String), String> = inventory
+            .iter()
+            .map(|r| {
+                (
+                    (r.group().to_owned(), r.kind.clone()),
+                    r.api_version.clone(),
+                )
+            })
+            .collect();
+        let selector = format!("{BUNDLE_LABEL}={bundle}");
+        for ((_, kind), api_version) in &kinds {
+            match self.target.list(api_version, kind, &selector).await {
+                Ok(items) => {
+                    for reference in items.iter().filter_map(ObjectRef::of) {
+                        if !desired.contains(&reference.identity()) {
+                            candidates.entry(reference.identity()).or_insert(reference);
+                        }
+                    }
+                }
+                Err(TargetError::Unreachable(message)) => {
+                    return Err(TargetError::Unreachable(message));
+                }
+                Err(TargetError::UnknownKind(_)) => {}
+                Err(error) => tracing::warn!(%bundle, %kind, %error, "listing for prune"),
+            }
+        }
+        if candidates.is_empty() {
+            return Ok(true);
+        }
+        // Reverse apply order: the rest, then CRDs, then Namespaces.
+        let mut ordered: Vec<ObjectRef> = candidates.into_values().collect();
+        ordered.sort_by_key(|r| std::cmp::Reverse((r.rank(), r.identity())));
+        let mut forgotten = Vec::new();
+        let mut complete = true;
+        let mut outcome = Ok(());
+        for reference in ordered {
+            let live = match self.target.get(&reference).await {
+                Ok(live) => live,
+                Err(TargetError::UnknownKind(_)) => None,
+                Err(error) => {
+                    complete = false;
+                    if matches!(error, TargetError::Unreachable(_)) {
+                        outcome = Err(error);
+                        break;
+                    }
+                    tracing::warn!(object = %reference, %error, "reading an object to prune");
+                    continue;
+                }
+            };
+            match live {
+                None => forgotten.push(reference),
+                Some(live) if live["metadata"]["labels"][BUNDLE_LABEL] == bundle => {
+                    match self.target.delete(&reference).await {
+                        Ok(_) => {
+                            tracing::info!(%bundle, object = %reference, "pruned");
+                            self.counters.pruned.fetch_add(1, Ordering::Relaxed);
+                            forgotten.push(reference);
+                        }
+                        Err(error) => {
+                            complete = false;
+                            if matches!(error, TargetError::Unreachable(_)) {
+                                outcome = Err(error);
+                                break;
+                            }
+                            tracing::warn!(object = %reference, %error, "prune failed; retrying at the next pass");
+                        }
+                    }
+                }
+                Some(_) => {
+                    tracing::warn!(%bundle, object = %reference, "not pruned: it does not carry this bundle's label, so the agent did not create it");
+                    forgotten.push(reference);
+                }
+            }
+        }
+        let name = bundle.to_owned();
+        self.client
+            .with_state(move |state| state.inventory_remove(&name, &forgotten))
+            .await
+            .map_err(|error| TargetError::Other(format!("updating the inventory: {error}")))?;
+        outcome.map(|()| complete)
+    }
+
+    async fn report_if_changed(
+        &mut self,
+        bundle: &str,
+        run: &mut BundleRun,
+    ) -> Result<(), StateError> {
+        let (phase, ready, message) = run.phase(self.options.health_timeout);
+        let key = (run.digest, phase, ready, message.clone());
+        if run.reported.as_ref() == Some(&key) {
+            return Ok(());
+        }
+        tracing::info!(%bundle, generation = run.generation, ?phase, ready, total = run.objects.len(), %message, "bundle status");
+        self.client
+            .report(vec![BundleStatus {
+                bundle: bundle.to_owned(),
+                digest: run.digest,
+                generation: run.generation,
+                phase,
+                objects_total: run.objects.len() as u64,
+                objects_ready: ready,
+                message,
+                observed_at: unix_now(),
+                stale: run.expires_at.is_some_and(|at| at < unix_now()),
+            }])
+            .await?;
+        self.counters.reports.fetch_add(1, Ordering::Relaxed);
+        run.reported = Some(key);
+        Ok(())
+    }
+}
+
+/// The snapshot to enforce for `bundle`: the assigned one once held, else the newest held.
+fn enforced_snapshot(held: &[HeldSnapshot], bundle: &str, assigned: &Digest) -> Option<Digest> {
+    let mine = held.iter().filter(|h| h.bundle == bundle);
+    mine.clone()
+        .find(|h| h.digest == *assigned)
+        .or_else(|| mine.max_by_key(|h| h.generation))
+        .map(|h| h.digest)
+}
