@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use outpost_agent::client::AgentError;
-use outpost_agent::{Client, ClientOptions, State, identity, paths};
+use outpost_agent::target::ClusterTarget;
+use outpost_agent::{Client, ClientOptions, ReconcileOptions, Reconciler, State, identity, paths};
 use outpost_hub::api::FetchNow;
 use outpost_hub::keys::HubKeys;
 use outpost_hub::store::{AssignmentRow, FleetStore, SqliteStore, Store, StoredSnapshot};
@@ -186,10 +187,24 @@ impl TestHub {
             }
             assignments.values().cloned().collect()
         };
+        self.write_assignments(&rows);
+    }
+
+    /// Takes `bundle` away from `agent`.
+    pub fn unassign(&self, agent: &str, bundle: &str) {
+        let rows: Vec<AssignmentRow> = {
+            let mut assignments = self.assignments.lock().expect("assignments");
+            assignments.remove(&(agent.to_owned(), bundle.to_owned()));
+            assignments.values().cloned().collect()
+        };
+        self.write_assignments(&rows);
+    }
+
+    fn write_assignments(&self, rows: &[AssignmentRow]) {
         self.store
             .lock()
             .expect("store")
-            .set_assignments("test", &rows, unix_now())
+            .set_assignments("test", rows, unix_now())
             .expect("assign");
         self.fetch_now.fleet_changed();
     }
@@ -219,11 +234,26 @@ pub struct TestAgent {
     pub client: Client,
     options: ClientOptions,
     task: Option<tokio::task::JoinHandle<AgentError>>,
+    reconciler: Option<Respawn>,
+    reconcile_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts a reconcile loop for a client.
+#[derive(Clone)]
+struct Respawn(Arc<dyn Fn(Client) -> tokio::task::JoinHandle<()> + Send + Sync>);
+
+impl std::fmt::Debug for Respawn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Respawn")
+    }
 }
 
 impl Drop for TestAgent {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        if let Some(task) = self.reconcile_task.take() {
             task.abort();
         }
     }
@@ -275,6 +305,54 @@ impl TestAgent {
             client: Client::new(key, state, options.clone()),
             options,
             task: None,
+            reconciler: None,
+            reconcile_task: None,
+        }
+    }
+
+    /// Runs a reconcile loop against `target` (again after every restart).
+    pub fn reconcile<T: ClusterTarget>(&mut self, target: Arc<T>, options: ReconcileOptions) {
+        let spawner = Respawn(Arc::new(move |client: Client| {
+            let reconciler = Reconciler::new(client, target.clone(), options.clone());
+            tokio::spawn(async move {
+                let error = reconciler.run().await;
+                eprintln!("reconcile loop stopped: {error}");
+            })
+        }));
+        self.reconcile_task = Some((spawner.0)(self.client.clone()));
+        self.reconciler = Some(spawner);
+    }
+
+    /// Stops the connection loop only (the reconcile loop goes on): the hub is gone for it.
+    pub fn disconnect(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// The last status the agent queued for `bundle`.
+    pub async fn last_status(&self, bundle: &str) -> Option<outpost_proto::wire::BundleStatus> {
+        let statuses = self
+            .client
+            .with_state(|state| state.last_statuses())
+            .await
+            .expect("state");
+        statuses.into_iter().find(|status| status.bundle == bundle)
+    }
+
+    /// Waits until the last status of `bundle` satisfies `test`; returns it.
+    pub async fn status_where(
+        &self,
+        bundle: &str,
+        test: impl Fn(&outpost_proto::wire::BundleStatus) -> bool,
+    ) -> outpost_proto::wire::BundleStatus {
+        loop {
+            if let Some(status) = self.last_status(bundle).await
+                && test(&status)
+            {
+                return status;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
     }
 
@@ -290,9 +368,16 @@ impl TestAgent {
         if let Some(task) = self.task.take() {
             task.abort();
         }
-        let options = self.options.clone();
+        if let Some(task) = self.reconcile_task.take() {
+            task.abort();
+        }
+        let (options, reconciler) = (self.options.clone(), self.reconciler.take());
         *self = TestAgent::open(&self.dir.clone(), options);
         self.start();
+        if let Some(spawner) = reconciler {
+            self.reconcile_task = Some((spawner.0)(self.client.clone()));
+            self.reconciler = Some(spawner);
+        }
     }
 
     /// Waits for the agent to stop (it stops only when refused) and returns why.

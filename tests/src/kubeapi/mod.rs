@@ -1446,6 +1446,19 @@ impl KubeApiServer {
         kube::Client::try_from(config).expect("client")
     }
 
+    /// The agent's cluster target for this server (kube-rs, through the kubeconfig).
+    pub async fn target(&self) -> Arc<outpost_agent::target::kubernetes::KubernetesTarget> {
+        let kubeconfig =
+            kube::config::Kubeconfig::from_yaml(&self.kubeconfig()).expect("kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .expect("config");
+        Arc::new(
+            outpost_agent::target::kubernetes::KubernetesTarget::from_config(config)
+                .expect("target"),
+        )
+    }
+
     /// Stops listening: connections are refused until [`KubeApiServer::resume`]. The objects stay.
     pub async fn stop(&self) {
         let running = self
