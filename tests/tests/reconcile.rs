@@ -252,3 +252,331 @@ async fn apply_update_and_prune_only_what_the_agent_created() {
     .await;
     assert!(f.server.object("v1", "Namespace", "", "shop").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_is_corrected() {
+    let f = fleet(ServerOptions::default(), fast()).await;
+    let v1 = f.hub.publish("shop", SHOP_V1);
+    f.hub.assign(&f.id, "shop", v1);
+    within(
+        30,
+        "healthy",
+        f.agent
+            .status_where("shop", phase_is(Phase::Healthy, v1.generation)),
+    )
+    .await;
+
+    // `kubectl edit` changes a value the agent owns; someone deletes the deployment.
+    let client = f.server.client().await;
+    let configmaps = api(&client, "v1", "ConfigMap", "configmaps", "shop");
+    configmaps
+        .patch(
+            "settings",
+            &PatchParams {
+                field_manager: Some("kubectl-edit".into()),
+                ..Default::default()
+            },
+            &Patch::Merge(
+                json!({"data": {"currency": "USD"}, "metadata": {"labels": {"extra": "yes"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    api(&client, "apps/v1", "Deployment", "deployments", "shop")
+        .delete("till", &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        f.server
+            .object("v1", "ConfigMap", "shop", "settings")
+            .unwrap()["data"]["currency"],
+        "USD"
+    );
+
+    within(20, "drift corrected", async {
+        loop {
+            let settings = f
+                .server
+                .object("v1", "ConfigMap", "shop", "settings")
+                .unwrap();
+            if settings["data"]["currency"] == "EUR"
+                && f.server
+                    .object("apps/v1", "Deployment", "shop", "till")
+                    .is_some()
+            {
+                // A field the agent never set stays as the editor left it.
+                assert_eq!(settings["metadata"]["labels"]["extra"], "yes");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+const WIDGETS: &str = "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: {name: widgets.example.com}
+spec:
+  group: example.com
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
+---
+apiVersion: example.com/v1
+kind: Widget
+metadata: {name: front-door, namespace: factory}
+spec: {size: 3}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: factory}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crd_and_its_custom_resources_in_one_snapshot() {
+    let server = ServerOptions {
+        crd_establish_delay: Duration::from_millis(300),
+        ..ServerOptions::default()
+    };
+    let f = fleet(server, fast()).await;
+    let v1 = f.hub.publish("widgets", WIDGETS);
+    f.hub.assign(&f.id, "widgets", v1);
+    let status = within(
+        30,
+        "healthy",
+        f.agent
+            .status_where("widgets", phase_is(Phase::Healthy, v1.generation)),
+    )
+    .await;
+    assert_eq!(status.objects_ready, 3);
+    let widget = f
+        .server
+        .object("example.com/v1", "Widget", "factory", "front-door")
+        .expect("custom resource applied");
+    assert_eq!(widget["spec"]["size"], 3);
+    let crd = f
+        .server
+        .object(
+            "apiextensions.k8s.io/v1",
+            "CustomResourceDefinition",
+            "",
+            "widgets.example.com",
+        )
+        .unwrap();
+    assert_eq!(crd["status"]["conditions"][1]["type"], "Established");
+
+    // Unassigned: the custom resource goes first, then the CRD, then the namespace.
+    f.hub.unassign(&f.id, "widgets");
+    within(20, "removed", async {
+        while !f.server.names("outpost.io/bundle=widgets").is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        f.server
+            .object(
+                "apiextensions.k8s.io/v1",
+                "CustomResourceDefinition",
+                "",
+                "widgets.example.com"
+            )
+            .is_none()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflict_with_another_field_manager_is_reported_unless_forced() {
+    let careful = ReconcileOptions {
+        force_conflicts: false,
+        ..fast()
+    };
+    let mut f = fleet(ServerOptions::default(), careful).await;
+    let v1 = f.hub.publish("shop", SHOP_V1);
+    f.hub.assign(&f.id, "shop", v1);
+    within(
+        30,
+        "healthy",
+        f.agent
+            .status_where("shop", phase_is(Phase::Healthy, v1.generation)),
+    )
+    .await;
+
+    // `kubectl scale` takes spec.replicas over.
+    let client = f.server.client().await;
+    let deployments = api(&client, "apps/v1", "Deployment", "deployments", "shop");
+    deployments
+        .patch(
+            "till",
+            &PatchParams {
+                field_manager: Some("kubectl".into()),
+                ..Default::default()
+            },
+            &Patch::Merge(json!({"spec": {"replicas": 5}})),
+        )
+        .await
+        .unwrap();
+    let failed = within(
+        20,
+        "conflict reported",
+        f.agent
+            .status_where("shop", phase_is(Phase::Failed, v1.generation)),
+    )
+    .await;
+    for expected in [
+        "conflict with \"kubectl\"",
+        ".spec.replicas",
+        "force_conflicts",
+    ] {
+        assert!(
+            failed.message.contains(expected),
+            "{expected:?} missing in {}",
+            failed.message
+        );
+    }
+    assert_eq!(
+        f.server
+            .object("apps/v1", "Deployment", "shop", "till")
+            .unwrap()["spec"]["replicas"],
+        5,
+        "not forced"
+    );
+
+    // With force the agent takes the field back.
+    f.agent.reconcile(f.server.target().await, fast());
+    f.agent.restart();
+    within(
+        20,
+        "forced",
+        f.agent
+            .status_where("shop", phase_is(Phase::Healthy, v1.generation)),
+    )
+    .await;
+    let till = f
+        .server
+        .object("apps/v1", "Deployment", "shop", "till")
+        .unwrap();
+    assert_eq!(till["spec"]["replicas"], 2);
+    let managers: Vec<&str> = till["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["manager"].as_str())
+        .collect();
+    assert!(!managers.contains(&"kubectl"), "{managers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_the_status_the_controllers_write() {
+    let server = ServerOptions {
+        controllers: false,
+        ..ServerOptions::default()
+    };
+    let f = fleet(server, fast()).await;
+    let v1 = f.hub.publish("shop", SHOP_V1);
+    f.hub.assign(&f.id, "shop", v1);
+    let applying = within(
+        30,
+        "applying",
+        f.agent.status_where("shop", |s| {
+            phase_is(Phase::Applying, v1.generation)(s)
+                && s.message.contains("Deployment shop/till")
+        }),
+    )
+    .await;
+    assert!(
+        applying.message.contains("waiting for the controller"),
+        "{}",
+        applying.message
+    );
+    assert_eq!(applying.objects_ready, 3);
+
+    let client = f.server.client().await;
+    let deployments = api(&client, "apps/v1", "Deployment", "deployments", "shop");
+    let status = |value: serde_json::Value| Patch::Merge(json!({"status": value}));
+    let params = PatchParams {
+        field_manager: Some("kube-controller-manager".into()),
+        ..Default::default()
+    };
+    deployments.patch_status("till", &params, &status(json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2}))).await.unwrap();
+    within(
+        20,
+        "healthy",
+        f.agent
+            .status_where("shop", phase_is(Phase::Healthy, v1.generation)),
+    )
+    .await;
+
+    // A new image that never becomes available: Degraded with the controller's words.
+    let v2 = f.hub.publish("shop", SHOP_V2);
+    f.hub.assign(&f.id, "shop", v2);
+    within(
+        30,
+        "applying v2",
+        f.agent
+            .status_where("shop", phase_is(Phase::Applying, v2.generation)),
+    )
+    .await;
+    deployments
+        .patch_status("till", &params, &status(json!({"observedGeneration": 2, "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "ReplicaSet till-2 has timed out progressing"}]})))
+        .await
+        .unwrap();
+    let degraded = within(
+        20,
+        "degraded",
+        f.agent
+            .status_where("shop", phase_is(Phase::Degraded, v2.generation)),
+    )
+    .await;
+    assert!(
+        degraded.message.contains("timed out progressing"),
+        "{}",
+        degraded.message
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_server_down_then_up() {
+    let f = fleet(ServerOptions::default(), fast()).await;
+    let v1 = f.hub.publish("shop", SHOP_V1);
+    f.hub.assign(&f.id, "shop", v1);
+    within(
+        30,
+        "healthy",
+        f.agent
+            .status_where("shop", phase_is(Phase::Healthy, v1.generation)),
+    )
+    .await;
+
+    f.server.stop().await;
+    let v2 = f.hub.publish("shop", SHOP_V2);
+    f.hub.assign(&f.id, "shop", v2);
+    let down = within(
+        30,
+        "reported down",
+        f.agent
+            .status_where("shop", phase_is(Phase::Failed, v2.generation)),
+    )
+    .await;
+    assert!(down.message.contains("unreachable"), "{}", down.message);
+
+    f.server.resume().await;
+    within(
+        30,
+        "healthy again",
+        f.agent
+            .status_where("shop", phase_is(Phase::Healthy, v2.generation)),
+    )
+    .await;
+    assert_eq!(
+        f.server
+            .object("v1", "ConfigMap", "shop", "settings")
+            .unwrap()["data"]["currency"],
+        "CHF"
+    );
+}
