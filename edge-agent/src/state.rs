@@ -605,6 +605,18 @@ impl State {
         Ok(reports)
     }
 
+    /// The sequence of the newest report ever queued.
+    pub fn outbox_sequence(&self) -> Result<u64, StateError> {
+        Ok(read_counter(&self.connection, "outbox_last")?)
+    }
+
+    /// Runs raw SQL on the state, so tests can damage it the way a failing disk would.
+    #[doc(hidden)]
+    pub fn tamper_for_tests(&mut self, sql: &str) -> Result<(), StateError> {
+        self.connection.execute_batch(sql)?;
+        Ok(())
+    }
+
     /// Number of queued reports.
     pub fn outbox_len(&self) -> Result<u64, StateError> {
         let count: i64 = self

@@ -580,3 +580,165 @@ async fn the_api_server_down_then_up() {
         "CHF"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_the_agent_keeps_reconciling_across_restarts_and_reports_on_reconnect() {
+    let hub = TestHub::start(test_service_options(), &Tuning::default()).await;
+    let relay = Relay::start(
+        hub.address,
+        LinkProfile::default(),
+        LinkProfile::default(),
+        3,
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (mut agent, id) = TestAgent::enrolled(
+        &dir.path().join("agent"),
+        &hub,
+        relay.address(),
+        quick_options(9),
+    )
+    .await;
+    let server = KubeApiServer::start(ServerOptions::default()).await;
+    agent.reconcile(server.target().await, fast());
+    let v1 = hub.publish("shop", SHOP_V1);
+    hub.assign(&id, "shop", v1);
+    within(
+        30,
+        "healthy",
+        agent.status_where("shop", phase_is(Phase::Healthy, v1.generation)),
+    )
+    .await;
+    within(20, "outbox drained", async {
+        while agent
+            .client
+            .with_state(|state| state.outbox_len())
+            .await
+            .unwrap()
+            > 0
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let stored_before = hub.store.lock().unwrap().status_history_len(&id).unwrap();
+
+    // The link goes dark; the agent restarts (twice) and the cluster loses objects meanwhile.
+    relay.set_blackout(true);
+    let client = server.client().await;
+    for round in 0..2 {
+        agent.restart();
+        api(&client, "apps/v1", "Deployment", "deployments", "shop")
+            .delete("till", &Default::default())
+            .await
+            .unwrap();
+        within(30, "restored offline", async {
+            while server
+                .object("apps/v1", "Deployment", "shop", "till")
+                .is_none()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        within(
+            30,
+            "healthy offline",
+            agent.status_where("shop", phase_is(Phase::Healthy, v1.generation)),
+        )
+        .await;
+        eprintln!("round {round}: restored while offline");
+    }
+    let queued = agent
+        .client
+        .with_state(|state| state.outbox_len())
+        .await
+        .unwrap();
+    assert!(queued >= 2, "statuses queued offline: {queued}");
+
+    // Back online: every queued report is stored once, and the outbox empties.
+    relay.set_blackout(false);
+    within(60, "reports delivered", async {
+        while agent
+            .client
+            .with_state(|state| state.outbox_len())
+            .await
+            .unwrap()
+            > 0
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let stored_after = hub.store.lock().unwrap().status_history_len(&id).unwrap();
+    let sent = agent
+        .client
+        .with_state(|state| state.outbox_sequence())
+        .await
+        .unwrap();
+    assert_eq!(
+        stored_after, sent,
+        "each report stored exactly once (before: {stored_before}, queued offline: {queued})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_snapshot_is_never_applied_and_is_fetched_again() {
+    let mut f = fleet(ServerOptions::default(), fast()).await;
+    let v1 = f.hub.publish("shop", SHOP_V1);
+    f.hub.assign(&f.id, "shop", v1);
+    within(30, "held", f.agent.holds(v1)).await;
+    within(
+        30,
+        "healthy",
+        f.agent
+            .status_where("shop", phase_is(Phase::Healthy, v1.generation)),
+    )
+    .await;
+
+    // Stop the agent, damage the stored body (same length, one value changed), start it again.
+    f.agent.disconnect();
+    f.agent.client.with_state(|state| state.tamper_for_tests("UPDATE snapshots SET body = CAST(REPLACE(CAST(body AS TEXT), 'EUR', 'XXX') AS BLOB)")).await.unwrap();
+    let client = f.server.client().await;
+    api(&client, "v1", "ConfigMap", "configmaps", "shop")
+        .delete("settings", &Default::default())
+        .await
+        .unwrap();
+    f.agent.restart();
+
+    let recovered = within(30, "healthy again", async {
+        loop {
+            if let Some(settings) = f.server.object("v1", "ConfigMap", "shop", "settings") {
+                return settings;
+            }
+            assert!(
+                f.server
+                    .names("outpost.io/bundle=shop")
+                    .iter()
+                    .all(|(_, _, name)| name != "settings")
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        recovered["data"]["currency"], "EUR",
+        "the damaged bytes were never applied"
+    );
+    within(
+        30,
+        "healthy",
+        f.agent
+            .status_where("shop", phase_is(Phase::Healthy, v1.generation)),
+    )
+    .await;
+    let history = f
+        .hub
+        .store
+        .lock()
+        .unwrap()
+        .status_history_len(&f.id)
+        .unwrap();
+    assert!(history > 0);
+}
