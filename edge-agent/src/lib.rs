@@ -5,11 +5,14 @@
 //! snapshots held in [`state`], independently of the link.
 
 pub mod client;
+pub mod config;
 pub mod health;
 pub mod identity;
 pub mod reconcile;
 pub mod state;
 pub mod target;
+
+use std::path::{Path, PathBuf};
 
 pub use client::{Client, ClientOptions, Counters};
 pub use reconcile::{ReconcileOptions, Reconciler};
@@ -28,6 +31,97 @@ pub mod paths {
     pub fn database(state_dir: &Path) -> PathBuf {
         state_dir.join("agent.db")
     }
+
+    /// A copy of the enrolment outside the database (hub, pin, root key, agent id), so a
+    /// damaged database can be rebuilt from the hub.
+    pub fn enrolment(state_dir: &Path) -> PathBuf {
+        state_dir.join("enrolment.toml")
+    }
+}
+
+/// Opens the state database in `state_dir`. A damaged file (not a database, or failing SQLite's
+/// quick check) is moved aside to `agent.db.damaged-<unix time>` — never deleted — and a fresh
+/// database is started from the enrolment copy (`enrolment.toml`): the agent keeps its key, so
+/// the hub knows it and sends its assignments and snapshots again. Returns where the damaged
+/// file went, if it was moved.
+pub fn open_state(state_dir: &Path) -> Result<(State, Option<PathBuf>), state::StateError> {
+    let path = paths::database(state_dir);
+    let opened = State::open(&path).and_then(|state| state.quick_check().map(|()| state));
+    let damage = match opened {
+        Ok(state) => return Ok((state, None)),
+        Err(error) if State::is_damage(&error) => error,
+        Err(error) => return Err(error),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs());
+    let aside = state_dir.join(format!("agent.db.damaged-{now}"));
+    tracing::error!(error = %damage, moved_to = %aside.display(), "the agent state database is damaged; moving it aside and starting afresh from the hub");
+    let rename = |from: &Path, to: &Path| match std::fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(error) => Err(state::StateError::Corrupt(format!(
+            "{damage}; moving {} aside failed: {error}",
+            from.display()
+        ))),
+    };
+    rename(&path, &aside)?;
+    for suffix in ["-wal", "-shm"] {
+        let from = state_dir.join(format!("agent.db{suffix}"));
+        rename(
+            &from,
+            &state_dir.join(format!("agent.db.damaged-{now}{suffix}")),
+        )?;
+    }
+    let mut state = State::open(&path)?;
+    if let Some(record) = read_enrolment_record(state_dir) {
+        state.set_enrolment(&record.0.hub, &record.0.hub_pin, &record.0.root_key, "")?;
+        state.enrolled(&record.1)?;
+    } else {
+        tracing::error!(path = %paths::enrolment(state_dir).display(), "no enrolment copy to rebuild from: enrol again");
+    }
+    Ok((state, Some(aside)))
+}
+
+/// Writes the enrolment copy (atomically, mode 0600) once the agent is enrolled.
+pub fn write_enrolment_record(
+    state_dir: &Path,
+    enrolment: &state::Enrolment,
+) -> std::io::Result<()> {
+    let Some(agent_id) = &enrolment.agent_id else {
+        return Ok(());
+    };
+    let text = format!(
+        "# Written by outpost-agent: what it needs to rebuild a damaged state database.\nhub = \"{}\"\nhub_pin = \"{}\"\nroot_key = \"{}\"\nagent_id = \"{agent_id}\"\ntoken = \"\"\n",
+        enrolment.hub,
+        enrolment.hub_pin.to_hex(),
+        hex::encode(enrolment.root_key.to_bytes()),
+    );
+    let path = paths::enrolment(state_dir);
+    let temporary = path.with_extension("toml.tmp");
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&temporary, &path)
+}
+
+fn read_enrolment_record(state_dir: &Path) -> Option<(EnrolmentBundle, String)> {
+    let text = std::fs::read_to_string(paths::enrolment(state_dir)).ok()?;
+    let bundle = EnrolmentBundle::parse(&text).ok()?;
+    let agent_id = text.lines().find_map(|line| {
+        let (key, value) = line.split_once('=')?;
+        (key.trim() == "agent_id").then(|| value.trim().trim_matches('"').to_owned())
+    })?;
+    Some((bundle, agent_id))
 }
 
 /// An enrolment bundle as written by `outpost-hub tokens create --bundle-file`.
@@ -124,6 +218,44 @@ mod tests {
             (bundle.hub.as_str(), bundle.token.as_str()),
             ("hub:7443", "t")
         );
+    }
+
+    #[test]
+    fn a_damaged_database_is_moved_aside_and_rebuilt_from_the_enrolment_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = outpost_proto::SigningKey::from_seed([2; 32]).public_key();
+        let pin = outpost_proto::Digest::of(b"hub key");
+        {
+            let mut state = State::open(&paths::database(dir.path())).unwrap();
+            state
+                .set_enrolment("hub:7443", &pin, &root, "token")
+                .unwrap();
+            state.enrolled("agent-1").unwrap();
+            write_enrolment_record(dir.path(), &state.enrolment().unwrap().unwrap()).unwrap();
+        }
+        // Truncate the file in the middle of a page, as a failing disk might leave it.
+        let database = paths::database(dir.path());
+        let bytes = std::fs::read(&database).unwrap();
+        std::fs::write(&database, &bytes[..bytes.len() / 2 + 100]).unwrap();
+        std::fs::write(dir.path().join("agent.db-wal"), b"garbage").unwrap();
+
+        let (state, moved) = open_state(dir.path()).unwrap();
+        let moved = moved.expect("moved aside");
+        assert!(moved.exists(), "the damaged file is kept for inspection");
+        let enrolment = state.enrolment().unwrap().unwrap();
+        assert_eq!(enrolment.agent_id.as_deref(), Some("agent-1"));
+        assert_eq!(
+            (
+                enrolment.hub.as_str(),
+                enrolment.hub_pin,
+                enrolment.root_key
+            ),
+            ("hub:7443", pin, root)
+        );
+        assert_eq!(enrolment.token, None);
+        // A healthy file is opened as it is.
+        drop(state);
+        assert!(open_state(dir.path()).unwrap().1.is_none());
     }
 
     #[test]

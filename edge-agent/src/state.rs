@@ -237,6 +237,24 @@ impl State {
         }))
     }
 
+    /// Dials the hub at `hub` from now on (it moved).
+    pub fn set_hub(&mut self, hub: &str) -> Result<(), StateError> {
+        write_meta(&self.connection, "hub", hub.as_bytes())?;
+        Ok(())
+    }
+
+    /// Whether an error means the file is damaged (as opposed to busy, full or too new).
+    pub fn is_damage(error: &StateError) -> bool {
+        match error {
+            StateError::Damaged(_) => true,
+            StateError::Sqlite(rusqlite::Error::SqliteFailure(failure, _)) => matches!(
+                failure.code,
+                rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase
+            ),
+            _ => false,
+        }
+    }
+
     /// The hub confirmed enrolment: keep the id, forget the token.
     pub fn enrolled(&mut self, agent_id: &str) -> Result<(), StateError> {
         let transaction = self.connection.transaction()?;
