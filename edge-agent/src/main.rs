@@ -1,30 +1,35 @@
 //! `outpost-agent`: the edge agent binary, a thin shell over the library.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use outpost_agent::{Client, ClientOptions, EnrolmentBundle, State, identity, paths};
+use outpost_agent::config::{AgentConfig, ClusterChoice, DEFAULT_CONFIG};
+use outpost_agent::target::kubernetes::KubernetesTarget;
+use outpost_agent::{
+    Client, ClientOptions, EnrolmentBundle, ReconcileOptions, Reconciler, State, identity,
+    open_state, paths, write_enrolment_record,
+};
 
-/// Outpost edge agent: keeps verified snapshots of its bundles from the hub, also while the hub
-/// is unreachable.
+/// Outpost edge agent: keeps verified snapshots of its bundles from the hub and reconciles the
+/// local Kubernetes cluster against them, also while the hub is unreachable.
 ///
 /// First `enrol` with the bundle file the operator made (`outpost-hub tokens create
 /// --bundle-file`), then `run` (under systemd or in the cluster). `status` works offline.
-/// The reconcile loop against the local cluster is not built yet: this build fetches, verifies,
-/// caches and reports.
+/// Settings come from the config file (default /etc/outpost-agent/agent.toml, if present), then
+/// OUTPOST_AGENT_* variables, then flags; see docs/agent-config.md.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
-    /// State dir: the agent's key (agent.key) and database (agent.db).
-    #[arg(
-        long,
-        global = true,
-        env = "OUTPOST_AGENT_STATE_DIR",
-        default_value = "/var/lib/outpost-agent"
-    )]
-    state_dir: PathBuf,
+    /// Config file (TOML). Default: /etc/outpost-agent/agent.toml if it exists.
+    #[arg(long, global = true, env = "OUTPOST_AGENT_CONFIG")]
+    config: Option<PathBuf>,
+    /// State dir: the agent's key (agent.key), database (agent.db) and enrolment copy.
+    /// Overrides `state_dir` in the config (default /var/lib/outpost-agent).
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -42,13 +47,22 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         timeout_seconds: u64,
     },
-    /// Stay connected to the hub, fetch and cache assigned snapshots, send status reports.
+    /// Stay connected to the hub (fetch, verify and cache assigned snapshots, send status
+    /// reports) and reconcile the cluster against the cached snapshots, with or without the hub.
     Run {
         /// Seed for reconnect jitter (default: from the agent's key).
         #[arg(long)]
         seed: Option<u64>,
+        /// Where to apply: auto, kubeconfig, in-cluster, or none (cache only). Overrides
+        /// cluster.target.
+        #[arg(long)]
+        cluster: Option<String>,
+        /// Kubeconfig file (implies --cluster kubeconfig). Overrides cluster.kubeconfig.
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
     },
-    /// What the agent holds and what it is waiting for (reads the state only; works offline).
+    /// What the agent holds, what it applied and last reported (reads the state only; works
+    /// offline).
     Status {
         /// Output format.
         #[arg(long, value_enum, default_value_t = Output::Table)]
@@ -79,18 +93,58 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// The configuration from the file, the environment and `overrides` (flag name, value).
+fn load_config(cli: &Cli, overrides: &[(&str, Option<String>)]) -> Result<AgentConfig> {
+    let file = match &cli.config {
+        Some(path) => Some(path.clone()),
+        None => Some(PathBuf::from(DEFAULT_CONFIG)).filter(|path| path.exists()),
+    };
+    let env = |name: &str| {
+        overrides
+            .iter()
+            .find(|(key, value)| *key == name && value.is_some())
+            .and_then(|(_, value)| value.clone())
+            .or_else(|| std::env::var(name).ok())
+    };
+    let mut config = AgentConfig::load(file.as_deref(), &env)?;
+    if let Some(dir) = &cli.state_dir {
+        config.state_dir = dir.clone();
+    }
+    Ok(config)
+}
+
 fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+    match &cli.command {
         Command::Enrol {
             bundle,
             timeout_seconds,
-        } => enrol(
-            &cli.state_dir,
-            &bundle,
-            Duration::from_secs(timeout_seconds),
-        ),
-        Command::Run { seed } => serve(&cli.state_dir, seed),
-        Command::Status { output } => status(&cli.state_dir, output),
+        } => {
+            let config = load_config(&cli, &[])?;
+            enrol(
+                &config.state_dir,
+                bundle,
+                Duration::from_secs(*timeout_seconds),
+            )
+        }
+        Command::Run {
+            seed,
+            cluster,
+            kubeconfig,
+        } => {
+            let kubeconfig = kubeconfig.as_ref().map(|p| p.display().to_string());
+            let config = load_config(
+                &cli,
+                &[
+                    ("OUTPOST_AGENT_CLUSTER", cluster.clone()),
+                    ("OUTPOST_AGENT_KUBECONFIG", kubeconfig),
+                ],
+            )?;
+            serve(&config, *seed)
+        }
+        Command::Status { output } => {
+            let config = load_config(&cli, &[])?;
+            status(&config.state_dir, *output)
+        }
     }
 }
 
@@ -101,12 +155,15 @@ fn open(state_dir: &Path) -> Result<(outpost_proto::SigningKey, State)> {
     if created {
         tracing::info!(path = %paths::key(state_dir).display(), "generated the agent's key");
     }
-    let state = State::open(&paths::database(state_dir)).with_context(|| {
+    let (state, moved) = open_state(state_dir).with_context(|| {
         format!(
             "opening the agent state {}",
             paths::database(state_dir).display()
         )
     })?;
+    if let Some(moved) = moved {
+        tracing::warn!(moved_to = %moved.display(), "started a fresh state database; snapshots come again from the hub");
+    }
     Ok((key, state))
 }
 
@@ -115,10 +172,14 @@ fn seed_from(key: &outpost_proto::SigningKey) -> u64 {
     u64::from_be_bytes(id.0[..8].try_into().unwrap_or_default())
 }
 
+fn read_bundle(path: &Path) -> Result<EnrolmentBundle> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the enrolment bundle {}", path.display()))?;
+    EnrolmentBundle::parse(&text).map_err(anyhow::Error::msg)
+}
+
 fn enrol(state_dir: &Path, bundle: &Path, timeout: Duration) -> Result<()> {
-    let text = std::fs::read_to_string(bundle)
-        .with_context(|| format!("reading the enrolment bundle {}", bundle.display()))?;
-    let bundle = EnrolmentBundle::parse(&text).map_err(anyhow::Error::msg)?;
+    let bundle = read_bundle(bundle)?;
     let (key, mut state) = open(state_dir)?;
     if let Some(existing) = state.enrolment()?
         && let Some(id) = existing.agent_id
@@ -142,19 +203,8 @@ fn enrol(state_dir: &Path, bundle: &Path, timeout: Duration) -> Result<()> {
     let client = Client::new(key, state, options);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        let waiting = async {
-            loop {
-                let id = client
-                    .with_state(|state| Ok(state.enrolment()?.and_then(|e| e.agent_id)))
-                    .await?;
-                if let Some(id) = id {
-                    return Ok::<_, anyhow::Error>(id);
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        };
         tokio::select! {
-            id = waiting => {
+            id = enrolled(&client, state_dir) => {
                 println!("enrolled as agent {}; now run `outpost-agent run`", id?);
                 Ok(())
             }
@@ -167,24 +217,94 @@ fn enrol(state_dir: &Path, bundle: &Path, timeout: Duration) -> Result<()> {
     })
 }
 
-fn serve(state_dir: &Path, seed: Option<u64>) -> Result<()> {
-    let (key, state) = open(state_dir)?;
+/// Waits until the hub confirmed the enrolment, keeps a copy of it beside the database, and
+/// returns the agent id.
+async fn enrolled(client: &Client, state_dir: &Path) -> Result<String> {
+    loop {
+        let enrolment = client.with_state(|state| state.enrolment()).await?;
+        if let Some(enrolment) = enrolment
+            && let Some(id) = enrolment.agent_id.clone()
+        {
+            write_enrolment_record(state_dir, &enrolment)
+                .with_context(|| format!("writing {}", paths::enrolment(state_dir).display()))?;
+            return Ok(id);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn terminated() -> Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listening for SIGTERM")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("stopping");
+    Ok(())
+}
+
+fn serve(config: &AgentConfig, seed: Option<u64>) -> Result<()> {
+    let state_dir = &config.state_dir;
+    let (key, mut state) = open(state_dir)?;
     if state.enrolment()?.is_none() {
-        bail!("this agent is not enrolled; run `outpost-agent enrol --bundle FILE` first");
+        match &config.enrolment_bundle {
+            Some(path) => {
+                let bundle = read_bundle(path)?;
+                tracing::info!(hub = %bundle.hub, "enrolling with {}", path.display());
+                state.set_enrolment(
+                    &bundle.hub,
+                    &bundle.hub_pin,
+                    &bundle.root_key,
+                    &bundle.token,
+                )?;
+            }
+            None => bail!(
+                "this agent is not enrolled; run `outpost-agent enrol --bundle FILE` first (or set enrolment_bundle in the config)"
+            ),
+        }
+    }
+    if let Some(hub) = &config.hub {
+        state.set_hub(hub)?;
     }
     let options = ClientOptions {
         seed: seed.unwrap_or_else(|| seed_from(&key)),
         ..ClientOptions::default()
     };
+    let reconcile = ReconcileOptions {
+        seed: options.seed,
+        ..config.reconcile.clone()
+    };
     let client = Client::new(key, state, options);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
+        let reconciling = async {
+            match &config.cluster {
+                ClusterChoice::None => {
+                    tracing::info!("no cluster configured: fetching and caching snapshots only");
+                    std::future::pending::<Result<()>>().await
+                }
+                ClusterChoice::Kubernetes(source) => {
+                    let target = KubernetesTarget::connect(source)
+                        .await
+                        .context("connecting to the cluster")?;
+                    tracing::info!(?source, "reconciling the cluster");
+                    let error = Reconciler::new(client.clone(), Arc::new(target), reconcile)
+                        .run()
+                        .await;
+                    Err(anyhow::Error::new(error).context("the reconcile loop stopped"))
+                }
+            }
+        };
+        let recorded = async {
+            enrolled(&client, state_dir).await?;
+            std::future::pending::<Result<()>>().await
+        };
         tokio::select! {
             error = client.run() => Err(anyhow::Error::new(error)),
-            _ = tokio::signal::ctrl_c() => {
-                tracing::info!("interrupted; stopping");
-                Ok(())
-            }
+            result = reconciling => result,
+            result = recorded => result,
+            result = terminated() => result,
         }
     })
 }
@@ -207,6 +327,8 @@ fn status(state_dir: &Path, output: Output) -> Result<()> {
         .filter_map(|assignment| state.download(&assignment.digest).transpose())
         .collect::<Result<_, _>>()?;
     let outbox = state.outbox_len()?;
+    let statuses = state.last_statuses()?;
+    let inventory = state.inventory_len()?;
     let value = serde_json::json!({
         "hub": enrolment.as_ref().map(|e| e.hub.clone()),
         "agent_id": enrolment.as_ref().and_then(|e| e.agent_id.clone()),
@@ -223,6 +345,12 @@ fn status(state_dir: &Path, output: Output) -> Result<()> {
             "bundle": d.bundle, "snapshot": d.snapshot.to_hex(), "received": d.received, "size": d.payload_size,
         })).collect::<Vec<_>>(),
         "outbox": outbox,
+        "applied_objects": inventory,
+        "bundles": statuses.iter().map(|s| serde_json::json!({
+            "bundle": s.bundle, "generation": s.generation, "snapshot": s.digest.to_hex(),
+            "phase": format!("{:?}", s.phase), "ready": s.objects_ready, "total": s.objects_total,
+            "message": s.message, "observed_at": s.observed_at, "stale": s.stale,
+        })).collect::<Vec<_>>(),
     });
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&value)?),
@@ -264,6 +392,23 @@ fn status(state_dir: &Path, output: Output) -> Result<()> {
                     d.snapshot.short(),
                     d.received,
                     d.payload_size
+                );
+            }
+            println!("applied    {inventory} object(s) in the inventory");
+            for s in &statuses {
+                println!(
+                    "  {:<24} generation {:<6} {:<9} {}/{} ready{}{}",
+                    s.bundle,
+                    s.generation,
+                    format!("{:?}", s.phase),
+                    s.objects_ready,
+                    s.objects_total,
+                    if s.stale { " (stale)" } else { "" },
+                    if s.message.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", s.message)
+                    },
                 );
             }
             println!("outbox     {outbox} status report(s) waiting for the hub");

@@ -54,3 +54,24 @@ fn a_bad_enrolment_bundle_is_refused_with_every_problem() {
         stderr(&missing)
     );
 }
+
+#[test]
+fn a_bad_config_names_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "[cluster]\ntarget = \"k8s\"\n[reconcile]\nhealth_poll_seconds = 0\n",
+    )
+    .unwrap();
+    let output = agent(dir.path(), &["--config", config.to_str().unwrap(), "run"]);
+    assert!(!output.status.success());
+    let text = stderr(&output);
+    for expected in [
+        "invalid agent configuration",
+        "\"k8s\" is not one of",
+        "health_poll_seconds must be at least 1",
+    ] {
+        assert!(text.contains(expected), "{expected:?} missing in {text}");
+    }
+}

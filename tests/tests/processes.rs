@@ -1,11 +1,14 @@
 //! The real binaries: `outpost-hub run` serving a real Git repository, an enrolment bundle made
 //! with `outpost-hub tokens create --bundle-file`, and `outpost-agent enrol` / `run` / `status`
-//! as separate processes talking QUIC on loopback. The binaries are those `cargo test
+//! as separate processes talking QUIC on loopback; the agent reconciles the Kubernetes API test
+//! server (in this test process) through a kubeconfig, as it would k3s. The binaries are those `cargo test
 //! --workspace` builds (target/<profile>/); run `cargo build --workspace` first otherwise.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
 
 fn binary(name: &str) -> PathBuf {
     let mut dir = std::env::current_exe().unwrap();
@@ -184,10 +187,15 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
         String::from_utf8_lossy(&second.stderr)
     );
 
-    // The agent runs; the hub renders the bundle for it and assigns main's release.
+    // The agent runs; the hub renders the bundle for it and assigns main's release; the agent
+    // applies it to the cluster.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let cluster = runtime.block_on(KubeApiServer::start(ServerOptions::default()));
+    let kubeconfig = work.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, cluster.kubeconfig()).unwrap();
     let _agent = Process(
         Command::new(&agent_bin)
-            .arg("run")
+            .args(["run", "--kubeconfig", kubeconfig.to_str().unwrap()])
             .env("OUTPOST_AGENT_STATE_DIR", &state)
             .env("OUTPOST_LOG", "warn")
             .spawn()
@@ -203,6 +211,12 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
     wait_for("the agent to hold its assignment", 60, || {
         holds_all(&status())
     });
+    let applied = |value: &str| {
+        cluster
+            .object("v1", "ConfigMap", "default", "shop")
+            .is_some_and(|object| object["data"]["value"] == value)
+    };
+    wait_for("the agent to apply it", 60, || applied("1"));
     let first = status()["assignments"][0]["snapshot"]
         .as_str()
         .unwrap()
@@ -216,6 +230,13 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
         let status = status();
         holds_all(&status) && status["assignments"][0]["snapshot"] != first.as_str()
     });
+    wait_for("the agent to apply the new release", 60, || applied("2"));
+    wait_for("the agent to report it healthy", 60, || {
+        let status = status();
+        status["bundles"][0]["phase"] == "Healthy"
+            && status["bundles"][0]["snapshot"] != first.as_str()
+    });
+    assert_eq!(status()["applied_objects"], 1);
     // Status reports reached the hub.
     wait_for("status at the hub", 30, || {
         let body: serde_json::Value = serde_json::from_str(&run(
