@@ -74,6 +74,12 @@ pub fn open_state(state_dir: &Path) -> Result<(State, Option<PathBuf>), state::S
         )?;
     }
     let mut state = State::open(&path)?;
+    // Reports from the old file may have reached the hub: number new ones after any of them
+    // (microseconds since the epoch exceed every counter the old file could have reached).
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_micros() as u64);
+    state.continue_outbox_after(micros)?;
     if let Some(record) = read_enrolment_record(state_dir) {
         state.set_enrolment(&record.0.hub, &record.0.hub_pin, &record.0.root_key, "")?;
         state.enrolled(&record.1)?;

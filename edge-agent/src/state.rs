@@ -628,6 +628,13 @@ impl State {
         Ok(read_counter(&self.connection, "outbox_last")?)
     }
 
+    /// Numbers the next status report after `sequence` (a rebuilt database must not reuse
+    /// sequences the hub has already stored, or the hub would drop its reports as replays).
+    pub fn continue_outbox_after(&mut self, sequence: u64) -> Result<(), StateError> {
+        write_meta(&self.connection, "outbox_last", &sequence.to_be_bytes())?;
+        Ok(())
+    }
+
     /// Runs raw SQL on the state, so tests can damage it the way a failing disk would.
     #[doc(hidden)]
     pub fn tamper_for_tests(&mut self, sql: &str) -> Result<(), StateError> {

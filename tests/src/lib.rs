@@ -5,3 +5,4 @@
 pub mod harness;
 pub mod kubeapi;
 pub mod lossy;
+pub mod processes;

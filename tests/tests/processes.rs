@@ -4,35 +4,11 @@
 //! server (in this test process) through a kubeconfig, as it would k3s. The binaries are those `cargo test
 //! --workspace` builds (target/<profile>/); run `cargo build --workspace` first otherwise.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
-
-fn binary(name: &str) -> PathBuf {
-    let mut dir = std::env::current_exe().unwrap();
-    dir.pop();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build --workspace` (or `cargo test --workspace`) first",
-        path.display()
-    );
-    path
-}
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use outpost_e2e::processes::{Process, binary, run, wait_for};
 
 fn git(dir: &Path, args: &[&str]) {
     let status = Command::new("git")
@@ -57,33 +33,6 @@ fn free_port(udp: bool) -> u16 {
             .unwrap()
             .port(),
     }
-}
-
-fn run(program: &Path, args: &[&str], env: &[(&str, String)]) -> String {
-    let output = Command::new(program)
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{} {args:?} failed:\n{}{}",
-        program.display(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
-}
-
-fn wait_for(what: &str, seconds: u64, mut check: impl FnMut() -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
-    while std::time::Instant::now() < deadline {
-        if check() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    panic!("timed out after {seconds}s waiting for {what}");
 }
 
 #[test]

@@ -2,7 +2,6 @@
 //! prune, drift, CRDs, conflicts, health, an unreachable API, offline restarts and damaged
 //! state. Hub and agent are in-process over real QUIC, with real SQLite files.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};

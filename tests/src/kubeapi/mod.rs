@@ -1459,6 +1459,26 @@ impl KubeApiServer {
         )
     }
 
+    /// Deletes an object through the API, as `kubectl delete` would; `false` if it was absent.
+    pub async fn kubectl_delete(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> bool {
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let resource = kube::core::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+            group, version, kind,
+        ));
+        let api: kube::Api<kube::core::DynamicObject> = if namespace.is_empty() {
+            kube::Api::all_with(self.client().await, &resource)
+        } else {
+            kube::Api::namespaced_with(self.client().await, namespace, &resource)
+        };
+        api.delete(name, &Default::default()).await.is_ok()
+    }
+
     /// Stops listening: connections are refused until [`KubeApiServer::resume`]. The objects stay.
     pub async fn stop(&self) {
         let running = self
