@@ -235,15 +235,22 @@ pub fn apply(
             set_at(&mut object, path, value.clone());
         }
     }
-    managers.retain(|e| !(e.manager == manager && e.operation == Operation::Apply));
-    managers.push(ManagedEntry {
+    let entry = ManagedEntry {
         manager: manager.to_owned(),
         operation: Operation::Apply,
         api_version: api_version.to_owned(),
         time: now.to_owned(),
         subresource: (scope == Scope::Status).then(|| "status".to_owned()),
         fields: config_paths,
-    });
+    };
+    // The entry keeps its place, so a no-op apply leaves the list as it was.
+    match managers
+        .iter_mut()
+        .find(|e| e.manager == manager && e.operation == Operation::Apply)
+    {
+        Some(existing) => *existing = entry,
+        None => managers.push(entry),
+    }
     managers.retain(|e| !e.fields.is_empty());
     Ok(object)
 }
@@ -296,6 +303,27 @@ pub fn record_update(
         });
     }
     managers.retain(|e| !e.fields.is_empty());
+}
+
+/// Whether two `managedFields` lists say the same apart from timestamps (a no-op write, which
+/// the API server does not persist).
+pub fn same_ownership(a: &[ManagedEntry], b: &[ManagedEntry]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(a, b)| {
+            (
+                &a.manager,
+                a.operation,
+                &a.api_version,
+                &a.subresource,
+                &a.fields,
+            ) == (
+                &b.manager,
+                b.operation,
+                &b.api_version,
+                &b.subresource,
+                &b.fields,
+            )
+        })
 }
 
 /// A set of fields in `FieldsV1` form: `{"f:spec":{"f:replicas":{}}}`.

@@ -1082,7 +1082,9 @@ impl Shared {
                 return Ok((StatusCode::CREATED, cluster.render(kind, stored)));
             }
             Some(existing) => {
-                if existing.object != after || existing.managers != managers {
+                if existing.object != after
+                    || !fields::same_ownership(&existing.managers, &managers)
+                {
                     let mut after = after;
                     let mut generation = existing.object["metadata"]["generation"]
                         .as_u64()
