@@ -741,3 +741,41 @@ async fn a_damaged_snapshot_is_never_applied_and_is_fetched_again() {
         .unwrap();
     assert!(history > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_cluster_deploy_manifests_apply() {
+    use outpost_agent::target::ClusterTarget;
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kubernetes/agent.yaml"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let body =
+        outpost_proto::Body::render(&[outpost_proto::SourceFile { path, text: &text }]).unwrap();
+    let server = KubeApiServer::start(ServerOptions::default()).await;
+    let target = server.target().await;
+    for object in body.objects() {
+        let object = object.unwrap();
+        target
+            .apply(&object, "test", false)
+            .await
+            .unwrap_or_else(|error| panic!("{error}: {object}"));
+    }
+    let deployment = server
+        .object("apps/v1", "Deployment", "outpost-system", "outpost-agent")
+        .unwrap();
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["serviceAccountName"],
+        "outpost-agent"
+    );
+    assert!(
+        server
+            .object(
+                "rbac.authorization.k8s.io/v1",
+                "ClusterRoleBinding",
+                "",
+                "outpost-agent"
+            )
+            .is_some()
+    );
+}
