@@ -167,6 +167,15 @@ fn open(state_dir: &Path) -> Result<(outpost_proto::SigningKey, State)> {
     Ok((key, state))
 }
 
+/// One thread runs everything async (the agent's work is I/O-bound; fewer threads mean fewer
+/// stacks and allocator arenas on a small device); SQLite work goes to blocking threads.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
 fn seed_from(key: &outpost_proto::SigningKey) -> u64 {
     let id = key.key_id();
     u64::from_be_bytes(id.0[..8].try_into().unwrap_or_default())
@@ -201,7 +210,7 @@ fn enrol(state_dir: &Path, bundle: &Path, timeout: Duration) -> Result<()> {
         ..ClientOptions::default()
     };
     let client = Client::new(key, state, options);
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = runtime()?;
     runtime.block_on(async {
         tokio::select! {
             id = enrolled(&client, state_dir) => {
@@ -276,7 +285,7 @@ fn serve(config: &AgentConfig, seed: Option<u64>) -> Result<()> {
         ..config.reconcile.clone()
     };
     let client = Client::new(key, state, options);
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let runtime = runtime()?;
     runtime.block_on(async {
         let reconciling = async {
             match &config.cluster {

@@ -111,7 +111,9 @@ struct BundleRun {
     generation: u64,
     expires_at: Option<i64>,
     started: Instant,
-    objects: Vec<Value>,
+    /// The canonical body; objects are parsed from it for each full pass only, so an idle
+    /// agent holds bytes, not trees.
+    body: outpost_proto::Body,
     states: Vec<ObjectState>,
     backoff: HashMap<usize, Backoff>,
     last_full: Option<Instant>,
@@ -122,10 +124,37 @@ struct BundleRun {
 }
 
 impl BundleRun {
-    fn new(bundle: &str, snapshot: &VerifiedSnapshot) -> BundleRun {
-        let mut objects = Vec::new();
-        let mut body_error = None;
-        for object in snapshot.body().objects() {
+    fn new(snapshot: &VerifiedSnapshot) -> BundleRun {
+        let body = snapshot.body().clone();
+        let count = body.object_count() as usize;
+        let states = (0..count)
+            .map(|_| ObjectState {
+                reference: None,
+                health: Health::Progressing("not applied yet".to_owned()),
+                error: None,
+            })
+            .collect();
+        let header = snapshot.header();
+        BundleRun {
+            digest: snapshot.digest(),
+            generation: header.generation,
+            expires_at: header.expires_at,
+            started: Instant::now(),
+            body,
+            states,
+            backoff: HashMap::new(),
+            last_full: None,
+            last_poll: None,
+            cluster_error: None,
+            body_error: None,
+            reported: None,
+        }
+    }
+
+    /// The desired objects, labelled for `bundle`, parsed from the body.
+    fn objects(&mut self, bundle: &str) -> Vec<Value> {
+        let mut objects = Vec::with_capacity(self.states.len());
+        for object in self.body.objects() {
             match object {
                 Ok(mut object) => {
                     if !object["metadata"]["labels"].is_object() {
@@ -134,32 +163,11 @@ impl BundleRun {
                     object["metadata"]["labels"][BUNDLE_LABEL] = Value::String(bundle.to_owned());
                     objects.push(object);
                 }
-                Err(error) => body_error = Some(error.to_string()),
+                Err(error) => self.body_error = Some(error.to_string()),
             }
         }
-        let states = vec![
-            ObjectState {
-                reference: None,
-                health: Health::Progressing("not applied yet".to_owned()),
-                error: None,
-            };
-            objects.len()
-        ];
-        let header = snapshot.header();
-        BundleRun {
-            digest: snapshot.digest(),
-            generation: header.generation,
-            expires_at: header.expires_at,
-            started: Instant::now(),
-            objects,
-            states,
-            backoff: HashMap::new(),
-            last_full: None,
-            last_poll: None,
-            cluster_error: None,
-            body_error,
-            reported: None,
-        }
+        objects.truncate(self.states.len());
+        objects
     }
 
     fn progressing(&self) -> bool {
@@ -179,9 +187,8 @@ impl BundleRun {
     fn name(&self, index: usize) -> String {
         self.states[index]
             .reference
-            .clone()
-            .or_else(|| ObjectRef::of(&self.objects[index]))
-            .map_or_else(|| format!("object {index}"), |r| r.to_string())
+            .as_ref()
+            .map_or_else(|| format!("object {}", index + 1), ToString::to_string)
     }
 
     /// Phase, objects ready, and the first problem.
@@ -364,7 +371,7 @@ impl<T: ClusterTarget> Reconciler<T> {
                     Ok(Some(snapshot)) => {
                         tracing::info!(%bundle, generation = snapshot.header().generation, snapshot = %digest.short(), "enforcing snapshot");
                         self.bundles
-                            .insert(bundle.clone(), BundleRun::new(&bundle, &snapshot));
+                            .insert(bundle.clone(), BundleRun::new(&snapshot));
                     }
                     Ok(None) => continue,
                     Err(StateError::Corrupt(reason)) => {
@@ -477,10 +484,20 @@ impl<T: ClusterTarget> Reconciler<T> {
         } else {
             Ok(())
         };
-        if let Err(error) = result {
-            run.cluster_error = Some(error.to_string());
-            tracing::warn!(%bundle, %error, "cluster API unreachable; retrying");
-            return self.cluster_down();
+        match result {
+            Ok(()) => {}
+            Err(error @ TargetError::Unreachable(_)) => {
+                run.cluster_error = Some(error.to_string());
+                tracing::warn!(%bundle, %error, "cluster API unreachable; retrying");
+                return self.cluster_down();
+            }
+            Err(error) => {
+                // The state database failed under the pass (inventory): nothing more is applied
+                // until it works again.
+                run.cluster_error = Some(error.to_string());
+                tracing::error!(%bundle, %error, "reconcile pass stopped");
+                return Instant::now() + self.options.retry_min;
+            }
         }
         self.cluster_failures = 0;
         self.cluster_retry_at = None;
@@ -508,9 +525,11 @@ impl<T: ClusterTarget> Reconciler<T> {
             .map_err(|error| TargetError::Other(format!("recording the inventory: {error}")))
     }
 
-    /// Applies every object not waiting for a retry. `Err` only when the API is unreachable.
+    /// Applies every object not waiting for a retry. `Err` when the API is unreachable or the
+    /// inventory cannot be written; a failing object is recorded in the run instead.
     async fn apply_all(&mut self, bundle: &str, run: &mut BundleRun) -> Result<(), TargetError> {
-        let count = run.objects.len();
+        let objects = run.objects(bundle);
+        let count = objects.len();
         let mut recorded = vec![false; count];
         let mut refreshed = false;
         let now = Instant::now();
@@ -523,7 +542,7 @@ impl<T: ClusterTarget> Reconciler<T> {
                 let mut batch = Vec::new();
                 let unrecorded: Vec<usize> = (index..count).filter(|&i| !recorded[i]).collect();
                 for later in unrecorded {
-                    match self.target.resolve(&run.objects[later]).await {
+                    match self.target.resolve(&objects[later]).await {
                         Ok(reference) => {
                             recorded[later] = true;
                             run.states[later].reference = Some(reference.clone());
@@ -535,25 +554,19 @@ impl<T: ClusterTarget> Reconciler<T> {
                         Err(_) => {}
                     }
                 }
-                if let Err(error) = self.record(bundle, batch).await {
-                    // Without the inventory nothing may be applied.
-                    run.cluster_error = Some(error.to_string());
-                    return Ok(());
-                }
+                // Without the inventory nothing may be applied.
+                self.record(bundle, batch).await?;
             }
             if !recorded[index] {
                 if !refreshed {
                     refreshed = true;
                     self.target.refresh().await?;
                 }
-                match self.target.resolve(&run.objects[index]).await {
+                match self.target.resolve(&objects[index]).await {
                     Ok(reference) => {
                         recorded[index] = true;
                         run.states[index].reference = Some(reference.clone());
-                        if let Err(error) = self.record(bundle, vec![reference]).await {
-                            run.cluster_error = Some(error.to_string());
-                            return Ok(());
-                        }
+                        self.record(bundle, vec![reference]).await?;
                     }
                     Err(TargetError::Unreachable(message)) => {
                         return Err(TargetError::Unreachable(message));
@@ -567,7 +580,7 @@ impl<T: ClusterTarget> Reconciler<T> {
             match self
                 .target
                 .apply(
-                    &run.objects[index],
+                    &objects[index],
                     &self.options.field_manager,
                     self.options.force_conflicts,
                 )
@@ -799,14 +812,14 @@ impl<T: ClusterTarget> Reconciler<T> {
         if run.reported.as_ref() == Some(&key) {
             return Ok(());
         }
-        tracing::info!(%bundle, generation = run.generation, ?phase, ready, total = run.objects.len(), %message, "bundle status");
+        tracing::info!(%bundle, generation = run.generation, ?phase, ready, total = run.states.len(), %message, "bundle status");
         self.client
             .report(vec![BundleStatus {
                 bundle: bundle.to_owned(),
                 digest: run.digest,
                 generation: run.generation,
                 phase,
-                objects_total: run.objects.len() as u64,
+                objects_total: run.states.len() as u64,
                 objects_ready: ready,
                 message,
                 observed_at: unix_now(),

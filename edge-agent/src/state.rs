@@ -167,6 +167,8 @@ impl State {
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "FULL")?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
+        // A small page cache: the agent reads little and often (default is 2 MB).
+        connection.pragma_update(None, "cache_size", -512)?;
         let found: i64 = connection.pragma_query_value(None, "user_version", |row| row.get(0))?;
         let found = found as usize;
         if found > MIGRATIONS.len() {

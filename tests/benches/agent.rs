@@ -137,6 +137,37 @@ fn footprint_figures() {
         size as f64 / 1e6
     );
 
+    let small: Vec<(&str, String)> = vec![
+        ("pos", outpost_e2e::harness::bulky_manifests(20, 2_000, 1)),
+        (
+            "telemetry",
+            outpost_e2e::harness::bulky_manifests(10, 1_000, 2),
+        ),
+        ("kiosk", outpost_e2e::harness::bulky_manifests(10, 1_000, 3)),
+    ];
+    let (rss, hwm) = idle_rss(&binary, &small);
+    println!(
+        "| idle RSS, 3 bundles (40 objects) held and enforced, 10 s after healthy | {rss:.1} MB | < 20 MB |"
+    );
+    println!("| peak RSS (VmHWM) of that run | {hwm:.1} MB | — |");
+    let large: Vec<(&str, String)> = vec![
+        ("stores", thousand_objects()),
+        ("pos", outpost_e2e::harness::bulky_manifests(10, 2_000, 1)),
+        (
+            "telemetry",
+            outpost_e2e::harness::bulky_manifests(10, 1_000, 2),
+        ),
+    ];
+    let (rss, hwm) = idle_rss(&binary, &large);
+    println!(
+        "| idle RSS, 3 bundles (1,030 objects) held and enforced, 10 s after healthy | {rss:.1} MB | — |"
+    );
+    println!("| peak RSS (VmHWM) of that run | {hwm:.1} MB | — |");
+}
+
+/// Runs the release agent against an in-process hub and API test server with `bundles`
+/// assigned; returns (VmRSS, VmHWM) in MB once it has been idle and healthy for 10 s.
+fn idle_rss(binary: &std::path::Path, bundles: &[(&str, String)]) -> (f64, f64) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let hub = runtime.block_on(TestHub::start(test_service_options(), &Tuning::default()));
     let cluster = runtime.block_on(KubeApiServer::start(ServerOptions::default()));
@@ -158,7 +189,7 @@ fn footprint_figures() {
     let state = work.path().join("agent").display().to_string();
     let env = [("OUTPOST_AGENT_STATE_DIR", state.clone())];
     let out = run(
-        &binary,
+        binary,
         &["enrol", "--bundle", bundle.to_str().expect("path")],
         &env,
     );
@@ -168,24 +199,12 @@ fn footprint_figures() {
         .expect("id")
         .trim_end_matches(';')
         .to_owned();
-    let yaml = thousand_objects();
-    let bundles = [
-        ("stores", yaml.as_str()),
-        (
-            "pos",
-            outpost_e2e::harness::bulky_manifests(20, 4_000, 1).leak() as &str,
-        ),
-        (
-            "telemetry",
-            outpost_e2e::harness::bulky_manifests(10, 1_000, 2).leak() as &str,
-        ),
-    ];
     for (name, text) in bundles {
         let published = hub.publish(name, text);
         hub.assign(&id, name, published);
     }
     let agent = Process(
-        Command::new(&binary)
+        Command::new(binary)
             .args(["run", "--kubeconfig", kubeconfig.to_str().expect("path")])
             .env("OUTPOST_AGENT_STATE_DIR", &state)
             .env("OUTPOST_LOG", "warn")
@@ -193,13 +212,13 @@ fn footprint_figures() {
             .spawn()
             .expect("agent"),
     );
-    wait_for("three healthy bundles", 300, || {
+    wait_for("healthy bundles", 300, || {
         let status: serde_json::Value =
-            serde_json::from_str(&run(&binary, &["status", "--output", "json"], &env))
+            serde_json::from_str(&run(binary, &["status", "--output", "json"], &env))
                 .expect("json");
         status["bundles"]
             .as_array()
-            .is_some_and(|b| b.len() == 3 && b.iter().all(|b| b["phase"] == "Healthy"))
+            .is_some_and(|b| b.len() == bundles.len() && b.iter().all(|b| b["phase"] == "Healthy"))
     });
     std::thread::sleep(Duration::from_secs(10));
     let proc_status =
@@ -213,16 +232,10 @@ fn footprint_figures() {
             .unwrap_or(0.0)
             / 1024.0
     };
-    println!(
-        "| idle RSS, 3 bundles held and enforced (1,030 objects), 10 s after healthy | {:.1} MB | < 20 MB |",
-        field("VmRSS:")
-    );
-    println!(
-        "| peak RSS (VmHWM) while fetching and applying them | {:.1} MB | — |",
-        field("VmHWM:")
-    );
+    let figures = (field("VmRSS:"), field("VmHWM:"));
     drop(agent);
     drop(runtime);
+    figures
 }
 
 fn main() {

@@ -627,25 +627,38 @@ async fn offline_the_agent_keeps_reconciling_across_restarts_and_reports_on_reco
     relay.set_blackout(true);
     let client = server.client().await;
     for round in 0..2 {
+        let sequence_before = agent
+            .client
+            .with_state(|state| state.outbox_sequence())
+            .await
+            .unwrap();
         agent.restart();
         api(&client, "apps/v1", "Deployment", "deployments", "shop")
             .delete("till", &Default::default())
             .await
             .unwrap();
-        within(30, "restored offline", async {
-            while server
-                .object("apps/v1", "Deployment", "shop", "till")
-                .is_none()
-            {
+        within(30, "restored offline, and a new report queued", async {
+            loop {
+                let sequence = agent
+                    .client
+                    .with_state(|state| state.outbox_sequence())
+                    .await
+                    .unwrap();
+                let healthy = agent
+                    .last_status("shop")
+                    .await
+                    .is_some_and(|s| phase_is(Phase::Healthy, v1.generation)(&s));
+                if sequence > sequence_before
+                    && healthy
+                    && server
+                        .object("apps/v1", "Deployment", "shop", "till")
+                        .is_some()
+                {
+                    return;
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
-        .await;
-        within(
-            30,
-            "healthy offline",
-            agent.status_where("shop", phase_is(Phase::Healthy, v1.generation)),
-        )
         .await;
         eprintln!("round {round}: restored while offline");
     }
