@@ -32,7 +32,7 @@ use outpost_proto::{Digest, VerifiedSnapshot};
 use serde_json::Value;
 use tokio::time::Instant;
 
-use crate::client::{Client, backoff_delay};
+use crate::client::{Client, backoff_delay, next_random, unix_now};
 use crate::health::{Health, assess};
 use crate::state::StateError;
 use crate::target::{BUNDLE_LABEL, ClusterTarget, ObjectRef, TargetError};
@@ -262,20 +262,6 @@ impl BundleRun {
     }
 }
 
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs() as i64)
-}
-
-fn splitmix(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// The reconcile loop for one cluster.
 #[derive(Debug)]
 pub struct Reconciler<T> {
@@ -444,7 +430,7 @@ impl<T: ClusterTarget> Reconciler<T> {
             self.options.retry_min,
             self.options.retry_max,
             self.cluster_failures.saturating_sub(1),
-            splitmix(&mut self.random),
+            next_random(&mut self.random),
         );
         let at = Instant::now() + delay;
         self.cluster_retry_at = Some(at);
@@ -632,7 +618,7 @@ impl<T: ClusterTarget> Reconciler<T> {
             self.options.retry_min,
             self.options.retry_max,
             failures - 1,
-            splitmix(&mut self.random),
+            next_random(&mut self.random),
         );
         run.backoff.insert(
             index,
