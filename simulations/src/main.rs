@@ -203,9 +203,10 @@ fn demo() -> Result<()> {
             .map_or("ACCEPTED (bug)".to_owned(), |e| e.to_string())
     );
     println!(
-        "\nThis demo is the snapshot pipeline only. Hub and agents over QUIC run as real \
-         processes (docs/hub-config.md, `cargo bench -p outpost-e2e --bench goodput`); not built \
-         yet: the agent's reconcile loop, rollouts, and this fleet simulation (the open issues)."
+        "\nThis demo is the snapshot pipeline only. Hub and agents run as real processes: the \
+         hub over Git and QUIC (docs/hub-config.md), agents reconciling a cluster \
+         (docs/agent-config.md, `cargo bench -p outpost-e2e --bench agent`); not built yet: \
+         rollouts and this fleet simulation (the open issues)."
     );
     Ok(())
 }
