@@ -16,7 +16,7 @@ use outpost_agent::target::ClusterTarget;
 use outpost_agent::{ReconcileOptions, Reconciler};
 use outpost_e2e::harness::{TestAgent, TestHub, quick_options, test_service_options};
 use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
-use outpost_e2e::processes::{Process, run, wait_for};
+use outpost_e2e::processes::{Process, enrol_agent, run, wait_for};
 use outpost_proto::transport::Tuning;
 use outpost_proto::wire::Phase;
 
@@ -174,31 +174,9 @@ fn idle_rss(binary: &std::path::Path, bundles: &[(&str, String)]) -> (f64, f64) 
     let work = tempfile::tempdir().expect("dir");
     let kubeconfig = work.path().join("kubeconfig");
     std::fs::write(&kubeconfig, cluster.kubeconfig()).expect("kubeconfig");
-    let bundle = work.path().join("enrol.toml");
-    std::fs::write(
-        &bundle,
-        format!(
-            "hub = \"{}\"\nhub_pin = \"{}\"\nroot_key = \"{}\"\ntoken = \"{}\"\n",
-            hub.address,
-            hub.pin().to_hex(),
-            hex::encode(hub.keys.root.public_key().to_bytes()),
-            hub.token(&[])
-        ),
-    )
-    .expect("bundle");
     let state = work.path().join("agent").display().to_string();
     let env = [("OUTPOST_AGENT_STATE_DIR", state.clone())];
-    let out = run(
-        binary,
-        &["enrol", "--bundle", bundle.to_str().expect("path")],
-        &env,
-    );
-    let id = out
-        .split_whitespace()
-        .nth(3)
-        .expect("id")
-        .trim_end_matches(';')
-        .to_owned();
+    let id = enrol_agent(binary, &hub, work.path(), &state);
     for (name, text) in bundles {
         let published = hub.publish(name, text);
         hub.assign(&id, name, published);

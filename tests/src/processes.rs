@@ -59,3 +59,36 @@ pub fn wait_for(what: &str, seconds: u64, mut check: impl FnMut() -> bool) {
     }
     panic!("timed out after {seconds}s waiting for {what}");
 }
+
+/// Enrols an agent process with the in-process `hub`: writes an enrolment bundle (fresh token)
+/// to `work/enrol.toml`, runs `outpost-agent enrol` on `state_dir`, returns the agent id.
+pub fn enrol_agent(
+    agent: &Path,
+    hub: &crate::harness::TestHub,
+    work: &Path,
+    state_dir: &str,
+) -> String {
+    let bundle = work.join("enrol.toml");
+    std::fs::write(
+        &bundle,
+        format!(
+            "hub = \"{}\"\nhub_pin = \"{}\"\nroot_key = \"{}\"\ntoken = \"{}\"\n",
+            hub.address,
+            hub.pin().to_hex(),
+            hex::encode(hub.keys.root.public_key().to_bytes()),
+            hub.token(&[])
+        ),
+    )
+    .expect("write the enrolment bundle");
+    let out = run(
+        agent,
+        &["enrol", "--bundle", &bundle.display().to_string()],
+        &[("OUTPOST_AGENT_STATE_DIR", state_dir.to_owned())],
+    );
+    // "enrolled as agent ID; now run ..."
+    out.split_whitespace()
+        .nth(3)
+        .expect("the agent id")
+        .trim_end_matches(';')
+        .to_owned()
+}

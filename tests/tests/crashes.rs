@@ -13,7 +13,7 @@ use std::time::Duration;
 use outpost_agent::{State, paths};
 use outpost_e2e::harness::{Published, TestHub, bulky_manifests, test_service_options};
 use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
-use outpost_e2e::processes::{Process, binary, run, wait_for};
+use outpost_e2e::processes::{Process, binary, enrol_agent, run, wait_for};
 use outpost_hub::store::FleetStore;
 use outpost_proto::transport::Tuning;
 
@@ -46,29 +46,12 @@ impl Setup {
         let cluster = runtime.block_on(KubeApiServer::start(ServerOptions::default()));
         let work = tempfile::tempdir().unwrap();
         std::fs::write(work.path().join("kubeconfig"), cluster.kubeconfig()).unwrap();
-        let bundle = work.path().join("enrol.toml");
-        std::fs::write(
-            &bundle,
-            format!(
-                "hub = \"{}\"\nhub_pin = \"{}\"\nroot_key = \"{}\"\ntoken = \"{}\"\n",
-                hub.address,
-                hub.pin().to_hex(),
-                hex::encode(hub.keys.root.public_key().to_bytes()),
-                hub.token(&[])
-            ),
-        )
-        .unwrap();
-        let out = run(
+        let id = enrol_agent(
             &binary("outpost-agent"),
-            &["enrol", "--bundle", bundle.to_str().unwrap()],
-            &[("OUTPOST_AGENT_STATE_DIR", state_dir(work.path()))],
+            &hub,
+            work.path(),
+            &state_dir(work.path()),
         );
-        let id = out
-            .split_whitespace()
-            .nth(3)
-            .unwrap()
-            .trim_end_matches(';')
-            .to_owned();
         Setup {
             runtime,
             hub,

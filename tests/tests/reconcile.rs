@@ -7,7 +7,9 @@ use std::time::Duration;
 use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use outpost_agent::ReconcileOptions;
-use outpost_e2e::harness::{TestAgent, TestHub, quick_options, test_service_options, within};
+use outpost_e2e::harness::{
+    Published, TestAgent, TestHub, quick_options, test_service_options, within,
+};
 use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
 use outpost_e2e::lossy::{LinkProfile, Relay};
 use outpost_hub::store::FleetStore;
@@ -116,6 +118,22 @@ async fn fleet(server: ServerOptions, reconcile: ReconcileOptions) -> Fleet {
         id,
         server,
         _dir: dir,
+    }
+}
+
+impl Fleet {
+    /// Publishes `yaml` as `bundle`, assigns it to the agent, waits until it is Healthy.
+    async fn deploy(&self, bundle: &str, yaml: &str) -> Published {
+        let published = self.hub.publish(bundle, yaml);
+        self.hub.assign(&self.id, bundle, published);
+        within(
+            30,
+            "healthy",
+            self.agent
+                .status_where(bundle, phase_is(Phase::Healthy, published.generation)),
+        )
+        .await;
+        published
     }
 }
 
@@ -255,15 +273,7 @@ async fn apply_update_and_prune_only_what_the_agent_created() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_is_corrected() {
     let f = fleet(ServerOptions::default(), fast()).await;
-    let v1 = f.hub.publish("shop", SHOP_V1);
-    f.hub.assign(&f.id, "shop", v1);
-    within(
-        30,
-        "healthy",
-        f.agent
-            .status_where("shop", phase_is(Phase::Healthy, v1.generation)),
-    )
-    .await;
+    f.deploy("shop", SHOP_V1).await;
 
     // `kubectl edit` changes a value the agent owns; someone deletes the deployment.
     let client = f.server.client().await;
@@ -396,15 +406,7 @@ async fn a_conflict_with_another_field_manager_is_reported_unless_forced() {
         ..fast()
     };
     let mut f = fleet(ServerOptions::default(), careful).await;
-    let v1 = f.hub.publish("shop", SHOP_V1);
-    f.hub.assign(&f.id, "shop", v1);
-    within(
-        30,
-        "healthy",
-        f.agent
-            .status_where("shop", phase_is(Phase::Healthy, v1.generation)),
-    )
-    .await;
+    let v1 = f.deploy("shop", SHOP_V1).await;
 
     // `kubectl scale` takes spec.replicas over.
     let client = f.server.client().await;
@@ -542,15 +544,7 @@ async fn health_follows_the_status_the_controllers_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_server_down_then_up() {
     let f = fleet(ServerOptions::default(), fast()).await;
-    let v1 = f.hub.publish("shop", SHOP_V1);
-    f.hub.assign(&f.id, "shop", v1);
-    within(
-        30,
-        "healthy",
-        f.agent
-            .status_where("shop", phase_is(Phase::Healthy, v1.generation)),
-    )
-    .await;
+    f.deploy("shop", SHOP_V1).await;
 
     f.server.stop().await;
     let v2 = f.hub.publish("shop", SHOP_V2);
