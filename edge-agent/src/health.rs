@@ -41,8 +41,7 @@ fn message_of(condition: Option<&Value>) -> String {
 pub fn assess(object: &Value) -> Health {
     let group = object["apiVersion"]
         .as_str()
-        .and_then(|v| v.rsplit_once('/'))
-        .map_or("", |(group, _)| group);
+        .map_or("", |v| crate::target::group_version(v).0);
     let kind = object["kind"].as_str().unwrap_or_default();
     let status = &object["status"];
     let generation = number(&object["metadata"]["generation"]);

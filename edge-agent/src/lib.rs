@@ -144,6 +144,11 @@ pub struct EnrolmentBundle {
 }
 
 impl EnrolmentBundle {
+    /// Records this bundle in the state as the enrolment to complete on the next connection.
+    pub fn store_in(&self, state: &mut State) -> Result<(), state::StateError> {
+        state.set_enrolment(&self.hub, &self.hub_pin, &self.root_key, &self.token)
+    }
+
     /// Parses the bundle's `key = "value"` lines; every problem is named.
     pub fn parse(text: &str) -> Result<EnrolmentBundle, String> {
         let mut fields = std::collections::BTreeMap::new();

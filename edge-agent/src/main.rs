@@ -199,12 +199,7 @@ fn enrol(state_dir: &Path, bundle: &Path, timeout: Duration) -> Result<()> {
             state_dir.display()
         );
     }
-    state.set_enrolment(
-        &bundle.hub,
-        &bundle.hub_pin,
-        &bundle.root_key,
-        &bundle.token,
-    )?;
+    bundle.store_in(&mut state)?;
     let options = ClientOptions {
         seed: seed_from(&key),
         ..ClientOptions::default()
@@ -261,12 +256,7 @@ fn serve(config: &AgentConfig, seed: Option<u64>) -> Result<()> {
             Some(path) => {
                 let bundle = read_bundle(path)?;
                 tracing::info!(hub = %bundle.hub, "enrolling with {}", path.display());
-                state.set_enrolment(
-                    &bundle.hub,
-                    &bundle.hub_pin,
-                    &bundle.root_key,
-                    &bundle.token,
-                )?;
+                bundle.store_in(&mut state)?;
             }
             None => bail!(
                 "this agent is not enrolled; run `outpost-agent enrol --bundle FILE` first (or set enrolment_bundle in the config)"

@@ -500,15 +500,41 @@ impl<T: ClusterTarget> Reconciler<T> {
         next
     }
 
-    async fn record(&self, bundle: &str, references: Vec<ObjectRef>) -> Result<(), TargetError> {
-        if references.is_empty() {
-            return Ok(());
+    /// Resolves the objects at `indexes` and records those that resolve in the inventory, in
+    /// one transaction; only then do they get their reference. Returns the last resolve error
+    /// (an unknown kind, say); `Err` when the API is unreachable or the inventory cannot be
+    /// written — without the inventory nothing may be applied.
+    async fn resolve_and_record(
+        &self,
+        bundle: &str,
+        objects: &[Value],
+        indexes: &[usize],
+        run: &mut BundleRun,
+    ) -> Result<Option<TargetError>, TargetError> {
+        let mut resolved = Vec::new();
+        let mut last_error = None;
+        for &index in indexes {
+            match self.target.resolve(&objects[index]).await {
+                Ok(reference) => resolved.push((index, reference)),
+                Err(error @ TargetError::Unreachable(_)) => return Err(error),
+                Err(error) => last_error = Some(error),
+            }
         }
-        let bundle = bundle.to_owned();
+        if resolved.is_empty() {
+            return Ok(last_error);
+        }
+        let (name, references): (String, Vec<ObjectRef>) = (
+            bundle.to_owned(),
+            resolved.iter().map(|(_, r)| r.clone()).collect(),
+        );
         self.client
-            .with_state(move |state| state.inventory_add(&bundle, &references))
+            .with_state(move |state| state.inventory_add(&name, &references))
             .await
-            .map_err(|error| TargetError::Other(format!("recording the inventory: {error}")))
+            .map_err(|error| TargetError::Other(format!("recording the inventory: {error}")))?;
+        for (index, reference) in resolved {
+            run.states[index].reference = Some(reference);
+        }
+        Ok(last_error)
     }
 
     /// Applies every object not waiting for a retry. `Err` when the API is unreachable or the
@@ -516,51 +542,33 @@ impl<T: ClusterTarget> Reconciler<T> {
     async fn apply_all(&mut self, bundle: &str, run: &mut BundleRun) -> Result<(), TargetError> {
         let objects = run.objects(bundle);
         let count = objects.len();
-        let mut recorded = vec![false; count];
         let mut refreshed = false;
         let now = Instant::now();
         for index in 0..count {
             if run.backoff.get(&index).is_some_and(|b| b.retry_at > now) {
                 continue;
             }
-            if !recorded[index] {
-                // Resolve and record, in one transaction, everything from here that resolves.
-                let mut batch = Vec::new();
-                let unrecorded: Vec<usize> = (index..count).filter(|&i| !recorded[i]).collect();
-                for later in unrecorded {
-                    match self.target.resolve(&objects[later]).await {
-                        Ok(reference) => {
-                            recorded[later] = true;
-                            run.states[later].reference = Some(reference.clone());
-                            batch.push(reference);
-                        }
-                        Err(TargetError::Unreachable(message)) => {
-                            return Err(TargetError::Unreachable(message));
-                        }
-                        Err(_) => {}
-                    }
-                }
-                // Without the inventory nothing may be applied.
-                self.record(bundle, batch).await?;
+            // An object with a reference is in the inventory already (recorded earlier in this
+            // pass or in an earlier pass over the same snapshot).
+            if run.states[index].reference.is_none() {
+                let pending: Vec<usize> = (index..count)
+                    .filter(|&i| run.states[i].reference.is_none())
+                    .collect();
+                self.resolve_and_record(bundle, &objects, &pending, run)
+                    .await?;
             }
-            if !recorded[index] {
+            if run.states[index].reference.is_none() {
+                // An unknown kind: perhaps a CRD applied since discovery ran.
                 if !refreshed {
                     refreshed = true;
                     self.target.refresh().await?;
                 }
-                match self.target.resolve(&objects[index]).await {
-                    Ok(reference) => {
-                        recorded[index] = true;
-                        run.states[index].reference = Some(reference.clone());
-                        self.record(bundle, vec![reference]).await?;
-                    }
-                    Err(TargetError::Unreachable(message)) => {
-                        return Err(TargetError::Unreachable(message));
-                    }
-                    Err(error) => {
-                        self.fail(run, index, &error);
-                        continue;
-                    }
+                if let Some(error) = self
+                    .resolve_and_record(bundle, &objects, &[index], run)
+                    .await?
+                {
+                    self.fail(run, index, &error);
+                    continue;
                 }
             }
             match self

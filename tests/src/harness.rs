@@ -486,6 +486,17 @@ pub fn test_service_options() -> ServiceOptions {
 }
 
 /// Awaits `future`, failing the test with `what` after `seconds`.
+/// Polls `check` every 20 ms until it holds, for at most `seconds`; panics naming `what`.
+pub async fn eventually(seconds: u64, what: &str, mut check: impl AsyncFnMut() -> bool) {
+    within(seconds, what, async {
+        while !check().await {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+/// Waits for `future` at most `seconds`; panics naming `what`.
 pub async fn within<T>(
     seconds: u64,
     what: &str,

@@ -8,7 +8,7 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use outpost_agent::ReconcileOptions;
 use outpost_e2e::harness::{
-    Published, TestAgent, TestHub, quick_options, test_service_options, within,
+    Published, TestAgent, TestHub, eventually, quick_options, test_service_options, within,
 };
 use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
 use outpost_e2e::lossy::{LinkProfile, Relay};
@@ -189,14 +189,10 @@ async fn apply_update_and_prune_only_what_the_agent_created() {
             .status_where("shop", phase_is(Phase::Healthy, v2.generation)),
     )
     .await;
-    within(10, "pruned", async {
-        while f
-            .server
+    eventually(10, "pruned", async || {
+        f.server
             .object("v1", "ConfigMap", "shop", "stray")
-            .is_some()
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            .is_none()
     })
     .await;
     let settings = f
@@ -261,10 +257,8 @@ async fn apply_update_and_prune_only_what_the_agent_created() {
 
     // Unassigned: everything it created goes, in reverse order, the foreign object stays.
     f.hub.unassign(&f.id, "shop");
-    within(20, "bundle removed", async {
-        while !f.server.names("outpost.io/bundle=shop").is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually(20, "bundle removed", async || {
+        f.server.names("outpost.io/bundle=shop").is_empty()
     })
     .await;
     assert!(f.server.object("v1", "Namespace", "", "shop").is_none());
@@ -381,10 +375,8 @@ async fn a_crd_and_its_custom_resources_in_one_snapshot() {
 
     // Unassigned: the custom resource goes first, then the CRD, then the namespace.
     f.hub.unassign(&f.id, "widgets");
-    within(20, "removed", async {
-        while !f.server.names("outpost.io/bundle=widgets").is_empty() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually(20, "removed", async || {
+        f.server.names("outpost.io/bundle=widgets").is_empty()
     })
     .await;
     assert!(
@@ -603,16 +595,13 @@ async fn offline_the_agent_keeps_reconciling_across_restarts_and_reports_on_reco
         agent.status_where("shop", phase_is(Phase::Healthy, v1.generation)),
     )
     .await;
-    within(20, "outbox drained", async {
-        while agent
+    eventually(20, "outbox drained", async || {
+        agent
             .client
             .with_state(|state| state.outbox_len())
             .await
             .unwrap()
-            > 0
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            == 0
     })
     .await;
     let stored_before = hub.store.lock().unwrap().status_history_len(&id).unwrap();
@@ -665,16 +654,13 @@ async fn offline_the_agent_keeps_reconciling_across_restarts_and_reports_on_reco
 
     // Back online: every queued report is stored once, and the outbox empties.
     relay.set_blackout(false);
-    within(60, "reports delivered", async {
-        while agent
+    eventually(60, "reports delivered", async || {
+        agent
             .client
             .with_state(|state| state.outbox_len())
             .await
             .unwrap()
-            > 0
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            == 0
     })
     .await;
     let stored_after = hub.store.lock().unwrap().status_history_len(&id).unwrap();

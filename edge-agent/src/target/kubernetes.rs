@@ -101,7 +101,7 @@ impl KubernetesTarget {
         api_version: &str,
         kind: &str,
     ) -> Result<(ApiResource, ApiCapabilities), TargetError> {
-        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let (group, version) = super::group_version(api_version);
         let gvk = GroupVersionKind::gvk(group, version, kind);
         if let Some(found) = self
             .discovery
@@ -206,6 +206,26 @@ fn map_error(error: kube::Error) -> TargetError {
     }
 }
 
+impl KubernetesTarget {
+    /// Sends a request; a 404 is `None`.
+    async fn send(
+        &self,
+        request: Result<http::Request<Vec<u8>>, kube::core::request::Error>,
+    ) -> Result<Option<Value>, TargetError> {
+        let request = request.map_err(build_error)?;
+        match self
+            .client
+            .request::<Value>(request)
+            .await
+            .map_err(map_error)
+        {
+            Ok(value) => Ok(Some(value)),
+            Err(TargetError::NotFound(_)) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+}
+
 fn build_error(error: kube::core::request::Error) -> TargetError {
     TargetError::Other(format!("building the request: {error}"))
 }
@@ -234,30 +254,17 @@ impl ClusterTarget for KubernetesTarget {
         if !resolved.namespace.is_empty() {
             object["metadata"]["namespace"] = Value::String(resolved.namespace.clone());
         }
-        let request = request
-            .patch(&resolved.name, &params, &Patch::Apply(&object))
-            .map_err(build_error)?;
-        self.client
-            .request::<Value>(request)
-            .await
-            .map_err(map_error)
+        self.send(request.patch(&resolved.name, &params, &Patch::Apply(&object)))
+            .await?
+            .ok_or_else(|| {
+                TargetError::NotFound(format!("{resolved}: the API answered 404 to an apply"))
+            })
     }
 
     async fn get(&self, object: &ObjectRef) -> Result<Option<Value>, TargetError> {
         let (request, resolved) = self.request_for(object).await?;
-        let request = request
-            .get(&resolved.name, &GetParams::default())
-            .map_err(build_error)?;
-        match self
-            .client
-            .request::<Value>(request)
+        self.send(request.get(&resolved.name, &GetParams::default()))
             .await
-            .map_err(map_error)
-        {
-            Ok(value) => Ok(Some(value)),
-            Err(TargetError::NotFound(_)) => Ok(None),
-            Err(error) => Err(error),
-        }
     }
 
     async fn list(
@@ -290,19 +297,10 @@ impl ClusterTarget for KubernetesTarget {
 
     async fn delete(&self, object: &ObjectRef) -> Result<bool, TargetError> {
         let (request, resolved) = self.request_for(object).await?;
-        let request = request
-            .delete(&resolved.name, &DeleteParams::background())
-            .map_err(build_error)?;
-        match self
-            .client
-            .request::<Value>(request)
-            .await
-            .map_err(map_error)
-        {
-            Ok(_) => Ok(true),
-            Err(TargetError::NotFound(_)) => Ok(false),
-            Err(error) => Err(error),
-        }
+        Ok(self
+            .send(request.delete(&resolved.name, &DeleteParams::background()))
+            .await?
+            .is_some())
     }
 
     async fn refresh(&self) -> Result<(), TargetError> {

@@ -228,7 +228,7 @@ impl ClusterTarget for MemoryTarget {
     ) -> Result<Vec<Value>, TargetError> {
         self.check()?;
         let (key, value) = selector.split_once('=').unwrap_or((selector, ""));
-        let group = api_version.rsplit_once('/').map_or("", |(group, _)| group);
+        let group = super::group_version(api_version).0;
         let objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
         Ok(objects
             .iter()

@@ -14,6 +14,11 @@ use serde_json::Value;
 /// deletes only objects that carry it.
 pub const BUNDLE_LABEL: &str = "outpost.io/bundle";
 
+/// `(group, version)` of an apiVersion: `apps/v1` → (`apps`, `v1`), `v1` → (``, `v1`).
+pub fn group_version(api_version: &str) -> (&str, &str) {
+    api_version.rsplit_once('/').unwrap_or(("", api_version))
+}
+
 /// Who an object is in the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectRef {
@@ -44,9 +49,7 @@ impl ObjectRef {
 
     /// The API group (`""` for core).
     pub fn group(&self) -> &str {
-        self.api_version
-            .rsplit_once('/')
-            .map_or("", |(group, _)| group)
+        group_version(&self.api_version).0
     }
 
     /// Identity across API versions: (group, kind, namespace, name).
