@@ -7,6 +7,7 @@ pub mod bundles;
 pub mod config;
 pub mod git;
 pub mod keys;
+pub mod rollout;
 pub mod store;
 pub mod sync;
 pub mod transport;

@@ -139,6 +139,16 @@ const MIGRATIONS: &[&str] = &[
         observed_at INTEGER NOT NULL,
         received_at INTEGER NOT NULL
     );",
+    // 5: rollouts: the state machine of each, stored whole after every step.
+    "CREATE TABLE rollouts (
+        id INTEGER PRIMARY KEY,
+        bundle TEXT NOT NULL,
+        phase TEXT NOT NULL,
+        state TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX rollouts_by_bundle ON rollouts (bundle, id);",
 ];
 
 /// An enrolled agent.
@@ -275,6 +285,9 @@ pub enum StoreError {
     /// The database failed (disk full, corrupt file, locked).
     #[error("hub store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// A stored record does not decode (written by a broken or newer hub).
+    #[error("hub store: a stored record does not decode: {0}")]
+    Corrupt(String),
     /// The file was written by a newer hub.
     #[error(
         "hub store schema version {found} is newer than this hub understands ({known}); run a newer hub"
@@ -312,6 +325,9 @@ pub trait Store {
         tree_id: &str,
         selector: &str,
     ) -> Result<(), StoreError>;
+    /// Stores a snapshot signed again under a new generation (a rollout giving an agent an
+    /// older body); no render is recorded for it.
+    fn insert_resigned(&mut self, snapshot: &StoredSnapshot) -> Result<(), StoreError>;
     /// Remembers an existing generation as the render of a tree (same body as before).
     fn insert_render(
         &mut self,
@@ -440,6 +456,28 @@ impl SqliteStore {
 }
 
 const SNAPSHOT_COLUMNS: &str = "bundle, generation, digest, git_commit, git_ref, header, signature, body, object_count, created_at";
+
+fn insert_snapshot_row(
+    connection: &Connection,
+    snapshot: &StoredSnapshot,
+) -> Result<(), StoreError> {
+    connection.execute(
+        &format!("INSERT INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+        params![
+            snapshot.bundle,
+            snapshot.generation as i64,
+            snapshot.digest.0.as_slice(),
+            snapshot.git_commit,
+            snapshot.git_ref,
+            snapshot.header,
+            snapshot.signature,
+            snapshot.body,
+            snapshot.object_count as i64,
+            snapshot.created_at,
+        ],
+    )?;
+    Ok(())
+}
 
 /// Reads a 32-byte digest column; another length is a conversion error, never a made-up digest.
 fn digest_at(row: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Digest> {
@@ -647,27 +685,17 @@ impl Store for SqliteStore {
         selector: &str,
     ) -> Result<(), StoreError> {
         let transaction = self.connection.transaction()?;
-        transaction.execute(
-            &format!("INSERT INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
-            params![
-                snapshot.bundle,
-                snapshot.generation as i64,
-                snapshot.digest.0.as_slice(),
-                snapshot.git_commit,
-                snapshot.git_ref,
-                snapshot.header,
-                snapshot.signature,
-                snapshot.body,
-                snapshot.object_count as i64,
-                snapshot.created_at,
-            ],
-        )?;
+        insert_snapshot_row(&transaction, snapshot)?;
         transaction.execute(
             "INSERT OR REPLACE INTO renders (bundle, tree_id, selector, generation) VALUES (?1, ?2, ?3, ?4)",
             params![snapshot.bundle, tree_id, selector, snapshot.generation as i64],
         )?;
         transaction.commit()?;
         Ok(())
+    }
+
+    fn insert_resigned(&mut self, snapshot: &StoredSnapshot) -> Result<(), StoreError> {
+        insert_snapshot_row(&self.connection, snapshot)
     }
 
     fn insert_render(
@@ -1001,7 +1029,11 @@ impl Store for SqliteStore {
 }
 
 mod fleet;
-pub use fleet::{AgentAssignments, AssignmentRow, FleetStore, SignedHeader, StoredStatus};
+pub use fleet::{
+    AgentAssignments, AssignmentChange, AssignmentRow, FleetStore, SignedHeader, StoredStatus,
+};
+mod rollouts;
+pub use rollouts::{Created, RolloutStore};
 
 #[cfg(test)]
 mod agent_tests;

@@ -25,6 +25,19 @@ pub struct AssignmentRow {
     pub digest: Digest,
 }
 
+/// One assignment to set (`to` = `None` removes the bundle from the agent), made by `origin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AssignmentChange {
+    /// Agent id.
+    pub agent: String,
+    /// Bundle name.
+    pub bundle: String,
+    /// Generation and body digest, or nothing.
+    pub to: Option<(u64, Digest)>,
+    /// Who sets it (`rollout:<id>`, `track:<url>`).
+    pub origin: String,
+}
+
 /// All of an agent's assignments and their sequence number.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AgentAssignments {
@@ -49,13 +62,22 @@ pub struct StoredStatus {
 pub trait FleetStore {
     /// Replaces the assignments that `origin` (e.g. `track:<source url>`) made with `wanted`,
     /// in one transaction, and bumps the sequence of every agent whose assignments changed.
-    /// Returns those agents.
+    /// Rows another origin holds (a rollout's) are left alone. Returns the agents changed.
     fn set_assignments(
         &mut self,
         origin: &str,
         wanted: &[AssignmentRow],
         now: i64,
     ) -> Result<Vec<String>, StoreError>;
+    /// Sets single assignments whatever their origin (a rollout's decisions), in one
+    /// transaction, bumping the sequence of each agent changed; returns those agents.
+    fn change_assignments(
+        &mut self,
+        changes: &[AssignmentChange],
+        now: i64,
+    ) -> Result<Vec<String>, StoreError>;
+    /// Every agent's assignment of one bundle, with its origin.
+    fn bundle_assignments(&self, bundle: &str) -> Result<Vec<(AssignmentRow, String)>, StoreError>;
     /// An agent's assignments.
     fn assignments(&self, agent: &str) -> Result<AgentAssignments, StoreError>;
     /// Records a connection: last seen and the agent's version.
@@ -82,6 +104,55 @@ pub trait FleetStore {
     ) -> Result<Option<SignedHeader>, StoreError>;
     /// The body digest of a bundle's generation.
     fn snapshot_digest(&self, bundle: &str, generation: u64) -> Result<Option<Digest>, StoreError>;
+}
+
+fn bump_sequences<'a>(
+    transaction: &rusqlite::Transaction<'_>,
+    agents: impl IntoIterator<Item = &'a String>,
+) -> Result<(), StoreError> {
+    for agent in agents {
+        transaction.execute(
+            "UPDATE agents SET assignment_sequence = assignment_sequence + 1 WHERE id = ?1",
+            [agent],
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes single assignments inside `transaction`; returns the agents whose assignments changed.
+pub(super) fn write_changes(
+    transaction: &rusqlite::Transaction<'_>,
+    changes: &[AssignmentChange],
+    now: i64,
+) -> Result<Vec<String>, StoreError> {
+    let mut changed = std::collections::BTreeSet::new();
+    for change in changes {
+        let written = match &change.to {
+            Some((generation, digest)) => transaction.execute(
+                "INSERT INTO assignments (agent, bundle, generation, digest, origin, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (agent, bundle) DO UPDATE SET generation = ?3, digest = ?4, origin = ?5, updated_at = ?6
+                 WHERE generation != ?3 OR digest != ?4 OR origin != ?5",
+                params![
+                    change.agent,
+                    change.bundle,
+                    *generation as i64,
+                    digest.0.as_slice(),
+                    change.origin,
+                    now
+                ],
+            )?,
+            None => transaction.execute(
+                "DELETE FROM assignments WHERE agent = ?1 AND bundle = ?2",
+                params![change.agent, change.bundle],
+            )?,
+        };
+        if written > 0 {
+            changed.insert(change.agent.clone());
+        }
+    }
+    bump_sequences(transaction, &changed)?;
+    Ok(changed.into_iter().collect())
 }
 
 fn phase_name(phase: Phase) -> &'static str {
@@ -146,10 +217,14 @@ impl FleetStore for SqliteStore {
         }
         for row in wanted {
             let key = (row.agent.clone(), row.bundle.clone());
-            let same = current.get(&key).is_some_and(|(generation, digest, _)| {
-                *generation == row.generation && digest.as_slice() == row.digest.0.as_slice()
-            });
-            if same {
+            let same_or_other = current
+                .get(&key)
+                .is_some_and(|(generation, digest, held_by)| {
+                    held_by != origin
+                        || (*generation == row.generation
+                            && digest.as_slice() == row.digest.0.as_slice())
+                });
+            if same_or_other {
                 continue;
             }
             transaction.execute(
@@ -167,14 +242,38 @@ impl FleetStore for SqliteStore {
             )?;
             changed.insert(row.agent.clone());
         }
-        for agent in &changed {
-            transaction.execute(
-                "UPDATE agents SET assignment_sequence = assignment_sequence + 1 WHERE id = ?1",
-                [agent],
-            )?;
-        }
+        bump_sequences(&transaction, &changed)?;
         transaction.commit()?;
         Ok(changed.into_iter().collect())
+    }
+
+    fn change_assignments(
+        &mut self,
+        changes: &[AssignmentChange],
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let transaction = self.connection.transaction()?;
+        let changed = write_changes(&transaction, changes, now)?;
+        transaction.commit()?;
+        Ok(changed)
+    }
+
+    fn bundle_assignments(&self, bundle: &str) -> Result<Vec<(AssignmentRow, String)>, StoreError> {
+        let mut statement = self.connection.prepare(
+            "SELECT agent, generation, digest, origin FROM assignments WHERE bundle = ?1 ORDER BY agent",
+        )?;
+        let rows = statement.query_map([bundle], |row| {
+            Ok((
+                AssignmentRow {
+                    agent: row.get(0)?,
+                    bundle: bundle.to_owned(),
+                    generation: row.get::<_, i64>(1)? as u64,
+                    digest: digest_at(row, 2)?,
+                },
+                row.get(3)?,
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn assignments(&self, agent: &str) -> Result<AgentAssignments, StoreError> {
