@@ -14,6 +14,7 @@
 //!   an enrolment bundle (hub address, hub key pin, root key, token) for the device;
 //!   `GET /api/v1/tokens`
 //! - `GET /api/v1/status` (`?agent=ID`) — the last status each agent reported per bundle
+//! - rollouts, the fleet list and the fleet page: see [`rollouts`]
 //!
 //! Who did something is taken from the `x-outpost-user` header (the CLI sends the login name).
 //! There is no authentication yet: the API listens on loopback by default; put it behind an
@@ -33,6 +34,8 @@ use serde_json::{Value, json};
 
 use crate::store::{Agent, FleetStore, SqliteStore, Store, StoreError};
 
+pub mod rollouts;
+
 /// Wakes the sync threads (bump the counter and notify), and tells agent connections that the
 /// fleet changed (assignments, labels, revocations).
 #[derive(Debug, Default)]
@@ -43,6 +46,10 @@ pub struct FetchNow {
     pub signal: Condvar,
     /// Ticks when agent connections should look at their agent again.
     pub fleet: tokio::sync::watch::Sender<u64>,
+    /// Rollout wake-ups so far (created, commanded).
+    pub rollout_requests: Mutex<u64>,
+    /// Signalled on every rollout wake-up.
+    pub rollout_signal: Condvar,
 }
 
 impl FetchNow {
@@ -57,6 +64,26 @@ impl FetchNow {
     /// Tells every agent connection to re-read its agent (revocation, assignments).
     pub fn fleet_changed(&self) {
         self.fleet.send_modify(|tick| *tick += 1);
+    }
+
+    /// Wakes the rollout loop (a rollout was created or commanded).
+    pub fn rollouts_changed(&self) {
+        if let Ok(mut requests) = self.rollout_requests.lock() {
+            *requests += 1;
+        }
+        self.rollout_signal.notify_all();
+    }
+
+    /// Waits until the rollout loop is woken or `timeout` passes; `seen` is the count it last saw.
+    pub fn wait_for_rollouts(&self, seen: &mut u64, timeout: std::time::Duration) {
+        let Ok(requests) = self.rollout_requests.lock() else {
+            return;
+        };
+        let (requests, _) = self
+            .rollout_signal
+            .wait_timeout_while(requests, timeout, |requests| *requests == *seen)
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *seen = *requests;
     }
 }
 
@@ -94,6 +121,8 @@ pub struct AdminState {
     pub now: fn() -> i64,
     /// For enrolment bundles.
     pub enrolment: Arc<EnrolmentInfo>,
+    /// Signing keys (rollouts sign older bodies again under new generations).
+    pub keys: Arc<crate::keys::HubKeys>,
 }
 
 /// An API error: status and message.
@@ -136,6 +165,15 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/agents/{id}/revoke", post(revoke_agent))
         .route("/api/v1/tokens", get(tokens).post(create_token))
         .route("/api/v1/status", get(statuses))
+        .route("/api/v1/fleet", get(rollouts::fleet))
+        .route(
+            "/api/v1/rollouts",
+            get(rollouts::list).post(rollouts::create),
+        )
+        .route("/api/v1/rollouts/{id}", get(rollouts::show))
+        .route("/api/v1/rollouts/{id}/{command}", post(rollouts::command))
+        .route("/", get(rollouts::fleet_page))
+        .route("/fleet", get(rollouts::fleet_page))
         .with_state(state)
 }
 

@@ -2,9 +2,10 @@
 //!
 //! `run` serves the admin API and syncs the configured Git sources; the operator commands
 //! (`releases`, `agents`, `tokens`, …) are clients of that API; `sync` and `render` work locally
-//! without a running hub. Serving agents over QUIC comes with the transport issue.
+//! without a running hub.
 
 mod client;
+mod rollout_cli;
 mod serve;
 
 use std::path::{Path, PathBuf};
@@ -60,9 +61,10 @@ enum Command {
         #[arg(long, env = "OUTPOST_SOURCE")]
         source: String,
     },
-    /// Run the hub from a config file: sync every source every poll interval, backing off per
-    /// source while its remote is unreachable. (Serving agents and the admin API are not built
-    /// yet.) Every config problem is reported at once before anything starts.
+    /// Run the hub from a config file: sync every source every poll interval (backing off per
+    /// source while its remote is unreachable), serve agents over QUIC, drive rollouts, and
+    /// serve the admin API and the fleet page (http://ADMIN/). Every config problem is reported
+    /// at once before anything starts.
     Run {
         /// The TOML config file (see docs/hub-config.md); OUTPOST_HUB_* variables override it.
         #[arg(long, env = "OUTPOST_HUB_CONFIG")]
@@ -118,6 +120,11 @@ enum Command {
     Tokens {
         #[command(subcommand)]
         command: TokensCommand,
+    },
+    /// Rollouts by tag: create, list, show, pause, resume, abort, rollback, watch.
+    Rollout {
+        #[command(subcommand)]
+        command: rollout_cli::RolloutCommand,
     },
     /// The last status each agent reported for each bundle.
     Status {
@@ -298,6 +305,7 @@ fn main() -> Result<()> {
         }
         Command::Agents { command } => agents(command),
         Command::Tokens { command } => tokens(command),
+        Command::Rollout { command } => rollout_cli::rollout(command),
         Command::Status { api, agent } => {
             let path = match agent {
                 Some(agent) => format!("/api/v1/status?agent={agent}"),

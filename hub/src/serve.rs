@@ -8,8 +8,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use outpost_hub::api::{AdminState, EnrolmentInfo, FetchNow, router};
 use outpost_hub::assign::assign_tracked;
+use outpost_hub::bundles;
 use outpost_hub::config::{Config, SourceConfig};
 use outpost_hub::keys::HubKeys;
+use outpost_hub::rollout::Driver;
 use outpost_hub::store::SqliteStore;
 use outpost_hub::sync::render_fetched;
 use outpost_hub::transport::{AgentService, ServiceOptions};
@@ -36,6 +38,14 @@ pub(crate) fn serve(config: &Config) -> Result<()> {
             .spawn(move || source_loop(&config, &source, &store, &keys, &fetch_now))
             .context("starting a source thread")?;
     }
+    {
+        let (store, keys, fetch_now) = (store.clone(), keys.clone(), fetch_now.clone());
+        let config = config.clone();
+        std::thread::Builder::new()
+            .name("rollouts".to_owned())
+            .spawn(move || rollout_loop(&config, &store, &keys, &fetch_now))
+            .context("starting the rollout thread")?;
+    }
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let enrolment = Arc::new(EnrolmentInfo {
         hub_address: config.agents_public.clone(),
@@ -61,7 +71,7 @@ pub(crate) fn serve(config: &Config) -> Result<()> {
             ServiceOptions::default(),
         ));
         tracing::info!(address = %config.listen_agents, pin = %enrolment.hub_pin.to_hex(), "agent service listening (QUIC)");
-        tokio::spawn(outpost_hub::transport::serve(endpoint, service));
+        tokio::spawn(outpost_hub::transport::serve(endpoint.clone(), service));
         let listener = tokio::net::TcpListener::bind(config.listen_admin)
             .await
             .with_context(|| {
@@ -76,15 +86,72 @@ pub(crate) fn serve(config: &Config) -> Result<()> {
             fetch_now,
             now: unix_now,
             enrolment,
+            keys: keys.clone(),
         };
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
-                tracing::info!("interrupted; stopping");
-            })
+        let served = axum::serve(listener, router(state))
+            .with_graceful_shutdown(stop_signal())
             .await
-            .context("serving the admin API")
+            .context("serving the admin API");
+        // Tell connected agents, so they reconnect to the next hub at once instead of waiting
+        // for the idle timeout.
+        endpoint.close(quinn::VarInt::from_u32(0), b"hub shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        served
     })
+}
+
+/// SIGINT (Ctrl-C) or SIGTERM (systemd, Kubernetes).
+async fn stop_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+    tracing::info!("stopping: closing agent connections");
+}
+
+/// How often live rollouts look at the fleet when nothing wakes them.
+const ROLLOUT_TICK: Duration = Duration::from_secs(2);
+
+/// Steps every live rollout every [`ROLLOUT_TICK`], or at once when the API creates or commands
+/// one; agent connections hear of the assignments it changes.
+fn rollout_loop(config: &Config, store: &Mutex<SqliteStore>, keys: &HubKeys, fetch_now: &FetchNow) {
+    let mut driver = Driver::default();
+    let mut definitions_at = |url: &str, commit: &str| -> Result<_, String> {
+        let source = config
+            .sources
+            .iter()
+            .find(|source| source.url == url)
+            .ok_or_else(|| format!("source {url} is no longer configured"))?;
+        let mirror = config
+            .open_source(source)
+            .map_err(|error| error.to_string())?;
+        bundles::bundles_at(&mirror, commit).map_err(|error| error.to_string())
+    };
+    let mut seen = 0;
+    loop {
+        let Ok(mut store) = store.lock() else {
+            tracing::error!("store lock poisoned; stopping rollouts");
+            return;
+        };
+        match driver.tick(&mut *store, keys, &mut definitions_at, unix_now()) {
+            Ok(changed) if !changed.is_empty() => {
+                tracing::info!(agents = changed.len(), "rollouts changed assignments");
+                fetch_now.fleet_changed();
+            }
+            Ok(_) => {}
+            Err(error) => tracing::error!(%error, "rollout step failed; retrying"),
+        }
+        drop(store);
+        fetch_now.wait_for_rollouts(&mut seen, ROLLOUT_TICK);
+    }
 }
 
 fn source_loop(

@@ -1,7 +1,7 @@
 //! Helpers for tests that run the real binaries as processes.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// The path of a workspace binary built beside the running test (target/<profile>/).
@@ -85,7 +85,159 @@ pub fn enrol_agent(
         &["enrol", "--bundle", &bundle.display().to_string()],
         &[("OUTPOST_AGENT_STATE_DIR", state_dir.to_owned())],
     );
-    // "enrolled as agent ID; now run ..."
+    agent_id(&out)
+}
+
+/// Runs `git` in `dir`; panics if it fails.
+pub fn git(dir: &Path, args: &[&str]) {
+    let status = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .status()
+        .expect("git runs");
+    assert!(status.success(), "git {args:?}");
+}
+
+/// A new Git repository at `dir` with an author configured and branch `main`.
+pub fn git_init(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("create the repository folder");
+    git(dir, &["init", "-q", "-b", "main"]);
+    git(dir, &["config", "user.email", "t@outpost.invalid"]);
+    git(dir, &["config", "user.name", "T"]);
+}
+
+/// A loopback port free right now (TCP or UDP).
+pub fn free_port(udp: bool) -> u16 {
+    match udp {
+        true => std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|socket| socket.local_addr())
+            .expect("a free UDP port")
+            .port(),
+        false => std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|socket| socket.local_addr())
+            .expect("a free TCP port")
+            .port(),
+    }
+}
+
+/// The login name `HubProcess::cli` runs as.
+pub const OPERATOR: &str = "ops-test";
+
+/// `outpost-hub run` as a process, on free loopback ports, syncing one Git repository.
+#[derive(Debug)]
+pub struct HubProcess {
+    /// The running process (`None` while stopped).
+    pub process: Option<Process>,
+    /// The admin API's URL.
+    pub url: String,
+    /// The QUIC port agents dial.
+    pub agents_port: u16,
+    /// The config file.
+    pub config: PathBuf,
+    /// The hub binary.
+    pub binary: PathBuf,
+}
+
+impl HubProcess {
+    /// Writes a config under `work` for `repo` (tracking `track`) and starts the hub.
+    pub fn start(work: &Path, repo: &Path, track: &str) -> HubProcess {
+        let (admin, agents_port) = (free_port(false), free_port(true));
+        let config = work.join("hub.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"{}\"\npoll_interval_seconds = 3600\n[listen]\nadmin = \"127.0.0.1:{admin}\"\nagents = \"127.0.0.1:{agents_port}\"\n[[sources]]\nname = \"fleet\"\nurl = \"file://{}\"\ntrack = \"{track}\"\n",
+                work.join("hub").display(),
+                repo.display()
+            ),
+        )
+        .expect("write the hub config");
+        let mut hub = HubProcess {
+            process: None,
+            url: format!("http://127.0.0.1:{admin}"),
+            agents_port,
+            config,
+            binary: binary("outpost-hub"),
+        };
+        hub.restart();
+        hub
+    }
+
+    /// Stops the hub as systemd does (SIGTERM), waiting up to 10 s for it to exit.
+    pub fn stop(&mut self) {
+        let Some(mut process) = self.process.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &process.0.id().to_string()])
+            .status();
+        wait_for("the hub to stop", 10, || {
+            process.0.try_wait().ok().flatten().is_some()
+        });
+    }
+
+    /// Starts the hub again (stopping it first if it runs) and waits for its admin API.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.process = Some(Process(
+            Command::new(&self.binary)
+                .args(["run", "--config", &self.config.display().to_string()])
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .spawn()
+                .expect("start outpost-hub"),
+        ));
+        let admin = self
+            .url
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse::<u16>().ok());
+        wait_for("the hub's admin API", 20, || {
+            admin.is_some_and(|port| std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+        });
+    }
+
+    /// Runs an `outpost-hub` client command against this hub as operator `ops-test` (what
+    /// rollouts record as who); returns its stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut args = args.to_vec();
+        args.extend(["--hub", &self.url]);
+        run(&self.binary, &args, &[("USER", OPERATOR.to_owned())])
+    }
+
+    /// GETs an admin API path as JSON.
+    pub fn get(&self, path: &str) -> serde_json::Value {
+        ureq::get(&format!("{}{path}", self.url))
+            .call()
+            .expect("the admin API answers")
+            .body_mut()
+            .read_json()
+            .expect("JSON")
+    }
+
+    /// Makes an enrolment bundle with `labels` (`k=v`) and enrols an agent process on
+    /// `state_dir`; returns its id.
+    pub fn enrol(&self, agent: &Path, state_dir: &Path, labels: &[&str]) -> String {
+        let bundle = state_dir.with_extension("enrol.toml");
+        let mut args = vec!["tokens", "create", "--bundle-file"];
+        let bundle_path = bundle.display().to_string();
+        args.push(&bundle_path);
+        for label in labels {
+            args.extend(["--label", label]);
+        }
+        self.cli(&args);
+        let out = run(
+            agent,
+            &["enrol", "--bundle", &bundle_path, "--timeout-seconds", "30"],
+            &[("OUTPOST_AGENT_STATE_DIR", state_dir.display().to_string())],
+        );
+        agent_id(&out)
+    }
+}
+
+/// The id in `outpost-agent enrol`'s "enrolled as agent ID; now run ...".
+fn agent_id(out: &str) -> String {
     out.split_whitespace()
         .nth(3)
         .expect("the agent id")

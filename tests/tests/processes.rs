@@ -4,46 +4,18 @@
 //! server (in this test process) through a kubeconfig, as it would k3s. The binaries are those `cargo test
 //! --workspace` builds (target/<profile>/); run `cargo build --workspace` first otherwise.
 
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
-use outpost_e2e::processes::{Process, binary, run, wait_for};
-
-fn git(dir: &Path, args: &[&str]) {
-    let status = Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "git {args:?}");
-}
-
-fn free_port(udp: bool) -> u16 {
-    match udp {
-        true => std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port(),
-        false => std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port(),
-    }
-}
+use outpost_e2e::processes::{HubProcess, Process, binary, git, git_init, run, wait_for};
 
 #[test]
 fn hub_and_agent_processes_enrol_fetch_and_report() {
     let (hub_bin, agent_bin) = (binary("outpost-hub"), binary("outpost-agent"));
     let work = tempfile::tempdir().unwrap();
     let repo = work.path().join("repo");
+    git_init(&repo);
     std::fs::create_dir_all(repo.join("shop")).unwrap();
-    git(&repo, &["init", "-q", "-b", "main"]);
-    git(&repo, &["config", "user.email", "t@outpost.invalid"]);
-    git(&repo, &["config", "user.name", "T"]);
     let config_map = |value: &str| {
         format!(
             "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: shop\n  namespace: default\ndata:\n  value: \"{value}\"\n"
@@ -53,29 +25,8 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
     git(&repo, &["add", "-A"]);
     git(&repo, &["commit", "-qm", "first"]);
 
-    let (admin, agents) = (free_port(false), free_port(true));
-    let config = work.path().join("hub.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\npoll_interval_seconds = 3600\n[listen]\nadmin = \"127.0.0.1:{admin}\"\nagents = \"127.0.0.1:{agents}\"\n[[sources]]\nname = \"fleet\"\nurl = \"file://{}\"\n",
-            work.path().join("hub").display(),
-            repo.display()
-        ),
-    )
-    .unwrap();
-    let _hub = Process(
-        Command::new(&hub_bin)
-            .args(["run", "--config", config.to_str().unwrap()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let url = format!("http://127.0.0.1:{admin}");
-    wait_for("the hub's admin API", 20, || {
-        std::net::TcpStream::connect(("127.0.0.1", admin)).is_ok()
-    });
+    let hub = HubProcess::start(work.path(), &repo, "main");
+    let (url, agents) = (hub.url.clone(), hub.agents_port);
 
     // The operator makes an enrolment bundle; the device enrols with it.
     let bundle = work.path().join("enrol.toml");

@@ -13,7 +13,8 @@
 //!   agent released before it is resolved: healthy, failed, or pending.
 //! - An agent is *pending* when the health timeout passed without it reporting the release
 //!   (offline, or still downloading). It does not hold the rollout up; it keeps its assignment
-//!   and reports when it reconnects — late health counts, late failures too.
+//!   and reports when it reconnects — late health counts, late failures too: a pending agent
+//!   that reports the release not (yet) healthy gets a fresh health timeout from then.
 //! - An agent that reported the release but is not healthy when the timeout passes has failed;
 //!   so has one that reports `Failed`. Failures are sticky for the budget.
 //! - Once failures exceed the budget no further agent is given the release: the rollout pauses
@@ -230,6 +231,8 @@ pub enum MemberState {
     Restored {
         /// Where it was before.
         was: String,
+        /// It had failed on the release (still counted as a failure).
+        failed: bool,
     },
     /// Stopped matching before it was released (still counted in the rollout's total, so the
     /// open waves never shrink).
@@ -421,7 +424,7 @@ pub struct WaveProgress {
     pub pending: u64,
     /// Given back.
     pub restored: u64,
-    /// `done`, `open` or `closed` (not open yet).
+    /// `done`, `open`, `paused`, `stopped` (aborted or rolled back) or `closed` (not open yet).
     pub state: &'static str,
 }
 
@@ -498,9 +501,14 @@ impl Rollout {
         origin(self.id)
     }
 
-    /// Members that have failed on the release.
+    /// Members that have failed on the release (also those since given back what they had).
     pub fn failures(&self) -> u64 {
-        self.count(|member| matches!(member.state, MemberState::Failed { .. }))
+        self.count(|member| {
+            matches!(
+                member.state,
+                MemberState::Failed { .. } | MemberState::Restored { failed: true, .. }
+            )
+        })
     }
 
     /// Failures tolerated among the current members.
@@ -541,7 +549,7 @@ impl Rollout {
     /// Takes in what was observed, then decides. Returns the assignment changes to make.
     pub fn step(&mut self, inputs: &[Input], now: i64) -> Vec<Change> {
         for input in inputs {
-            self.observe(input);
+            self.observe(input, now);
         }
         self.advance(now)
     }
@@ -590,7 +598,7 @@ impl Rollout {
         });
     }
 
-    fn observe(&mut self, input: &Input) {
+    fn observe(&mut self, input: &Input, now: i64) {
         match input {
             Input::Agent {
                 id,
@@ -665,6 +673,11 @@ impl Rollout {
                     }
                     Health::Applying | Health::Degraded => {
                         member.report = Some(format!("{health:?}: {message}"));
+                        // Back from offline: its health clock starts now.
+                        if member.state == MemberState::Pending {
+                            member.state = MemberState::Released;
+                            member.released_at = Some(now);
+                        }
                     }
                 }
             }
@@ -798,11 +811,11 @@ impl Rollout {
         let mut changes = Vec::new();
         for (id, member) in &mut self.members {
             if member.on_release() {
-                let was = match &member.state {
-                    MemberState::Failed { message } => format!("failed: {message}"),
-                    state => state.name().to_owned(),
+                let (was, failed) = match &member.state {
+                    MemberState::Failed { message } => (format!("failed: {message}"), true),
+                    state => (state.name().to_owned(), false),
                 };
-                member.state = MemberState::Restored { was };
+                member.state = MemberState::Restored { was, failed };
                 changes.push(Change {
                     agent: id.clone(),
                     to: member.previous.clone(),
@@ -822,8 +835,12 @@ impl Rollout {
                 planned: self.cap(index) - if index == 0 { 0 } else { self.cap(index - 1) },
                 state: match index.cmp(&self.wave) {
                     std::cmp::Ordering::Less => "done",
-                    std::cmp::Ordering::Equal if self.phase == Phase::Succeeded => "done",
-                    std::cmp::Ordering::Equal => "open",
+                    std::cmp::Ordering::Equal => match self.phase {
+                        Phase::Succeeded => "done",
+                        Phase::Running => "open",
+                        Phase::Paused { .. } => "paused",
+                        Phase::Aborted | Phase::RolledBack => "stopped",
+                    },
                     std::cmp::Ordering::Greater => "closed",
                 },
                 ..WaveProgress::default()

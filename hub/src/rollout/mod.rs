@@ -234,6 +234,9 @@ pub fn command(
     Ok((rollout, changed))
 }
 
+/// Reads the bundle definitions of a source (URL) at a commit.
+pub type DefinitionsAt<'a> = dyn FnMut(&str, &str) -> Result<Vec<BundleDefinition>, String> + 'a;
+
 /// The hub's rollout loop body: observes the fleet for every live rollout, steps it, and writes
 /// what it decided. `definitions_at(source url, commit)` reads the bundle definitions there
 /// (cached here per commit).
@@ -248,7 +251,7 @@ impl Driver {
         &mut self,
         store: &mut (impl Store + FleetStore + RolloutStore),
         keys: &HubKeys,
-        definitions_at: &mut dyn FnMut(&str, &str) -> Result<Vec<BundleDefinition>, String>,
+        definitions_at: &mut DefinitionsAt<'_>,
         now: i64,
     ) -> Result<Vec<String>, RolloutError> {
         let mut changed = Vec::new();
@@ -329,7 +332,7 @@ pub fn observe(
         }
     }
     let current: HashMap<String, Assigned> = store
-        .bundle_assignments(&plan.bundle)?
+        .bundle_assignments(Some(&plan.bundle))?
         .into_iter()
         .map(|(row, origin)| {
             let assigned = Assigned {
@@ -392,7 +395,7 @@ pub fn commit(
         HashMap::new()
     } else {
         store
-            .bundle_assignments(bundle)?
+            .bundle_assignments(Some(bundle))?
             .into_iter()
             .map(|(row, _)| (row.agent, row.generation))
             .collect()

@@ -76,8 +76,11 @@ pub trait FleetStore {
         changes: &[AssignmentChange],
         now: i64,
     ) -> Result<Vec<String>, StoreError>;
-    /// Every agent's assignment of one bundle, with its origin.
-    fn bundle_assignments(&self, bundle: &str) -> Result<Vec<(AssignmentRow, String)>, StoreError>;
+    /// Every agent's assignment of one bundle (or of all), with its origin.
+    fn bundle_assignments(
+        &self,
+        bundle: Option<&str>,
+    ) -> Result<Vec<(AssignmentRow, String)>, StoreError>;
     /// An agent's assignments.
     fn assignments(&self, agent: &str) -> Result<AgentAssignments, StoreError>;
     /// Records a connection: last seen and the agent's version.
@@ -258,19 +261,23 @@ impl FleetStore for SqliteStore {
         Ok(changed)
     }
 
-    fn bundle_assignments(&self, bundle: &str) -> Result<Vec<(AssignmentRow, String)>, StoreError> {
+    fn bundle_assignments(
+        &self,
+        bundle: Option<&str>,
+    ) -> Result<Vec<(AssignmentRow, String)>, StoreError> {
         let mut statement = self.connection.prepare(
-            "SELECT agent, generation, digest, origin FROM assignments WHERE bundle = ?1 ORDER BY agent",
+            "SELECT agent, bundle, generation, digest, origin FROM assignments
+             WHERE ?1 IS NULL OR bundle = ?1 ORDER BY agent, bundle",
         )?;
         let rows = statement.query_map([bundle], |row| {
             Ok((
                 AssignmentRow {
                     agent: row.get(0)?,
-                    bundle: bundle.to_owned(),
-                    generation: row.get::<_, i64>(1)? as u64,
-                    digest: digest_at(row, 2)?,
+                    bundle: row.get(1)?,
+                    generation: row.get::<_, i64>(2)? as u64,
+                    digest: digest_at(row, 3)?,
                 },
-                row.get(3)?,
+                row.get(4)?,
             ))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

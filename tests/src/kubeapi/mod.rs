@@ -49,6 +49,10 @@ pub struct ServerOptions {
     pub crd_establish_delay: Duration,
     /// Bearer token every request must carry (`None`: no authentication).
     pub token: Option<String>,
+    /// Images this cluster's nodes cannot pull: a Deployment using one never becomes available
+    /// and its Progressing condition turns False with `ProgressDeadlineExceeded`, as a real
+    /// one does once its progress deadline passes in `ImagePullBackOff`.
+    pub unpullable_images: Vec<String>,
 }
 
 impl Default for ServerOptions {
@@ -57,6 +61,7 @@ impl Default for ServerOptions {
             controllers: true,
             crd_establish_delay: Duration::from_millis(50),
             token: Some("outpost-test-token".to_owned()),
+            unpullable_images: Vec::new(),
         }
     }
 }
@@ -631,7 +636,7 @@ impl Cluster {
     }
 
     /// The stand-in controllers: workloads become available, jobs complete.
-    fn run_controllers(&mut self, key: &Key, kind: &ResourceType) {
+    fn run_controllers(&mut self, key: &Key, kind: &ResourceType, unpullable_images: &[String]) {
         let Some(stored) = self.objects.get(key) else {
             return;
         };
@@ -641,7 +646,23 @@ impl Cluster {
             return;
         }
         let replicas = object["spec"]["replicas"].as_u64().unwrap_or(1);
+        let unpullable = object["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|container| container["image"].as_str())
+            .find(|image| unpullable_images.iter().any(|bad| bad == image));
         let status = match kind.kind.as_str() {
+            "Deployment" if unpullable.is_some() => json!({
+                "observedGeneration": generation, "replicas": replicas, "updatedReplicas": replicas,
+                "readyReplicas": 0, "availableReplicas": 0, "unavailableReplicas": replicas,
+                "conditions": [
+                    {"type": "Available", "status": "False", "reason": "MinimumReplicasUnavailable",
+                     "message": "Deployment does not have minimum availability."},
+                    {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                     "message": format!("ReplicaSet has timed out progressing: Back-off pulling image \"{}\"", unpullable.unwrap_or_default())},
+                ],
+            }),
             "Deployment" | "ReplicaSet" => json!({
                 "observedGeneration": generation, "replicas": replicas, "updatedReplicas": replicas,
                 "readyReplicas": replicas, "availableReplicas": replicas,
@@ -1126,7 +1147,7 @@ impl Shared {
             cluster.settle();
         }
         if self.options.controllers {
-            cluster.run_controllers(key, kind);
+            cluster.run_controllers(key, kind, &self.options.unpullable_images);
         }
     }
 }

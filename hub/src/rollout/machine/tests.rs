@@ -423,7 +423,8 @@ fn failures_past_the_budget_roll_back_everyone_released() {
         back.iter().all(|change| change.kind == ChangeKind::Restore
             && change.to == Some(assigned(3, 3, "track:x")))
     );
-    let MemberState::Restored { was } = &rollout.members[&first[0].agent].state else {
+    let MemberState::Restored { was, failed: true } = &rollout.members[&first[0].agent].state
+    else {
         panic!("not restored: {:?}", rollout.members[&first[0].agent]);
     };
     assert!(

@@ -1,0 +1,414 @@
+//! `outpost-hub rollout …`: create, list, show, pause, resume, abort, roll back and watch
+//! rollouts through the admin API.
+
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+use crate::client::{Client, print_rows};
+use crate::{ApiArgs, Output};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RolloutCommand {
+    /// Roll a bundle's release at a Git tag out to the agents a selector picks, in waves: agents
+    /// labelled ring=canary first, each wave opening when the one before is healthy, failed or
+    /// pending (offline past the health timeout). One rollout per bundle at a time.
+    Create {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The bundle.
+        #[arg(long)]
+        bundle: String,
+        /// The Git tag (v1.2) or full ref (refs/heads/release) whose release to roll out.
+        #[arg(long)]
+        tag: String,
+        /// Which agents, as a label selector (region=eu,role=store; role in (a,b); !legacy).
+        /// Default: every agent the bundle selects.
+        #[arg(long, default_value = "")]
+        selector: String,
+        /// Cumulative wave sizes: counts or percents of the selected agents; the last is 100%.
+        #[arg(long, default_value = "1,10%,50%,100%")]
+        waves: String,
+        /// How long a released agent has to report healthy (30s, 10m, 2h).
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        health_timeout: i64,
+        /// Failures tolerated before the rollout stops: a count (2) or a percent (2%).
+        #[arg(long, default_value = "0")]
+        max_failures: String,
+        /// What to do when failures exceed --max-failures.
+        #[arg(long, value_enum, default_value = "pause")]
+        on_failure: OnFailureArg,
+        /// Why (recorded with your login name).
+        #[arg(long, default_value = "")]
+        why: String,
+        /// Watch it until it finishes.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// List rollouts, newest first.
+    List(ApiArgs),
+    /// Show one rollout: waves, agents, history.
+    Show {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Rollout id.
+        id: u64,
+    },
+    /// Stop releasing to further agents (those released keep the release).
+    Pause(CommandArgs),
+    /// Release again after a pause; failures so far are accepted, the budget counts new ones.
+    Resume(CommandArgs),
+    /// Stop for good; agents keep what they have.
+    Abort(CommandArgs),
+    /// Give every agent the rollout released what it had before (a new generation of it).
+    Rollback(CommandArgs),
+    /// Show progress, a bar per wave, until the rollout succeeds, is aborted or rolled back.
+    /// Exits 0 on success, 1 otherwise.
+    Watch {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Rollout id.
+        id: u64,
+        /// Seconds between looks.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+    },
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct CommandArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Rollout id.
+    id: u64,
+    /// Why (recorded with your login name).
+    #[arg(long)]
+    why: String,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum OnFailureArg {
+    /// Pause; an operator resumes, aborts or rolls back.
+    Pause,
+    /// Roll back every agent released.
+    Rollback,
+}
+
+/// `30`, `30s`, `10m`, `2h`, `1d` → seconds.
+fn parse_duration(text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let value: i64 = number
+        .parse()
+        .map_err(|_| format!("{text:?}: write a duration such as 30s, 10m or 2h"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?}; use s, m, h or d")),
+    };
+    match value.checked_mul(scale) {
+        Some(seconds) if seconds > 0 => Ok(seconds),
+        _ => Err(format!("{text:?}: must be positive")),
+    }
+}
+
+pub(crate) fn rollout(command: RolloutCommand) -> Result<()> {
+    match command {
+        RolloutCommand::Create {
+            api,
+            bundle,
+            tag,
+            selector,
+            waves,
+            health_timeout,
+            max_failures,
+            on_failure,
+            why,
+            watch: then_watch,
+        } => {
+            let client = Client::new(&api.hub);
+            let on_failure = match on_failure {
+                OnFailureArg::Pause => "pause",
+                OnFailureArg::Rollback => "rollback",
+            };
+            let created = client.post(
+                "/api/v1/rollouts",
+                json!({"bundle": bundle, "tag": tag, "selector": selector, "waves": waves,
+                       "health_timeout_seconds": health_timeout, "max_failures": max_failures,
+                       "on_failure": on_failure, "why": why}),
+            )?;
+            let id = created["id"]
+                .as_u64()
+                .context("the hub's answer has no id")?;
+            match api.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&created)?),
+                Output::Table => println!(
+                    "rollout {id} created: {bundle} at {} to {}; follow it with `outpost-hub rollout watch {id}`",
+                    created["ref"].as_str().unwrap_or(&tag),
+                    if selector.is_empty() {
+                        "every agent"
+                    } else {
+                        &selector
+                    }
+                ),
+            }
+            if then_watch {
+                return watch(&client, id, Duration::from_secs(1));
+            }
+            Ok(())
+        }
+        RolloutCommand::List(api) => {
+            let mut rows = Client::new(&api.hub).get("/api/v1/rollouts")?;
+            if let Some(rows) = rows.as_array_mut() {
+                for row in rows {
+                    row["progress"] = json!(format!(
+                        "{}/{} released, {} failed",
+                        row["on_release"], row["members"], row["failures"]
+                    ));
+                }
+            }
+            print_rows(
+                &rows,
+                api.output,
+                &[
+                    ("id", "ID"),
+                    ("bundle", "BUNDLE"),
+                    ("ref", "REF"),
+                    ("selector", "SELECTOR"),
+                    ("phase", "PHASE"),
+                    ("wave", "WAVE"),
+                    ("progress", "PROGRESS"),
+                    ("created_by", "BY"),
+                ],
+            );
+            Ok(())
+        }
+        RolloutCommand::Show { api, id } => {
+            let rollout = Client::new(&api.hub).get(&format!("/api/v1/rollouts/{id}"))?;
+            match api.output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rollout)?),
+                Output::Table => print_rollout(&rollout),
+            }
+            Ok(())
+        }
+        RolloutCommand::Pause(args) => send(args, "pause"),
+        RolloutCommand::Resume(args) => send(args, "resume"),
+        RolloutCommand::Abort(args) => send(args, "abort"),
+        RolloutCommand::Rollback(args) => send(args, "rollback"),
+        RolloutCommand::Watch { api, id, interval } => {
+            let interval = Duration::from_secs_f64(interval.clamp(0.1, 3600.0));
+            watch(&Client::new(&api.hub), id, interval)
+        }
+    }
+}
+
+fn send(args: CommandArgs, command: &str) -> Result<()> {
+    let rollout = Client::new(&args.api.hub).post(
+        &format!("/api/v1/rollouts/{}/{command}", args.id),
+        json!({"why": args.why}),
+    )?;
+    match args.api.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&rollout)?),
+        Output::Table => println!(
+            "rollout {} is now {}",
+            args.id,
+            rollout["phase"].as_str().unwrap_or("?")
+        ),
+    }
+    Ok(())
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// One line per wave: `wave 2  10%   [######!!....]  3/4 released  2 healthy  1 failed  0 pending`.
+fn wave_lines(rollout: &Value) -> Vec<String> {
+    const WIDTH: usize = 30;
+    let waves = rollout["waves"].as_array().cloned().unwrap_or_default();
+    waves
+        .iter()
+        .enumerate()
+        .map(|(index, wave)| {
+            let number = |field: &str| wave[field].as_u64().unwrap_or(0);
+            let planned = number("planned").max(number("released")).max(1);
+            let cells = |count: u64| (count as usize * WIDTH).div_ceil(planned as usize);
+            let mut bar = String::new();
+            for (count, mark) in [
+                (number("healthy"), '#'),
+                (number("failed"), '!'),
+                (number("pending"), '?'),
+                (number("restored"), '<'),
+            ] {
+                bar.extend(std::iter::repeat_n(mark, cells(count)));
+            }
+            let resolved = number("healthy") + number("failed") + number("pending") + number("restored");
+            bar.extend(std::iter::repeat_n(
+                '~',
+                cells(number("released").saturating_sub(resolved)),
+            ));
+            let mut bar: String = bar.chars().take(WIDTH).collect();
+            let filled = bar.chars().count();
+            bar.extend(std::iter::repeat_n('.', WIDTH - filled));
+            format!(
+                "wave {:<2} {:>5}  [{bar}]  {:>4}/{:<4} released  {} healthy  {} failed  {} pending  ({})",
+                index + 1,
+                text(&wave["size"]),
+                number("released"),
+                number("planned"),
+                number("healthy"),
+                number("failed"),
+                number("pending"),
+                text(&wave["state"]),
+            )
+        })
+        .collect()
+}
+
+fn headline(rollout: &Value) -> String {
+    let reason = rollout["reason"]
+        .as_str()
+        .map(|reason| format!(" — {reason}"))
+        .unwrap_or_default();
+    format!(
+        "rollout {} · {} → {} · {}{reason} · {}/{} agents on the release · {} failed (budget {})",
+        text(&rollout["id"]),
+        text(&rollout["bundle"]),
+        text(&rollout["ref"]),
+        text(&rollout["phase"]),
+        text(&rollout["on_release"]),
+        text(&rollout["members"]),
+        text(&rollout["failures"]),
+        text(&rollout["budget"]),
+    )
+}
+
+fn print_rollout(rollout: &Value) {
+    println!("{}", headline(rollout));
+    println!(
+        "selector: {}   waves: {}   health timeout: {}s   max failures: {}   on failure: {}",
+        match rollout["selector"].as_str() {
+            Some("") | None => "(every agent)".to_owned(),
+            Some(selector) => selector.to_owned(),
+        },
+        rollout["waves_planned"]
+            .as_array()
+            .map(|waves| waves.iter().map(text).collect::<Vec<_>>().join(","))
+            .unwrap_or_default(),
+        text(&rollout["health_timeout_seconds"]),
+        text(&rollout["max_failures"]),
+        text(&rollout["on_failure"]),
+    );
+    println!("legend: # healthy  ! failed  ? pending  < restored  ~ waiting for health");
+    for line in wave_lines(rollout) {
+        println!("{line}");
+    }
+    println!();
+    print_rows(
+        &rollout["agents"],
+        Output::Table,
+        &[
+            ("agent", "AGENT"),
+            ("wave", "WAVE"),
+            ("state", "STATE"),
+            ("canary", "CANARY"),
+            ("detail", "DETAIL"),
+        ],
+    );
+    println!();
+    println!("history:");
+    for record in rollout["log"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "  {}  {:<10} {}{}",
+            text(&record["at"]),
+            text(&record["who"]),
+            text(&record["action"]),
+            match record["why"].as_str() {
+                Some("") | None => String::new(),
+                Some(why) => format!(" — {why}"),
+            }
+        );
+    }
+}
+
+/// Redraws the waves in place on a terminal; elsewhere prints them whenever they change.
+fn watch(client: &Client, id: u64, interval: Duration) -> Result<()> {
+    let terminal = std::io::stdout().is_terminal();
+    let mut drawn = 0usize;
+    let mut last = String::new();
+    loop {
+        let rollout = client.get(&format!("/api/v1/rollouts/{id}"))?;
+        let mut lines = vec![headline(&rollout)];
+        lines.extend(wave_lines(&rollout));
+        let frame = lines.join("\n");
+        let mut out = std::io::stdout().lock();
+        if terminal {
+            if drawn > 0 {
+                write!(out, "\x1b[{drawn}A")?;
+            }
+            for line in &lines {
+                writeln!(out, "\x1b[2K{line}")?;
+            }
+            drawn = lines.len();
+        } else if frame != last {
+            writeln!(out, "{frame}\n")?;
+        }
+        out.flush()?;
+        last = frame;
+        match rollout["phase"].as_str() {
+            Some("succeeded") => return Ok(()),
+            Some(phase @ ("aborted" | "rolled-back")) => bail!("rollout {id} {phase}"),
+            _ => std::thread::sleep(interval),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10m"), Ok(600));
+        assert_eq!(parse_duration("45"), Ok(45));
+        assert_eq!(parse_duration("2h"), Ok(7200));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5w").unwrap_err().contains("unknown unit"));
+    }
+
+    #[test]
+    fn wave_bars_show_each_state() {
+        let rollout = json!({"waves": [
+            {"size": "10%", "planned": 4, "released": 4, "healthy": 2, "failed": 1, "pending": 1, "restored": 0, "state": "done"},
+            {"size": "100%", "planned": 36, "released": 0, "healthy": 0, "failed": 0, "pending": 0, "restored": 0, "state": "closed"},
+        ]});
+        let lines = wave_lines(&rollout);
+        assert!(
+            lines[0].contains(&format!(
+                "[{}{}{}]",
+                "#".repeat(15),
+                "!".repeat(8),
+                "?".repeat(7)
+            )),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[1].contains(&format!("[{}]", ".".repeat(30))),
+            "{}",
+            lines[1]
+        );
+    }
+}

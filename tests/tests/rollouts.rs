@@ -1,0 +1,360 @@
+//! Rollouts by tag with the real binaries: `outpost-hub run` on a real Git repository with
+//! tags, four `outpost-agent run` processes (labels region, ring=canary) each reconciling its
+//! own Kubernetes API test server, and the operator's CLI: `rollout create --watch`, `show`,
+//! `pause`, a hub restart mid-rollout, `resume`, a group whose nodes cannot pull the new image,
+//! and the automatic roll back. Then the fleet page in headless Chromium: its DOM and a
+//! screenshot.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use outpost_e2e::harness::unix_now;
+use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
+use outpost_e2e::processes::{HubProcess, OPERATOR, Process, binary, git, git_init, wait_for};
+use serde_json::Value;
+
+fn deployment(image: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: shop\n  namespace: default\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {{app: shop}}\n  template:\n    metadata:\n      labels: {{app: shop}}\n    spec:\n      containers:\n      - name: shop\n        image: {image}\n"
+    )
+}
+
+fn commit_and_tag(repo: &Path, image: &str, tag: &str) {
+    std::fs::write(repo.join("shop/app.yaml"), deployment(image)).unwrap();
+    git(repo, &["add", "-A"]);
+    git(repo, &["commit", "-qm", tag]);
+    git(repo, &["tag", tag]);
+}
+
+struct Site {
+    id: String,
+    cluster: KubeApiServer,
+    _agent: Process,
+}
+
+impl Site {
+    fn image(&self) -> Option<String> {
+        self.cluster
+            .object("apps/v1", "Deployment", "default", "shop")
+            .and_then(|object| {
+                object["spec"]["template"]["spec"]["containers"][0]["image"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+    }
+}
+
+/// The release name and health the hub shows for an agent's `shop` bundle.
+fn shown(hub: &HubProcess, agent: &str) -> (String, String) {
+    let fleet = hub.get("/api/v1/fleet");
+    let row = fleet["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["id"] == agent)
+        .cloned()
+        .unwrap_or(Value::Null);
+    let bundle = &row["bundles"][0];
+    (
+        bundle["release"].as_str().unwrap_or("-").to_owned(),
+        bundle["status"]["phase"].as_str().unwrap_or("-").to_owned(),
+    )
+}
+
+fn rollout(hub: &HubProcess, id: u64) -> Value {
+    serde_json::from_str(&hub.cli(&["rollout", "show", &id.to_string(), "--output", "json"]))
+        .unwrap()
+}
+
+#[test]
+fn a_tag_rolls_out_in_waves_survives_a_restart_and_rolls_back_on_failure() {
+    let agent_bin = binary("outpost-agent");
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    git_init(&repo);
+    std::fs::create_dir_all(repo.join("shop")).unwrap();
+    // v1 is what the fleet runs (branch `stable`, tracked); v2 and v3 are releases to roll out.
+    commit_and_tag(&repo, "registry.example/shop:1", "v1");
+    git(&repo, &["branch", "stable"]);
+    commit_and_tag(&repo, "registry.example/shop:2", "v2");
+    commit_and_tag(&repo, "registry.example/shop:3", "v3");
+    let mut hub = HubProcess::start(work.path(), &repo, "stable");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut sites = Vec::new();
+    let fleet: [(&str, &[&str], bool); 4] = [
+        ("canary", &["region=eu", "ring=canary"], false),
+        ("paris", &["region=eu"], false),
+        ("berlin", &["region=eu"], true),
+        ("boston", &["region=us"], false),
+    ];
+    for (name, labels, cannot_pull_v3) in fleet {
+        let options = ServerOptions {
+            unpullable_images: match cannot_pull_v3 {
+                true => vec!["registry.example/shop:3".to_owned()],
+                false => Vec::new(),
+            },
+            ..ServerOptions::default()
+        };
+        let cluster = runtime.block_on(KubeApiServer::start(options));
+        let state = work.path().join(name);
+        let id = hub.enrol(&agent_bin, &state, labels);
+        let kubeconfig = work.path().join(format!("{name}.kubeconfig"));
+        std::fs::write(&kubeconfig, cluster.kubeconfig()).unwrap();
+        let agent = Process(
+            Command::new(&agent_bin)
+                .args(["run", "--kubeconfig", kubeconfig.to_str().unwrap()])
+                .env("OUTPOST_AGENT_STATE_DIR", &state)
+                .env("OUTPOST_LOG", "warn")
+                .spawn()
+                .unwrap(),
+        );
+        sites.push(Site {
+            id,
+            cluster,
+            _agent: agent,
+        });
+    }
+    // Enrolments ask the hub to sync: everyone gets the tracked branch.
+    wait_for("every site healthy on stable", 90, || {
+        sites
+            .iter()
+            .all(|site| shown(&hub, &site.id) == ("stable, v1".to_owned(), "Healthy".to_owned()))
+    });
+
+    // Roll v2 out to Europe: the canary first, then the rest; the US site stays on stable.
+    let watched = hub.cli(&[
+        "rollout",
+        "create",
+        "--bundle",
+        "shop",
+        "--tag",
+        "v2",
+        "--selector",
+        "region=eu",
+        "--waves",
+        "1,50%,100%",
+        "--health-timeout",
+        "20s",
+        "--why",
+        "spring release",
+        "--watch",
+    ]);
+    assert!(watched.contains("succeeded"), "{watched}");
+    assert!(watched.contains("wave 1"), "{watched}");
+    let first = rollout(&hub, 1);
+    assert_eq!(first["phase"], "succeeded");
+    let wave_of = |rollout: &Value, agent: &str| {
+        rollout["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["agent"] == agent)
+            .map(|row| row["wave"].clone())
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(wave_of(&first, &sites[0].id), 1, "the canary went first");
+    let mut later = [wave_of(&first, &sites[1].id), wave_of(&first, &sites[2].id)];
+    later.sort_by_key(|wave| wave.as_u64());
+    assert_eq!(
+        later,
+        [2, 3],
+        "then one agent per wave (50% of 3 rounds up to 2 in all)"
+    );
+    assert_eq!(wave_of(&first, &sites[3].id), Value::Null, "not selected");
+    wait_for("Europe on v2, the US on v1", 60, || {
+        sites[..3]
+            .iter()
+            .all(|site| site.image().as_deref() == Some("registry.example/shop:2"))
+            && sites[3].image().as_deref() == Some("registry.example/shop:1")
+    });
+    let history = &first["log"][0];
+    assert_eq!(
+        (&history["who"], &history["why"]),
+        (&OPERATOR.into(), &"spring release".into())
+    );
+
+    // v3: a new rollout, paused by the operator at once; the hub restarts; the pause holds.
+    let created = hub.cli(&[
+        "rollout",
+        "create",
+        "--bundle",
+        "shop",
+        "--tag",
+        "v3",
+        "--selector",
+        "region=eu",
+        "--waves",
+        "1,100%",
+        "--health-timeout",
+        "15s",
+        "--on-failure",
+        "rollback",
+    ]);
+    assert!(created.contains("rollout 2 created"), "{created}");
+    // A second rollout of the bundle while one runs is refused, saying why.
+    let refused = Command::new(&hub.binary)
+        .args([
+            "rollout", "create", "--bundle", "shop", "--tag", "v2", "--hub", &hub.url,
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("still running or paused"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    hub.cli(&["rollout", "pause", "2", "--why", "change freeze"]);
+    let released_before = rollout(&hub, 2)["on_release"].as_u64().unwrap();
+    let restarted_at = unix_now();
+    hub.restart();
+    wait_for("every agent to reconnect", 60, || {
+        hub.get("/api/v1/fleet")["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|agent| {
+                agent["last_seen"]
+                    .as_i64()
+                    .is_some_and(|seen| seen >= restarted_at)
+            })
+    });
+    let paused = rollout(&hub, 2);
+    assert_eq!(paused["phase"], "paused", "{paused}");
+    assert!(paused["reason"].as_str().unwrap().contains("change freeze"));
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(
+        rollout(&hub, 2)["on_release"].as_u64().unwrap(),
+        released_before,
+        "nothing released while paused, across the restart"
+    );
+
+    // Resume: Berlin cannot pull v3, does not turn healthy within the timeout, the budget (0)
+    // is spent and every site the rollout touched goes back to v2.
+    hub.cli(&["rollout", "resume", "2", "--why", "freeze over"]);
+    let watch = Command::new(&hub.binary)
+        .args(["rollout", "watch", "2", "--hub", &hub.url])
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(
+        !watch.status.success(),
+        "watch exits non-zero on a roll back: {}\n{}",
+        String::from_utf8_lossy(&watch.stdout),
+        hub.cli(&["rollout", "show", "2"])
+    );
+    assert!(String::from_utf8_lossy(&watch.stderr).contains("rolled-back"));
+    let rolled = rollout(&hub, 2);
+    assert_eq!(rolled["phase"], "rolled-back");
+    let berlin = rolled["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|row| row["agent"] == sites[2].id.as_str())
+        .unwrap()
+        .clone();
+    assert!(
+        berlin["detail"].as_str().unwrap().contains("shop:3"),
+        "the failure names the image: {berlin}"
+    );
+    let log: Vec<(String, String)> = rolled["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|record| {
+            (
+                record["action"].as_str().unwrap().to_owned(),
+                record["why"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(log.contains(&("pause".to_owned(), "change freeze".to_owned())));
+    assert!(log.contains(&("resume".to_owned(), "freeze over".to_owned())));
+    assert!(log.iter().any(|(action, _)| action == "rolled back"));
+    wait_for("Europe back on v2, healthy", 90, || {
+        sites[..3].iter().all(|site| {
+            site.image().as_deref() == Some("registry.example/shop:2")
+                && shown(&hub, &site.id) == ("v2".to_owned(), "Healthy".to_owned())
+        })
+    });
+
+    fleet_page(
+        &hub,
+        work.path(),
+        &sites.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
+    );
+}
+
+/// The fleet page in headless Chromium (Debian's `chromium`; `.ci/run` installs it): the DOM
+/// its script builds, and a screenshot with healthy badges and rolled-back wave bars in it.
+fn fleet_page(hub: &HubProcess, work: &Path, agents: &[String]) {
+    let chromium = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|name| Command::new(name).arg("--version").output().is_ok())
+        .expect("headless Chromium is needed for the fleet page test: apt-get install chromium");
+    let browse = |extra: &[&str]| {
+        let profile = tempfile::tempdir().unwrap();
+        let output = Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                "--window-size=1200,900",
+                "--virtual-time-budget=5000",
+                &format!("--user-data-dir={}", profile.path().display()),
+            ])
+            .args(extra)
+            .arg(format!("{}/fleet", hub.url))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    };
+    let dom = String::from_utf8(browse(&["--dump-dom"]).stdout).unwrap();
+    assert!(
+        dom.contains("data-loaded=\"true\""),
+        "the page's script ran: {dom}"
+    );
+    for agent in agents {
+        assert!(
+            dom.contains(&format!("data-agent=\"{agent}\"")),
+            "{agent} listed"
+        );
+    }
+    assert!(
+        dom.contains("data-rollout=\"1\" data-phase=\"succeeded\""),
+        "{dom}"
+    );
+    assert!(
+        dom.contains("data-rollout=\"2\" data-phase=\"rolled-back\""),
+        "{dom}"
+    );
+    assert_eq!(dom.matches("data-health=\"Healthy\"").count(), agents.len());
+
+    let shot = match std::env::var_os("OUTPOST_KEEP_SCREENSHOT") {
+        Some(path) => std::path::PathBuf::from(path),
+        None => work.join("fleet.png"),
+    };
+    browse(&[&format!("--screenshot={}", shot.display())]);
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&shot).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size().unwrap()];
+    let frame = reader.next_frame(&mut pixels).unwrap();
+    assert_eq!((frame.width, frame.height), (1200, 900));
+    let channels = frame.color_type.samples();
+    let count = |rgb: [u8; 3]| {
+        pixels[..frame.buffer_size()]
+            .chunks(channels)
+            .filter(|pixel| pixel[..3] == rgb)
+            .count()
+    };
+    // Healthy badges (#1e8e3e) and the rolled-back rollout's restored wave segments (#80868b).
+    assert!(count([0x1e, 0x8e, 0x3e]) > 200, "healthy badges drawn");
+    assert!(count([0x80, 0x86, 0x8b]) > 500, "restored wave bars drawn");
+}
