@@ -273,10 +273,14 @@ impl Client {
     /// Stays connected to the hub until refused. Returns only with the reason it stopped.
     pub async fn run(&self) -> AgentError {
         let bind = self.inner.options.bind;
-        let endpoint = match quinn::Endpoint::client(bind) {
-            Ok(endpoint) => endpoint,
-            Err(source) => return AgentError::Bind { bind, source },
-        };
+        match quinn::Endpoint::client(bind) {
+            Ok(endpoint) => self.run_on(endpoint).await,
+            Err(source) => AgentError::Bind { bind, source },
+        }
+    }
+
+    /// [`Client::run`] on an endpoint made elsewhere (the simulations' in-memory network).
+    pub async fn run_on(&self, endpoint: quinn::Endpoint) -> AgentError {
         let mut failures = 0u32;
         let mut random = self.inner.options.seed ^ 0x5EED;
         loop {

@@ -1,19 +1,18 @@
-//! `outpost-sim`: fleet simulations. Today it runs `demo`, the snapshot pipeline end to end in one
-//! process on built-in defaults: a bundle at three releases is rendered, signed under a
-//! root-certified key, shipped as whole and delta payloads, and verified by an agent-side trust
-//! store, with a tampered payload and a rollback attempt refused. The fleet simulation on virtual
-//! time (hub, agents, QUIC, rollouts) comes with the simulations issue.
+//! `outpost-sim`: whole fleets on virtual time. `demo` runs the built-in scenario (about 200
+//! shops, a tag rollout to Europe with a canary wave, one city that cannot pull the new image
+//! and trips the roll back); `run FILE` runs any scenario; `pipeline` shows the snapshot
+//! pipeline alone.
 
-use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
-use outpost_proto::compress::{DEFAULT_LEVEL, compress_delta, compress_whole};
-use outpost_proto::verify::{Expectation, Installed, verify_header};
-use outpost_proto::{
-    Body, Digest, KeyCertificate, SigningKey, SnapshotHeader, SourceFile, TrustStore,
-    VerifiedSnapshot,
-};
+mod pipeline;
 
-/// Outpost simulations: whole fleets on one machine.
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use outpost_sim::scenario::{DEMO, Scenario};
+use outpost_sim::{fleet, summary, write_outputs};
+
+/// Outpost simulations: the real hub and agents, a whole fleet in one process, virtual time.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Cli {
@@ -23,190 +22,79 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the snapshot pipeline on built-in defaults and print what crossed the wire.
-    Demo,
+    /// The demo scenario (built in: simulations/scenarios/demo.toml): about 200 agents on
+    /// lossy links, a tag rollout with a canary wave, one group that fails health and trips the
+    /// roll back. Prints a summary and where the report and plots are.
+    Demo(RunArgs),
+    /// Run a scenario file (see docs/simulations.md).
+    Run {
+        /// The scenario (TOML).
+        scenario: PathBuf,
+        #[command(flatten)]
+        args: RunArgs,
+    },
+    /// The snapshot pipeline alone: render, sign, whole and delta payloads, verify, and two
+    /// attacks refused.
+    Pipeline,
 }
 
-/// A release of the demo bundle: its tag and its manifests.
-struct Release {
-    tag: &'static str,
-    replicas: u32,
-    image: &'static str,
-    extra: &'static str,
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Scale the fleet to about this many agents (groups keep their proportions).
+    #[arg(long)]
+    agents: Option<usize>,
+    /// Override the scenario's seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Where the report and plots go (default: target/sim/<scenario name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
 }
 
-const RELEASES: [Release; 3] = [
-    Release {
-        tag: "pos-v1.0.0",
-        replicas: 2,
-        image: "registry.example.com/pos:1.0.0",
-        extra: "",
-    },
-    Release {
-        tag: "pos-v1.1.0",
-        replicas: 2,
-        image: "registry.example.com/pos:1.1.0",
-        extra: "",
-    },
-    Release {
-        tag: "pos-v1.2.0",
-        replicas: 3,
-        image: "registry.example.com/pos:1.1.0",
-        extra: "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: receipt-printer, namespace: pos}\ndata: {model: tm-t88}\n",
-    },
-];
+fn simulate(mut scenario: Scenario, args: RunArgs) -> Result<()> {
+    if let Some(agents) = args.agents {
+        scenario = scenario.scaled(agents);
+    }
+    if let Some(seed) = args.seed {
+        scenario.seed = seed;
+    }
+    eprintln!(
+        "simulating {:?}: {} agents, up to {} virtual minutes, seed {}",
+        scenario.name,
+        scenario.agents(),
+        scenario.max_minutes,
+        scenario.seed
+    );
+    let report = fleet::run(&scenario, !args.quiet)?;
+    let out = args
+        .out
+        .unwrap_or_else(|| PathBuf::from("target/sim").join(&scenario.name));
+    let outputs = write_outputs(&report, &out)
+        .with_context(|| format!("writing the report and plots to {}", out.display()))?;
+    print!("{}", summary(&report, &outputs));
+    Ok(())
+}
 
 fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().command {
-        Command::Demo => demo(),
-    }
-}
-
-fn manifests(release: &Release) -> String {
-    format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: pos}}\n---\n\
-         apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: pos\n  namespace: pos\nspec:\n  replicas: {}\n  \
-         selector: {{matchLabels: {{app: pos}}}}\n  template:\n    metadata: {{labels: {{app: pos}}}}\n    \
-         spec:\n      containers:\n      - name: pos\n        image: {}\n{}",
-        release.replicas, release.image, release.extra
-    )
-}
-
-fn demo() -> Result<()> {
-    println!(
-        "Outpost demo: the snapshot pipeline (render → sign → whole/delta → verify) on built-in defaults.\n"
-    );
-    // Fixed seeds keep the demo repeatable; real keys come from the OS RNG.
-    let root = SigningKey::from_seed([1; 32]);
-    let signer = SigningKey::from_seed([2; 32]);
-    let mut agent_trust = TrustStore::new(root.public_key());
-    agent_trust
-        .add_certificate(&root.certify(&KeyCertificate {
-            signing_key: signer.public_key(),
-            not_before: 0,
-            not_after: i64::MAX,
-        }))
-        .context("agent trusting the hub's signing key")?;
-    println!(
-        "root key {} certifies signing key {}\n",
-        root.key_id(),
-        signer.key_id()
-    );
-    println!(
-        "{:<12} {:>4} {:>7} {:>12} {:>7} {:>7}  agent",
-        "release", "gen", "objects", "body bytes", "whole", "delta"
-    );
-    let mut installed: Option<VerifiedSnapshot> = None;
-    let mut signed = Vec::new();
-    for (index, release) in RELEASES.iter().enumerate() {
-        let text = manifests(release);
-        let body = Body::render(&[SourceFile {
-            path: "pos/app.yaml",
-            text: &text,
-        }])?;
-        let generation = index as u64 + 1;
-        let (header, signature) = SnapshotHeader {
-            bundle: "pos".to_owned(),
-            generation,
-            git_commit: Digest::of(text.as_bytes()).to_hex()[..40].to_owned(),
-            git_ref: format!("refs/tags/{}", release.tag),
-            body_digest: body.digest(),
-            body_size: body.as_bytes().len() as u64,
-            object_count: body.object_count(),
-            created_at: 1_795_000_000 + index as i64 * 86_400,
-            expires_at: None,
-            selector: "role=store".to_owned(),
-            key_id: signer.key_id(),
+        Command::Demo(args) => simulate(Scenario::parse(DEMO)?, args),
+        Command::Run { scenario, args } => {
+            let text = std::fs::read_to_string(&scenario)
+                .with_context(|| format!("reading {}", scenario.display()))?;
+            let parsed =
+                Scenario::parse(&text).with_context(|| format!("in {}", scenario.display()))?;
+            simulate(parsed, args)
         }
-        .sign(&signer)?;
-        let whole = compress_whole(body.as_bytes(), DEFAULT_LEVEL)?;
-        let (payload, reference) = match &installed {
-            Some(old) => (
-                compress_delta(old.body().as_bytes(), body.as_bytes(), DEFAULT_LEVEL)?,
-                Some(old.body()),
-            ),
-            None => (whole.clone(), None),
-        };
-        let expectation = Expectation {
-            bundle: "pos",
-            assigned_digest: Some(body.digest()),
-            installed: installed.as_ref().map(|snapshot| Installed {
-                generation: snapshot.header().generation,
-                digest: snapshot.digest(),
-            }),
-        };
-        let verified = verify_header(&agent_trust, &header, &signature.0, &expectation)?
-            .accept_payload(&payload, Digest::of(&payload), reference)?;
-        println!(
-            "{:<12} {:>4} {:>7} {:>12} {:>7} {:>7}  verified {}",
-            release.tag,
-            generation,
-            body.object_count(),
-            body.as_bytes().len(),
-            whole.len(),
-            if reference.is_some() {
-                payload.len().to_string()
-            } else {
-                "-".to_owned()
-            },
-            verified.digest().short()
-        );
-        signed.push((header, signature));
-        installed = Some(verified);
+        Command::Pipeline => pipeline::pipeline(),
     }
-    let Some(current) = installed else {
-        bail!("the demo rendered no release");
-    };
-    let installed_now = Installed {
-        generation: current.header().generation,
-        digest: current.digest(),
-    };
-    println!("\nattacks the agent refuses:");
-    let (old_header, old_signature) = &signed[0];
-    let rollback = verify_header(
-        &agent_trust,
-        old_header,
-        &old_signature.0,
-        &Expectation {
-            bundle: "pos",
-            assigned_digest: None,
-            installed: Some(installed_now),
-        },
-    );
-    println!(
-        "  replay of {}: {}",
-        RELEASES[0].tag,
-        rollback
-            .err()
-            .map_or("ACCEPTED (bug)".to_owned(), |e| e.to_string())
-    );
-    let (header, signature) = &signed[2];
-    let mut forged = current.body().as_bytes().to_vec();
-    let at = forged.len() / 2;
-    forged[at] ^= 0x01;
-    let forged_payload = compress_whole(&forged, 3)?;
-    let tampered = verify_header(
-        &agent_trust,
-        header,
-        &signature.0,
-        &Expectation {
-            bundle: "pos",
-            assigned_digest: None,
-            installed: None,
-        },
-    )?
-    .accept_payload(&forged_payload, Digest::of(&forged_payload), None);
-    println!(
-        "  body altered by a relay: {}",
-        tampered
-            .err()
-            .map_or("ACCEPTED (bug)".to_owned(), |e| e.to_string())
-    );
-    println!(
-        "\nThis demo is the snapshot pipeline only. Hub and agents run as real processes: the \
-         hub over Git and QUIC (docs/hub-config.md), agents reconciling a cluster \
-         (docs/agent-config.md, `cargo bench -p outpost-e2e --bench agent`); not built yet: \
-         rollouts and this fleet simulation (the open issues)."
-    );
-    Ok(())
 }

@@ -418,7 +418,7 @@ pub struct WaveProgress {
     pub released: u64,
     /// Of those: healthy.
     pub healthy: u64,
-    /// Failed.
+    /// Failed (also those since rolled back).
     pub failed: u64,
     /// Pending (offline past the timeout).
     pub pending: u64,
@@ -855,7 +855,10 @@ impl Rollout {
                 MemberState::Healthy => wave.healthy += 1,
                 MemberState::Failed { .. } => wave.failed += 1,
                 MemberState::Pending => wave.pending += 1,
-                MemberState::Restored { .. } => wave.restored += 1,
+                MemberState::Restored { failed, .. } => {
+                    wave.restored += 1;
+                    wave.failed += u64::from(failed);
+                }
                 MemberState::Waiting | MemberState::Released | MemberState::Left => {}
             }
         }

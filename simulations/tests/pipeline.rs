@@ -1,11 +1,11 @@
-//! Runs the real `outpost-sim demo` binary: every release verifies, every attack is refused.
+//! Runs the real `outpost-sim pipeline` binary: every release verifies, every attack is refused.
 
 use std::process::Command;
 
 #[test]
-fn demo_verifies_releases_and_refuses_attacks() {
+fn pipeline_verifies_releases_and_refuses_attacks() {
     let output = Command::new(env!("CARGO_BIN_EXE_outpost-sim"))
-        .arg("demo")
+        .arg("pipeline")
         .output()
         .expect("run outpost-sim");
     let stdout = String::from_utf8(output.stdout).unwrap();
