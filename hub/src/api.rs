@@ -123,6 +123,8 @@ pub struct AdminState {
     pub enrolment: Arc<EnrolmentInfo>,
     /// Signing keys (rollouts sign older bodies again under new generations).
     pub keys: Arc<crate::keys::HubKeys>,
+    /// The agents connected now.
+    pub connected: Arc<crate::transport::Connected>,
 }
 
 /// An API error: status and message.

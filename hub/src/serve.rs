@@ -71,6 +71,7 @@ pub(crate) fn serve(config: &Config) -> Result<()> {
             ServiceOptions::default(),
         ));
         tracing::info!(address = %config.listen_agents, pin = %enrolment.hub_pin.to_hex(), "agent service listening (QUIC)");
+        let connected = service.connected();
         tokio::spawn(outpost_hub::transport::serve(endpoint.clone(), service));
         let listener = tokio::net::TcpListener::bind(config.listen_admin)
             .await
@@ -87,6 +88,7 @@ pub(crate) fn serve(config: &Config) -> Result<()> {
             now: unix_now,
             enrolment,
             keys: keys.clone(),
+            connected,
         };
         let served = axum::serve(listener, router(state))
             .with_graceful_shutdown(stop_signal())

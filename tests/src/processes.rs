@@ -88,6 +88,18 @@ pub fn enrol_agent(
     agent_id(&out)
 }
 
+/// Starts `outpost-agent run` on `state_dir`, reconciling the cluster `kubeconfig` names.
+pub fn run_agent(agent: &Path, state_dir: &Path, kubeconfig: &Path) -> Process {
+    Process(
+        Command::new(agent)
+            .args(["run", "--kubeconfig", &kubeconfig.display().to_string()])
+            .env("OUTPOST_AGENT_STATE_DIR", state_dir)
+            .env("OUTPOST_LOG", "warn")
+            .spawn()
+            .expect("start outpost-agent"),
+    )
+}
+
 /// Runs `git` in `dir`; panics if it fails.
 pub fn git(dir: &Path, args: &[&str]) {
     let status = Command::new("git")

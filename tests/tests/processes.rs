@@ -7,7 +7,7 @@
 use std::process::Command;
 
 use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
-use outpost_e2e::processes::{HubProcess, Process, binary, git, git_init, run, wait_for};
+use outpost_e2e::processes::{HubProcess, binary, git, git_init, run, run_agent, wait_for};
 
 #[test]
 fn hub_and_agent_processes_enrol_fetch_and_report() {
@@ -93,14 +93,7 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
     let cluster = runtime.block_on(KubeApiServer::start(ServerOptions::default()));
     let kubeconfig = work.path().join("kubeconfig");
     std::fs::write(&kubeconfig, cluster.kubeconfig()).unwrap();
-    let _agent = Process(
-        Command::new(&agent_bin)
-            .args(["run", "--kubeconfig", kubeconfig.to_str().unwrap()])
-            .env("OUTPOST_AGENT_STATE_DIR", &state)
-            .env("OUTPOST_LOG", "warn")
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = run_agent(&agent_bin, &state, &kubeconfig);
     let status = || -> serde_json::Value {
         serde_json::from_str(&run(&agent_bin, &["status", "--output", "json"], &env)).unwrap()
     };

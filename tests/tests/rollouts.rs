@@ -10,7 +10,9 @@ use std::process::{Command, Stdio};
 
 use outpost_e2e::harness::unix_now;
 use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
-use outpost_e2e::processes::{HubProcess, OPERATOR, Process, binary, git, git_init, wait_for};
+use outpost_e2e::processes::{
+    HubProcess, OPERATOR, Process, binary, git, git_init, run_agent, wait_for,
+};
 use serde_json::Value;
 
 fn deployment(image: &str) -> String {
@@ -101,14 +103,7 @@ fn a_tag_rolls_out_in_waves_survives_a_restart_and_rolls_back_on_failure() {
         let id = hub.enrol(&agent_bin, &state, labels);
         let kubeconfig = work.path().join(format!("{name}.kubeconfig"));
         std::fs::write(&kubeconfig, cluster.kubeconfig()).unwrap();
-        let agent = Process(
-            Command::new(&agent_bin)
-                .args(["run", "--kubeconfig", kubeconfig.to_str().unwrap()])
-                .env("OUTPOST_AGENT_STATE_DIR", &state)
-                .env("OUTPOST_LOG", "warn")
-                .spawn()
-                .unwrap(),
-        );
+        let agent = run_agent(&agent_bin, &state, &kubeconfig);
         sites.push(Site {
             id,
             cluster,
@@ -121,6 +116,16 @@ fn a_tag_rolls_out_in_waves_survives_a_restart_and_rolls_back_on_failure() {
             .iter()
             .all(|site| shown(&hub, &site.id) == ("stable, v1".to_owned(), "Healthy".to_owned()))
     });
+
+    let fleet = hub.get("/api/v1/fleet");
+    assert!(
+        fleet["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|agent| agent["connected"] == true),
+        "the hub knows who is connected now: {fleet}"
+    );
 
     // Roll v2 out to Europe: the canary first, then the rest; the US site stays on stable.
     let watched = hub.cli(&[
@@ -336,6 +341,7 @@ fn fleet_page(hub: &HubProcess, work: &Path, agents: &[String]) {
         "{dom}"
     );
     assert_eq!(dom.matches("data-health=\"Healthy\"").count(), agents.len());
+    assert_eq!(dom.matches(">connected<").count(), agents.len(), "{dom}");
 
     let shot = match std::env::var_os("OUTPOST_KEEP_SCREENSHOT") {
         Some(path) => std::path::PathBuf::from(path),

@@ -5,8 +5,9 @@
 //!   "health_timeout_seconds", "max_failures": "2%", "on_failure": "pause"|"rollback", "why"}`
 //! - `GET /api/v1/rollouts/{id}` — one rollout with its members and history
 //! - `POST /api/v1/rollouts/{id}/{pause|resume|abort|rollback}` — `{"why": "..."}`
-//! - `GET /api/v1/fleet` — every agent: labels, last seen, per bundle its assignment (release
-//!   name, generation, who assigned it) and its last status
+//! - `GET /api/v1/fleet` — every agent: labels, connected now, last seen (last connection or
+//!   report), per bundle its assignment (release name, generation, who assigned it) and its
+//!   last status
 //! - `GET /` and `GET /fleet` — the fleet page (HTML; it polls the two lists above)
 
 use std::collections::{BTreeMap, HashMap};
@@ -224,6 +225,7 @@ pub(super) async fn command(
 /// name, generation, origin) and its last status.
 pub(super) async fn fleet(State(state): State<AdminState>) -> ApiResult {
     let now = (state.now)();
+    let connected = state.connected.clone();
     with_store(&state, move |store| {
         // Release names by bundle and body digest: tags first, then branches.
         let mut names: HashMap<(String, [u8; 32]), Vec<String>> = HashMap::new();
@@ -291,6 +293,7 @@ pub(super) async fn fleet(State(state): State<AdminState>) -> ApiResult {
                     .max();
                 json!({
                     "id": agent.id, "labels": agent.labels, "last_seen": last_seen,
+                    "connected": connected.contains(&agent.id),
                     "revoked": agent.revoked.is_some(),
                     "bundles": assigned.remove(&agent.id).unwrap_or_default(),
                 })

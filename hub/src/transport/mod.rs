@@ -11,6 +11,7 @@
 
 mod payloads;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use outpost_proto::transport::{MessageReader, StreamError, peer_public_key, send_message};
@@ -59,8 +60,46 @@ impl Default for ServiceOptions {
     }
 }
 
+/// The agents connected now (the store only knows when each last connected).
+#[derive(Debug, Default)]
+pub struct Connected(Mutex<HashMap<String, usize>>);
+
+impl Connected {
+    /// Whether `agent` has a connection open now.
+    pub fn contains(&self, agent: &str) -> bool {
+        self.0
+            .lock()
+            .map(|connected| connected.contains_key(agent))
+            .unwrap_or(false)
+    }
+
+    fn enter(self: &Arc<Connected>, agent: &str) -> ConnectedGuard {
+        if let Ok(mut connected) = self.0.lock() {
+            *connected.entry(agent.to_owned()).or_default() += 1;
+        }
+        ConnectedGuard(self.clone(), agent.to_owned())
+    }
+}
+
+/// Counts a connection until dropped.
+struct ConnectedGuard(Arc<Connected>, String);
+
+impl Drop for ConnectedGuard {
+    fn drop(&mut self) {
+        if let Ok(mut connected) = self.0.0.lock()
+            && let Some(count) = connected.get_mut(&self.1)
+        {
+            *count -= 1;
+            if *count == 0 {
+                connected.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// What every agent connection shares.
 pub struct AgentService {
+    connected: Arc<Connected>,
     store: Arc<Mutex<SqliteStore>>,
     keys: Arc<HubKeys>,
     payloads: PayloadCache,
@@ -111,6 +150,7 @@ impl AgentService {
         options: ServiceOptions,
     ) -> AgentService {
         AgentService {
+            connected: Arc::default(),
             store,
             keys,
             payloads: PayloadCache::new(options.compression_level, options.cache_bytes),
@@ -119,6 +159,11 @@ impl AgentService {
             now,
             options,
         }
+    }
+
+    /// The agents connected now (for the fleet page).
+    pub fn connected(&self) -> Arc<Connected> {
+        self.connected.clone()
     }
 
     /// The payload cache (for figures: compressions run).
@@ -331,6 +376,7 @@ async fn run_session(
     service
         .with_store(move |store| store.agent_connected(&seen, &version, now))
         .await?;
+    let _connected = service.connected.enter(&id);
     let span = tracing::info_span!("agent", agent = %id);
     let _entered = span.enter();
     tracing::info!(remote = %connection.remote_address(), "agent connected");
