@@ -513,13 +513,7 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
     let store_guard = store.lock().unwrap_or_else(|p| p.into_inner());
     let mut rollouts: Vec<Rollout> = store_guard.rollouts()?;
     rollouts.reverse();
-    let mut per_agent: Vec<u64> = agents
-        .iter()
-        .map(|agent| {
-            agent.traffic.sent.load(Ordering::Relaxed)
-                + agent.traffic.received.load(Ordering::Relaxed)
-        })
-        .collect();
+    let mut per_agent: Vec<u64> = agents.iter().map(|agent| agent.traffic.total()).collect();
     per_agent.sort_unstable();
     let payload_bytes = agents
         .iter()
@@ -581,13 +575,7 @@ fn sample_fleet(
         .iter()
         .map(|rollout| rollout.waves().iter().map(|wave| wave.healthy).collect())
         .collect();
-    let bytes = agents
-        .iter()
-        .map(|agent| {
-            agent.traffic.sent.load(Ordering::Relaxed)
-                + agent.traffic.received.load(Ordering::Relaxed)
-        })
-        .sum();
+    let bytes = agents.iter().map(|agent| agent.traffic.total()).sum();
     Ok((
         Sample {
             t,

@@ -55,6 +55,13 @@ pub struct Traffic {
     pub dropped: AtomicU64,
 }
 
+impl Traffic {
+    /// Sent and received.
+    pub fn total(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed) + self.received.load(Ordering::Relaxed)
+    }
+}
+
 #[derive(Debug)]
 struct Datagram {
     at: Instant,
@@ -90,7 +97,7 @@ struct Inbox {
 
 #[derive(Debug)]
 struct Port {
-    link: Option<Link>,
+    link: Option<Arc<Link>>,
     inbox: Mutex<Inbox>,
     traffic: Arc<Traffic>,
     /// When each direction's bandwidth cap is free again: (up, down).
@@ -139,7 +146,7 @@ impl Network {
     /// A socket at `address`: `link` for an agent, `None` for the hub.
     pub fn socket(self: &Arc<Network>, address: SocketAddr, link: Option<Link>) -> Arc<Socket> {
         let port = Arc::new(Port {
-            link,
+            link: link.map(Arc::new),
             inbox: Mutex::new(Inbox::default()),
             traffic: Arc::new(Traffic::default()),
             busy: Mutex::new((Instant::now(), Instant::now())),
@@ -208,7 +215,7 @@ impl Network {
         let (link, up) = match (&from.link, &to_port.link) {
             (Some(link), _) => (link.clone(), true),
             (None, Some(link)) => (link.clone(), false),
-            (None, None) => (Link::default(), true),
+            (None, None) => (Arc::new(Link::default()), true),
         };
         let agent_port: &Port = if up { from } else { &to_port };
         from.traffic

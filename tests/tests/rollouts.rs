@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use outpost_e2e::harness::unix_now;
 use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
 use outpost_e2e::processes::{
-    HubProcess, OPERATOR, Process, binary, git, git_init, run_agent, wait_for,
+    HubProcess, OPERATOR, Process, binary, git, git_init, run, run_agent, wait_for,
 };
 use serde_json::Value;
 
@@ -298,30 +298,24 @@ fn fleet_page(hub: &HubProcess, work: &Path, agents: &[String]) {
         .into_iter()
         .find(|name| Command::new(name).arg("--version").output().is_ok())
         .expect("headless Chromium is needed for the fleet page test: apt-get install chromium");
+    let page = format!("{}/fleet", hub.url);
     let browse = |extra: &[&str]| {
         let profile = tempfile::tempdir().unwrap();
-        let output = Command::new(chromium)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--hide-scrollbars",
-                "--window-size=1200,900",
-                "--virtual-time-budget=5000",
-                &format!("--user-data-dir={}", profile.path().display()),
-            ])
-            .args(extra)
-            .arg(format!("{}/fleet", hub.url))
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        output
+        let profile = format!("--user-data-dir={}", profile.path().display());
+        let mut args = vec![
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--window-size=1200,900",
+            "--virtual-time-budget=5000",
+            &profile,
+        ];
+        args.extend(extra);
+        args.push(&page);
+        run(Path::new(chromium), &args, &[])
     };
-    let dom = String::from_utf8(browse(&["--dump-dom"]).stdout).unwrap();
+    let dom = browse(&["--dump-dom"]);
     assert!(
         dom.contains("data-loaded=\"true\""),
         "the page's script ran: {dom}"

@@ -737,9 +737,9 @@ impl Rollout {
             }
             let room = self.cap(self.wave).saturating_sub(self.on_release());
             changes.extend(self.release_waiting(room, now));
-            let unresolved = self.count(|member| member.state == MemberState::Released);
-            let waiting = self.count(|member| member.state == MemberState::Waiting);
-            if unresolved > 0 || (waiting > 0 && self.on_release() < self.cap(self.wave)) {
+            // Everyone the open waves allow is released now; the wave closes when all of them
+            // are resolved.
+            if self.count(|member| member.state == MemberState::Released) > 0 {
                 return changes;
             }
             if self.wave + 1 < self.plan.waves.len() {
@@ -753,7 +753,7 @@ impl Rollout {
                 self.record(now, HUB, &action, "the previous wave is resolved");
                 continue;
             }
-            if waiting == 0 && !self.members.is_empty() {
+            if self.count(|member| member.state == MemberState::Waiting) == 0 {
                 self.phase = Phase::Succeeded;
                 let why = format!(
                     "{} healthy, {} pending, {} failed",

@@ -153,6 +153,7 @@ pub fn create(
         .iter()
         .map(|release| release.source.as_str())
         .collect();
+    sources.sort_unstable();
     sources.dedup();
     let (Some(first), [_]) = (releases.first(), sources.as_slice()) else {
         return Err(match sources.len() {
