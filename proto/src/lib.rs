@@ -36,7 +36,8 @@ pub use header::SnapshotHeader;
 pub use manifest::{Object, ObjectKey, SourceFile};
 pub use selector::LabelSelector;
 pub use signing::{
-    KeyCertificate, KeyId, PublicKey, Signature, SignedKeyCertificate, SigningKey, TrustStore,
+    KeyCertificate, KeyId, PublicKey, Revocations, Signature, SignedKeyCertificate,
+    SignedRevocations, SigningKey, TrustStore,
 };
 pub use verify::{
     Expectation, Installed, ReceiveError, VerifiedHeader, VerifiedSnapshot, VerifyError,

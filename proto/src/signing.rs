@@ -4,8 +4,12 @@
 //!
 //! Every signature covers a domain-separation context followed by the canonical bytes, so a
 //! signature made for one kind of structure can never be replayed as another.
+//!
+//! A signing key that leaks is revoked by a [`Revocations`] list the root signs. Its version only
+//! grows: an agent keeps the highest it has seen, so an old list replayed by a relay (or by a hub
+//! restored from a backup) cannot take a revocation back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use ed25519_dalek::Signer as _;
@@ -19,6 +23,12 @@ pub(crate) const SNAPSHOT_HEADER_CONTEXT: &[u8] = b"outpost/snapshot-header/v1\0
 const KEY_CERTIFICATE_CONTEXT: &[u8] = b"outpost/signing-key-certificate/v1\0";
 const KEY_CERTIFICATE_MAGIC: &[u8; 4] = b"OPKC";
 const KEY_CERTIFICATE_VERSION: u16 = 1;
+/// Context prefixed to revocation-list bytes before signing.
+const REVOCATIONS_CONTEXT: &[u8] = b"outpost/key-revocations/v1\0";
+const REVOCATIONS_MAGIC: &[u8; 4] = b"OPKR";
+const REVOCATIONS_FORMAT: u16 = 1;
+/// The most keys one revocation list may name (a bound for decoding).
+pub const MAX_REVOKED_KEYS: usize = 4096;
 
 /// The id of a public key: SHA-256 of its 32 bytes.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -81,6 +91,127 @@ impl SignedKeyCertificate {
     }
 }
 
+/// What the root says about leaked or retired signing keys: never trust them for new snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Revocations {
+    /// Grows with every new list; a list is accepted only above the version held.
+    pub version: u64,
+    /// When it was issued (Unix seconds; informational).
+    pub issued_at: i64,
+    /// The revoked signing keys.
+    pub revoked: BTreeSet<KeyId>,
+}
+
+/// A revocation list with the root's signature, as shipped to agents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedRevocations {
+    /// Canonical list bytes (the signed message, without the context).
+    pub bytes: Vec<u8>,
+    /// The root key's signature.
+    pub signature: Signature,
+}
+
+impl SignedRevocations {
+    /// List bytes followed by the 64-byte signature: the form sent to agents and kept on disk.
+    pub fn to_wire(&self) -> Vec<u8> {
+        let mut out = self.bytes.clone();
+        out.extend_from_slice(&self.signature.0);
+        out
+    }
+
+    /// Reads [`SignedRevocations::to_wire`]'s form (checked later by
+    /// [`TrustStore::apply_revocations`] or [`SignedRevocations::verify`]).
+    pub fn from_wire(bytes: &[u8]) -> Result<SignedRevocations, TrustError> {
+        let split = bytes
+            .len()
+            .checked_sub(64)
+            .ok_or(TrustError::SignatureLength(bytes.len()))?;
+        Ok(SignedRevocations {
+            bytes: bytes[..split].to_vec(),
+            signature: Signature::from_slice(&bytes[split..])?,
+        })
+    }
+
+    /// Checks the root's signature and decodes the list.
+    pub fn verify(&self, root: &PublicKey) -> Result<Revocations, TrustError> {
+        let list = Revocations::decode(&self.bytes)?;
+        if !root.verify_with_context(REVOCATIONS_CONTEXT, &self.bytes, &self.signature) {
+            return Err(TrustError::RevocationsNotSignedByRoot {
+                root: root.key_id(),
+            });
+        }
+        Ok(list)
+    }
+}
+
+impl Revocations {
+    /// Canonical bytes: magic, format, version, issued-at, count, sorted key ids.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut writer = Writer::default();
+        writer.raw(REVOCATIONS_MAGIC);
+        writer.u16(REVOCATIONS_FORMAT);
+        writer.u64(self.version);
+        writer.i64(self.issued_at);
+        writer.u16(self.revoked.len().min(MAX_REVOKED_KEYS) as u16);
+        for key in self.revoked.iter().take(MAX_REVOKED_KEYS) {
+            writer.raw(&key.0);
+        }
+        writer.bytes
+    }
+
+    /// Parses canonical bytes (keys must be sorted and unique: one list, one encoding).
+    pub fn decode(bytes: &[u8]) -> Result<Revocations, TrustError> {
+        let mut reader = Reader::new(bytes);
+        if &reader.array::<4>("magic")? != REVOCATIONS_MAGIC {
+            return Err(DecodeError::Invalid {
+                field: "magic",
+                message: "not an Outpost key revocation list".to_owned(),
+            }
+            .into());
+        }
+        let format = reader.u16("format")?;
+        if format != REVOCATIONS_FORMAT {
+            return Err(DecodeError::Invalid {
+                field: "format",
+                message: format!(
+                    "format {format} is not supported (this build reads {REVOCATIONS_FORMAT})"
+                ),
+            }
+            .into());
+        }
+        let version = reader.u64("version")?;
+        let issued_at = reader.i64("issued_at")?;
+        let count = reader.u16("count")? as usize;
+        if count > MAX_REVOKED_KEYS {
+            return Err(DecodeError::Invalid {
+                field: "count",
+                message: format!("{count} keys, more than {MAX_REVOKED_KEYS}"),
+            }
+            .into());
+        }
+        let mut revoked = BTreeSet::new();
+        let mut last: Option<KeyId> = None;
+        for _ in 0..count {
+            let key = KeyId(reader.array("revoked key")?);
+            if last.is_some_and(|last| last >= key) {
+                return Err(DecodeError::Invalid {
+                    field: "revoked key",
+                    message: "keys are not sorted and unique".to_owned(),
+                }
+                .into());
+            }
+            last = Some(key);
+            revoked.insert(key);
+        }
+        reader.finish()?;
+        Ok(Revocations {
+            version,
+            issued_at,
+            revoked,
+        })
+    }
+}
+
 /// DER prefix of an ed25519 SubjectPublicKeyInfo (RFC 8410): SEQUENCE { SEQUENCE { OID
 /// 1.3.101.112 }, BIT STRING (32 bytes) }. The key follows.
 const ED25519_SPKI_PREFIX: [u8; 12] = [
@@ -106,11 +237,15 @@ impl PublicKey {
     }
 }
 
-/// The keys an agent trusts: one root, and the signing keys it has certified.
+/// The keys an agent trusts: one root, the signing keys it has certified, and the keys it has
+/// revoked since. A revoked key stays known (snapshots verified before its revocation can still
+/// be checked for integrity with [`TrustStore::ignoring_revocations`]) but signs nothing new.
 #[derive(Debug, Clone)]
 pub struct TrustStore {
     root: PublicKey,
     signing_keys: BTreeMap<KeyId, KeyCertificate>,
+    revoked: BTreeSet<KeyId>,
+    revocations_version: u64,
 }
 
 /// Why a key, signature or certificate is not accepted.
@@ -136,6 +271,12 @@ pub enum TrustError {
     /// `not_before > not_after`.
     #[error("key certificate for {0} has an empty validity window")]
     EmptyValidity(KeyId),
+    /// The root's signature over a revocation list does not verify.
+    #[error("key revocation list is not signed by the trusted root {root}")]
+    RevocationsNotSignedByRoot {
+        /// The root that was expected to sign it.
+        root: KeyId,
+    },
 }
 
 impl KeyId {
@@ -195,6 +336,13 @@ impl SigningKey {
         let bytes = certificate.encode();
         let signature = self.sign_with_context(KEY_CERTIFICATE_CONTEXT, &bytes);
         SignedKeyCertificate { bytes, signature }
+    }
+
+    /// Signs a revocation list (this key acting as the root).
+    pub fn sign_revocations(&self, revocations: &Revocations) -> SignedRevocations {
+        let bytes = revocations.encode();
+        let signature = self.sign_with_context(REVOCATIONS_CONTEXT, &bytes);
+        SignedRevocations { bytes, signature }
     }
 }
 
@@ -306,6 +454,8 @@ impl TrustStore {
         TrustStore {
             root,
             signing_keys: BTreeMap::new(),
+            revoked: BTreeSet::new(),
+            revocations_version: 0,
         }
     }
 
@@ -315,6 +465,10 @@ impl TrustStore {
     }
 
     /// Checks the root's signature on `certificate` and trusts its key. Returns the key's id.
+    ///
+    /// A key already known keeps the certificate that reaches further into the future (a
+    /// renewal extends `not_after`); an older certificate offered again changes nothing, so a
+    /// replayed one cannot shrink a key's window under snapshots it already signed.
     pub fn add_certificate(
         &mut self,
         certificate: &SignedKeyCertificate,
@@ -334,16 +488,60 @@ impl TrustStore {
         if decoded.not_before > decoded.not_after {
             return Err(TrustError::EmptyValidity(key_id));
         }
-        self.signing_keys.insert(key_id, decoded);
+        let keep_old = self
+            .signing_keys
+            .get(&key_id)
+            .is_some_and(|old| old.not_after >= decoded.not_after);
+        if !keep_old {
+            self.signing_keys.insert(key_id, decoded);
+        }
         Ok(key_id)
     }
 
-    /// Stops trusting a signing key (after a compromise). Returns whether it was trusted.
+    /// Stops trusting a signing key for new snapshots (after a compromise). Returns whether it
+    /// was trusted and not revoked before.
     pub fn revoke(&mut self, key_id: &KeyId) -> bool {
-        self.signing_keys.remove(key_id).is_some()
+        self.signing_keys.contains_key(key_id) && self.revoked.insert(*key_id)
     }
 
-    /// The certificate of a trusted signing key.
+    /// Checks the root's signature on a revocation list and adopts it if its version is above
+    /// the one held (keys revoked before stay revoked either way). Returns whether it was adopted.
+    pub fn apply_revocations(&mut self, signed: &SignedRevocations) -> Result<bool, TrustError> {
+        let list = signed.verify(&self.root)?;
+        if list.version <= self.revocations_version {
+            return Ok(false);
+        }
+        self.revocations_version = list.version;
+        self.revoked.extend(list.revoked);
+        Ok(true)
+    }
+
+    /// Whether a key was revoked.
+    pub fn is_revoked(&self, key_id: &KeyId) -> bool {
+        self.revoked.contains(key_id)
+    }
+
+    /// The version of the revocation list adopted last (0: none).
+    pub fn revocations_version(&self) -> u64 {
+        self.revocations_version
+    }
+
+    /// The revoked keys.
+    pub fn revoked(&self) -> impl Iterator<Item = &KeyId> {
+        self.revoked.iter()
+    }
+
+    /// The same keys with no revocation in force: for checking the integrity of snapshots that
+    /// were verified before a revocation (offline autonomy keeps them enforced), never for
+    /// accepting new ones.
+    pub fn ignoring_revocations(&self) -> TrustStore {
+        TrustStore {
+            revoked: BTreeSet::new(),
+            ..self.clone()
+        }
+    }
+
+    /// The certificate of a trusted signing key (revoked or not: see [`TrustStore::is_revoked`]).
     pub fn signing_key(&self, key_id: &KeyId) -> Option<&KeyCertificate> {
         self.signing_keys.get(key_id)
     }
@@ -381,7 +579,108 @@ mod tests {
         assert_eq!(id, online.key_id());
         assert!(trust.signing_key(&id).is_some());
         assert!(trust.revoke(&id));
-        assert!(trust.signing_key(&id).is_none());
+        assert!(trust.is_revoked(&id));
+        assert!(!trust.ignoring_revocations().is_revoked(&id));
+    }
+
+    #[test]
+    fn a_renewed_certificate_extends_the_window_and_an_old_one_cannot_shrink_it() {
+        let root = key(1);
+        let online = key(2);
+        let mut trust = TrustStore::new(root.public_key());
+        let window = |not_before, not_after| KeyCertificate {
+            signing_key: online.public_key(),
+            not_before,
+            not_after,
+        };
+        let id = trust
+            .add_certificate(&root.certify(&window(100, 200)))
+            .unwrap();
+        trust
+            .add_certificate(&root.certify(&window(100, 900)))
+            .unwrap();
+        assert_eq!(trust.signing_key(&id).unwrap().not_after, 900);
+        trust
+            .add_certificate(&root.certify(&window(150, 300)))
+            .unwrap();
+        assert_eq!(
+            (
+                trust.signing_key(&id).unwrap().not_before,
+                trust.signing_key(&id).unwrap().not_after
+            ),
+            (100, 900),
+            "a replayed older certificate changes nothing"
+        );
+    }
+
+    #[test]
+    fn revocation_lists_only_grow_and_must_come_from_the_root() {
+        let root = key(1);
+        let (first, second) = (key(2), key(3));
+        let mut trust = TrustStore::new(root.public_key());
+        for signer in [&first, &second] {
+            trust
+                .add_certificate(&root.certify(&certificate(signer)))
+                .unwrap();
+        }
+        let list = |version, keys: &[&SigningKey]| Revocations {
+            version,
+            issued_at: 5,
+            revoked: keys.iter().map(|key| key.key_id()).collect(),
+        };
+        let v2 = root.sign_revocations(&list(2, &[&first]));
+        assert!(trust.apply_revocations(&v2).unwrap());
+        assert!(trust.is_revoked(&first.key_id()) && !trust.is_revoked(&second.key_id()));
+        // An older or equal version is ignored, and never un-revokes.
+        assert!(
+            !trust
+                .apply_revocations(&root.sign_revocations(&list(1, &[])))
+                .unwrap()
+        );
+        assert!(!trust.apply_revocations(&v2).unwrap());
+        assert!(trust.is_revoked(&first.key_id()));
+        assert_eq!(trust.revocations_version(), 2);
+        // Another root's list is refused.
+        assert!(matches!(
+            trust.apply_revocations(&key(9).sign_revocations(&list(3, &[&second]))),
+            Err(TrustError::RevocationsNotSignedByRoot { .. })
+        ));
+        // Round trip through the wire form; tampering is caught.
+        let wire = v2.to_wire();
+        assert_eq!(SignedRevocations::from_wire(&wire).unwrap(), v2);
+        let mut tampered = SignedRevocations::from_wire(&wire).unwrap();
+        tampered.bytes[8] ^= 1;
+        assert!(tampered.verify(&root.public_key()).is_err());
+    }
+
+    #[test]
+    fn revocation_lists_decode_strictly() {
+        let root = key(1);
+        let list = Revocations {
+            version: 1,
+            issued_at: 0,
+            revoked: [key(2).key_id(), key(3).key_id()].into_iter().collect(),
+        };
+        let bytes = list.encode();
+        assert_eq!(Revocations::decode(&bytes).unwrap(), list);
+        // Unsorted keys (two encodings of one list) are refused.
+        let mut swapped = bytes[..24].to_vec();
+        swapped.extend_from_slice(&bytes[56..88]);
+        swapped.extend_from_slice(&bytes[24..56]);
+        assert!(Revocations::decode(&swapped).is_err());
+        for cut in 0..bytes.len() {
+            assert!(Revocations::decode(&bytes[..cut]).is_err());
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(Revocations::decode(&longer).is_err());
+        // A certificate signature is not a revocation signature.
+        let certificate = root.certify(&certificate(&key(2)));
+        let forged = SignedRevocations {
+            bytes,
+            signature: certificate.signature,
+        };
+        assert!(forged.verify(&root.public_key()).is_err());
     }
 
     #[test]

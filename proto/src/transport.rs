@@ -44,6 +44,17 @@ pub struct Tuning {
     pub initial_rtt: Duration,
 }
 
+/// How much the hub lets a peer send it before the peer is identified as an enrolled agent
+/// (connection-level flow control, and one stream), so unknown peers cannot make it buffer
+/// much. [`AGENT_RECEIVE_WINDOW`] and [`AGENT_STREAMS`] apply once it is identified.
+pub const UNIDENTIFIED_RECEIVE_WINDOW: u64 = 64 << 10;
+/// What an identified agent may have in flight towards the hub (status reports are small).
+pub const AGENT_RECEIVE_WINDOW: u64 = 1 << 20;
+/// Streams an identified agent may open at once: the control stream and fetches.
+pub const AGENT_STREAMS: u32 = 8;
+/// The receive window of each stream the hub reads (bounded by the connection's).
+const HUB_STREAM_RECEIVE_WINDOW: u64 = 256 << 10;
+
 /// Which congestion controller the sender runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Congestion {
@@ -105,8 +116,19 @@ pub fn server_config(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|error| TransportSetupError::Quic(error.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(tuning)));
+    let mut transport = transport_config(tuning);
+    // The hub receives little (status reports); until it knows the peer, almost nothing.
+    transport.receive_window(quinn::VarInt::from_u32(UNIDENTIFIED_RECEIVE_WINDOW as u32));
+    transport.stream_receive_window(quinn::VarInt::from_u32(HUB_STREAM_RECEIVE_WINDOW as u32));
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
+    config.transport_config(Arc::new(transport));
     Ok(config)
+}
+
+/// Gives an identified agent's connection its full flow-control allowance.
+pub fn allow_identified(connection: &quinn::Connection) {
+    connection.set_receive_window(quinn::VarInt::from_u32(AGENT_RECEIVE_WINDOW as u32));
+    connection.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(AGENT_STREAMS));
 }
 
 /// An agent's QUIC client configuration: its raw public key, the hub's key pinned.

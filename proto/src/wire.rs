@@ -14,10 +14,11 @@ use serde::{Deserialize, Serialize};
 use crate::digest::Digest;
 
 /// The protocol version this build speaks. Part of every frame and of the ALPN string.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version 2 added the root-signed key revocation list to [`Trust`] and [`ErrorCode::Busy`].
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The QUIC/TLS ALPN protocol id; it names the protocol version, so mismatched builds fail the
 /// handshake with a clear ALPN error instead of misreading frames.
-pub const ALPN: &[u8] = b"outpost/1";
+pub const ALPN: &[u8] = b"outpost/2";
 /// The largest frame (length prefix excluded) either side sends or accepts.
 pub const MAX_FRAME_SIZE: usize = 1 << 20;
 /// The largest payload slice in one [`TransferChunk`], leaving room for the envelope.
@@ -66,11 +67,15 @@ pub struct Enrolled {
     pub agent_id: String,
 }
 
-/// Signing-key certificates, each signed by the root key the agent pins.
+/// Signing-key certificates, each signed by the root key the agent pins, and the root's list of
+/// revoked signing keys. Sent after `Hello`, and again whenever the hub's keys change, always
+/// before any `Assign` naming a snapshot signed by a new key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Trust {
     /// Encoded `SignedKeyCertificate`s.
     pub certificates: Vec<Vec<u8>>,
+    /// The encoded `SignedRevocations`, if the root has revoked any key.
+    pub revocations: Option<Vec<u8>>,
 }
 
 /// The agent introduces itself (its identity comes from the TLS client certificate).
@@ -238,6 +243,8 @@ pub struct ErrorMessage {
     pub code: ErrorCode,
     /// Details for logs.
     pub message: String,
+    /// With [`ErrorCode::Busy`]: seconds to wait before trying again.
+    pub retry_after: Option<u32>,
 }
 
 /// Machine-readable error kinds.
@@ -259,6 +266,9 @@ pub enum ErrorCode {
     BadToken,
     /// The hub does not hold the requested snapshot (any more).
     UnknownSnapshot,
+    /// The hub is overloaded: reconnect after the number of seconds the message's
+    /// `retry_after` gives, never sooner.
+    Busy,
 }
 
 /// A frame that cannot be encoded or decoded.
@@ -425,7 +435,7 @@ mod tests {
             hex::encode(&frame),
             concat!(
                 "00000031",
-                "0001", // length, protocol version
+                "0002", // length, protocol version
                 "00",   // Message::Hello
                 "05",
                 "302e312e30", // agent_version
@@ -448,9 +458,29 @@ mod tests {
             bytes: b"abc".to_vec(),
         });
         let frame = encode_frame(&chunk).unwrap();
-        assert_eq!(hex::encode(&frame[4..7]), "000104");
+        assert_eq!(hex::encode(&frame[4..7]), "000204");
         assert_eq!(hex::encode(&frame[frame.len() - 5..]), "0103616263");
         assert_eq!(decode_frame(&frame[4..]).unwrap(), chunk);
+    }
+
+    /// Golden: pins a Trust frame with a revocation list (added in protocol version 2).
+    #[test]
+    fn golden_trust_frame() {
+        let trust = Message::Trust(Trust {
+            certificates: vec![vec![0xaa, 0xbb]],
+            revocations: Some(vec![0xcc]),
+        });
+        let frame = encode_frame(&trust).unwrap();
+        assert_eq!(
+            hex::encode(&frame),
+            concat!(
+                "0000000a", "0002", // length, protocol version
+                "0a",   // Message::Trust
+                "01", "02", "aabb", // one certificate of two bytes
+                "01", "01", "cc", // Some(revocations) of one byte
+            )
+        );
+        assert_eq!(decode_frame(&frame[4..]).unwrap(), trust);
     }
 
     #[test]
@@ -461,6 +491,7 @@ mod tests {
             Message::Error(ErrorMessage {
                 code: ErrorCode::Revoked,
                 message: "agent revoked by ops".to_owned(),
+                retry_after: None,
             }),
         ];
         let stream: Vec<u8> = messages
@@ -505,17 +536,17 @@ mod tests {
     #[test]
     fn other_versions_trailing_bytes_and_garbage_are_refused() {
         let mut frame = encode_frame(&hello()).unwrap();
-        frame[5] = 2;
+        frame[5] = 1;
         assert_eq!(
             decode_frame(&frame[4..]),
-            Err(WireError::UnsupportedVersion { got: 2 })
+            Err(WireError::UnsupportedVersion { got: 1 })
         );
         let mut frame = encode_frame(&hello()).unwrap();
         frame.push(0);
         assert_eq!(decode_frame(&frame[4..]), Err(WireError::TrailingBytes(1)));
         assert_eq!(decode_frame(&[0]), Err(WireError::FrameTooShort(1)));
         assert!(matches!(
-            decode_frame(&[0, 1, 0xff, 0xff]),
+            decode_frame(&[0, 2, 0xff, 0xff]),
             Err(WireError::Malformed(_))
         ));
     }
