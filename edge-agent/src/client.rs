@@ -404,17 +404,31 @@ impl Client {
             tokio::select! {
                 message = reader.next() => match message? {
                     Some(Message::Trust(trust)) => {
-                        let certificates = trust.certificates;
-                        let added = self
+                        let (added, revocations) = self
                             .with_state(move |state| {
                                 let mut added = 0;
-                                for certificate in &certificates {
+                                for certificate in &trust.certificates {
                                     added += usize::from(state.add_certificate(certificate)?);
                                 }
-                                Ok(added)
+                                // A list that does not verify is ignored, not fatal: the hub
+                                // (or a relay) cannot make the agent stop by sending garbage.
+                                let revocations = trust
+                                    .revocations
+                                    .as_ref()
+                                    .map(|wire| state.apply_revocations(wire));
+                                Ok((added, revocations))
                             })
                             .await?;
                         tracing::debug!(added, "signing-key certificates");
+                        match revocations {
+                            Some(Ok(true)) => {
+                                let trust = self.with_state(|state| state.trust_store()).await?;
+                                let revoked: Vec<String> = trust.revoked().map(ToString::to_string).collect();
+                                tracing::warn!(version = trust.revocations_version(), revoked = %revoked.join(", "), "signing keys revoked by the root: nothing they sign is accepted from now on");
+                            }
+                            Some(Err(error)) => tracing::warn!(%error, "the hub sent a revocation list that does not verify; ignored"),
+                            _ => {}
+                        }
                         self.refetch();
                     }
                     Some(Message::Assign(assign)) => {
@@ -466,11 +480,15 @@ impl Client {
             let (assignments, held) = self
                 .with_state(|state| Ok((state.assignments()?, state.held()?)))
                 .await?;
+            // Missing: not held, or held under an older generation (the hub signed the same
+            // body again: a fresh expiry, a new key, a roll back) — then only the header is new.
             let missing: Vec<Assignment> = assignments
                 .into_iter()
                 .filter(|assignment| {
                     !held.iter().any(|held| {
-                        held.bundle == assignment.bundle && held.digest == assignment.digest
+                        held.bundle == assignment.bundle
+                            && held.digest == assignment.digest
+                            && held.generation >= assignment.generation
                     }) && !skipped.contains(&assignment.digest)
                 })
                 .collect();
@@ -494,6 +512,7 @@ impl Client {
         assignment: &Assignment,
     ) -> Result<bool, SessionError> {
         let attempts = self.inner.options.fetch_attempts.max(1);
+        let mut last_reason = String::new();
         for attempt in 1..=attempts {
             match self.transfer(connection, assignment).await {
                 Ok(()) => return Ok(true),
@@ -503,6 +522,7 @@ impl Client {
                     let digest = assignment.digest;
                     self.with_state(move |state| state.drop_download(&digest))
                         .await?;
+                    last_reason = reason;
                 }
                 Err(TransferError::Declined(error)) => {
                     tracing::warn!(bundle = %assignment.bundle, code = ?error.code, message = %error.message, "hub declined the fetch");
@@ -519,7 +539,7 @@ impl Client {
             objects_total: 0,
             objects_ready: 0,
             message: format!(
-                "snapshot failed verification {attempts} times; keeping the installed one"
+                "snapshot refused {attempts} times ({last_reason}); keeping the installed one"
             ),
             observed_at: unix_now(),
             stale: false,

@@ -51,7 +51,7 @@ pub fn load_or_create(path: &Path) -> Result<(SigningKey, bool), IdentityError> 
             let mut seed = [0u8; 32];
             getrandom::fill(&mut seed).map_err(|error| IdentityError::Random(error.to_string()))?;
             if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir).map_err(io)?;
+                crate::files::private_dir(dir).map_err(io)?;
             }
             let temporary = path.with_extension("key.tmp");
             let mut file = std::fs::OpenOptions::new()

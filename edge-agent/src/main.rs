@@ -328,6 +328,25 @@ fn status(state_dir: &Path, output: Output) -> Result<()> {
     let outbox = state.outbox_len()?;
     let statuses = state.last_statuses()?;
     let inventory = state.inventory_len()?;
+    let trust = match &enrolment {
+        Some(_) => Some(state.trust_store()?),
+        None => None,
+    };
+    let signing_keys: Vec<serde_json::Value> = trust
+        .iter()
+        .flat_map(|trust| {
+            trust.signing_key_ids().filter_map(|id| {
+                let window = trust.signing_key(id)?;
+                Some(serde_json::json!({
+                    "key": hex::encode(id.0), "not_before": window.not_before,
+                    "not_after": window.not_after, "revoked": trust.is_revoked(id),
+                }))
+            })
+        })
+        .collect();
+    let revocations = trust
+        .as_ref()
+        .map_or(0, |trust| trust.revocations_version());
     let value = serde_json::json!({
         "hub": enrolment.as_ref().map(|e| e.hub.clone()),
         "agent_id": enrolment.as_ref().and_then(|e| e.agent_id.clone()),
@@ -345,6 +364,8 @@ fn status(state_dir: &Path, output: Output) -> Result<()> {
         })).collect::<Vec<_>>(),
         "outbox": outbox,
         "applied_objects": inventory,
+        "signing_keys": signing_keys,
+        "revocations_version": revocations,
         "bundles": statuses.iter().map(|s| serde_json::json!({
             "bundle": s.bundle, "generation": s.generation, "snapshot": s.digest.to_hex(),
             "phase": format!("{:?}", s.phase), "ready": s.objects_ready, "total": s.objects_total,
@@ -363,6 +384,22 @@ fn status(state_dir: &Path, output: Output) -> Result<()> {
                         .unwrap_or("(enrolment not confirmed yet)")
                 ),
                 None => println!("not enrolled"),
+            }
+            for key in &signing_keys {
+                println!(
+                    "trusts     signing key {} valid {}..{}{}",
+                    &key["key"].as_str().unwrap_or_default()[..16],
+                    key["not_before"],
+                    key["not_after"],
+                    if key["revoked"] == true {
+                        " REVOKED"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            if revocations > 0 {
+                println!("revoked    by the root's list version {revocations}");
             }
             println!("assigned   (sequence {})", state.assignment_sequence()?);
             for a in &assignments {

@@ -120,7 +120,8 @@ struct BundleRun {
     last_poll: Option<Instant>,
     cluster_error: Option<String>,
     body_error: Option<String>,
-    reported: Option<(Digest, Phase, u64, String)>,
+    /// What was reported last: digest, generation, phase, ready, message, stale.
+    reported: Option<(Digest, u64, Phase, u64, String, bool)>,
 }
 
 impl BundleRun {
@@ -340,9 +341,29 @@ impl<T: ClusterTarget> Reconciler<T> {
         let assigned: BTreeSet<String> = assignments.iter().map(|a| a.bundle.clone()).collect();
         for assignment in &assignments {
             let bundle = assignment.bundle.clone();
-            let Some(digest) = enforced_snapshot(&held, &bundle, &assignment.digest) else {
+            let Some((digest, generation)) = enforced_snapshot(&held, &bundle, &assignment.digest)
+            else {
                 continue;
             };
+            let renewed = self
+                .bundles
+                .get(&bundle)
+                .is_some_and(|run| run.digest == digest && run.generation != generation);
+            if renewed {
+                // The same body under a new header (fresh expiry, new key): nothing to apply
+                // again; take the header's generation and expiry.
+                let (lookup, lookup_digest) = (bundle.clone(), digest);
+                if let Ok(Some(snapshot)) = self
+                    .client
+                    .with_state(move |state| state.load_snapshot(&lookup, &lookup_digest))
+                    .await
+                    && let Some(run) = self.bundles.get_mut(&bundle)
+                {
+                    run.generation = snapshot.header().generation;
+                    run.expires_at = snapshot.header().expires_at;
+                    tracing::info!(%bundle, generation = run.generation, snapshot = %digest.short(), "snapshot header renewed");
+                }
+            }
             if self
                 .bundles
                 .get(&bundle)
@@ -369,6 +390,13 @@ impl<T: ClusterTarget> Reconciler<T> {
                 }
             }
             next = next.min(self.reconcile_bundle(&bundle).await?);
+            // Wake when the snapshot expires, to report the agent stale.
+            if let Some(expires_at) = self.bundles.get(&bundle).and_then(|run| run.expires_at) {
+                let left = expires_at.saturating_sub(unix_now());
+                if left >= 0 {
+                    next = next.min(Instant::now() + Duration::from_secs(left as u64 + 1));
+                }
+            }
         }
         self.bundles.retain(|bundle, _| assigned.contains(bundle));
         if sequence > 0 {
@@ -802,7 +830,15 @@ impl<T: ClusterTarget> Reconciler<T> {
         run: &mut BundleRun,
     ) -> Result<(), StateError> {
         let (phase, ready, message) = run.phase(self.options.health_timeout);
-        let key = (run.digest, phase, ready, message.clone());
+        let stale = run.expires_at.is_some_and(|at| at < unix_now());
+        let key = (
+            run.digest,
+            run.generation,
+            phase,
+            ready,
+            message.clone(),
+            stale,
+        );
         if run.reported.as_ref() == Some(&key) {
             return Ok(());
         }
@@ -817,7 +853,7 @@ impl<T: ClusterTarget> Reconciler<T> {
                 objects_ready: ready,
                 message,
                 observed_at: unix_now(),
-                stale: run.expires_at.is_some_and(|at| at < unix_now()),
+                stale,
             }])
             .await?;
         self.counters.reports.fetch_add(1, Ordering::Relaxed);
@@ -826,11 +862,22 @@ impl<T: ClusterTarget> Reconciler<T> {
     }
 }
 
-/// The snapshot to enforce for `bundle`: the assigned one once held, else the newest held.
-fn enforced_snapshot(held: &[HeldSnapshot], bundle: &str, assigned: &Digest) -> Option<Digest> {
+/// The snapshot to enforce for `bundle`: the assigned one once held, else the newest held; its
+/// digest and newest generation held.
+fn enforced_snapshot(
+    held: &[HeldSnapshot],
+    bundle: &str,
+    assigned: &Digest,
+) -> Option<(Digest, u64)> {
     let mine = held.iter().filter(|h| h.bundle == bundle);
-    mine.clone()
+    let digest = mine
+        .clone()
         .find(|h| h.digest == *assigned)
-        .or_else(|| mine.max_by_key(|h| h.generation))
-        .map(|h| h.digest)
+        .or_else(|| mine.clone().max_by_key(|h| h.generation))
+        .map(|h| h.digest)?;
+    let generation = mine
+        .filter(|h| h.digest == digest)
+        .map(|h| h.generation)
+        .max()?;
+    Some((digest, generation))
 }

@@ -13,7 +13,8 @@ use outpost_proto::wire::{
     Assign, Assignment, HeldSnapshot, Message, PayloadEncoding, StatusReport,
 };
 use outpost_proto::{
-    Digest, Expectation, Installed, PublicKey, SignedKeyCertificate, TrustStore, VerifiedSnapshot,
+    Digest, Expectation, Installed, KeyCertificate, PublicKey, SignedKeyCertificate,
+    SignedRevocations, TrustStore, VerifiedSnapshot,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -163,6 +164,11 @@ impl State {
     /// Opens (creating) `path` and migrates it. A file that is not a database is an error that
     /// says so; nothing is overwritten.
     pub fn open(path: &Path) -> Result<State, StateError> {
+        let in_memory = path.as_os_str() == ":memory:";
+        if !in_memory {
+            crate::files::private_database(path)
+                .map_err(|error| StateError::Corrupt(format!("{}: {error}", path.display())))?;
+        }
         let connection = Connection::open(path)?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "FULL")?;
@@ -183,6 +189,11 @@ impl State {
             transaction.execute_batch(sql)?;
             transaction.pragma_update(None, "user_version", (index + 1) as i64)?;
             transaction.commit()?;
+        }
+        if !in_memory {
+            // The WAL and shared-memory files exist now.
+            crate::files::private_database(path)
+                .map_err(|error| StateError::Corrupt(format!("{}: {error}", path.display())))?;
         }
         Ok(state)
     }
@@ -266,7 +277,8 @@ impl State {
         Ok(())
     }
 
-    /// The trust store: the pinned root and the certificates the hub sent that it certifies.
+    /// The trust store: the pinned root, the certificates the hub sent that it certifies, and
+    /// the newest root-signed revocation list received.
     pub fn trust_store(&self) -> Result<TrustStore, StateError> {
         let enrolment = self.enrolment()?.ok_or(StateError::NotEnrolled)?;
         let mut trust = TrustStore::new(enrolment.root_key);
@@ -279,10 +291,17 @@ impl State {
                 let _ = trust.add_certificate(&certificate);
             }
         }
+        if let Some(wire) = self.meta("revocations")?
+            && let Ok(list) = SignedRevocations::from_wire(&wire)
+        {
+            let _ = trust.apply_revocations(&list);
+        }
         Ok(trust)
     }
 
-    /// Keeps a signing-key certificate if the root certifies it; returns whether it did.
+    /// Keeps a signing-key certificate if the root certifies it and it reaches further than the
+    /// one held for its key (an older one replayed changes nothing); returns whether it was
+    /// kept.
     pub fn add_certificate(&mut self, wire: &[u8]) -> Result<bool, StateError> {
         let mut trust = self.trust_store()?;
         let Ok(certificate) = SignedKeyCertificate::from_wire(wire) else {
@@ -291,11 +310,29 @@ impl State {
         let Ok(key_id) = trust.add_certificate(&certificate) else {
             return Ok(false);
         };
+        let kept = KeyCertificate::decode(&certificate.bytes)
+            .is_ok_and(|offered| trust.signing_key(&key_id) == Some(&offered));
+        if !kept {
+            return Ok(false);
+        }
         self.connection.execute(
             "INSERT INTO certificates (key_id, wire) VALUES (?1, ?2) ON CONFLICT (key_id) DO UPDATE SET wire = ?2",
             params![key_id.0.as_slice(), wire],
         )?;
         Ok(true)
+    }
+
+    /// Keeps a root-signed revocation list if it is newer than the one held; returns whether it
+    /// was kept. A list that does not verify is refused with an error.
+    pub fn apply_revocations(&mut self, wire: &[u8]) -> Result<bool, StateError> {
+        let mut trust = self.trust_store()?;
+        let adopted = SignedRevocations::from_wire(wire)
+            .and_then(|list| trust.apply_revocations(&list))
+            .map_err(|error| StateError::Corrupt(format!("revocation list refused: {error}")))?;
+        if adopted {
+            write_meta(&self.connection, "revocations", wire)?;
+        }
+        Ok(adopted)
     }
 
     /// The sequence of the last accepted assignment set.
@@ -395,7 +432,8 @@ impl State {
         let row: Option<(Vec<u8>, Vec<u8>, Vec<u8>)> = self
             .connection
             .query_row(
-                "SELECT header, signature, body FROM snapshots WHERE bundle = ?1 AND digest = ?2",
+                "SELECT header, signature, body FROM snapshots WHERE bundle = ?1 AND digest = ?2
+                 ORDER BY generation DESC LIMIT 1",
                 params![bundle, digest.0.as_slice()],
                 |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
             )
@@ -403,7 +441,10 @@ impl State {
         let Some((header, signature, body)) = row else {
             return Ok(None);
         };
-        let trust = self.trust_store()?;
+        // An integrity check of what was verified when it arrived: a key revoked since does
+        // not make the agent drop what it enforces (offline autonomy); it only refuses what
+        // that key signs from now on.
+        let trust = self.trust_store()?.ignoring_revocations();
         let expect = Expectation {
             bundle,
             assigned_digest: Some(*digest),
@@ -435,6 +476,15 @@ impl State {
                 snapshot.signature().0.as_slice(),
                 snapshot.body().as_bytes(),
                 now
+            ],
+        )?;
+        // The same body under an older generation: only its header was renewed; keep one.
+        transaction.execute(
+            "DELETE FROM snapshots WHERE bundle = ?1 AND digest = ?2 AND generation < ?3",
+            params![
+                header.bundle,
+                header.body_digest.0.as_slice(),
+                header.generation as i64
             ],
         )?;
         // Keep the two newest generations of the bundle.

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use outpost_hub::git::GitSource;
-use outpost_hub::keys::HubKeys;
+use outpost_hub::keys::{HubKeys, KeyPolicy};
 use outpost_hub::store::SqliteStore;
 use outpost_hub::sync::sync_source;
 
@@ -97,7 +97,8 @@ fn run(data_dir: &str, url: &str, label: &str) {
 
 fn phase_sync(data_dir: &Path, url: &str) {
     let start = Instant::now();
-    let (keys, _) = HubKeys::load_or_generate(&data_dir.join("keys"), 1_800_000_000).unwrap();
+    let keys =
+        HubKeys::create(&data_dir.join("keys"), KeyPolicy::default(), 1_800_000_000).unwrap();
     let mut store = SqliteStore::open(&data_dir.join("hub.db")).unwrap();
     let mut source = GitSource::open_or_init(url, &data_dir.join("mirror")).unwrap();
     let report = sync_source(&mut store, &keys, &mut source, 1_800_000_000).unwrap();

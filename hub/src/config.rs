@@ -5,12 +5,27 @@
 //! data_dir = "/var/lib/outpost-hub"        # store, Git mirrors; required
 //! key_dir = "/var/lib/outpost-hub/keys"    # optional; default: data_dir/keys
 //! poll_interval_seconds = 60               # optional; default 60, at least 1
+//! insecure_admin = false                   # serve the admin API (and webhooks) as plain HTTP
+//!                                          # on a non-loopback address; warned at every start
+//! snapshot_lifetime = "30d"                # signed expiry of snapshots ("never": none);
+//!                                          # signed again when a third is left; s, m, h, d
+//! signing_certificate_days = 90            # lifetime of a signing key's certificate
+//! key_rotation_grace_seconds = 300         # a new signing key is offered this long first
+//! api_writes_per_second = 10               # per API token (bursts of five times that)
 //!
 //! [listen]                                 # optional
 //! admin = "127.0.0.1:7070"                 # admin API (default shown)
+//! admin_names = ["hub.example.com"]        # Host names the admin API answers to, besides
+//!                                          # localhost and IP addresses (DNS rebinding)
+//! hooks = "0.0.0.0:7071"                   # optional: Git webhooks on a listener of their own
+//!                                          # (then not on the admin one)
 //! agents = "0.0.0.0:7443"                  # QUIC for agents (default shown)
 //! agents_public = "hub.example.com:7443"   # how agents reach it (enrolment bundles); default:
 //!                                          # listen.agents, 0.0.0.0 read as 127.0.0.1
+//!
+//! [tls]                                    # optional: HTTPS for the admin and hooks listeners
+//! cert = "/etc/outpost-hub/tls.crt"        # PEM certificate chain
+//! key = "/etc/outpost-hub/tls.key"         # PEM private key (PKCS#8, RSA or SEC1)
 //!
 //! [[sources]]                              # at least one
 //! name = "fleet"                           # a-z, 0-9, '-'; unique
@@ -19,10 +34,13 @@
 //! password_env = "FLEET_GIT_TOKEN"         # or password_file = "/run/secrets/fleet-token"
 //! track = "main"                           # branch (or full ref) agents run until a rollout
 //!                                          # says otherwise; default main
+//! webhook_secret_env = "FLEET_HOOK_SECRET" # or webhook_secret_file: enables
+//!                                          # POST /hooks/git/fleet (GitHub, GitLab, Gitea)
 //! ```
 //!
 //! Environment overrides: `OUTPOST_HUB_DATA_DIR`, `OUTPOST_HUB_KEY_DIR`,
-//! `OUTPOST_HUB_POLL_INTERVAL_SECONDS`, `OUTPOST_HUB_LISTEN_ADMIN`, `OUTPOST_HUB_LISTEN_AGENTS`.
+//! `OUTPOST_HUB_POLL_INTERVAL_SECONDS`, `OUTPOST_HUB_LISTEN_ADMIN`, `OUTPOST_HUB_LISTEN_AGENTS`,
+//! `OUTPOST_HUB_LISTEN_HOOKS`, `OUTPOST_HUB_INSECURE_ADMIN` (`true`/`false`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,9 +50,10 @@ use serde::Deserialize;
 
 use crate::bundles::is_bundle_name;
 use crate::git::{Credentials, GitError, GitSource};
+use crate::keys::{DAY, KeyPolicy};
 
 /// The validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Store and Git mirrors.
     pub data_dir: PathBuf,
@@ -44,12 +63,43 @@ pub struct Config {
     pub poll_interval: Duration,
     /// Admin API address.
     pub listen_admin: SocketAddr,
+    /// Host names the admin API answers to, besides `localhost` and IP addresses.
+    pub admin_names: Vec<String>,
+    /// A listener of its own for Git webhooks, if configured.
+    pub listen_hooks: Option<SocketAddr>,
+    /// Certificate and key for HTTPS on the admin and hooks listeners.
+    pub tls: Option<TlsFiles>,
+    /// Plain HTTP on a non-loopback admin or hooks address, explicitly allowed.
+    pub insecure_admin: bool,
     /// QUIC address for agents.
     pub listen_agents: SocketAddr,
     /// The address agents dial (written into enrolment bundles).
     pub agents_public: String,
+    /// How keys and snapshots age.
+    pub key_policy: KeyPolicy,
+    /// API writes per token per second.
+    pub api_writes_per_second: f64,
     /// Git sources.
     pub sources: Vec<SourceConfig>,
+}
+
+/// PEM files for HTTPS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// Certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
+}
+
+/// A secret read at start (from the environment or a file); never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(elided)")
+    }
 }
 
 /// One Git source.
@@ -63,6 +113,8 @@ pub struct SourceConfig {
     pub credentials: Option<Credentials>,
     /// The full ref agents run by default (`refs/heads/main` unless configured).
     pub track: String,
+    /// The webhook secret: `POST /hooks/git/<name>` is served only when one is set.
+    pub webhook_secret: Option<Secret>,
 }
 
 /// Every problem found in a configuration, one per line.
@@ -79,8 +131,14 @@ struct RawConfig {
     data_dir: Option<PathBuf>,
     key_dir: Option<PathBuf>,
     poll_interval_seconds: Option<u64>,
+    insecure_admin: Option<bool>,
+    snapshot_lifetime: Option<String>,
+    signing_certificate_days: Option<u64>,
+    key_rotation_grace_seconds: Option<u64>,
+    api_writes_per_second: Option<f64>,
     #[serde(default)]
     listen: RawListen,
+    tls: Option<RawTls>,
     #[serde(default)]
     sources: Vec<RawSource>,
 }
@@ -89,8 +147,18 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawListen {
     admin: Option<String>,
+    #[serde(default)]
+    admin_names: Vec<String>,
+    hooks: Option<String>,
     agents: Option<String>,
     agents_public: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,6 +170,8 @@ struct RawSource {
     password_env: Option<String>,
     password_file: Option<PathBuf>,
     track: Option<String>,
+    webhook_secret_env: Option<String>,
+    webhook_secret_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -132,6 +202,18 @@ impl Config {
         if let Some(value) = env("OUTPOST_HUB_LISTEN_AGENTS") {
             raw.listen.agents = Some(value);
         }
+        if let Some(value) = env("OUTPOST_HUB_LISTEN_HOOKS") {
+            raw.listen.hooks = Some(value);
+        }
+        if let Some(value) = env("OUTPOST_HUB_INSECURE_ADMIN") {
+            match value.as_str() {
+                "true" | "1" => raw.insecure_admin = Some(true),
+                "false" | "0" => raw.insecure_admin = Some(false),
+                _ => problems.push(format!(
+                    "OUTPOST_HUB_INSECURE_ADMIN={value:?}: write true or false"
+                )),
+            }
+        }
 
         let data_dir = raw.data_dir.unwrap_or_default();
         if data_dir.as_os_str().is_empty() {
@@ -153,6 +235,79 @@ impl Config {
         };
         let listen_admin = address("admin", raw.listen.admin, "127.0.0.1:7070");
         let listen_agents = address("agents", raw.listen.agents, "0.0.0.0:7443");
+        let listen_hooks = raw
+            .listen
+            .hooks
+            .map(|hooks| address("hooks", Some(hooks), "127.0.0.1:7071"));
+        let tls = raw.tls.map(|tls| TlsFiles {
+            cert: tls.cert,
+            key: tls.key,
+        });
+        if let Some(tls) = &tls {
+            for (field, path) in [("cert", &tls.cert), ("key", &tls.key)] {
+                if let Err(error) = std::fs::metadata(path) {
+                    problems.push(format!("tls.{field} = {}: {error}", path.display()));
+                }
+            }
+        }
+        let insecure_admin = raw.insecure_admin.unwrap_or(false);
+        for (field, listener) in [("admin", Some(listen_admin)), ("hooks", listen_hooks)] {
+            if let Some(listener) = listener
+                && !listener.ip().is_loopback()
+                && tls.is_none()
+                && !insecure_admin
+            {
+                problems.push(format!(
+                    "listen.{field} = \"{listener}\" is not a loopback address, and without [tls] API tokens and webhook secrets would cross the network in clear: add [tls] cert and key, or set insecure_admin = true if a TLS proxy in front of the hub takes care of it"
+                ));
+            }
+        }
+        let mut admin_names = Vec::new();
+        for name in raw.listen.admin_names {
+            let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+            let valid = !name.is_empty()
+                && name.len() <= 253
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+            if valid {
+                admin_names.push(name);
+            } else {
+                problems.push(format!(
+                    "listen.admin_names: {name:?} is not a host name like \"hub.example.com\" (no port, no scheme)"
+                ));
+            }
+        }
+        let certificate_days = raw.signing_certificate_days.unwrap_or(90);
+        if certificate_days == 0 {
+            problems.push("signing_certificate_days must be at least 1".to_owned());
+        }
+        let certificate_lifetime = certificate_days.clamp(1, 36_500) as i64 * DAY;
+        let snapshot_lifetime = match raw.snapshot_lifetime.as_deref().map(str::trim) {
+            None => Some(30 * DAY),
+            Some("never") => None,
+            Some(text) => match parse_duration(text) {
+                Some(seconds) if seconds >= 10 => Some(seconds),
+                _ => {
+                    problems.push(format!(
+                        "snapshot_lifetime = {text:?}: write a duration of at least 10s, such as \"30d\" or \"12h\", or \"never\""
+                    ));
+                    None
+                }
+            },
+        };
+        let key_policy = KeyPolicy {
+            certificate_lifetime,
+            rotation_grace: raw
+                .key_rotation_grace_seconds
+                .unwrap_or(300)
+                .min(30 * 86_400) as i64,
+            snapshot_lifetime,
+        };
+        let api_writes_per_second = raw.api_writes_per_second.unwrap_or(10.0);
+        if !(api_writes_per_second.is_finite() && api_writes_per_second > 0.0) {
+            problems.push("api_writes_per_second must be a positive number".to_owned());
+        }
         let agents_public =
             raw.listen.agents_public.clone().unwrap_or_else(|| {
                 match listen_agents.ip().is_unspecified() {
@@ -201,11 +356,31 @@ impl Config {
                 full if full.starts_with("refs/") => full.to_owned(),
                 branch => format!("refs/heads/{branch}"),
             };
+            let webhook_secret = match secret(
+                "webhook_secret",
+                source.webhook_secret_env.as_deref(),
+                source.webhook_secret_file.as_deref(),
+                &env,
+            ) {
+                Ok(Some(secret)) if secret.len() < 16 => {
+                    problems.push(format!(
+                        "{at}: the webhook secret is {} characters; use at least 16 random ones (e.g. `openssl rand -hex 32`)",
+                        secret.len()
+                    ));
+                    None
+                }
+                Ok(secret) => secret.map(Secret),
+                Err(problem) => {
+                    problems.push(format!("{at}: {problem}"));
+                    None
+                }
+            };
             sources.push(SourceConfig {
                 name: source.name.clone(),
                 url: source.url.clone(),
                 credentials,
                 track,
+                webhook_secret,
             });
         }
         if !problems.is_empty() {
@@ -216,11 +391,73 @@ impl Config {
             key_dir,
             poll_interval: Duration::from_secs(poll_interval),
             listen_admin,
+            admin_names,
+            listen_hooks,
+            tls,
+            insecure_admin,
             listen_agents,
             agents_public,
+            key_policy,
+            api_writes_per_second,
             sources,
         })
     }
+
+    /// Warnings to log at every start (the configuration is valid, but an operator should know).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.insecure_admin && self.tls.is_none() {
+            for (field, listener) in [
+                ("admin", Some(self.listen_admin)),
+                ("hooks", self.listen_hooks),
+            ] {
+                if let Some(listener) = listener
+                    && !listener.ip().is_loopback()
+                {
+                    warnings.push(format!(
+                        "insecure_admin = true: listen.{field} {listener} serves plain HTTP; API tokens and webhook secrets cross the network in clear unless a TLS proxy fronts the hub"
+                    ));
+                }
+            }
+        }
+        warnings
+    }
+}
+
+/// Reads the secret `{field}_env` or `{field}_file` names (one of them). Problems never quote
+/// the secret.
+fn secret(
+    field: &str,
+    variable: Option<&str>,
+    file: Option<&std::path::Path>,
+    env: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<String>, String> {
+    match (variable, file) {
+        (Some(_), Some(_)) => Err(format!("give {field}_env or {field}_file, not both")),
+        (Some(variable), None) => env(variable)
+            .map(Some)
+            .ok_or_else(|| format!("{field}_env names {variable}, which is not set")),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map(|text| Some(text.trim_end_matches(['\n', '\r']).to_owned()))
+            .map_err(|error| format!("{field}_file {}: {error}", path.display())),
+        (None, None) => Ok(None),
+    }
+}
+
+/// `90s`, `10m`, `12h`, `30d` (a bare number is seconds) → seconds.
+fn parse_duration(text: &str) -> Option<i64> {
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let scale = match unit.trim() {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => DAY,
+        _ => return None,
+    };
+    number.parse::<i64>().ok()?.checked_mul(scale)
 }
 
 /// Resolves a source's credentials. Problems never quote the password.
@@ -228,20 +465,12 @@ fn credentials(
     source: &RawSource,
     env: &impl Fn(&str) -> Option<String>,
 ) -> Result<Option<Credentials>, String> {
-    let password = match (&source.password_env, &source.password_file) {
-        (Some(_), Some(_)) => return Err("give password_env or password_file, not both".to_owned()),
-        (Some(variable), None) => Some(
-            env(variable)
-                .ok_or_else(|| format!("password_env names {variable}, which is not set"))?,
-        ),
-        (None, Some(path)) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|error| format!("password_file {}: {error}", path.display()))?
-                .trim_end_matches(['\n', '\r'])
-                .to_owned(),
-        ),
-        (None, None) => None,
-    };
+    let password = secret(
+        "password",
+        source.password_env.as_deref(),
+        source.password_file.as_deref(),
+        env,
+    )?;
     let is_http = source.url.starts_with("http://") || source.url.starts_with("https://");
     match (&source.username, password) {
         (None, None) => Ok(None),

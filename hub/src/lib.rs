@@ -4,9 +4,13 @@
 pub mod api;
 pub mod assign;
 pub mod bundles;
+pub mod changes;
 pub mod config;
+pub mod files;
 pub mod git;
 pub mod keys;
+pub mod limits;
+pub mod resign;
 pub mod rollout;
 pub mod store;
 pub mod sync;

@@ -1,11 +1,10 @@
 //! `outpost-hub`: the hub binary, a thin shell over the `outpost_hub` library.
 //!
 //! `run` serves the admin API and syncs the configured Git sources; the operator commands
-//! (`releases`, `agents`, `tokens`, …) are clients of that API; `sync` and `render` work locally
-//! without a running hub.
+//! (`releases`, `agents`, `tokens`, …) are clients of that API (`cli/`); `keys`, `sync`,
+//! `render` and the first `admin-token create` work locally without a running hub.
 
-mod client;
-mod rollout_cli;
+mod cli;
 mod serve;
 
 use std::path::{Path, PathBuf};
@@ -14,12 +13,12 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use outpost_hub::config::Config;
 use outpost_hub::git::GitSource;
-use outpost_hub::keys::HubKeys;
+use outpost_hub::keys::{HubKeys, KeyPolicy};
 use outpost_hub::store::SqliteStore;
 use outpost_hub::sync::{SyncReport, sync_source};
 use outpost_proto::{Body, SourceFile};
 
-use crate::client::{Client, label_changes, print_rows};
+use crate::cli::client::{ApiArgs, label_changes, print_rows};
 
 /// Outpost hub: reads Git, renders signed snapshots, serves edge agents.
 #[derive(Debug, Parser)]
@@ -50,9 +49,9 @@ enum Command {
         body_out: Option<PathBuf>,
     },
     /// Fetch a Git source into the data dir once and render every bundle at every branch and tag
-    /// into signed snapshots (for a hub that keeps syncing, use `run`). Bundles come from outpost.yaml at the repository root, or are the
-    /// top-level folders holding manifests. Keys are generated in DATA_DIR/keys on first run;
-    /// give agents DATA_DIR/keys/root.pub.
+    /// into signed snapshots (for a hub that keeps syncing, use `run`). Bundles come from
+    /// outpost.yaml at the repository root, or are the top-level folders holding manifests.
+    /// Signs with the keys in DATA_DIR/keys (`outpost-hub keys init --key-dir DATA_DIR/keys`).
     Sync {
         /// The hub's data dir (store, Git mirror, keys).
         #[arg(long, env = "OUTPOST_DATA_DIR")]
@@ -62,9 +61,11 @@ enum Command {
         source: String,
     },
     /// Run the hub from a config file: sync every source every poll interval (backing off per
-    /// source while its remote is unreachable), serve agents over QUIC, drive rollouts, and
-    /// serve the admin API and the fleet page (http://ADMIN/). Every config problem is reported
-    /// at once before anything starts.
+    /// source while its remote is unreachable) or when its webhook says so, serve agents over
+    /// QUIC, drive rollouts, and serve the admin API and the fleet page (http(s)://ADMIN/).
+    /// Every config problem is reported at once before anything starts. Needs the keys
+    /// (`outpost-hub keys init`) and, to call the API, a token (`outpost-hub admin-token
+    /// create --config FILE --name NAME --role admin`).
     Run {
         /// The TOML config file (see docs/hub-config.md); OUTPOST_HUB_* variables override it.
         #[arg(long, env = "OUTPOST_HUB_CONFIG")]
@@ -92,7 +93,7 @@ enum Command {
         /// Generation.
         generation: u64,
     },
-    /// List the objects of one snapshot, in apply order.
+    /// List the objects of one snapshot, in apply order (Secret values redacted).
     Objects {
         #[command(flatten)]
         api: ApiArgs,
@@ -100,8 +101,12 @@ enum Command {
         bundle: String,
         /// Generation.
         generation: u64,
+        /// Show Secret values (admin tokens only; recorded in the hub's log).
+        #[arg(long)]
+        reveal_secrets: bool,
     },
-    /// Show the event log (fetch failures, moved tags, enrolments, revocations), newest first.
+    /// Show the event log (fetch failures, moved tags, enrolments, revocations, key changes,
+    /// every API write and who made it), newest first.
     Events {
         #[command(flatten)]
         api: ApiArgs,
@@ -109,8 +114,11 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
-    /// Ask the hub to fetch every source now (what Git push hooks do via POST /hooks/git).
+    /// Ask the hub to fetch every source now (a source's webhook, POST /hooks/git/SOURCE,
+    /// fetches that source only).
     FetchNow(ApiArgs),
+    /// The configured Git sources: fetches so far, the last one's time and error, webhooks.
+    Sources(ApiArgs),
     /// Enrolled agents: list, show, label, revoke.
     Agents {
         #[command(subcommand)]
@@ -124,8 +132,24 @@ enum Command {
     /// Rollouts by tag: create, list, show, pause, resume, abort, rollback, watch.
     Rollout {
         #[command(subcommand)]
-        command: rollout_cli::RolloutCommand,
+        command: cli::rollout::RolloutCommand,
     },
+    /// The key ceremony: init, rotate, renew, revoke (with the root key, offline); status and
+    /// reload of the running hub's keys.
+    Keys {
+        #[command(subcommand)]
+        command: cli::keys::KeysCommand,
+    },
+    /// API tokens for operators and scripts: create, list, revoke.
+    AdminToken {
+        #[command(subcommand)]
+        command: cli::tokens::AdminTokenCommand,
+    },
+    /// Check an API token against a hub and keep it (mode 0600) for later commands: the token
+    /// from OUTPOST_TOKEN or standard input.
+    Login(ApiArgs),
+    /// Forget the token kept for a hub.
+    Logout(ApiArgs),
     /// The last status each agent reported for each bundle.
     Status {
         #[command(flatten)]
@@ -134,17 +158,6 @@ enum Command {
         #[arg(long)]
         agent: Option<String>,
     },
-}
-
-/// Where the admin API is and how to print its answers.
-#[derive(Debug, Clone, clap::Args)]
-struct ApiArgs {
-    /// The hub's admin API.
-    #[arg(long, env = "OUTPOST_HUB_URL", default_value = "http://127.0.0.1:7070")]
-    hub: String,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
-    output: Output,
 }
 
 #[derive(Debug, Subcommand)]
@@ -174,7 +187,7 @@ enum AgentsCommand {
         api: ApiArgs,
         /// Agent id.
         id: String,
-        /// Why (recorded with your login name).
+        /// Why (recorded with your API token's name).
         #[arg(long)]
         why: String,
     },
@@ -222,10 +235,13 @@ fn main() -> Result<()> {
         Command::CheckConfig { config } => {
             let config = load_config(&config)?;
             println!("{config:#?}");
+            for warning in config.warnings() {
+                eprintln!("warning: {warning}");
+            }
             Ok(())
         }
         Command::Bundles(api) => {
-            let rows = Client::new(&api.hub).get("/api/v1/bundles")?;
+            let rows = api.client()?.get("/api/v1/bundles")?;
             print_rows(
                 &rows,
                 api.output,
@@ -238,7 +254,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Releases(api) => {
-            let rows = Client::new(&api.hub).get("/api/v1/releases")?;
+            let rows = api.client()?.get("/api/v1/releases")?;
             print_rows(
                 &rows,
                 api.output,
@@ -258,8 +274,9 @@ fn main() -> Result<()> {
             bundle,
             generation,
         } => {
-            let snapshot =
-                Client::new(&api.hub).get(&format!("/api/v1/snapshots/{bundle}/{generation}"))?;
+            let snapshot = api
+                .client()?
+                .get(&format!("/api/v1/snapshots/{bundle}/{generation}"))?;
             println!("{}", serde_json::to_string_pretty(&snapshot)?);
             Ok(())
         }
@@ -267,9 +284,16 @@ fn main() -> Result<()> {
             api,
             bundle,
             generation,
+            reveal_secrets,
         } => {
-            let objects = Client::new(&api.hub)
-                .get(&format!("/api/v1/snapshots/{bundle}/{generation}/objects"))?;
+            let query = if reveal_secrets {
+                "?secrets=reveal"
+            } else {
+                ""
+            };
+            let objects = api.client()?.get(&format!(
+                "/api/v1/snapshots/{bundle}/{generation}/objects{query}"
+            ))?;
             match api.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&objects)?),
                 Output::Table => print_objects(
@@ -284,7 +308,9 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Events { api, limit } => {
-            let rows = Client::new(&api.hub).get(&format!("/api/v1/events?limit={limit}"))?;
+            let rows = api
+                .client()?
+                .get(&format!("/api/v1/events?limit={limit}"))?;
             print_rows(
                 &rows,
                 api.output,
@@ -299,19 +325,40 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::FetchNow(api) => {
-            let answer = Client::new(&api.hub).post("/api/v1/fetch", serde_json::json!({}))?;
+            let answer = api.client()?.post("/api/v1/fetch", serde_json::json!({}))?;
             println!("{}", answer["status"].as_str().unwrap_or("requested"));
+            Ok(())
+        }
+        Command::Sources(api) => {
+            let rows = api.client()?.get("/api/v1/sources")?;
+            print_rows(
+                &rows,
+                api.output,
+                &[
+                    ("name", "NAME"),
+                    ("url", "URL"),
+                    ("track", "TRACK"),
+                    ("webhook", "WEBHOOK"),
+                    ("fetches", "FETCHES"),
+                    ("last_fetch_at", "LAST FETCH"),
+                    ("last_error", "LAST ERROR"),
+                ],
+            );
             Ok(())
         }
         Command::Agents { command } => agents(command),
         Command::Tokens { command } => tokens(command),
-        Command::Rollout { command } => rollout_cli::rollout(command),
+        Command::Rollout { command } => cli::rollout::rollout(command),
+        Command::Keys { command } => cli::keys::keys(command),
+        Command::AdminToken { command } => cli::tokens::admin_token(command),
+        Command::Login(api) => cli::tokens::login(&api),
+        Command::Logout(api) => cli::tokens::logout(&api),
         Command::Status { api, agent } => {
             let path = match agent {
                 Some(agent) => format!("/api/v1/status?agent={agent}"),
                 None => "/api/v1/status".to_owned(),
             };
-            let rows = Client::new(&api.hub).get(&path)?;
+            let rows = api.client()?.get(&path)?;
             print_rows(
                 &rows,
                 api.output,
@@ -320,6 +367,7 @@ fn main() -> Result<()> {
                     ("bundle", "BUNDLE"),
                     ("generation", "GENERATION"),
                     ("phase", "PHASE"),
+                    ("stale", "STALE"),
                     ("objects_ready", "READY"),
                     ("objects_total", "TOTAL"),
                     ("message", "MESSAGE"),
@@ -337,30 +385,24 @@ pub(crate) fn unix_now() -> i64 {
 }
 
 pub(crate) fn open_store(data_dir: &Path) -> Result<SqliteStore> {
-    std::fs::create_dir_all(data_dir)
+    outpost_hub::files::private_dir(data_dir)
         .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
     let path = data_dir.join("hub.db");
     SqliteStore::open(&path).with_context(|| format!("opening the store {}", path.display()))
 }
 
-fn load_config(path: &Path) -> Result<Config> {
+pub(crate) fn load_config(path: &Path) -> Result<Config> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the config file {}", path.display()))?;
     Config::parse(&text, |name| std::env::var(name).ok())
         .with_context(|| format!("in {}", path.display()))
 }
 
-pub(crate) fn load_keys(key_dir: &Path) -> Result<HubKeys> {
-    let (keys, generated) =
-        HubKeys::load_or_generate(key_dir, unix_now()).context("loading the signing keys")?;
-    if generated {
-        tracing::info!(
-            root = %keys.root.key_id(),
-            signer = %keys.signer.key_id(),
-            "generated new signing keys in {}; give agents {} and keep root.key offline",
-            key_dir.display(),
-            key_dir.join("root.pub").display()
-        );
+/// Loads the hub's keys; says how to make them when there are none. Never makes a key.
+pub(crate) fn load_keys(key_dir: &Path, policy: KeyPolicy) -> Result<HubKeys> {
+    let keys = HubKeys::load(key_dir, policy).context("loading the hub's keys")?;
+    for warning in keys.status(unix_now()).warnings {
+        tracing::warn!("{warning}");
     }
     Ok(keys)
 }
@@ -368,7 +410,9 @@ pub(crate) fn load_keys(key_dir: &Path) -> Result<HubKeys> {
 /// Syncs every configured source once.
 fn run(config: &Config) -> Result<()> {
     let mut store = open_store(&config.data_dir)?;
-    let keys = load_keys(&config.key_dir)?;
+    let keys = load_keys(&config.key_dir, config.key_policy.clone())?;
+    outpost_hub::resign::refresh_keys(&mut store, &keys, unix_now())
+        .context("reading the key dir")?;
     let mut any_failed = false;
     for source in &config.sources {
         let mut git = config
@@ -391,7 +435,7 @@ fn run(config: &Config) -> Result<()> {
 /// Syncs one source once, without a config file.
 fn sync(data_dir: &Path, url: &str) -> Result<()> {
     let mut store = open_store(data_dir)?;
-    let keys = load_keys(&data_dir.join("keys"))?;
+    let keys = load_keys(&data_dir.join("keys"), KeyPolicy::default())?;
     let mirror = data_dir.join("git").join(hex::encode(
         &outpost_proto::Digest::of(url.as_bytes()).0[..8],
     ));
@@ -434,20 +478,22 @@ const AGENT_COLUMNS: &[(&str, &str)] = &[
 fn agents(command: AgentsCommand) -> Result<()> {
     match command {
         AgentsCommand::List(api) => {
-            let rows = Client::new(&api.hub).get("/api/v1/agents")?;
+            let rows = api.client()?.get("/api/v1/agents")?;
             print_rows(&rows, api.output, AGENT_COLUMNS);
         }
         AgentsCommand::Show { api, id } => {
-            let agent = Client::new(&api.hub).get(&format!("/api/v1/agents/{id}"))?;
+            let agent = api.client()?.get(&format!("/api/v1/agents/{id}"))?;
             print_rows(&serde_json::json!([agent]), api.output, AGENT_COLUMNS);
         }
         AgentsCommand::Label { api, id, changes } => {
             let body = serde_json::json!({"labels": label_changes(&changes)?});
-            let agent = Client::new(&api.hub).post(&format!("/api/v1/agents/{id}/labels"), body)?;
+            let agent = api
+                .client()?
+                .post(&format!("/api/v1/agents/{id}/labels"), body)?;
             print_rows(&serde_json::json!([agent]), api.output, AGENT_COLUMNS);
         }
         AgentsCommand::Revoke { api, id, why } => {
-            let agent = Client::new(&api.hub).post(
+            let agent = api.client()?.post(
                 &format!("/api/v1/agents/{id}/revoke"),
                 serde_json::json!({"why": why}),
             )?;
@@ -473,7 +519,7 @@ fn tokens(command: TokensCommand) -> Result<()> {
                 map.insert(key.to_owned(), serde_json::json!(value));
             }
             let body = serde_json::json!({"labels": map, "ttl_seconds": ttl_seconds});
-            let token = Client::new(&api.hub).post("/api/v1/tokens", body)?;
+            let token = api.client()?.post("/api/v1/tokens", body)?;
             if let Some(path) = &bundle_file {
                 write_secret(path, token["bundle"].as_str().unwrap_or_default())?;
                 eprintln!(
@@ -493,7 +539,7 @@ fn tokens(command: TokensCommand) -> Result<()> {
             }
         }
         TokensCommand::List(api) => {
-            let rows = Client::new(&api.hub).get("/api/v1/tokens")?;
+            let rows = api.client()?.get("/api/v1/tokens")?;
             print_rows(
                 &rows,
                 api.output,
@@ -586,15 +632,6 @@ fn collect_manifests(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> 
 
 /// Writes a secret file readable only by its owner.
 fn write_secret(path: &Path, text: &str) -> Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    file.write_all(text.as_bytes())
+    outpost_hub::keys::write_private(path, text.as_bytes())
         .with_context(|| format!("writing {}", path.display()))
 }

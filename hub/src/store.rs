@@ -149,6 +149,28 @@ const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL
     );
     CREATE INDEX rollouts_by_bundle ON rollouts (bundle, id);",
+    // 6: operators' API tokens (hashes only), and the snapshots each agent was assigned lately
+    // (the only delta bases the hub compresses against for it).
+    "CREATE TABLE admin_tokens (
+        name TEXT PRIMARY KEY,
+        digest BLOB NOT NULL UNIQUE,
+        role TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        expires_at INTEGER,
+        revoked_at INTEGER,
+        revoked_by TEXT,
+        last_used_at INTEGER
+    );
+    CREATE TABLE assignment_bases (
+        agent TEXT NOT NULL,
+        bundle TEXT NOT NULL,
+        digest BLOB NOT NULL,
+        assigned_at INTEGER NOT NULL,
+        PRIMARY KEY (agent, bundle, digest)
+    );
+    INSERT OR IGNORE INTO assignment_bases (agent, bundle, digest, assigned_at)
+        SELECT agent, bundle, digest, updated_at FROM assignments;",
 ];
 
 /// An enrolled agent.
@@ -288,6 +310,14 @@ pub enum StoreError {
     /// A stored record does not decode (written by a broken or newer hub).
     #[error("hub store: a stored record does not decode: {0}")]
     Corrupt(String),
+    /// The store's file could not be created or protected.
+    #[error("hub store: {path}: {error}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What failed.
+        error: std::io::Error,
+    },
     /// The file was written by a newer hub.
     #[error(
         "hub store schema version {found} is newer than this hub understands ({known}); run a newer hub"
@@ -418,14 +448,36 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path` and migrates it to the current schema.
+    /// The file, its WAL and its shared-memory file are made readable by the owner only,
+    /// whatever the umask (SQLite gives the WAL and SHM files the database file's mode).
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let private = |path: &Path| {
+            crate::files::make_private(path).map_err(|error| StoreError::Io {
+                path: path.to_owned(),
+                error,
+            })
+        };
+        crate::files::create_private(path).map_err(|error| StoreError::Io {
+            path: path.to_owned(),
+            error,
+        })?;
         let connection = Connection::open(path)?;
+        // First, so that opening beside a running hub (the CLI's local commands) waits for
+        // its transactions instead of failing.
+        connection.busy_timeout(std::time::Duration::from_secs(5))?;
         connection.pragma_update(None, "journal_mode", "WAL")?;
         connection.pragma_update(None, "synchronous", "FULL")?;
         connection.pragma_update(None, "foreign_keys", "ON")?;
-        connection.busy_timeout(std::time::Duration::from_secs(5))?;
         let mut store = SqliteStore { connection };
         store.migrate()?;
+        for suffix in ["-wal", "-shm"] {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            let side = std::path::PathBuf::from(name);
+            if side.exists() {
+                private(&side)?;
+            }
+        }
         Ok(store)
     }
 
@@ -1034,6 +1086,8 @@ pub use fleet::{
 };
 mod rollouts;
 pub use rollouts::{Created, RolloutStore};
+mod auth;
+pub use auth::{AdminToken, AuthStore, NewToken, Role, TokenCheck};
 
 #[cfg(test)]
 mod agent_tests;

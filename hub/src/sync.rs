@@ -56,6 +56,8 @@ enum ReleaseError {
     Manifest(#[from] outpost_proto::manifest::ManifestError),
     #[error("signing: {0}")]
     Header(#[from] outpost_proto::header::HeaderError),
+    #[error(transparent)]
+    Sign(#[from] crate::keys::SignError),
 }
 
 /// Fetches `source` and renders what changed. `now` is Unix seconds.
@@ -240,15 +242,14 @@ fn release(
     }
     let body = render(source, &target.commit, &folders, &variant.labels)?;
     let digest = body.digest();
-    if let Some(existing) = same_snapshot(store, &definition.name, &digest, &selector)? {
+    if let Some(existing) = same_snapshot(store, keys, &definition.name, &digest, &selector, now)? {
         store.insert_render(&definition.name, &tree_key, &render_key, existing)?;
         report.unchanged += 1;
         return Ok(existing);
     }
-    let generation = store.next_generation(&definition.name)?;
-    let (header, signature) = SnapshotHeader {
+    let unsigned = SnapshotHeader {
         bundle: definition.name.clone(),
-        generation,
+        generation: 0,
         git_commit: target.commit.clone(),
         git_ref: target.name.clone(),
         body_digest: digest,
@@ -257,10 +258,20 @@ fn release(
         created_at: now,
         expires_at: None,
         selector: selector.clone(),
-        key_id: keys.signer.key_id(),
-    }
-    .sign(&keys.signer)
-    .map_err(ReleaseError::from)?;
+        key_id: keys.signer().key_id(),
+    };
+    // Checked before a generation is spent on it.
+    unsigned.encode().map_err(ReleaseError::from)?;
+    let generation = store.next_generation(&definition.name)?;
+    let (header, signature) = keys
+        .sign(
+            SnapshotHeader {
+                generation,
+                ..unsigned
+            },
+            now,
+        )
+        .map_err(ReleaseError::from)?;
     store.insert_snapshot(
         &StoredSnapshot {
             bundle: definition.name.clone(),
@@ -284,19 +295,23 @@ fn release(
     Ok(generation)
 }
 
-/// The generation of an existing snapshot with the same body and selector, if any.
+/// The generation of an existing snapshot with the same body and selector, if any, whose
+/// signature is still good (its key not revoked, not about to expire).
 fn same_snapshot(
     store: &impl Store,
+    keys: &HubKeys,
     bundle: &str,
     digest: &Digest,
     selector: &str,
+    now: i64,
 ) -> Result<Option<u64>, StoreError> {
     let Some(existing) = store.snapshot_by_digest(bundle, digest)? else {
         return Ok(None);
     };
-    let same_selector =
-        SnapshotHeader::decode(&existing.header).is_ok_and(|header| header.selector == selector);
-    Ok(same_selector.then_some(existing.generation))
+    let reusable = SnapshotHeader::decode(&existing.header).is_ok_and(|header| {
+        header.selector == selector && keys.needs_resigning(&header, now).is_none()
+    });
+    Ok(reusable.then_some(existing.generation))
 }
 
 /// Reads the manifests of `folders` (the bundle's, then its overlays'), lets later folders'

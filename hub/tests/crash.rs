@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use outpost_hub::keys::HubKeys;
+use outpost_hub::keys::{HubKeys, KeyPolicy};
 use outpost_hub::store::{SqliteStore, Store};
 use outpost_proto::verify::{Expectation, verify_snapshot};
 use support::{Upstream, config_map};
@@ -29,6 +29,15 @@ fn killed_mid_sync_loses_nothing_committed_and_mixes_nothing() {
     upstream.git(&["tag", "v1"]);
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap().to_owned();
+    let keys = Command::new(env!("CARGO_BIN_EXE_outpost-hub"))
+        .args(["keys", "init", "--key-dir", &format!("{data_dir}/keys")])
+        .output()
+        .unwrap();
+    assert!(
+        keys.status.success(),
+        "{}",
+        String::from_utf8_lossy(&keys.stderr)
+    );
     let sync = || {
         Command::new(env!("CARGO_BIN_EXE_outpost-hub"))
             .args(["sync", "--data-dir", &data_dir, "--source", &upstream.url()])
@@ -80,12 +89,8 @@ fn killed_mid_sync_loses_nothing_committed_and_mixes_nothing() {
 /// Opens the store as a restarted hub would and checks its invariants.
 fn check_consistent(data: &std::path::Path) -> SqliteStore {
     let store = SqliteStore::open(&data.join("hub.db")).unwrap();
-    let keys_dir = data.join("keys");
-    if !keys_dir.join("signing.cert").exists() {
-        return store;
-    }
-    let (keys, generated) = HubKeys::load_or_generate(&keys_dir, 0).unwrap();
-    assert!(!generated, "keys survive a kill");
+    let keys =
+        HubKeys::load(&data.join("keys"), KeyPolicy::default()).expect("keys survive a kill");
     let trust = keys.trust_store();
     let mut seen = BTreeSet::new();
     for release in store.releases().unwrap() {

@@ -142,6 +142,14 @@ fn fetches_over_https_with_credentials_from_the_environment() {
     )
     .unwrap();
     let config = config.to_str().unwrap();
+    assert!(
+        hub(
+            &["keys", "init", "--config", config],
+            &[("FLEET_TOKEN", "unused")]
+        )
+        .status
+        .success()
+    );
 
     let wrong = hub(
         &["run", "--config", config, "--once"],

@@ -6,7 +6,7 @@ mod support;
 use std::process::{Child, Command};
 
 use outpost_hub::git::GitSource;
-use outpost_hub::keys::HubKeys;
+use outpost_hub::keys::{HubKeys, KeyPolicy};
 use outpost_hub::store::{SqliteStore, Store};
 use outpost_hub::sync::sync_source;
 use outpost_proto::verify::{Expectation, verify_snapshot};
@@ -25,8 +25,11 @@ impl Hub {
     }
 
     fn open(data: tempfile::TempDir) -> Hub {
-        let (keys, _) =
-            HubKeys::load_or_generate(&data.path().join("keys"), 1_800_000_000).unwrap();
+        let dir = data.path().join("keys");
+        let keys = match dir.join("root.pub").exists() {
+            true => HubKeys::load(&dir, KeyPolicy::default()).unwrap(),
+            false => HubKeys::create(&dir, KeyPolicy::default(), 1_800_000_000).unwrap(),
+        };
         let store = SqliteStore::open(&data.path().join("hub.db")).unwrap();
         Hub { data, keys, store }
     }

@@ -7,11 +7,43 @@ use std::process::{Command, Output};
 use support::{Upstream, config_map};
 
 fn hub(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_outpost-hub"))
+    hub_as("", args)
+}
+
+/// Runs the CLI with `OUTPOST_TOKEN` set to `token` (none if empty).
+fn hub_as(token: &str, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_outpost-hub"));
+    command
         .args(args)
         .env("RUST_LOG", "warn")
-        .output()
-        .expect("run outpost-hub")
+        .env_remove("RUST_BACKTRACE")
+        .env(
+            "OUTPOST_CREDENTIALS",
+            "/nonexistent/outpost-test-credentials.json",
+        );
+    match token.is_empty() {
+        true => command.env_remove("OUTPOST_TOKEN"),
+        false => command.env("OUTPOST_TOKEN", token),
+    };
+    command.output().expect("run outpost-hub")
+}
+
+/// Makes the keys and an admin API token for the hub `config` describes; returns the token.
+fn bootstrap(config: &std::path::Path) -> String {
+    let config = config.to_str().unwrap();
+    stdout(&hub(&["keys", "init", "--config", config]));
+    stdout(&hub(&[
+        "admin-token",
+        "create",
+        "--config",
+        config,
+        "--name",
+        "test-admin",
+        "--role",
+        "admin",
+    ]))
+    .trim()
+    .to_owned()
 }
 
 fn stdout(output: &Output) -> String {
@@ -27,6 +59,7 @@ fn stdout(output: &Output) -> String {
 struct Server {
     child: std::process::Child,
     url: String,
+    token: String,
 }
 
 impl Drop for Server {
@@ -36,8 +69,10 @@ impl Drop for Server {
     }
 }
 
-/// Starts `outpost-hub run` on a free loopback port and waits until it answers.
+/// Makes keys and a token, starts `outpost-hub run` on a free loopback port and waits until it
+/// answers.
 fn serve(config: &std::path::Path) -> Server {
+    let token = bootstrap(config);
     let port = support::free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_outpost-hub"))
         .args(["run", "--config", config.to_str().unwrap()])
@@ -54,6 +89,7 @@ fn serve(config: &std::path::Path) -> Server {
     let server = Server {
         child,
         url: format!("http://127.0.0.1:{port}"),
+        token,
     };
     support::wait_for_port(port);
     server
@@ -63,7 +99,7 @@ fn serve(config: &std::path::Path) -> Server {
 fn api(server: &Server, args: &[&str]) -> serde_json::Value {
     let mut all: Vec<&str> = args.to_vec();
     all.extend(["--hub", &server.url, "--output", "json"]);
-    serde_json::from_str(&stdout(&hub(&all))).unwrap()
+    serde_json::from_str(&stdout(&hub_as(&server.token, &all))).unwrap()
 }
 
 fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
@@ -131,7 +167,15 @@ fn admin_api_and_cli_releases_objects_fetch_now_tokens_and_agents() {
     upstream.write("pos/app.yaml", &config_map("pos", "2"));
     upstream.commit("second");
     upstream.git(&["tag", "pos-v2"]);
-    let hooked = hub(&["fetch-now", "--hub", &server.url]);
+    // Without a token the API refuses, and says how to get one.
+    let refused = hub(&["releases", "--hub", &server.url]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("401") && stderr.contains("outpost-hub login"),
+        "{stderr}"
+    );
+    let hooked = hub_as(&server.token, &["fetch-now", "--hub", &server.url]);
     assert!(hooked.status.success());
     wait_for("the hooked fetch", || {
         tagged(&api(&server, &["releases"]), "pos-v2").is_some()
@@ -162,14 +206,17 @@ fn admin_api_and_cli_releases_objects_fetch_now_tokens_and_agents() {
         !listed.to_string().contains(&secret),
         "the secret is never listed"
     );
-    let bad = hub(&[
-        "tokens",
-        "create",
-        "--label",
-        "bad key=x",
-        "--hub",
-        &server.url,
-    ]);
+    let bad = hub_as(
+        &server.token,
+        &[
+            "tokens",
+            "create",
+            "--label",
+            "bad key=x",
+            "--hub",
+            &server.url,
+        ],
+    );
     assert!(
         String::from_utf8_lossy(&bad.stderr).contains("400"),
         "{}",
@@ -199,15 +246,18 @@ fn admin_api_and_cli_releases_objects_fetch_now_tokens_and_agents() {
         &["agents", "revoke", &agent_id, "--why", "stolen van"],
     );
     assert_eq!(revoked[0]["revoked"]["why"], "stolen van");
-    let missing = hub(&[
-        "agents",
-        "revoke",
-        "nope",
-        "--why",
-        "x",
-        "--hub",
-        &server.url,
-    ]);
+    let missing = hub_as(
+        &server.token,
+        &[
+            "agents",
+            "revoke",
+            "nope",
+            "--why",
+            "x",
+            "--hub",
+            &server.url,
+        ],
+    );
     assert!(String::from_utf8_lossy(&missing.stderr).contains("404"));
     let events = api(&server, &["events"]);
     assert!(
@@ -226,6 +276,19 @@ fn sync_locally_without_a_running_hub() {
     upstream.commit("first");
     let data = tempfile::tempdir().unwrap();
     let data_dir = data.path().to_str().unwrap();
+    let refused = hub(&["sync", "--data-dir", data_dir, "--source", &upstream.url()]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("keys init"),
+        "says how to make the keys: {stderr}"
+    );
+    stdout(&hub(&[
+        "keys",
+        "init",
+        "--key-dir",
+        &format!("{data_dir}/keys"),
+    ]));
     let synced = stdout(&hub(&[
         "sync",
         "--data-dir",
@@ -266,6 +329,13 @@ fn run_once_from_a_config_file_and_config_errors_listed_together() {
     )
     .unwrap();
     let config = config.to_str().unwrap();
+    let refused = hub(&["run", "--config", config, "--once"]);
+    assert!(!refused.status.success(), "no keys, no run");
+    assert!(
+        !data.path().join("state/keys/root.key").exists(),
+        "and no key made"
+    );
+    stdout(&hub(&["keys", "init", "--config", config]));
     let ran = stdout(&hub(&["run", "--config", config, "--once"]));
     assert!(ran.contains("rendered  pos generation 1"), "{ran}");
     assert!(data.path().join("state/git/fleet/HEAD").exists());

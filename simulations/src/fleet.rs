@@ -20,10 +20,10 @@ use outpost_agent::client::{Client, ClientOptions};
 use outpost_agent::reconcile::{ReconcileOptions, Reconciler};
 use outpost_agent::state::State;
 use outpost_agent::target::memory::MemoryTarget;
-use outpost_hub::api::FetchNow;
 use outpost_hub::assign::assign_tracked;
+use outpost_hub::changes::Changes;
 use outpost_hub::git::GitSource;
-use outpost_hub::keys::HubKeys;
+use outpost_hub::keys::{HubKeys, KeyPolicy};
 use outpost_hub::rollout::machine::{OnFailure, Rollout};
 use outpost_hub::rollout::{self, Driver, Request};
 use outpost_hub::store::{FleetStore, RolloutStore, SqliteStore, Store};
@@ -277,7 +277,7 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
     // The hub.
     let now = virtual_now();
     let store = SqliteStore::open(&work.path().join("hub.db")).context("hub store")?;
-    let (keys, _) = HubKeys::load_or_generate(&work.path().join("keys"), now)?;
+    let keys = HubKeys::create(&work.path().join("keys"), KeyPolicy::default(), now)?;
     let url = format!("file://{}", repo.display());
     let mut source = GitSource::open_or_init(&url, &work.path().join("mirror"))?;
     let store = Arc::new(Mutex::new(store));
@@ -295,9 +295,9 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
     let hub_socket = network.socket(hub_address, None);
     let hub_endpoint = net::endpoint(
         hub_socket,
-        Some(server_config(&keys.transport, &Tuning::default())?),
+        Some(server_config(keys.transport(), &Tuning::default())?),
     )?;
-    let fetch_now = Arc::new(FetchNow::default());
+    let fetch_now = Arc::new(Changes::default());
     let enrolled_flag = Arc::new(AtomicBool::new(false));
     let on_enrol = enrolled_flag.clone();
     let service = Arc::new(AgentService::new(
@@ -366,8 +366,8 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
     }
 
     // The agents.
-    let pin = hub_pin(&keys.transport.public_key());
-    let root = keys.root.public_key();
+    let pin = hub_pin(&keys.transport().public_key());
+    let root = keys.root();
     let mut agents: Vec<SimAgent> = Vec::with_capacity(scenario.agents());
     let mut serial = 0u32;
     for (group_index, group) in scenario.groups.iter().enumerate() {

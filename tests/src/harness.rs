@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use outpost_agent::client::AgentError;
 use outpost_agent::target::ClusterTarget;
 use outpost_agent::{Client, ClientOptions, ReconcileOptions, Reconciler, State, identity, paths};
-use outpost_hub::api::FetchNow;
-use outpost_hub::keys::HubKeys;
+use outpost_hub::changes::Changes;
+use outpost_hub::keys::{HubKeys, KeyPolicy};
 use outpost_hub::store::{AssignmentRow, FleetStore, SqliteStore, Store, StoredSnapshot};
 use outpost_hub::transport::{AgentService, ServiceOptions};
 use outpost_proto::transport::{Tuning, hub_pin, server_config};
@@ -37,7 +37,7 @@ pub struct TestHub {
     /// The agent service.
     pub service: Arc<AgentService>,
     /// Wakes agent connections.
-    pub fetch_now: Arc<FetchNow>,
+    pub changes: Arc<Changes>,
     /// The QUIC address.
     pub address: SocketAddr,
     endpoint: quinn::Endpoint,
@@ -64,18 +64,18 @@ impl TestHub {
     pub async fn start(options: ServiceOptions, tuning: &Tuning) -> TestHub {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = SqliteStore::open(&dir.path().join("hub.db")).expect("hub store");
-        let (keys, _) =
-            HubKeys::load_or_generate(&dir.path().join("keys"), unix_now()).expect("hub keys");
+        let keys = HubKeys::create(&dir.path().join("keys"), KeyPolicy::default(), unix_now())
+            .expect("hub keys");
         let (store, keys) = (Arc::new(Mutex::new(store)), Arc::new(keys));
-        let fetch_now = Arc::new(FetchNow::default());
-        let config = server_config(&keys.transport, tuning).expect("server config");
+        let changes = Arc::new(Changes::default());
+        let config = server_config(keys.transport(), tuning).expect("server config");
         let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().expect("address"))
             .expect("hub endpoint");
         let address = endpoint.local_addr().expect("bound");
         let service = Arc::new(AgentService::new(
             store.clone(),
             keys.clone(),
-            fetch_now.fleet.subscribe(),
+            changes.fleet.subscribe(),
             Box::new(|| {}),
             unix_now,
             options,
@@ -89,7 +89,7 @@ impl TestHub {
             store,
             keys,
             service,
-            fetch_now,
+            changes,
             address,
             endpoint,
             assignments: Mutex::new(BTreeMap::new()),
@@ -106,21 +106,25 @@ impl TestHub {
         let mut store = self.store.lock().expect("store");
         let generation = store.next_generation(bundle).expect("generation");
         let digest = body.digest();
-        let (header, signature) = SnapshotHeader {
-            bundle: bundle.to_owned(),
-            generation,
-            git_commit: "0".repeat(40),
-            git_ref: "refs/heads/main".to_owned(),
-            body_digest: digest,
-            body_size: body.as_bytes().len() as u64,
-            object_count: body.object_count(),
-            created_at: unix_now(),
-            expires_at: None,
-            selector: String::new(),
-            key_id: self.keys.signer.key_id(),
-        }
-        .sign(&self.keys.signer)
-        .expect("header");
+        let (header, signature) = self
+            .keys
+            .sign(
+                SnapshotHeader {
+                    bundle: bundle.to_owned(),
+                    generation,
+                    git_commit: "0".repeat(40),
+                    git_ref: "refs/heads/main".to_owned(),
+                    body_digest: digest,
+                    body_size: body.as_bytes().len() as u64,
+                    object_count: body.object_count(),
+                    created_at: unix_now(),
+                    expires_at: None,
+                    selector: String::new(),
+                    key_id: self.keys.signer().key_id(),
+                },
+                unix_now(),
+            )
+            .expect("header");
         store
             .insert_snapshot(
                 &StoredSnapshot {
@@ -206,7 +210,7 @@ impl TestHub {
             .expect("store")
             .set_assignments("test", rows, unix_now())
             .expect("assign");
-        self.fetch_now.fleet_changed();
+        self.changes.fleet_changed();
     }
 
     /// Revokes an agent and tells connected agents.
@@ -216,12 +220,12 @@ impl TestHub {
             .expect("store")
             .revoke_agent(agent, "test", why, unix_now())
             .expect("revoke");
-        self.fetch_now.fleet_changed();
+        self.changes.fleet_changed();
     }
 
     /// The pin agents need.
     pub fn pin(&self) -> Digest {
-        hub_pin(&self.keys.transport.public_key())
+        hub_pin(&self.keys.transport().public_key())
     }
 }
 
@@ -271,12 +275,7 @@ impl TestAgent {
         let (_, _) = identity::load_or_create(&paths::key(dir)).expect("agent key");
         let mut state = State::open(&paths::database(dir)).expect("agent state");
         state
-            .set_enrolment(
-                &address.to_string(),
-                &hub.pin(),
-                &hub.keys.root.public_key(),
-                token,
-            )
+            .set_enrolment(&address.to_string(), &hub.pin(), &hub.keys.root(), token)
             .expect("enrolment");
         drop(state);
         TestAgent::open(dir, options)

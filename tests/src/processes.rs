@@ -75,7 +75,7 @@ pub fn enrol_agent(
             "hub = \"{}\"\nhub_pin = \"{}\"\nroot_key = \"{}\"\ntoken = \"{}\"\n",
             hub.address,
             hub.pin().to_hex(),
-            hex::encode(hub.keys.root.public_key().to_bytes()),
+            hex::encode(hub.keys.root().to_bytes()),
             hub.token(&[])
         ),
     )
@@ -133,7 +133,7 @@ pub fn free_port(udp: bool) -> u16 {
     }
 }
 
-/// The login name `HubProcess::cli` runs as.
+/// The name of the admin API token `HubProcess::cli` runs with (what the audit records).
 pub const OPERATOR: &str = "ops-test";
 
 /// `outpost-hub run` as a process, on free loopback ports, syncing one Git repository.
@@ -149,31 +149,64 @@ pub struct HubProcess {
     pub config: PathBuf,
     /// The hub binary.
     pub binary: PathBuf,
+    /// An admin API token (named [`OPERATOR`]).
+    pub token: String,
 }
 
 impl HubProcess {
-    /// Writes a config under `work` for `repo` (tracking `track`) and starts the hub.
+    /// Writes a config under `work` for `repo` (tracking `track`), makes the keys and an
+    /// admin token as an operator would (`keys init`, `admin-token create`), and starts the hub.
     pub fn start(work: &Path, repo: &Path, track: &str) -> HubProcess {
+        HubProcess::start_with(work, repo, track, "")
+    }
+
+    /// [`HubProcess::start`] with more top-level config lines (`extra`, TOML).
+    pub fn start_with(work: &Path, repo: &Path, track: &str, extra: &str) -> HubProcess {
         let (admin, agents_port) = (free_port(false), free_port(true));
         let config = work.join("hub.toml");
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{}\"\npoll_interval_seconds = 3600\n[listen]\nadmin = \"127.0.0.1:{admin}\"\nagents = \"127.0.0.1:{agents_port}\"\n[[sources]]\nname = \"fleet\"\nurl = \"file://{}\"\ntrack = \"{track}\"\n",
+                "data_dir = \"{}\"\npoll_interval_seconds = 3600\n{extra}\n[listen]\nadmin = \"127.0.0.1:{admin}\"\nagents = \"127.0.0.1:{agents_port}\"\n[[sources]]\nname = \"fleet\"\nurl = \"file://{}\"\ntrack = \"{track}\"\n",
                 work.join("hub").display(),
                 repo.display()
             ),
         )
         .expect("write the hub config");
+        let binary = binary("outpost-hub");
+        let config_arg = config.display().to_string();
+        run(&binary, &["keys", "init", "--config", &config_arg], &[]);
+        let token = run(
+            &binary,
+            &[
+                "admin-token",
+                "create",
+                "--config",
+                &config_arg,
+                "--name",
+                OPERATOR,
+                "--role",
+                "admin",
+            ],
+            &[],
+        )
+        .trim()
+        .to_owned();
         let mut hub = HubProcess {
             process: None,
             url: format!("http://127.0.0.1:{admin}"),
             agents_port,
             config,
-            binary: binary("outpost-hub"),
+            binary,
+            token,
         };
         hub.restart();
         hub
+    }
+
+    /// The hub's key dir.
+    pub fn key_dir(&self) -> PathBuf {
+        self.config.with_file_name("hub").join("keys")
     }
 
     /// Stops the hub as systemd does (SIGTERM), waiting up to 10 s for it to exit.
@@ -196,6 +229,7 @@ impl HubProcess {
             Command::new(&self.binary)
                 .args(["run", "--config", &self.config.display().to_string()])
                 .env("RUST_LOG", "warn")
+                .env("OUTPOST_LOG", "warn")
                 .stdout(Stdio::null())
                 .spawn()
                 .expect("start outpost-hub"),
@@ -210,17 +244,33 @@ impl HubProcess {
         });
     }
 
-    /// Runs an `outpost-hub` client command against this hub as operator `ops-test` (what
-    /// rollouts record as who); returns its stdout.
+    /// Runs an `outpost-hub` client command against this hub with the [`OPERATOR`] token
+    /// (what rollouts record as who); returns its stdout.
     pub fn cli(&self, args: &[&str]) -> String {
         let mut args = args.to_vec();
         args.extend(["--hub", &self.url]);
-        run(&self.binary, &args, &[("USER", OPERATOR.to_owned())])
+        run(&self.binary, &args, &self.cli_env())
     }
 
-    /// GETs an admin API path as JSON.
+    /// The environment a CLI command against this hub runs with: its token, no credentials
+    /// file of the machine's user.
+    pub fn cli_env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("OUTPOST_TOKEN", self.token.clone()),
+            (
+                "OUTPOST_CREDENTIALS",
+                self.config
+                    .with_file_name("credentials.json")
+                    .display()
+                    .to_string(),
+            ),
+        ]
+    }
+
+    /// GETs an admin API path as JSON, with the [`OPERATOR`] token.
     pub fn get(&self, path: &str) -> serde_json::Value {
         ureq::get(&format!("{}{path}", self.url))
+            .header("authorization", &format!("Bearer {}", self.token))
             .call()
             .expect("the admin API answers")
             .body_mut()

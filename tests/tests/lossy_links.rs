@@ -153,6 +153,8 @@ async fn malicious_relay(
         let Ok(downstream) = incoming.await else {
             continue;
         };
+        // Posing as the hub, the relay lets the agent open its fetch streams.
+        outpost_proto::transport::allow_identified(&downstream);
         let Ok(connecting) =
             upstream_endpoint.connect_with(upstream_config.clone(), hub, "outpost-hub")
         else {
@@ -259,7 +261,7 @@ async fn bytes_altered_by_a_malicious_relay_are_rejected_and_fetched_again() {
     let upstream_config =
         outpost_proto::transport::client_config(&agent_key, hub.pin(), &Tuning::default()).unwrap();
     let stolen =
-        outpost_proto::transport::server_config(&hub.keys.transport, &Tuning::default()).unwrap();
+        outpost_proto::transport::server_config(hub.keys.transport(), &Tuning::default()).unwrap();
     let relay_endpoint = quinn::Endpoint::server(stolen, "127.0.0.1:0".parse().unwrap()).unwrap();
     let relay_address = relay_endpoint.local_addr().unwrap();
     let tamper = Arc::new(AtomicU32::new(1));
@@ -276,7 +278,7 @@ async fn bytes_altered_by_a_malicious_relay_are_rejected_and_fetched_again() {
         .set_enrolment(
             &relay_address.to_string(),
             &hub.pin(),
-            &hub.keys.root.public_key(),
+            &hub.keys.root(),
             "spent",
         )
         .unwrap();

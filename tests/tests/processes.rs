@@ -42,7 +42,7 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
             "--hub",
             &url,
         ],
-        &[],
+        &hub.cli_env(),
     );
     let text = std::fs::read_to_string(&bundle).unwrap();
     assert!(
@@ -118,7 +118,7 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
     // A new commit: the hub hears of it (push hook), renders, assigns; the agent follows.
     std::fs::write(repo.join("shop/app.yaml"), config_map("2")).unwrap();
     git(&repo, &["commit", "-qam", "second"]);
-    run(&hub_bin, &["fetch-now", "--hub", &url], &[]);
+    run(&hub_bin, &["fetch-now", "--hub", &url], &hub.cli_env());
     wait_for("the agent to hold the new release", 60, || {
         let status = status();
         holds_all(&status) && status["assignments"][0]["snapshot"] != first.as_str()
@@ -135,7 +135,7 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
         let body: serde_json::Value = serde_json::from_str(&run(
             &hub_bin,
             &["status", "--hub", &url, "--output", "json"],
-            &[],
+            &hub.cli_env(),
         ))
         .unwrap();
         body.as_array()

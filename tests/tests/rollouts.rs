@@ -202,6 +202,7 @@ fn a_tag_rolls_out_in_waves_survives_a_restart_and_rolls_back_on_failure() {
         .args([
             "rollout", "create", "--bundle", "shop", "--tag", "v2", "--hub", &hub.url,
         ])
+        .envs(hub.cli_env())
         .output()
         .unwrap();
     assert!(!refused.status.success());
@@ -240,6 +241,7 @@ fn a_tag_rolls_out_in_waves_survives_a_restart_and_rolls_back_on_failure() {
     hub.cli(&["rollout", "resume", "2", "--why", "freeze over"]);
     let watch = Command::new(&hub.binary)
         .args(["rollout", "watch", "2", "--hub", &hub.url])
+        .envs(hub.cli_env())
         .stderr(Stdio::piped())
         .output()
         .unwrap();
@@ -298,7 +300,8 @@ fn fleet_page(hub: &HubProcess, work: &Path, agents: &[String]) {
         .into_iter()
         .find(|name| Command::new(name).arg("--version").output().is_ok())
         .expect("headless Chromium is needed for the fleet page test: apt-get install chromium");
-    let page = format!("{}/fleet", hub.url);
+    // The page asks for a token; one in the fragment (never sent to the server) signs it in.
+    let page = format!("{}/fleet#token={}", hub.url, hub.token);
     let browse = |extra: &[&str]| {
         let profile = tempfile::tempdir().unwrap();
         let profile = format!("--user-data-dir={}", profile.path().display());

@@ -196,3 +196,193 @@ async fn an_agent_gets_only_what_is_assigned_to_it() {
     }
     assert_ne!(id_a, id_b);
 }
+
+/// Opens a raw protocol connection with `dir`'s agent key and says Hello; returns the
+/// connection and the control stream (reader and writer).
+async fn raw_session(
+    hub: &TestHub,
+    dir: &std::path::Path,
+) -> (quinn::Connection, quinn::SendStream, MessageReader) {
+    let (key, _) =
+        outpost_agent::identity::load_or_create(&outpost_agent::paths::key(dir)).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let config =
+        outpost_proto::transport::client_config(&key, hub.pin(), &Tuning::default()).unwrap();
+    let connection = endpoint
+        .connect_with(config, hub.address, "outpost-hub")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut control, recv) = connection.open_bi().await.unwrap();
+    let hello = Hello {
+        agent_version: "test".into(),
+        assignment_sequence: 0,
+        have: vec![],
+    };
+    send_message(&mut control, &Message::Hello(hello))
+        .await
+        .unwrap();
+    (connection, control, MessageReader::new(recv))
+}
+
+/// Fetches `snapshot` naming `have` as held; returns how the hub encoded the payload.
+async fn fetch_encoding(
+    connection: &quinn::Connection,
+    snapshot: outpost_proto::Digest,
+    have: Vec<outpost_proto::Digest>,
+) -> outpost_proto::wire::PayloadEncoding {
+    let (mut send, recv) = connection.open_bi().await.unwrap();
+    let fetch = Fetch {
+        snapshot,
+        have,
+        resume: None,
+    };
+    send_message(&mut send, &Message::Fetch(fetch))
+        .await
+        .unwrap();
+    match within(20, "transfer start", MessageReader::new(recv).next()).await {
+        Ok(Some(Message::TransferStart(start))) => start.encoding,
+        other => panic!("expected TransferStart, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deltas_only_against_what_was_assigned_and_status_only_for_assigned_bundles() {
+    use outpost_proto::wire::{BundleStatus, PayloadEncoding, StatusReport};
+    let hub = TestHub::start(options(), &Tuning::default()).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let (agent, id) = TestAgent::enrolled(dirs.path(), &hub, hub.address, quick_options(11)).await;
+    let first = hub.publish("app", APP);
+    let second = hub.publish("app", &APP.replace("\"1\"", "\"2\""));
+    let third = hub.publish("app", &APP.replace("\"1\"", "\"3\""));
+    hub.assign(&id, "app", first);
+    within(20, "first", agent.holds(first)).await;
+    hub.assign(&id, "app", third);
+    within(20, "third", agent.holds(third)).await;
+    drop(agent);
+
+    // The agent's key, on a raw connection (it replaces the agent's own).
+    let (connection, mut control, mut reader) = raw_session(&hub, dirs.path()).await;
+    // Assigned once: a delta base. Never assigned to this agent: not one, whatever it claims.
+    assert_eq!(
+        fetch_encoding(&connection, third.digest, vec![second.digest]).await,
+        PayloadEncoding::Whole,
+        "second was never assigned to this agent"
+    );
+    assert_eq!(
+        fetch_encoding(&connection, third.digest, vec![second.digest, first.digest]).await,
+        PayloadEncoding::Delta { base: first.digest }
+    );
+
+    // Status for a bundle not assigned to the agent is acknowledged and not stored.
+    let status = |bundle: &str, digest| BundleStatus {
+        bundle: bundle.to_owned(),
+        digest,
+        generation: third.generation,
+        phase: Phase::Healthy,
+        objects_total: 1,
+        objects_ready: 1,
+        message: String::new(),
+        observed_at: outpost_e2e::harness::unix_now(),
+        stale: false,
+    };
+    let report = StatusReport {
+        sequence: u64::MAX / 2,
+        bundles: vec![
+            status("app", third.digest),
+            status("intruder", third.digest),
+        ],
+    };
+    send_message(&mut control, &Message::StatusReport(report))
+        .await
+        .unwrap();
+    loop {
+        match within(20, "ack", reader.next()).await.unwrap() {
+            Some(Message::Ack(ack)) => {
+                assert_eq!(ack.sequence, u64::MAX / 2);
+                break;
+            }
+            Some(_) => continue,
+            None => panic!("control stream closed"),
+        }
+    }
+    let stored = hub.store.lock().unwrap().statuses(Some(&id)).unwrap();
+    let bundles: Vec<&str> = stored.iter().map(|s| s.status.bundle.as_str()).collect();
+    assert_eq!(bundles, ["app"]);
+    // One connection per agent: a newer one replaces this one, which is told why.
+    let (_newer, _control, _reader) = raw_session(&hub, dirs.path()).await;
+    let closed = within(20, "the older connection closed", connection.closed()).await;
+    match closed {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(
+                close.error_code,
+                outpost_hub::transport::close::REPLACED.into()
+            )
+        }
+        other => panic!("expected a close by the hub, got {other}"),
+    }
+    assert!(
+        hub.service
+            .counters()
+            .replaced
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_peers_prove_their_address_and_beyond_the_cap_are_refused() {
+    use std::sync::atomic::Ordering::Relaxed;
+    // Every new peer must answer a Retry first: agents still get through.
+    let hub = TestHub::start(
+        outpost_hub::transport::ServiceOptions {
+            retry_above: 0,
+            ..options()
+        },
+        &Tuning::default(),
+    )
+    .await;
+    let dirs = tempfile::tempdir().unwrap();
+    let (agent, id) = TestAgent::enrolled(dirs.path(), &hub, hub.address, quick_options(12)).await;
+    let snapshot = hub.publish("app", APP);
+    hub.assign(&id, "app", snapshot);
+    within(20, "snapshot after a Retry", agent.holds(snapshot)).await;
+    assert!(hub.service.counters().retries.load(Relaxed) >= 1);
+
+    // No room for unidentified peers: refused at once, nothing enrolled.
+    let full = TestHub::start(
+        outpost_hub::transport::ServiceOptions {
+            max_unidentified: 0,
+            ..options()
+        },
+        &Tuning::default(),
+    )
+    .await;
+    let mut refused = TestAgent::new(
+        &dirs.path().join("refused"),
+        &full,
+        full.address,
+        &full.token(&[]),
+        quick_options(13),
+    );
+    refused.start();
+    within(20, "refusals", async {
+        while full.service.counters().refused.load(Relaxed) < 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        full.store
+            .lock()
+            .unwrap()
+            .bundle_assignments(None)
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        outpost_hub::store::Store::agents(&*full.store.lock().unwrap())
+            .unwrap()
+            .is_empty()
+    );
+}

@@ -14,23 +14,40 @@ use std::collections::{BTreeMap, HashMap};
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{AdminState, ApiError, ApiResult, who, with_store};
+use super::auth::Operator;
+use super::{AdminState, ApiError, ApiResult, check_why, with_store};
 use crate::rollout::machine::{Command, OnFailure, Rollout};
 use crate::rollout::{self, CommandFailure, CreateError, Request};
 use crate::store::{FleetStore, RolloutStore, Store};
 
-/// The fleet page: one HTML file with its script and styles inline.
+/// The fleet page: static HTML (styles inline) and its script, which asks for an API token,
+/// keeps it in the tab's session storage and sends it as a header (no cookies, so no
+/// cross-site request forgery).
 const FLEET_PAGE: &str = include_str!("fleet.html");
+const FLEET_SCRIPT: &str = include_str!("fleet.js");
+
+/// Only our own script runs on the page, it talks only to this hub, and no page may frame it.
+const FLEET_PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 pub(super) async fn fleet_page() -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CONTENT_SECURITY_POLICY, FLEET_PAGE_POLICY),
+        ],
         FLEET_PAGE,
+    )
+}
+
+pub(super) async fn fleet_script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        FLEET_SCRIPT,
     )
 }
 
@@ -147,10 +164,19 @@ fn default_on_failure() -> OnFailure {
 
 pub(super) async fn create(
     State(state): State<AdminState>,
-    headers: HeaderMap,
+    Operator(caller): Operator,
     Json(request): Json<CreateRequest>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let who = who(&headers);
+    if request.why.len() > super::MAX_WHY
+        || request.selector.len() > 4096
+        || request.waves.len() > 256
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "why, selector or waves is too long".to_owned(),
+        ));
+    }
+    let who = caller.name;
     let now = (state.now)();
     let created = with_store(&state, move |store| {
         let asked = Request {
@@ -173,7 +199,7 @@ pub(super) async fn create(
     })
     .await?;
     tracing::info!(rollout = created.id, bundle = %created.plan.bundle, git_ref = %created.plan.git_ref, "rollout created");
-    state.fetch_now.rollouts_changed();
+    state.changes.rollouts_changed();
     Ok((StatusCode::CREATED, Json(rollout_json(&created, true))))
 }
 
@@ -184,8 +210,8 @@ pub(super) struct CommandRequest {
 
 pub(super) async fn command(
     State(state): State<AdminState>,
+    Operator(caller): Operator,
     Path((id, name)): Path<(u64, String)>,
-    headers: HeaderMap,
     Json(request): Json<CommandRequest>,
 ) -> ApiResult {
     let command = Command::parse(&name).ok_or_else(|| {
@@ -194,13 +220,8 @@ pub(super) async fn command(
             format!("unknown rollout command {name:?}; use pause, resume, abort or rollback"),
         )
     })?;
-    if request.why.trim().is_empty() {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("say why you {name} the rollout (\"why\"); it is recorded with your name"),
-        ));
-    }
-    let who = who(&headers);
+    check_why(&request.why, &format!("{name} the rollout"))?;
+    let who = caller.name;
     let now = (state.now)();
     let keys = state.keys.clone();
     let (rollout, changed) = with_store(&state, move |store| {
@@ -215,9 +236,9 @@ pub(super) async fn command(
     })
     .await?;
     if !changed.is_empty() {
-        state.fetch_now.fleet_changed();
+        state.changes.fleet_changed();
     }
-    state.fetch_now.rollouts_changed();
+    state.changes.rollouts_changed();
     Ok(Json(rollout_json(&rollout, true)))
 }
 
@@ -266,7 +287,7 @@ pub(super) async fn fleet(State(state): State<AdminState>) -> ApiResult {
                 json!({"phase": format!("{:?}", status.phase), "generation": status.generation,
                        "snapshot": status.digest.short(), "message": status.message,
                        "objects_ready": status.objects_ready, "objects_total": status.objects_total,
-                       "observed_at": status.observed_at}),
+                       "observed_at": status.observed_at, "stale": status.stale}),
             );
         }
         let mut assigned: BTreeMap<String, Vec<Value>> = BTreeMap::new();

@@ -8,15 +8,13 @@ pub mod machine;
 
 use std::collections::HashMap;
 
+use outpost_proto::Digest;
 use outpost_proto::selector::LabelSelector;
 use outpost_proto::wire::Phase as Reported;
-use outpost_proto::{Digest, SnapshotHeader};
 
 use crate::bundles::BundleDefinition;
 use crate::keys::HubKeys;
-use crate::store::{
-    AssignmentChange, Created, FleetStore, RolloutStore, Store, StoreError, StoredSnapshot,
-};
+use crate::store::{AssignmentChange, Created, FleetStore, RolloutStore, Store, StoreError};
 use crate::variants;
 use machine::{Assigned, Change, Command, CommandError, Health, Input, Plan, PlanError, Rollout};
 
@@ -438,33 +436,22 @@ fn resign(
     floor: u64,
     now: i64,
 ) -> Result<u64, RolloutError> {
-    let failed = |reason: String| RolloutError::Resign {
-        bundle: bundle.to_owned(),
-        digest: digest.short(),
-        reason,
-    };
     let newest = store
         .snapshot_by_digest(bundle, digest)?
-        .ok_or_else(|| failed("the snapshot is not in the store".to_owned()))?;
+        .ok_or_else(|| RolloutError::Resign {
+            bundle: bundle.to_owned(),
+            digest: digest.short(),
+            reason: "the snapshot is not in the store".to_owned(),
+        })?;
     if newest.generation >= floor {
         return Ok(newest.generation);
     }
-    let mut header =
-        SnapshotHeader::decode(&newest.header).map_err(|error| failed(error.to_string()))?;
-    let generation = store.next_generation(bundle)?;
-    header.generation = generation;
-    header.created_at = now;
-    header.key_id = keys.signer.key_id();
-    let (header, signature) = header
-        .sign(&keys.signer)
-        .map_err(|error| failed(error.to_string()))?;
-    store.insert_resigned(&StoredSnapshot {
-        generation,
-        header,
-        signature: signature.0.to_vec(),
-        created_at: now,
-        ..newest
-    })?;
-    tracing::info!(bundle, snapshot = %digest.short(), generation, "older snapshot signed again under a new generation");
-    Ok(generation)
+    crate::resign::sign_again(store, keys, newest, now).map_err(|error| match error {
+        crate::resign::ResignError::Store(error) => RolloutError::Store(error),
+        crate::resign::ResignError::Sign { reason, .. } => RolloutError::Resign {
+            bundle: bundle.to_owned(),
+            digest: digest.short(),
+            reason,
+        },
+    })
 }

@@ -107,6 +107,51 @@ pub trait FleetStore {
     ) -> Result<Option<SignedHeader>, StoreError>;
     /// The body digest of a bundle's generation.
     fn snapshot_digest(&self, bundle: &str, generation: u64) -> Result<Option<Digest>, StoreError>;
+    /// Whether the hub may compress against `digest` for `agent`: it was assigned that
+    /// snapshot of `bundle` lately (the last few assignments count), so it may hold it.
+    fn delta_base_allowed(
+        &self,
+        agent: &str,
+        bundle: &str,
+        digest: &Digest,
+    ) -> Result<bool, StoreError>;
+    /// The signed headers of the snapshots in use: assigned to an agent or named by a release.
+    fn headers_in_use(&self) -> Result<Vec<(String, u64, Vec<u8>)>, StoreError>;
+    /// Points every release, render and assignment of `bundle` at generation `old` to `new` (the
+    /// same body signed again), in one transaction; returns the agents whose assignments changed.
+    fn replace_generation(
+        &mut self,
+        bundle: &str,
+        old: u64,
+        new: u64,
+        now: i64,
+    ) -> Result<Vec<String>, StoreError>;
+}
+
+/// How many of an agent's latest assignments of a bundle count as delta bases.
+const DELTA_BASES_KEPT: i64 = 4;
+
+/// Remembers that `agent` was assigned `digest` of `bundle` (a future delta base), keeping the
+/// newest [`DELTA_BASES_KEPT`].
+fn remember_base(
+    transaction: &rusqlite::Transaction<'_>,
+    agent: &str,
+    bundle: &str,
+    digest: &[u8],
+    now: i64,
+) -> Result<(), StoreError> {
+    transaction.execute(
+        "INSERT INTO assignment_bases (agent, bundle, digest, assigned_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (agent, bundle, digest) DO UPDATE SET assigned_at = ?4",
+        params![agent, bundle, digest, now],
+    )?;
+    transaction.execute(
+        "DELETE FROM assignment_bases WHERE agent = ?1 AND bundle = ?2 AND digest NOT IN
+         (SELECT digest FROM assignment_bases WHERE agent = ?1 AND bundle = ?2
+          ORDER BY assigned_at DESC, rowid DESC LIMIT ?3)",
+        params![agent, bundle, DELTA_BASES_KEPT],
+    )?;
+    Ok(())
 }
 
 fn bump_sequences<'a>(
@@ -131,7 +176,9 @@ pub(super) fn write_changes(
     let mut changed = std::collections::BTreeSet::new();
     for change in changes {
         let written = match &change.to {
-            Some((generation, digest)) => transaction.execute(
+            Some((generation, digest)) => {
+                remember_base(transaction, &change.agent, &change.bundle, &digest.0, now)?;
+                transaction.execute(
                 "INSERT INTO assignments (agent, bundle, generation, digest, origin, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                  ON CONFLICT (agent, bundle) DO UPDATE SET generation = ?3, digest = ?4, origin = ?5, updated_at = ?6
@@ -144,7 +191,8 @@ pub(super) fn write_changes(
                     change.origin,
                     now
                 ],
-            )?,
+            )?
+            }
             None => transaction.execute(
                 "DELETE FROM assignments WHERE agent = ?1 AND bundle = ?2",
                 params![change.agent, change.bundle],
@@ -230,6 +278,7 @@ impl FleetStore for SqliteStore {
             if same_or_other {
                 continue;
             }
+            remember_base(&transaction, &row.agent, &row.bundle, &row.digest.0, now)?;
             transaction.execute(
                 "INSERT INTO assignments (agent, bundle, generation, digest, origin, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -340,8 +389,47 @@ impl FleetStore for SqliteStore {
         if sequence <= stored as u64 {
             return Ok(false);
         }
-        for status in bundles {
+        // Only bundles the agent is assigned: an agent cannot fill the store with others.
+        let assigned: std::collections::BTreeSet<String> = {
+            let mut statement =
+                transaction.prepare("SELECT bundle FROM assignments WHERE agent = ?1")?;
+            let rows = statement.query_map([agent], |row| row.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        let (kept, dropped): (Vec<&BundleStatus>, Vec<&BundleStatus>) = bundles
+            .iter()
+            .partition(|status| assigned.contains(&status.bundle));
+        if !dropped.is_empty() {
+            tracing::debug!(
+                agent,
+                dropped = dropped.len(),
+                "status for bundles not assigned to the agent ignored"
+            );
+        }
+        for status in kept {
             let phase = phase_name(status.phase);
+            if status.stale {
+                let was_stale: Option<bool> = transaction
+                    .query_row(
+                        "SELECT stale FROM bundle_status WHERE agent = ?1 AND bundle = ?2",
+                        params![agent, status.bundle],
+                        |row| row.get(0),
+                    )
+                    .optional()?;
+                if was_stale != Some(true) {
+                    transaction.execute(
+                        "INSERT INTO events (at, kind, subject, message) VALUES (?1, 'agent-stale', ?2, ?3)",
+                        params![
+                            now,
+                            agent,
+                            format!(
+                                "bundle {} generation {}: the snapshot expired; still enforced, but the agent has had nothing newer",
+                                status.bundle, status.generation
+                            )
+                        ],
+                    )?;
+                }
+            }
             transaction.execute(
                 "INSERT INTO bundle_status (agent, bundle, digest, generation, phase, objects_total, objects_ready, message, observed_at, stale, received_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
@@ -441,5 +529,67 @@ impl FleetStore for SqliteStore {
                 |row| digest_at(row, 0),
             )
             .optional()?)
+    }
+
+    fn delta_base_allowed(
+        &self,
+        agent: &str,
+        bundle: &str,
+        digest: &Digest,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .connection
+            .query_row(
+                "SELECT 1 FROM assignment_bases WHERE agent = ?1 AND bundle = ?2 AND digest = ?3",
+                params![agent, bundle, digest.0.as_slice()],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some())
+    }
+
+    fn headers_in_use(&self) -> Result<Vec<(String, u64, Vec<u8>)>, StoreError> {
+        let mut statement = self.connection.prepare(
+            "SELECT s.bundle, s.generation, s.header FROM snapshots s
+             WHERE EXISTS (SELECT 1 FROM assignments a WHERE a.bundle = s.bundle AND a.generation = s.generation)
+                OR EXISTS (SELECT 1 FROM releases r WHERE r.bundle = s.bundle AND r.generation = s.generation)
+             ORDER BY s.bundle, s.generation",
+        )?;
+        let rows = statement.query_map([], |row| {
+            Ok((row.get(0)?, row.get::<_, i64>(1)? as u64, row.get(2)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn replace_generation(
+        &mut self,
+        bundle: &str,
+        old: u64,
+        new: u64,
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let transaction = self.connection.transaction()?;
+        let (old, new) = (old as i64, new as i64);
+        transaction.execute(
+            "UPDATE releases SET generation = ?3 WHERE bundle = ?1 AND generation = ?2",
+            params![bundle, old, new],
+        )?;
+        transaction.execute(
+            "UPDATE renders SET generation = ?3 WHERE bundle = ?1 AND generation = ?2",
+            params![bundle, old, new],
+        )?;
+        let agents: Vec<String> = {
+            let mut statement = transaction
+                .prepare("SELECT agent FROM assignments WHERE bundle = ?1 AND generation = ?2")?;
+            let rows = statement.query_map(params![bundle, old], |row| row.get(0))?;
+            rows.collect::<Result<_, _>>()?
+        };
+        transaction.execute(
+            "UPDATE assignments SET generation = ?3, updated_at = ?4 WHERE bundle = ?1 AND generation = ?2",
+            params![bundle, old, new, now],
+        )?;
+        bump_sequences(&transaction, &agents)?;
+        transaction.commit()?;
+        Ok(agents)
     }
 }

@@ -8,21 +8,34 @@
 //!
 //! The hub serves only snapshots assigned to the asking agent; unknown and revoked keys get an
 //! `Error` that says what to do, then the connection is closed.
+//!
+//! Abuse: until a peer is identified as an enrolled agent it may send the hub almost nothing
+//! (small flow-control windows, one stream, 10 s to say who it is), at most
+//! [`ServiceOptions::max_unidentified`] such peers are let in at once, and above
+//! [`ServiceOptions::retry_above`] of them new peers must prove their address first (QUIC
+//! Retry). An identified agent gets one connection (a newer one replaces it), a rate limit on
+//! status reports and on fetches, status stored only for bundles assigned to it, and deltas
+//! only against snapshots it was assigned.
 
 mod payloads;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use outpost_proto::transport::{MessageReader, StreamError, peer_public_key, send_message};
+use outpost_proto::transport::{
+    MessageReader, StreamError, allow_identified, peer_public_key, send_message,
+};
 use outpost_proto::wire::{
     Assign, Assignment, Enrolled, ErrorCode, ErrorMessage, Fetch, Message, TransferChunk,
-    TransferStart, Trust,
+    TransferStart,
 };
 use outpost_proto::{Digest, PublicKey};
 use tokio::sync::watch;
 
 use crate::keys::HubKeys;
+use crate::limits::TokenBucket;
 use crate::store::{Agent, FleetStore, SqliteStore, Store, StoreError, agent_id};
 
 pub use payloads::{Bodies, Payload, PayloadCache, PayloadError};
@@ -37,7 +50,14 @@ pub mod close {
     pub const BAD_TOKEN: u32 = 3;
     /// The agent broke the protocol.
     pub const PROTOCOL: u32 = 4;
+    /// A newer connection of the same agent replaced this one.
+    pub const REPLACED: u32 = 5;
+    /// The peer did not say who it is in time.
+    pub const TOO_SLOW: u32 = 6;
 }
+
+/// How long a new peer has to send its first message.
+const IDENTIFY_WITHIN: Duration = Duration::from_secs(10);
 
 /// Settings of the agent service.
 #[derive(Debug, Clone)]
@@ -48,6 +68,16 @@ pub struct ServiceOptions {
     pub chunk_size: usize,
     /// Payload cache bound.
     pub cache_bytes: usize,
+    /// Peers let in at once before they are identified (handshaking, or not yet past their
+    /// first message); more are refused.
+    pub max_unidentified: usize,
+    /// With this many unidentified peers, new ones must prove their address (QUIC Retry).
+    pub retry_above: usize,
+    /// Status reports one agent may send per second (ten times that at once); faster ones
+    /// wait.
+    pub reports_per_second: f64,
+    /// Fetches one agent may start per second (ten times that at once); faster ones wait.
+    pub fetches_per_second: f64,
 }
 
 impl Default for ServiceOptions {
@@ -56,50 +86,107 @@ impl Default for ServiceOptions {
             compression_level: outpost_proto::compress::DEFAULT_LEVEL,
             chunk_size: 32 << 10,
             cache_bytes: 256 << 20,
+            max_unidentified: 8192,
+            retry_above: 1024,
+            reports_per_second: 20.0,
+            fetches_per_second: 2.0,
         }
     }
 }
 
-/// The agents connected now (the store only knows when each last connected).
+/// What the service refused or throttled, counted.
 #[derive(Debug, Default)]
-pub struct Connected(Mutex<HashMap<String, usize>>);
+pub struct ServiceCounters {
+    /// New peers asked to prove their address first (QUIC Retry).
+    pub retries: AtomicU64,
+    /// New peers refused because too many were unidentified.
+    pub refused: AtomicU64,
+    /// Connections replaced by a newer one of the same agent.
+    pub replaced: AtomicU64,
+    /// Status reports or fetches that had to wait for the rate limit.
+    pub throttled: AtomicU64,
+}
+
+/// The agents connected now (the store only knows when each last connected): one connection
+/// per agent, the newest.
+#[derive(Debug, Default)]
+pub struct Connected {
+    connections: Mutex<HashMap<String, (u64, quinn::Connection)>>,
+    next: AtomicU64,
+}
 
 impl Connected {
     /// Whether `agent` has a connection open now.
     pub fn contains(&self, agent: &str) -> bool {
-        self.0
+        self.connections
             .lock()
             .map(|connected| connected.contains_key(agent))
             .unwrap_or(false)
     }
 
-    fn enter(self: &Arc<Connected>, agent: &str) -> ConnectedGuard {
-        if let Ok(mut connected) = self.0.lock() {
-            *connected.entry(agent.to_owned()).or_default() += 1;
-        }
-        ConnectedGuard(self.clone(), agent.to_owned())
+    /// How many agents are connected.
+    pub fn len(&self) -> usize {
+        self.connections
+            .lock()
+            .map_or(0, |connected| connected.len())
+    }
+
+    /// Whether no agent is connected.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Records `connection` as `agent`'s; returns the connection it replaces, if any.
+    fn enter(
+        self: &Arc<Connected>,
+        agent: &str,
+        connection: &quinn::Connection,
+    ) -> (ConnectedGuard, Option<quinn::Connection>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let replaced = self.connections.lock().ok().and_then(|mut connected| {
+            connected
+                .insert(agent.to_owned(), (id, connection.clone()))
+                .map(|(_, old)| old)
+        });
+        (ConnectedGuard(self.clone(), agent.to_owned(), id), replaced)
     }
 }
 
-/// Counts a connection until dropped.
-struct ConnectedGuard(Arc<Connected>, String);
+/// Keeps a connection listed until dropped.
+struct ConnectedGuard(Arc<Connected>, String, u64);
 
 impl Drop for ConnectedGuard {
     fn drop(&mut self) {
-        if let Ok(mut connected) = self.0.0.lock()
-            && let Some(count) = connected.get_mut(&self.1)
+        if let Ok(mut connected) = self.0.connections.lock()
+            && connected.get(&self.1).is_some_and(|(id, _)| *id == self.2)
         {
-            *count -= 1;
-            if *count == 0 {
-                connected.remove(&self.1);
-            }
+            connected.remove(&self.1);
         }
+    }
+}
+
+/// Counts a peer as unidentified until dropped (or [`Unidentified::identified`]).
+struct Unidentified(Option<Arc<AtomicUsize>>);
+
+impl Unidentified {
+    fn identified(&mut self) {
+        if let Some(count) = self.0.take() {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Unidentified {
+    fn drop(&mut self) {
+        self.identified();
     }
 }
 
 /// What every agent connection shares.
 pub struct AgentService {
     connected: Arc<Connected>,
+    unidentified: Arc<AtomicUsize>,
+    counters: ServiceCounters,
     store: Arc<Mutex<SqliteStore>>,
     keys: Arc<HubKeys>,
     payloads: PayloadCache,
@@ -151,6 +238,8 @@ impl AgentService {
     ) -> AgentService {
         AgentService {
             connected: Arc::default(),
+            unidentified: Arc::default(),
+            counters: ServiceCounters::default(),
             store,
             keys,
             payloads: PayloadCache::new(options.compression_level, options.cache_bytes),
@@ -171,6 +260,11 @@ impl AgentService {
         &self.payloads
     }
 
+    /// What was refused or throttled.
+    pub fn counters(&self) -> &ServiceCounters {
+        &self.counters
+    }
+
     async fn with_store<T: Send + 'static>(
         self: &Arc<Self>,
         work: impl FnOnce(&mut SqliteStore) -> Result<T, StoreError> + Send + 'static,
@@ -189,10 +283,27 @@ impl AgentService {
 /// Accepts agent connections on `endpoint` until it is closed.
 pub async fn serve(endpoint: quinn::Endpoint, service: Arc<AgentService>) {
     while let Some(incoming) = endpoint.accept().await {
+        let unidentified = service.unidentified.load(Ordering::Relaxed);
+        if unidentified >= service.options.max_unidentified {
+            service.counters.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(remote = %incoming.remote_address(), unidentified, "too many unidentified peers; refused");
+            incoming.refuse();
+            continue;
+        }
+        if unidentified >= service.options.retry_above
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            service.counters.retries.fetch_add(1, Ordering::Relaxed);
+            let _ = incoming.retry();
+            continue;
+        }
+        service.unidentified.fetch_add(1, Ordering::Relaxed);
+        let guard = Unidentified(Some(service.unidentified.clone()));
         let service = service.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            match handle_connection(incoming, service).await {
+            match handle_connection(incoming, service, guard).await {
                 Ok(()) => tracing::debug!(%remote, "agent connection closed"),
                 Err(error) => tracing::debug!(%remote, %error, "agent connection ended"),
             }
@@ -208,7 +319,12 @@ async fn refuse(
     message: String,
 ) -> Result<(), ServeError> {
     tracing::info!(remote = %connection.remote_address(), ?code, %message, "agent refused");
-    let _ = send_message(send, &Message::Error(ErrorMessage { code, message })).await;
+    let error = ErrorMessage {
+        code,
+        message,
+        retry_after: None,
+    };
+    let _ = send_message(send, &Message::Error(error)).await;
     let _ = send.finish();
     // Give the error frame a moment to leave before the close overtakes it.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), send.stopped()).await;
@@ -219,17 +335,31 @@ async fn refuse(
 async fn handle_connection(
     incoming: quinn::Incoming,
     service: Arc<AgentService>,
+    mut unidentified: Unidentified,
 ) -> Result<(), ServeError> {
     let connection = incoming.await?;
     let key = peer_public_key(&connection)
         .ok_or_else(|| ServeError::Protocol("no ed25519 client key".to_owned()))?;
     let id = agent_id(&key.to_bytes());
-    let (mut send, recv) = connection.accept_bi().await?;
-    let mut reader = MessageReader::new(recv);
-    let first = reader
-        .next()
-        .await?
-        .ok_or_else(|| ServeError::Protocol("control stream closed before Hello".to_owned()))?;
+    let first = tokio::time::timeout(IDENTIFY_WITHIN, async {
+        let (send, recv) = connection.accept_bi().await?;
+        let mut reader = MessageReader::new(recv);
+        let first = reader
+            .next()
+            .await?
+            .ok_or_else(|| ServeError::Protocol("control stream closed before Hello".to_owned()))?;
+        Ok::<_, ServeError>((send, reader, first))
+    })
+    .await;
+    let (mut send, reader, first) = match first {
+        Ok(first) => first?,
+        Err(_) => {
+            connection.close(close::TOO_SLOW.into(), b"say Hello or Enrol first");
+            return Err(ServeError::Protocol(format!(
+                "no first message within {IDENTIFY_WITHIN:?}"
+            )));
+        }
+    };
     let lookup = id.clone();
     let agent = service
         .with_store(move |store| store.agent(&lookup))
@@ -251,6 +381,7 @@ async fn handle_connection(
             agent
         }
         (Some(agent), Message::Hello(hello)) => {
+            unidentified.identified();
             return run_session(&service, connection, send, reader, agent, Some(hello)).await;
         }
         (None, Message::Enrol(enrol)) => match enrol_agent(&service, &key, &enrol.token).await? {
@@ -296,6 +427,7 @@ async fn handle_connection(
             )));
         }
     };
+    unidentified.identified();
     run_session(&service, connection, send, reader, agent, None).await
 }
 
@@ -376,20 +508,30 @@ async fn run_session(
     service
         .with_store(move |store| store.agent_connected(&seen, &version, now))
         .await?;
-    let _connected = service.connected.enter(&id);
+    allow_identified(&connection);
+    let (_connected, replaced) = service.connected.enter(&id, &connection);
+    if let Some(old) = replaced {
+        service.counters.replaced.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(agent = %id, old = %old.remote_address(), new = %connection.remote_address(), "a newer connection replaces the agent's old one");
+        old.close(close::REPLACED.into(), b"replaced by a newer connection");
+    }
     let span = tracing::info_span!("agent", agent = %id);
     let _entered = span.enter();
     tracing::info!(remote = %connection.remote_address(), "agent connected");
     drop(_entered);
-    send_message(
-        &mut send,
-        &Message::Trust(Trust {
-            certificates: vec![service.keys.certificate.to_wire()],
-        }),
-    )
-    .await?;
+    let mut trust_changes = service.keys.trust_changes();
+    trust_changes.borrow_and_update();
+    send_message(&mut send, &Message::Trust(service.keys.trust())).await?;
     let mut changes = service.changes.clone();
     let mut sent_sequence = None;
+    let mut reports = TokenBucket::new(
+        service.options.reports_per_second,
+        service.options.reports_per_second * 10.0,
+    );
+    let fetches = Arc::new(tokio::sync::Mutex::new(TokenBucket::new(
+        service.options.fetches_per_second,
+        service.options.fetches_per_second * 10.0,
+    )));
     // The agent is (re)read at the start and whenever the fleet changes, not per message.
     let mut recheck = true;
     loop {
@@ -406,8 +548,19 @@ async fn run_session(
                 }
                 recheck = true;
             }
+            // New keys reach the agent before any assignment naming what they signed: both
+            // travel on this stream, in order.
+            changed = trust_changes.changed() => {
+                if changed.is_ok() {
+                    send_message(&mut send, &Message::Trust(service.keys.trust())).await?;
+                }
+            }
             message = reader.next() => match message? {
                 Some(Message::StatusReport(report)) => {
+                    if reports.take().is_err() {
+                        service.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                        reports.wait().await;
+                    }
                     let (agent, now) = (id.clone(), (service.now)());
                     let sequence = report.sequence;
                     let new = service
@@ -425,8 +578,15 @@ async fn run_session(
             },
             stream = connection.accept_bi() => {
                 let (stream_send, stream_recv) = stream?;
-                let (service, agent) = (service.clone(), id.clone());
+                let (service, agent, fetches) = (service.clone(), id.clone(), fetches.clone());
                 tokio::spawn(async move {
+                    {
+                        let mut fetches = fetches.lock().await;
+                        if fetches.take().is_err() {
+                            service.counters.throttled.fetch_add(1, Ordering::Relaxed);
+                            fetches.wait().await;
+                        }
+                    }
                     if let Err(error) = serve_fetch(&service, &agent, stream_send, stream_recv).await {
                         tracing::debug!(%agent, %error, "fetch ended");
                     }
@@ -505,7 +665,9 @@ async fn serve_fetch(
         }
     };
     let (lookup, wanted, have) = (agent.to_owned(), fetch.snapshot, fetch.have.clone());
-    // The snapshot must be assigned to this agent; pick the first held body we still have.
+    // The snapshot must be assigned to this agent. The delta base: the first held body the
+    // agent was assigned lately (so it cannot make the hub compress against anything it
+    // names) and the hub still has — the wanted body itself when only its header is new.
     let found = service
         .with_store(move |store| {
             let assignments = store.assignments(&lookup)?;
@@ -520,8 +682,10 @@ async fn serve_fetch(
                 return Ok(Some(None));
             };
             let mut base = None;
-            for digest in have.iter().filter(|digest| **digest != wanted).take(4) {
-                if let Some(snapshot) = store.snapshot_by_digest(&row.bundle, digest)? {
+            for digest in have.iter().take(4) {
+                if store.delta_base_allowed(&lookup, &row.bundle, digest)?
+                    && let Some(snapshot) = store.snapshot_by_digest(&row.bundle, digest)?
+                {
                     base = Some(snapshot.digest);
                     break;
                 }
@@ -616,7 +780,12 @@ async fn error_reply(
     code: ErrorCode,
     message: String,
 ) -> Result<(), ServeError> {
-    send_message(send, &Message::Error(ErrorMessage { code, message })).await?;
+    let error = ErrorMessage {
+        code,
+        message,
+        retry_after: None,
+    };
+    send_message(send, &Message::Error(error)).await?;
     let _ = send.finish();
     Ok(())
 }

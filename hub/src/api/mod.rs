@@ -1,30 +1,34 @@
-//! The admin HTTP API: JSON over HTTP for the CLI, scripts and Git push hooks.
+//! The admin HTTP API: JSON over HTTP(S) for the CLI, scripts and the fleet page.
 //!
-//! Routes (all JSON; errors are `{"error": "..."}` with a 4xx/5xx status):
-//! - `GET /live`, `GET /ready`
-//! - `GET /api/v1/bundles` — each bundle with its newest generation
-//! - `GET /api/v1/releases` — each bundle at each ref: generation or error
-//! - `GET /api/v1/snapshots/{bundle}/{generation}` and `…/objects`
-//! - `POST /api/v1/fetch` and `POST /hooks/git` (for push hooks; body ignored) — fetch now
-//! - `GET /api/v1/events?limit=N`
-//! - `GET /api/v1/agents`, `GET /api/v1/agents/{id}`,
-//!   `POST /api/v1/agents/{id}/labels` (`{"labels": {"k": "v" | null}}`),
-//!   `POST /api/v1/agents/{id}/revoke` (`{"why": "..."}`)
-//! - `POST /api/v1/tokens` (`{"labels": {...}, "ttl_seconds": N}`) → the token, shown once, and
-//!   an enrolment bundle (hub address, hub key pin, root key, token) for the device;
-//!   `GET /api/v1/tokens`
-//! - `GET /api/v1/status` (`?agent=ID`) — the last status each agent reported per bundle
-//! - rollouts, the fleet list and the fleet page: see [`rollouts`]
+//! Who may call what (see [`auth`]): every route needs an API token except the probes, the
+//! metrics and the static fleet page; a handler that needs more than `viewer` says so in its
+//! signature ([`auth::Operator`], [`auth::Admin`]). Errors are `{"error": "..."}`.
 //!
-//! Who did something is taken from the `x-outpost-user` header (the CLI sends the login name).
-//! There is no authentication yet: the API listens on loopback by default; put it behind an
-//! authenticating proxy before exposing it.
+//! - public: `GET /live`, `GET /ready`, `GET /metrics`, `GET /`, `GET /fleet`, `GET /fleet.js`
+//! - viewer: `GET /api/v1/whoami`, `GET /api/v1/bundles`, `GET /api/v1/releases`,
+//!   `GET /api/v1/sources`, `GET /api/v1/snapshots/{bundle}/{generation}` and `…/objects`
+//!   (Secret values redacted), `GET /api/v1/events?limit=N`, `GET /api/v1/agents`,
+//!   `GET /api/v1/agents/{id}`, `GET /api/v1/tokens` (enrolment tokens, by digest),
+//!   `GET /api/v1/status` (`?agent=ID`), `GET /api/v1/fleet`, `GET /api/v1/rollouts`,
+//!   `GET /api/v1/rollouts/{id}`
+//! - operator: `POST /api/v1/fetch`, `POST /api/v1/agents/{id}/labels`
+//!   (`{"labels": {"k": "v" | null}}`), `POST /api/v1/rollouts`,
+//!   `POST /api/v1/rollouts/{id}/{pause|resume|abort|rollback}` (see [`rollouts`])
+//! - admin: `POST /api/v1/tokens` (`{"labels": {...}, "ttl_seconds": N}`: an enrolment token,
+//!   shown once, in an enrolment bundle), `POST /api/v1/agents/{id}/revoke` (`{"why": "..."}`),
+//!   `GET|POST /api/v1/admin-tokens`, `POST /api/v1/admin-tokens/{name}/revoke`,
+//!   `GET /api/v1/keys`, `POST /api/v1/keys/reload`, and `…/objects?secrets=reveal`
+//! - Git webhooks: `POST /hooks/git/{source}`, signed with the source's secret (see [`hooks`]),
+//!   here or on a listener of their own
+//!
+//! The audit trail (events, rollout history, revocations) names the authenticated token; every
+//! write is also recorded as an `api-write` event.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -32,60 +36,21 @@ use outpost_proto::{Digest, SnapshotHeader, selector};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::store::{Agent, FleetStore, SqliteStore, Store, StoreError};
+use crate::changes::Changes;
+use crate::store::{Agent, FleetStore, Role, SqliteStore, Store, StoreError};
 
+pub mod admin;
+pub mod auth;
+pub mod hooks;
+pub mod listener;
 pub mod rollouts;
 
-/// Wakes the sync threads (bump the counter and notify), and tells agent connections that the
-/// fleet changed (assignments, labels, revocations).
-#[derive(Debug, Default)]
-pub struct FetchNow {
-    /// Requests so far.
-    pub requests: Mutex<u64>,
-    /// Signalled on every request.
-    pub signal: Condvar,
-    /// Ticks when agent connections should look at their agent again.
-    pub fleet: tokio::sync::watch::Sender<u64>,
-    /// Rollout wake-ups so far (created, commanded).
-    pub rollout_requests: Mutex<u64>,
-    /// Signalled on every rollout wake-up.
-    pub rollout_signal: Condvar,
-}
-
-impl FetchNow {
-    /// Asks every source to fetch now.
-    pub fn request(&self) {
-        if let Ok(mut requests) = self.requests.lock() {
-            *requests += 1;
-        }
-        self.signal.notify_all();
-    }
-
-    /// Tells every agent connection to re-read its agent (revocation, assignments).
-    pub fn fleet_changed(&self) {
-        self.fleet.send_modify(|tick| *tick += 1);
-    }
-
-    /// Wakes the rollout loop (a rollout was created or commanded).
-    pub fn rollouts_changed(&self) {
-        if let Ok(mut requests) = self.rollout_requests.lock() {
-            *requests += 1;
-        }
-        self.rollout_signal.notify_all();
-    }
-
-    /// Waits until the rollout loop is woken or `timeout` passes; `seen` is the count it last saw.
-    pub fn wait_for_rollouts(&self, seen: &mut u64, timeout: std::time::Duration) {
-        let Ok(requests) = self.rollout_requests.lock() else {
-            return;
-        };
-        let (requests, _) = self
-            .rollout_signal
-            .wait_timeout_while(requests, timeout, |requests| *requests == *seen)
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *seen = *requests;
-    }
-}
+/// The largest request body the API reads.
+pub const MAX_BODY: usize = 64 << 10;
+/// The most labels an agent (or an enrolment token) carries.
+pub const MAX_LABELS: usize = 64;
+/// The longest "why" recorded.
+pub const MAX_WHY: usize = 1024;
 
 /// What goes into an enrolment bundle besides the token.
 #[derive(Debug, Clone)]
@@ -110,13 +75,30 @@ impl EnrolmentInfo {
     }
 }
 
+/// A configured source, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceSummary {
+    /// Name.
+    pub name: String,
+    /// URL (credentials never live in it).
+    pub url: String,
+    /// The ref agents follow.
+    pub track: String,
+    /// Whether its webhook is enabled.
+    pub webhook: bool,
+}
+
 /// What handlers share.
 #[derive(Debug, Clone)]
 pub struct AdminState {
     /// The store, shared with the sync threads.
     pub store: Arc<Mutex<SqliteStore>>,
-    /// Fetch-now requests.
-    pub fetch_now: Arc<FetchNow>,
+    /// What changed, for whom: fetches, fleet, rollouts.
+    pub changes: Arc<Changes>,
+    /// Token checks, rate limits, allowed hosts.
+    pub auth: Arc<auth::Auth>,
+    /// The configured sources.
+    pub sources: Arc<Vec<SourceSummary>>,
     /// The clock (Unix seconds), injected for tests.
     pub now: fn() -> i64,
     /// For enrolment bundles.
@@ -129,7 +111,7 @@ pub struct AdminState {
 
 /// An API error: status and message.
 #[derive(Debug)]
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -146,26 +128,38 @@ impl From<StoreError> for ApiError {
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
-/// The admin API's routes.
-pub fn router(state: AdminState) -> Router {
-    Router::new()
+/// The admin API's routes, behind [`auth::authenticate`]; with the webhook routes when `hooks`
+/// is given (no separate hooks listener).
+pub fn router(state: AdminState, hooks: Option<hooks::HooksState>) -> Router {
+    let api = Router::new()
         .route("/live", get(|| async { "ok" }))
         .route("/ready", get(|| async { "ok" }))
+        .route("/api/v1/whoami", get(admin::whoami))
         .route("/api/v1/bundles", get(bundles))
         .route("/api/v1/releases", get(releases))
+        .route("/api/v1/sources", get(admin::sources))
         .route("/api/v1/snapshots/{bundle}/{generation}", get(snapshot))
         .route(
             "/api/v1/snapshots/{bundle}/{generation}/objects",
             get(objects),
         )
         .route("/api/v1/fetch", post(fetch_now))
-        .route("/hooks/git", post(fetch_now))
         .route("/api/v1/events", get(events))
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/agents/{id}", get(agent))
         .route("/api/v1/agents/{id}/labels", post(label_agent))
         .route("/api/v1/agents/{id}/revoke", post(revoke_agent))
         .route("/api/v1/tokens", get(tokens).post(create_token))
+        .route(
+            "/api/v1/admin-tokens",
+            get(admin::list_tokens).post(admin::create_token),
+        )
+        .route(
+            "/api/v1/admin-tokens/{name}/revoke",
+            post(admin::revoke_token),
+        )
+        .route("/api/v1/keys", get(admin::keys))
+        .route("/api/v1/keys/reload", post(admin::reload_keys))
         .route("/api/v1/status", get(statuses))
         .route("/api/v1/fleet", get(rollouts::fleet))
         .route(
@@ -176,7 +170,32 @@ pub fn router(state: AdminState) -> Router {
         .route("/api/v1/rollouts/{id}/{command}", post(rollouts::command))
         .route("/", get(rollouts::fleet_page))
         .route("/fleet", get(rollouts::fleet_page))
-        .with_state(state)
+        .route("/fleet.js", get(rollouts::fleet_script))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::authenticate,
+        ))
+        .with_state(state);
+    let api = match hooks {
+        Some(hooks) => api.merge(hooks::router(hooks)),
+        None => api,
+    };
+    api.layer(axum::middleware::map_response(security_headers))
+}
+
+/// Headers on every answer: nothing is cached or sniffed, and no page frames ours.
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
 }
 
 /// Runs `work` on the store in a blocking thread.
@@ -202,13 +221,40 @@ fn not_found(message: String) -> ApiError {
     ApiError(StatusCode::NOT_FOUND, message)
 }
 
-fn who(headers: &HeaderMap) -> String {
-    headers
-        .get("x-outpost-user")
-        .and_then(|value| value.to_str().ok())
-        .filter(|value| !value.is_empty())
-        .unwrap_or("unknown")
-        .to_owned()
+fn bad_request(message: String) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message)
+}
+
+/// Refuses an empty or overlong "why".
+fn check_why(why: &str, what: &str) -> Result<(), ApiError> {
+    if why.trim().is_empty() {
+        return Err(bad_request(format!(
+            "say why you {what} (\"why\"); it is recorded with your token's name"
+        )));
+    }
+    if why.len() > MAX_WHY {
+        return Err(bad_request(format!(
+            "\"why\" is {} bytes; keep it under {MAX_WHY}",
+            why.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Replaces the values of a Secret's `data` and `stringData` with `<redacted>` (keys kept);
+/// returns whether it was a Secret.
+pub fn redact_secret(object: &mut Value) -> bool {
+    let is_secret = object["kind"] == "Secret" && object["apiVersion"] == "v1";
+    if is_secret {
+        for field in ["data", "stringData"] {
+            if let Some(values) = object.get_mut(field).and_then(Value::as_object_mut) {
+                for value in values.values_mut() {
+                    *value = json!("<redacted>");
+                }
+            }
+        }
+    }
+    is_secret
 }
 
 async fn bundles(State(state): State<AdminState>) -> ApiResult {
@@ -263,10 +309,35 @@ async fn snapshot(
     .await
 }
 
+#[derive(Debug, Deserialize)]
+struct ObjectsQuery {
+    /// `reveal`: show Secret values (admin only).
+    secrets: Option<String>,
+}
+
 async fn objects(
     State(state): State<AdminState>,
+    auth::Viewer(caller): auth::Viewer,
     Path((bundle, generation)): Path<(String, u64)>,
-) -> ApiResult {
+    Query(query): Query<ObjectsQuery>,
+) -> Response {
+    let reveal = match query.secrets.as_deref() {
+        None | Some("redact") => false,
+        // Secret values are for admin tokens only.
+        Some("reveal") => match auth::check_role(&caller, Role::Admin) {
+            Ok(()) => true,
+            Err(refused) => return refused.into_response(),
+        },
+        Some(other) => {
+            return bad_request(format!(
+                "secrets={other:?}: use secrets=reveal (admin) or leave it out"
+            ))
+            .into_response();
+        }
+    };
+    if reveal {
+        tracing::info!(who = %caller.name, %bundle, generation, "Secret values revealed");
+    }
     with_store(&state, move |store| {
         let snapshot = store.snapshot(&bundle, generation)?.ok_or_else(|| {
             not_found(format!(
@@ -275,15 +346,25 @@ async fn objects(
         })?;
         let objects: Result<Vec<Value>, _> =
             outpost_proto::body::parse_lines(&snapshot.body).collect();
-        let objects = objects
+        let mut objects = objects
             .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
+        if !reveal {
+            for object in &mut objects {
+                redact_secret(object);
+            }
+        }
         Ok(Json(Value::Array(objects)))
     })
     .await
+    .into_response()
 }
 
-async fn fetch_now(State(state): State<AdminState>) -> (StatusCode, Json<Value>) {
-    state.fetch_now.request();
+async fn fetch_now(
+    State(state): State<AdminState>,
+    auth::Operator(caller): auth::Operator,
+) -> (StatusCode, Json<Value>) {
+    tracing::info!(who = %caller.name, "fetch of every source requested");
+    state.changes.fetch_all();
     (
         StatusCode::ACCEPTED,
         Json(json!({"status": "fetch scheduled for every source"})),
@@ -342,22 +423,42 @@ struct LabelRequest {
 
 async fn label_agent(
     State(state): State<AdminState>,
+    auth::Operator(caller): auth::Operator,
     Path(id): Path<String>,
-    headers: HeaderMap,
     Json(request): Json<LabelRequest>,
 ) -> ApiResult {
+    if request.labels.len() > MAX_LABELS {
+        return Err(bad_request(format!(
+            "{} label changes at once; an agent has at most {MAX_LABELS} labels",
+            request.labels.len()
+        )));
+    }
     for (key, value) in &request.labels {
         check_label(key, value.as_deref())?;
     }
-    let who = who(&headers);
     let now = (state.now)();
     let result = with_store(&state, move |store| {
-        let found = store.label_agent(&id, &request.labels, &who, now)?;
+        if let Some(agent) = store.agent(&id)? {
+            let mut after = agent.labels.clone();
+            for (key, value) in &request.labels {
+                match value {
+                    Some(value) => after.insert(key.clone(), value.clone()),
+                    None => after.remove(key),
+                };
+            }
+            if after.len() > MAX_LABELS {
+                return Err(bad_request(format!(
+                    "agent {id} would have {} labels; at most {MAX_LABELS}",
+                    after.len()
+                )));
+            }
+        }
+        let found = store.label_agent(&id, &request.labels, &caller.name, now)?;
         changed_agent(store, &id, found)
     })
     .await;
     // New labels may mean new variants and assignments: sync, then agents hear of it.
-    state.fetch_now.request();
+    state.changes.fetch_all();
     result
 }
 
@@ -386,25 +487,19 @@ struct RevokeRequest {
 
 async fn revoke_agent(
     State(state): State<AdminState>,
+    auth::Admin(caller): auth::Admin,
     Path(id): Path<String>,
-    headers: HeaderMap,
     Json(request): Json<RevokeRequest>,
 ) -> ApiResult {
-    if request.why.trim().is_empty() {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "say why the agent is revoked (\"why\")".to_owned(),
-        ));
-    }
-    let who = who(&headers);
+    check_why(&request.why, "revoke the agent")?;
     let now = (state.now)();
     let result = with_store(&state, move |store| {
-        let found = store.revoke_agent(&id, &who, &request.why, now)?;
+        let found = store.revoke_agent(&id, &caller.name, &request.why, now)?;
         changed_agent(store, &id, found)
     })
     .await;
     // A connected revoked agent is cut off at once.
-    state.fetch_now.fleet_changed();
+    state.changes.fleet_changed();
     result
 }
 
@@ -417,9 +512,15 @@ struct TokenRequest {
 
 async fn create_token(
     State(state): State<AdminState>,
-    headers: HeaderMap,
+    auth::Admin(caller): auth::Admin,
     Json(request): Json<TokenRequest>,
 ) -> ApiResult {
+    if request.labels.len() > MAX_LABELS {
+        return Err(bad_request(format!(
+            "{} labels; an agent has at most {MAX_LABELS}",
+            request.labels.len()
+        )));
+    }
     for (key, value) in &request.labels {
         check_label(key, Some(value))?;
     }
@@ -435,7 +536,7 @@ async fn create_token(
         .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
     let token = hex::encode(secret);
     let digest = Digest::of(token.as_bytes());
-    let who = who(&headers);
+    let who = caller.name;
     let now = (state.now)();
     let labels = request.labels;
     let bundle = state.enrolment.bundle(&token);

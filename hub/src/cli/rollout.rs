@@ -8,8 +8,8 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use crate::client::{Client, print_rows};
-use crate::{ApiArgs, Output};
+use super::client::{ApiArgs, Client, print_rows};
+use crate::Output;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum RolloutCommand {
@@ -41,7 +41,7 @@ pub(crate) enum RolloutCommand {
         /// What to do when failures exceed --max-failures.
         #[arg(long, value_enum, default_value = "pause")]
         on_failure: OnFailureArg,
-        /// Why (recorded with your login name).
+        /// Why (recorded with your API token's name).
         #[arg(long, default_value = "")]
         why: String,
         /// Watch it until it finishes.
@@ -84,7 +84,7 @@ pub(crate) struct CommandArgs {
     api: ApiArgs,
     /// Rollout id.
     id: u64,
-    /// Why (recorded with your login name).
+    /// Why (recorded with your API token's name).
     #[arg(long)]
     why: String,
 }
@@ -98,7 +98,7 @@ pub(crate) enum OnFailureArg {
 }
 
 /// `30`, `30s`, `10m`, `2h`, `1d` → seconds.
-fn parse_duration(text: &str) -> Result<i64, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<i64, String> {
     let text = text.trim();
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
         Some(at) => text.split_at(at),
@@ -134,7 +134,7 @@ pub(crate) fn rollout(command: RolloutCommand) -> Result<()> {
             why,
             watch: then_watch,
         } => {
-            let client = Client::new(&api.hub);
+            let client = api.client()?;
             let on_failure = match on_failure {
                 OnFailureArg::Pause => "pause",
                 OnFailureArg::Rollback => "rollback",
@@ -166,7 +166,7 @@ pub(crate) fn rollout(command: RolloutCommand) -> Result<()> {
             Ok(())
         }
         RolloutCommand::List(api) => {
-            let mut rows = Client::new(&api.hub).get("/api/v1/rollouts")?;
+            let mut rows = api.client()?.get("/api/v1/rollouts")?;
             if let Some(rows) = rows.as_array_mut() {
                 for row in rows {
                     row["progress"] = json!(format!(
@@ -192,7 +192,7 @@ pub(crate) fn rollout(command: RolloutCommand) -> Result<()> {
             Ok(())
         }
         RolloutCommand::Show { api, id } => {
-            let rollout = Client::new(&api.hub).get(&format!("/api/v1/rollouts/{id}"))?;
+            let rollout = api.client()?.get(&format!("/api/v1/rollouts/{id}"))?;
             match api.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rollout)?),
                 Output::Table => print_rollout(&rollout),
@@ -205,13 +205,13 @@ pub(crate) fn rollout(command: RolloutCommand) -> Result<()> {
         RolloutCommand::Rollback(args) => send(args, "rollback"),
         RolloutCommand::Watch { api, id, interval } => {
             let interval = Duration::from_secs_f64(interval.clamp(0.1, 3600.0));
-            watch(&Client::new(&api.hub), id, interval)
+            watch(&api.client()?, id, interval)
         }
     }
 }
 
 fn send(args: CommandArgs, command: &str) -> Result<()> {
-    let rollout = Client::new(&args.api.hub).post(
+    let rollout = args.api.client()?.post(
         &format!("/api/v1/rollouts/{}/{command}", args.id),
         json!({"why": args.why}),
     )?;

@@ -1,0 +1,267 @@
+//! The CLI's admin-API client: each subcommand is one or two HTTP(S) calls to a running hub,
+//! with the API token from `OUTPOST_TOKEN` or from the credentials file `outpost-hub login`
+//! writes (mode 0600): `$OUTPOST_CREDENTIALS`, else `$XDG_CONFIG_HOME/outpost/credentials.json`,
+//! else `~/.config/outpost/credentials.json`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::Output;
+
+/// The hub the CLI talks to when neither `--hub`, `OUTPOST_HUB_URL` nor a login says otherwise.
+const DEFAULT_HUB: &str = "http://127.0.0.1:7070";
+
+/// Where the admin API is, how to trust it, and how to print its answers.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ApiArgs {
+    /// The hub's admin API [default: the hub of the last `login`, else http://127.0.0.1:7070].
+    #[arg(long, env = "OUTPOST_HUB_URL")]
+    pub(crate) hub: Option<String>,
+    /// A PEM file with the CA (or self-signed certificate) that signed the hub's HTTPS
+    /// certificate, when it is not a public one.
+    #[arg(long, env = "OUTPOST_HUB_CA")]
+    pub(crate) ca_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "table")]
+    pub(crate) output: Output,
+}
+
+/// What `login` keeps per hub.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct Credentials {
+    /// The hub used when none is named.
+    #[serde(default)]
+    pub(crate) current: Option<String>,
+    /// Per hub URL: its token and CA file.
+    #[serde(default)]
+    pub(crate) hubs: BTreeMap<String, HubLogin>,
+}
+
+/// One hub's login.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct HubLogin {
+    /// The API token.
+    pub(crate) token: String,
+    /// The CA file given at login, if any.
+    #[serde(default)]
+    pub(crate) ca_file: Option<PathBuf>,
+}
+
+impl Credentials {
+    /// The credentials file's path.
+    pub(crate) fn path() -> Result<PathBuf> {
+        if let Some(path) = std::env::var_os("OUTPOST_CREDENTIALS") {
+            return Ok(PathBuf::from(path));
+        }
+        let config = match std::env::var_os("XDG_CONFIG_HOME") {
+            Some(dir) => PathBuf::from(dir),
+            None => PathBuf::from(std::env::var_os("HOME").context(
+                "neither OUTPOST_CREDENTIALS, XDG_CONFIG_HOME nor HOME is set: cannot find the credentials file",
+            )?)
+            .join(".config"),
+        };
+        Ok(config.join("outpost").join("credentials.json"))
+    }
+
+    /// Reads the file (empty if it does not exist).
+    pub(crate) fn load() -> Result<Credentials> {
+        let path = Credentials::path()?;
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .with_context(|| format!("reading the credentials file {}", path.display())),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                Ok(Credentials::default())
+            }
+            Err(error) => Err(error)
+                .with_context(|| format!("reading the credentials file {}", path.display())),
+        }
+    }
+
+    /// Writes the file, mode 0600 in a 0700 folder.
+    pub(crate) fn save(&self) -> Result<PathBuf> {
+        let path = Credentials::path()?;
+        if let Some(parent) = path.parent() {
+            outpost_hub::files::private_dir(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let text = serde_json::to_string_pretty(self)?;
+        outpost_hub::keys::write_private(&path, text.as_bytes())
+            .with_context(|| format!("writing the credentials file {}", path.display()))?;
+        Ok(path)
+    }
+}
+
+impl ApiArgs {
+    /// The hub URL these arguments name, and its login if there is one.
+    pub(crate) fn resolve(&self) -> Result<(String, Option<HubLogin>)> {
+        let credentials = Credentials::load()?;
+        let hub = self
+            .hub
+            .clone()
+            .or_else(|| credentials.current.clone())
+            .unwrap_or_else(|| DEFAULT_HUB.to_owned());
+        let hub = hub.trim_end_matches('/').to_owned();
+        let login = credentials.hubs.get(&hub).cloned();
+        Ok((hub, login))
+    }
+
+    /// A client for the hub, with the token from `OUTPOST_TOKEN` or the login.
+    pub(crate) fn client(&self) -> Result<Client> {
+        let (hub, login) = self.resolve()?;
+        let token = std::env::var("OUTPOST_TOKEN")
+            .ok()
+            .filter(|token| !token.trim().is_empty())
+            .or_else(|| login.as_ref().map(|login| login.token.clone()));
+        let ca_file = self
+            .ca_file
+            .clone()
+            .or_else(|| login.and_then(|login| login.ca_file));
+        Client::new(&hub, token, ca_file.as_deref())
+    }
+}
+
+/// A running hub's admin API.
+pub(crate) struct Client {
+    base: String,
+    agent: ureq::Agent,
+    token: Option<String>,
+}
+
+impl Client {
+    pub(crate) fn new(base: &str, token: Option<String>, ca_file: Option<&Path>) -> Result<Client> {
+        let mut config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(std::time::Duration::from_secs(30)));
+        if let Some(ca_file) = ca_file {
+            let pem = std::fs::read(ca_file)
+                .with_context(|| format!("reading the CA file {}", ca_file.display()))?;
+            let certificates: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(certificate)) => Some(Ok(certificate)),
+                    Ok(_) => None,
+                    Err(error) => Some(Err(error)),
+                })
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("reading the CA file {}", ca_file.display()))?;
+            if certificates.is_empty() {
+                bail!("{} holds no PEM certificate", ca_file.display());
+            }
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&certificates))
+                    .build(),
+            );
+        }
+        Ok(Client {
+            base: base.trim_end_matches('/').to_owned(),
+            agent: ureq::Agent::new_with_config(config.build()),
+            token,
+        })
+    }
+
+    pub(crate) fn get(&self, path: &str) -> Result<Value> {
+        let mut request = self.agent.get(&format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            request = request.header("authorization", &format!("Bearer {token}"));
+        }
+        let response = request.call().with_context(|| self.unreachable())?;
+        self.json(response)
+    }
+
+    pub(crate) fn post(&self, path: &str, body: Value) -> Result<Value> {
+        let mut request = self.agent.post(&format!("{}{path}", self.base));
+        if let Some(token) = &self.token {
+            request = request.header("authorization", &format!("Bearer {token}"));
+        }
+        let response = request
+            .send_json(body)
+            .with_context(|| self.unreachable())?;
+        self.json(response)
+    }
+
+    fn unreachable(&self) -> String {
+        format!(
+            "cannot reach the hub's admin API at {}; is `outpost-hub run` up, is --hub (OUTPOST_HUB_URL) right, and for https, does --ca-file (OUTPOST_HUB_CA) name the CA of its certificate?",
+            self.base
+        )
+    }
+
+    fn json(&self, mut response: ureq::http::Response<ureq::Body>) -> Result<Value> {
+        let status = response.status();
+        let value: Value = response
+            .body_mut()
+            .read_json()
+            .context("reading the hub's answer")?;
+        if !status.is_success() {
+            let message = value["error"].as_str().unwrap_or("no message").to_owned();
+            if status == ureq::http::StatusCode::UNAUTHORIZED && self.token.is_none() {
+                bail!(
+                    "the hub answered {status}: {message}\nno API token: set OUTPOST_TOKEN, or run `outpost-hub login --hub {}`",
+                    self.base
+                );
+            }
+            bail!("the hub answered {status}: {message}");
+        }
+        Ok(value)
+    }
+}
+
+/// Prints `rows` as JSON, or as a table with `columns` (JSON field, heading).
+pub(crate) fn print_rows(rows: &Value, output: Output, columns: &[(&str, &str)]) {
+    if let Output::Json = output {
+        println!("{}", serde_json::to_string_pretty(rows).unwrap_or_default());
+        return;
+    }
+    let rows = rows.as_array().cloned().unwrap_or_default();
+    let cell = |row: &Value, field: &str| match &row[field] {
+        Value::Null => "-".to_owned(),
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    };
+    let widths: Vec<usize> = columns
+        .iter()
+        .map(|(field, heading)| {
+            rows.iter()
+                .map(|row| cell(row, field).len())
+                .max()
+                .unwrap_or(0)
+                .max(heading.len())
+        })
+        .collect();
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(
+        columns
+            .iter()
+            .map(|(_, heading)| heading.to_string())
+            .collect(),
+    );
+    for row in &rows {
+        line(columns.iter().map(|(field, _)| cell(row, field)).collect());
+    }
+}
+
+/// `k=v` sets a label, `k-` removes it.
+pub(crate) fn label_changes(changes: &[String]) -> Result<Value> {
+    let mut labels = serde_json::Map::new();
+    for change in changes {
+        if let Some((key, value)) = change.split_once('=') {
+            labels.insert(key.to_owned(), json!(value));
+        } else if let Some(key) = change.strip_suffix('-') {
+            labels.insert(key.to_owned(), Value::Null);
+        } else {
+            bail!("{change:?}: write key=value to set a label or key- to remove it");
+        }
+    }
+    Ok(Value::Object(labels))
+}
