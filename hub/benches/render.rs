@@ -99,9 +99,9 @@ fn phase_sync(data_dir: &Path, url: &str) {
     let start = Instant::now();
     let keys =
         HubKeys::create(&data_dir.join("keys"), KeyPolicy::default(), 1_800_000_000).unwrap();
-    let mut store = SqliteStore::open(&data_dir.join("hub.db")).unwrap();
-    let mut source = GitSource::open_or_init(url, &data_dir.join("mirror")).unwrap();
-    let report = sync_source(&mut store, &keys, &mut source, 1_800_000_000).unwrap();
+    let store = SqliteStore::open(&data_dir.join("hub.db")).unwrap();
+    let source = GitSource::open_or_init(url, &data_dir.join("mirror")).unwrap();
+    let report = sync_source(&store, &keys, &source, 1_800_000_000).unwrap();
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     let elapsed = start.elapsed().as_secs_f64() * 1000.0;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

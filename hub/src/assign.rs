@@ -9,7 +9,7 @@ use outpost_proto::Digest;
 
 use crate::bundles;
 use crate::git::GitSource;
-use crate::store::{AssignmentRow, FleetStore, Release, Store};
+use crate::store::{AssignmentRow, HubStore, Release};
 use crate::sync::SyncError;
 use crate::variants;
 
@@ -20,7 +20,7 @@ pub fn track_origin(url: &str) -> String {
 
 /// Recomputes the tracked assignments of `source`; returns the agents whose assignments changed.
 pub fn assign_tracked(
-    store: &mut (impl Store + FleetStore),
+    store: &dyn HubStore,
     source: &GitSource,
     track: &str,
     now: i64,

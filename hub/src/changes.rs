@@ -1,13 +1,16 @@
 //! The hub's bus of what changed and who must look: sources to fetch (all, or one after its
-//! webhook), agent connections to re-read the fleet, the rollout loop to step. Also each
-//! source's fetch record, for `GET /api/v1/sources`.
+//! webhook), agent connections to re-read their agent (one, some, or all), the rollout loop to
+//! step. Also each source's fetch record, for `GET /api/v1/sources`.
 //!
-//! Threads wait on it with [`Changes::wait_for_fetch`] and [`Changes::wait_for_rollouts`];
-//! async tasks subscribe to [`Changes::fleet`].
+//! Everything waits on it asynchronously, on tokio's clock, so the simulator's paused time
+//! drives the hub's loops like real time does.
 
-use std::collections::BTreeMap;
-use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// Fetch requests, counted: every source's and one source's.
 #[derive(Debug, Default)]
@@ -41,11 +44,13 @@ pub struct SourceRecord {
 #[derive(Debug)]
 pub struct Changes {
     requests: Mutex<Requests>,
-    signal: Condvar,
-    /// Ticks when agent connections should look at their agent again.
-    pub fleet: tokio::sync::watch::Sender<u64>,
+    requested: Notify,
     rollout_requests: Mutex<u64>,
-    rollout_signal: Condvar,
+    rollouts_requested: Notify,
+    /// Ticks when every agent connection should look at its agent again.
+    pub fleet: tokio::sync::watch::Sender<u64>,
+    agents: Mutex<HashMap<String, Arc<Notify>>>,
+    enrolled: Mutex<Vec<String>>,
     records: Mutex<BTreeMap<String, SourceRecord>>,
 }
 
@@ -53,10 +58,12 @@ impl Default for Changes {
     fn default() -> Changes {
         Changes {
             requests: Mutex::default(),
-            signal: Condvar::new(),
-            fleet: tokio::sync::watch::Sender::new(0),
+            requested: Notify::new(),
             rollout_requests: Mutex::default(),
-            rollout_signal: Condvar::new(),
+            rollouts_requested: Notify::new(),
+            fleet: tokio::sync::watch::Sender::new(0),
+            agents: Mutex::default(),
+            enrolled: Mutex::default(),
             records: Mutex::default(),
         }
     }
@@ -68,11 +75,54 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// An agent connection's place on the bus; dropped when it closes.
+#[derive(Debug)]
+pub struct AgentSubscription {
+    changes: Arc<Changes>,
+    agent: String,
+    notify: Arc<Notify>,
+}
+
+impl AgentSubscription {
+    /// Waits until something changed for this agent.
+    pub async fn changed(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for AgentSubscription {
+    fn drop(&mut self) {
+        let mut agents = lock(&self.changes.agents);
+        if agents
+            .get(&self.agent)
+            .is_some_and(|notify| Arc::ptr_eq(notify, &self.notify))
+        {
+            agents.remove(&self.agent);
+        }
+    }
+}
+
+/// Waits for `notify` unless `check` already holds; returns whether it holds before `until`.
+async fn wait_until(notify: &Notify, until: Instant, mut check: impl FnMut() -> bool) -> bool {
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if check() {
+            return true;
+        }
+        tokio::select! {
+            () = &mut notified => {}
+            () = tokio::time::sleep_until(until) => return check(),
+        }
+    }
+}
+
 impl Changes {
     /// Asks every source to fetch now.
     pub fn fetch_all(&self) {
         lock(&self.requests).all += 1;
-        self.signal.notify_all();
+        self.requested.notify_waiters();
     }
 
     /// Asks one source to fetch now (its webhook): requests arriving close together become one
@@ -86,7 +136,7 @@ impl Changes {
             .entry(source.to_owned())
             .or_default()
             .webhook_requests += 1;
-        self.signal.notify_all();
+        self.requested.notify_waiters();
     }
 
     /// The requests for `source` so far: pass it to [`Changes::wait_for_fetch`].
@@ -97,45 +147,36 @@ impl Changes {
     /// Waits until `source` is asked to fetch or `timeout` passes. After a request it waits
     /// for `quiet` without another one (at most ten times `quiet`), so a burst of pushes
     /// becomes one fetch. Returns whether it was asked; `seen` is updated.
-    pub fn wait_for_fetch(
+    pub async fn wait_for_fetch(
         &self,
         source: &str,
         seen: &mut u64,
         timeout: Duration,
         quiet: Duration,
     ) -> bool {
-        let deadline = Instant::now() + timeout;
-        let mut requests = lock(&self.requests);
-        while requests.for_source(source) == *seen {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return false;
-            }
-            requests = self
-                .signal
-                .wait_timeout(requests, left)
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
+        let asked = wait_until(&self.requested, Instant::now() + timeout, || {
+            self.fetch_requests(source) != *seen
+        })
+        .await;
+        if !asked {
+            return false;
         }
         let settle_by = Instant::now() + quiet * 10;
         loop {
-            let count = requests.for_source(source);
-            let left = quiet.min(settle_by.saturating_duration_since(Instant::now()));
-            if left.is_zero() {
+            let count = self.fetch_requests(source);
+            let until = (Instant::now() + quiet).min(settle_by);
+            if until <= Instant::now() {
                 break;
             }
-            requests = self
-                .signal
-                .wait_timeout_while(requests, left, |requests| {
-                    requests.for_source(source) == count
-                })
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .0;
-            if requests.for_source(source) == count {
+            let more = wait_until(&self.requested, until, || {
+                self.fetch_requests(source) != count
+            })
+            .await;
+            if !more {
                 break;
             }
         }
-        *seen = requests.for_source(source);
+        *seen = self.fetch_requests(source);
         true
     }
 
@@ -154,53 +195,123 @@ impl Changes {
         lock(&self.records).clone()
     }
 
-    /// Tells every agent connection to re-read its agent (revocation, assignments).
+    /// Puts an agent connection on the bus: [`Changes::agents_changed`] naming it wakes it.
+    /// A newer subscription of the same agent takes over.
+    pub fn subscribe(self: &Arc<Changes>, agent: &str) -> AgentSubscription {
+        let notify = Arc::new(Notify::new());
+        lock(&self.agents).insert(agent.to_owned(), notify.clone());
+        AgentSubscription {
+            changes: self.clone(),
+            agent: agent.to_owned(),
+            notify,
+        }
+    }
+
+    /// Tells these agents' connections (if they are connected) to look at their agent again.
+    pub fn agents_changed<'a>(&self, agents: impl IntoIterator<Item = &'a String>) {
+        let subscribed = lock(&self.agents);
+        for agent in agents {
+            if let Some(notify) = subscribed.get(agent) {
+                notify.notify_one();
+            }
+        }
+    }
+
+    /// Tells every agent connection to look at its agent again (after a change that concerns
+    /// everyone).
     pub fn fleet_changed(&self) {
         self.fleet.send_modify(|tick| *tick += 1);
+    }
+
+    /// Records an enrolment: the sync loop assigns the new agents and renders what they need.
+    pub fn agent_enrolled(&self, agent: &str) {
+        lock(&self.enrolled).push(agent.to_owned());
+        self.fetch_all();
+    }
+
+    /// The agents enrolled since the last call.
+    pub fn take_enrolled(&self) -> Vec<String> {
+        std::mem::take(&mut *lock(&self.enrolled))
     }
 
     /// Wakes the rollout loop (a rollout was created or commanded).
     pub fn rollouts_changed(&self) {
         *lock(&self.rollout_requests) += 1;
-        self.rollout_signal.notify_all();
+        self.rollouts_requested.notify_waiters();
     }
 
     /// Waits until the rollout loop is woken or `timeout` passes; `seen` is the count it last saw.
-    pub fn wait_for_rollouts(&self, seen: &mut u64, timeout: Duration) {
-        let requests = lock(&self.rollout_requests);
-        let (requests, _) = self
-            .rollout_signal
-            .wait_timeout_while(requests, timeout, |requests| *requests == *seen)
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *seen = *requests;
+    pub async fn wait_for_rollouts(&self, seen: &mut u64, timeout: Duration) {
+        wait_until(&self.rollouts_requested, Instant::now() + timeout, || {
+            *lock(&self.rollout_requests) != *seen
+        })
+        .await;
+        *seen = *lock(&self.rollout_requests);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
-    #[test]
-    fn a_burst_of_requests_is_one_wake_and_other_sources_sleep_on() {
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_of_requests_is_one_wake_and_other_sources_sleep_on() {
         let changes = Arc::new(Changes::default());
         let mut seen = changes.fetch_requests("a");
         let burst = changes.clone();
-        let sender = std::thread::spawn(move || {
+        tokio::spawn(async move {
             for _ in 0..5 {
                 burst.fetch_source("a");
-                std::thread::sleep(Duration::from_millis(20));
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
         });
         let quiet = Duration::from_millis(200);
-        assert!(changes.wait_for_fetch("a", &mut seen, Duration::from_secs(5), quiet));
-        sender.join().unwrap();
+        assert!(
+            changes
+                .wait_for_fetch("a", &mut seen, Duration::from_secs(5), quiet)
+                .await
+        );
         assert_eq!(seen, 5, "all five requests taken by one wake");
-        assert!(!changes.wait_for_fetch("a", &mut seen, Duration::from_millis(50), quiet));
+        assert!(
+            !changes
+                .wait_for_fetch("a", &mut seen, Duration::from_millis(50), quiet)
+                .await
+        );
         let mut other = changes.fetch_requests("b");
-        assert!(!changes.wait_for_fetch("b", &mut other, Duration::from_millis(50), quiet));
+        assert!(
+            !changes
+                .wait_for_fetch("b", &mut other, Duration::from_millis(50), quiet)
+                .await
+        );
         changes.fetch_all();
-        assert!(changes.wait_for_fetch("b", &mut other, Duration::from_secs(1), Duration::ZERO));
+        assert!(
+            changes
+                .wait_for_fetch("b", &mut other, Duration::from_secs(1), Duration::ZERO)
+                .await
+        );
         assert_eq!(changes.records()["a"].webhook_requests, 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_agents_named_are_woken() {
+        let changes = Arc::new(Changes::default());
+        let (a, b) = (changes.subscribe("a"), changes.subscribe("b"));
+        changes.agents_changed(&["a".to_owned(), "nobody".to_owned()]);
+        tokio::time::timeout(Duration::from_secs(1), a.changed())
+            .await
+            .expect("a is woken");
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), b.changed())
+                .await
+                .is_err(),
+            "b is not"
+        );
+        // A newer subscription takes over; the old one leaving does not remove it.
+        let newer = changes.subscribe("a");
+        drop(a);
+        changes.agents_changed(&["a".to_owned()]);
+        tokio::time::timeout(Duration::from_secs(1), newer.changed())
+            .await
+            .expect("the newer subscription is woken");
     }
 }

@@ -2,7 +2,9 @@
 //! refspecs so moved tags and force-pushed branches follow the remote, and pruned so deleted refs
 //! disappear. Trees and blobs are read straight from the object database; there is no work tree.
 //!
-//! gix is blocking here: call these from `spawn_blocking` in async code.
+//! gix is blocking here: call these from `spawn_blocking` in async code. A `GitSource` is
+//! `Send + Sync` (it holds gix's thread-safe handle and makes a thread-local one per call), so
+//! the sync task and the rollout driver can share it.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -17,7 +19,7 @@ const REFSPECS: [&str; 2] = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/ta
 pub struct GitSource {
     url: String,
     path: PathBuf,
-    repo: gix::Repository,
+    repo: std::sync::RwLock<gix::ThreadSafeRepository>,
     credentials: Option<Credentials>,
 }
 
@@ -126,7 +128,7 @@ impl GitSource {
         Ok(GitSource {
             url: url.to_owned(),
             path: path.to_owned(),
-            repo,
+            repo: std::sync::RwLock::new(repo.into_sync()),
             credentials: None,
         })
     }
@@ -142,15 +144,23 @@ impl GitSource {
         &self.url
     }
 
+    /// A handle for this thread.
+    fn repo(&self) -> gix::Repository {
+        self.repo
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .to_thread_local()
+    }
+
     /// Fetches every branch and tag from the remote, then prunes local refs the remote no
     /// longer has.
-    pub fn fetch(&mut self) -> Result<FetchSummary, GitError> {
+    pub fn fetch(&self) -> Result<FetchSummary, GitError> {
         let fetch_error = |message: String| GitError::Fetch {
             url: self.url.clone(),
             message,
         };
-        let remote = self
-            .repo
+        let repo = self.repo();
+        let remote = repo
             .remote_at(self.url.as_str())
             .map_err(|error| fetch_error(describe(&error)))?
             .with_fetch_tags(gix::remote::fetch::Tags::None)
@@ -190,12 +200,16 @@ impl GitSource {
         let mut summary = FetchSummary::default();
         for local in self.refs()? {
             if !remote_names.contains(&local.name) {
-                self.delete_ref(&local.name)?;
+                self.delete_ref(&repo, &local.name)?;
                 summary.pruned.push(local.name);
             }
         }
         // gix caches refs and packs per handle; reopen so reads see what the fetch wrote.
-        self.repo = gix::open(&self.path).map_err(|error| fetch_error(describe(&error)))?;
+        let reopened = gix::open(&self.path).map_err(|error| fetch_error(describe(&error)))?;
+        *self
+            .repo
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = reopened.into_sync();
         Ok(summary)
     }
 
@@ -206,8 +220,8 @@ impl GitSource {
             what: what.to_owned(),
             message,
         };
-        let platform = self
-            .repo
+        let repo = self.repo();
+        let platform = repo
             .references()
             .map_err(|error| read_error("refs", describe(&error)))?;
         let mut out = Vec::new();
@@ -236,14 +250,18 @@ impl GitSource {
     /// The id of the tree at `path` (relative, `""` for the root) in `commit`, or `None` if the
     /// commit has no folder there.
     pub fn tree_id(&self, commit: &str, path: &str) -> Result<Option<String>, GitError> {
-        Ok(self.tree_at(commit, path)?.map(|tree| tree.id.to_string()))
+        let repo = self.repo();
+        Ok(self
+            .tree_at(&repo, commit, path)?
+            .map(|tree| tree.id.to_string()))
     }
 
     /// The paths of every file under `path` in `commit`, relative to `path`, sorted, without
     /// reading the files.
     pub fn list_files(&self, commit: &str, path: &str) -> Result<Vec<String>, GitError> {
+        let repo = self.repo();
         let mut paths: Vec<String> = self
-            .entries(commit, path)?
+            .entries(&repo, commit, path)?
             .into_iter()
             .map(|entry| entry.filepath.to_str_lossy().into_owned())
             .collect();
@@ -253,10 +271,11 @@ impl GitSource {
 
     fn entries(
         &self,
+        repo: &gix::Repository,
         commit: &str,
         path: &str,
     ) -> Result<Vec<gix::traverse::tree::recorder::Entry>, GitError> {
-        let Some(tree) = self.tree_at(commit, path)? else {
+        let Some(tree) = self.tree_at(repo, commit, path)? else {
             return Ok(Vec::new());
         };
         let entries = tree
@@ -281,10 +300,10 @@ impl GitSource {
             what: format!("{path} at {commit}"),
             message,
         };
+        let repo = self.repo();
         let mut files = Vec::new();
-        for entry in self.entries(commit, path)? {
-            let object = self
-                .repo
+        for entry in self.entries(&repo, commit, path)? {
+            let object = repo
                 .find_object(entry.oid)
                 .map_err(|error| read_error(describe(&error)))?;
             files.push(TreeFile {
@@ -298,30 +317,36 @@ impl GitSource {
 
     /// The file at `path` in `commit`, if it exists and is a file.
     pub fn read_file(&self, commit: &str, path: &str) -> Result<Option<Vec<u8>>, GitError> {
-        let object = self.object_at(commit, path, gix::object::Kind::Blob)?;
+        let repo = self.repo();
+        let object = self.object_at(&repo, commit, path, gix::object::Kind::Blob)?;
         Ok(object.map(|object| object.detach().data))
     }
 
-    fn tree_at(&self, commit: &str, path: &str) -> Result<Option<gix::Tree<'_>>, GitError> {
-        let object = self.object_at(commit, path, gix::object::Kind::Tree)?;
+    fn tree_at<'repo>(
+        &self,
+        repo: &'repo gix::Repository,
+        commit: &str,
+        path: &str,
+    ) -> Result<Option<gix::Tree<'repo>>, GitError> {
+        let object = self.object_at(repo, commit, path, gix::object::Kind::Tree)?;
         Ok(object.map(gix::Object::into_tree))
     }
 
     /// The object at `path` (relative; `""` is the root tree) in `commit`, if it is of `kind`.
-    fn object_at(
+    fn object_at<'repo>(
         &self,
+        repo: &'repo gix::Repository,
         commit: &str,
         path: &str,
         kind: gix::object::Kind,
-    ) -> Result<Option<gix::Object<'_>>, GitError> {
+    ) -> Result<Option<gix::Object<'repo>>, GitError> {
         let read_error = |error: &dyn std::error::Error| GitError::Read {
             url: self.url.clone(),
             what: format!("{path:?} at {commit}"),
             message: describe(error),
         };
         let id = gix::ObjectId::from_hex(commit.as_bytes()).map_err(|error| read_error(&error))?;
-        let root = self
-            .repo
+        let root = repo
             .find_commit(id)
             .map_err(|error| read_error(&error))?
             .tree()
@@ -331,8 +356,7 @@ impl GitSource {
             if kind != gix::object::Kind::Tree {
                 return Ok(None);
             }
-            let root = self
-                .repo
+            let root = repo
                 .find_object(root.id)
                 .map_err(|error| read_error(&error))?;
             return Ok(Some(root));
@@ -354,14 +378,13 @@ impl GitSource {
         Ok(Some(entry.object().map_err(|error| read_error(&error))?))
     }
 
-    fn delete_ref(&self, name: &str) -> Result<(), GitError> {
+    fn delete_ref(&self, repo: &gix::Repository, name: &str) -> Result<(), GitError> {
         let read_error = |message: String| GitError::Read {
             url: self.url.clone(),
             what: format!("ref {name}"),
             message,
         };
-        let reference = self
-            .repo
+        let reference = repo
             .find_reference(name)
             .map_err(|error| read_error(describe(&error)))?;
         reference

@@ -1,5 +1,7 @@
-//! The hub's library: Git sources, bundle definitions, rendering into signed snapshots, and the
-//! store. The binary (`main.rs`) is a thin shell over it.
+//! The hub's library: Git sources, bundle definitions, rendering into signed snapshots, the
+//! store, the agent service, the admin API, and [`runtime::Hub`], which runs them all. The
+//! binary (`main.rs`) is a thin shell over it; the simulator and the tests run the same
+//! runtime.
 
 pub mod api;
 pub mod assign;
@@ -12,6 +14,7 @@ pub mod keys;
 pub mod limits;
 pub mod resign;
 pub mod rollout;
+pub mod runtime;
 pub mod store;
 pub mod sync;
 pub mod transport;

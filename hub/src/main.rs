@@ -409,20 +409,19 @@ pub(crate) fn load_keys(key_dir: &Path, policy: KeyPolicy) -> Result<HubKeys> {
 
 /// Syncs every configured source once.
 fn run(config: &Config) -> Result<()> {
-    let mut store = open_store(&config.data_dir)?;
+    let store = open_store(&config.data_dir)?;
     let keys = load_keys(&config.key_dir, config.key_policy.clone())?;
-    outpost_hub::resign::refresh_keys(&mut store, &keys, unix_now())
-        .context("reading the key dir")?;
+    outpost_hub::resign::refresh_keys(&store, &keys, unix_now()).context("reading the key dir")?;
     let mut any_failed = false;
     for source in &config.sources {
-        let mut git = config
+        let git = config
             .open_source(source)
             .with_context(|| format!("opening the mirror of source {}", source.name))?;
         let now = unix_now();
-        let report = sync_source(&mut store, &keys, &mut git, now)
+        let report = sync_source(&store, &keys, &git, now)
             .with_context(|| format!("syncing {}", source.name))?;
         print_report(&report);
-        outpost_hub::assign::assign_tracked(&mut store, &git, &source.track, now)
+        outpost_hub::assign::assign_tracked(&store, &git, &source.track, now)
             .with_context(|| format!("assigning {}", source.name))?;
         any_failed |= report.fetch_error.is_some();
     }
@@ -434,13 +433,13 @@ fn run(config: &Config) -> Result<()> {
 
 /// Syncs one source once, without a config file.
 fn sync(data_dir: &Path, url: &str) -> Result<()> {
-    let mut store = open_store(data_dir)?;
+    let store = open_store(data_dir)?;
     let keys = load_keys(&data_dir.join("keys"), KeyPolicy::default())?;
     let mirror = data_dir.join("git").join(hex::encode(
         &outpost_proto::Digest::of(url.as_bytes()).0[..8],
     ));
-    let mut source = GitSource::open_or_init(url, &mirror).context("opening the Git mirror")?;
-    let report = sync_source(&mut store, &keys, &mut source, unix_now()).context("syncing")?;
+    let source = GitSource::open_or_init(url, &mirror).context("opening the Git mirror")?;
+    let report = sync_source(&store, &keys, &source, unix_now()).context("syncing")?;
     print_report(&report);
     if report.fetch_error.is_some() {
         bail!("the remote could not be fetched; what was fetched before is still served");

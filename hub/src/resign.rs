@@ -6,7 +6,7 @@
 use outpost_proto::SnapshotHeader;
 
 use crate::keys::{HubKeys, KeyNotice};
-use crate::store::{FleetStore, Store, StoreError, StoredSnapshot};
+use crate::store::{HubStore, StoreError, StoredSnapshot};
 
 /// A snapshot could not be signed again.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +29,7 @@ pub enum ResignError {
 /// Signs `snapshot`'s header again with the key in use under the bundle's next generation and
 /// stores it (the body is not re-rendered). Returns the new generation.
 pub fn sign_again(
-    store: &mut impl Store,
+    store: &dyn HubStore,
     keys: &HubKeys,
     snapshot: StoredSnapshot,
     now: i64,
@@ -70,7 +70,7 @@ pub struct Refreshed {
 /// expires within a third of the snapshot lifetime, and points releases, renders and
 /// assignments at the new generation.
 pub fn refresh_in_use(
-    store: &mut (impl Store + FleetStore),
+    store: &dyn HubStore,
     keys: &HubKeys,
     now: i64,
 ) -> Result<Refreshed, ResignError> {
@@ -123,7 +123,7 @@ pub enum RefreshError {
 /// Re-reads the key dir ([`HubKeys::refresh`]), records what changed in the event log, then
 /// signs again what a revoked key signed or what is about to expire ([`refresh_in_use`]).
 pub fn refresh_keys(
-    store: &mut (impl Store + FleetStore),
+    store: &dyn HubStore,
     keys: &HubKeys,
     now: i64,
 ) -> Result<KeysRefreshed, RefreshError> {

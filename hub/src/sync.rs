@@ -14,7 +14,7 @@ use outpost_proto::{Body, Digest, Object, ObjectKey, SnapshotHeader, SourceFile}
 use crate::bundles::{self, BundleDefinition};
 use crate::git::{GitError, GitSource, RefTarget};
 use crate::keys::HubKeys;
-use crate::store::{RefChange, Release, Store, StoreError, StoredSnapshot};
+use crate::store::{HubStore, RefChange, Release, StoreError, StoredSnapshot};
 use crate::variants::{self, Variant};
 
 /// What a sync did, for logs and the CLI.
@@ -62,9 +62,9 @@ enum ReleaseError {
 
 /// Fetches `source` and renders what changed. `now` is Unix seconds.
 pub fn sync_source(
-    store: &mut impl Store,
+    store: &dyn HubStore,
     keys: &HubKeys,
-    source: &mut GitSource,
+    source: &GitSource,
     now: i64,
 ) -> Result<SyncReport, SyncError> {
     let fetched = source
@@ -77,7 +77,7 @@ pub fn sync_source(
 /// The part of a sync after the fetch, given its outcome: lets a caller fetch without holding
 /// the store (the network may be slow) and render with it.
 pub fn render_fetched(
-    store: &mut impl Store,
+    store: &dyn HubStore,
     keys: &HubKeys,
     source: &GitSource,
     fetched: Result<(), String>,
@@ -204,7 +204,7 @@ struct Job<'a> {
 
 /// Renders a job, or finds it rendered; returns the snapshot's generation.
 fn release(
-    store: &mut impl Store,
+    store: &dyn HubStore,
     keys: &HubKeys,
     job: &Job<'_>,
     report: &mut SyncReport,
@@ -298,7 +298,7 @@ fn release(
 /// The generation of an existing snapshot with the same body and selector, if any, whose
 /// signature is still good (its key not revoked, not about to expire).
 fn same_snapshot(
-    store: &impl Store,
+    store: &dyn HubStore,
     keys: &HubKeys,
     bundle: &str,
     digest: &Digest,

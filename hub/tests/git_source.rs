@@ -18,7 +18,7 @@ fn mirrors_branches_and_tags_and_reads_trees() {
     let second = upstream.commit("second");
 
     let data = tempfile::tempdir().unwrap();
-    let mut source = GitSource::open_or_init(&upstream.url(), &data.path().join("mirror")).unwrap();
+    let source = GitSource::open_or_init(&upstream.url(), &data.path().join("mirror")).unwrap();
     source.fetch().unwrap();
     let refs: Vec<(String, String)> = source
         .refs()
@@ -66,7 +66,7 @@ fn force_moved_and_deleted_tags_follow_the_remote() {
     upstream.git(&["tag", "doomed"]);
     let data = tempfile::tempdir().unwrap();
     let mirror = data.path().join("mirror");
-    let mut source = GitSource::open_or_init(&upstream.url(), &mirror).unwrap();
+    let source = GitSource::open_or_init(&upstream.url(), &mirror).unwrap();
     source.fetch().unwrap();
 
     upstream.write("pos/app.yaml", &config_map("pos", "2"));
@@ -74,7 +74,7 @@ fn force_moved_and_deleted_tags_follow_the_remote() {
     upstream.git(&["tag", "-f", "pos-v1"]);
     upstream.git(&["tag", "-d", "doomed"]);
     // Reopen, as a restarted hub would.
-    let mut source = GitSource::open_or_init(&upstream.url(), &mirror).unwrap();
+    let source = GitSource::open_or_init(&upstream.url(), &mirror).unwrap();
     let summary = source.fetch().unwrap();
     assert_eq!(summary.pruned, ["refs/tags/doomed"]);
     let refs = source.refs().unwrap();
@@ -91,10 +91,10 @@ fn unreachable_remote_is_a_fetch_error_and_keeps_what_was_fetched() {
     upstream.commit("first");
     let data = tempfile::tempdir().unwrap();
     let mirror = data.path().join("mirror");
-    let mut source = GitSource::open_or_init(&upstream.url(), &mirror).unwrap();
+    let source = GitSource::open_or_init(&upstream.url(), &mirror).unwrap();
     source.fetch().unwrap();
     let gone = format!("file://{}/does-not-exist", data.path().display());
-    let mut offline = GitSource::open_or_init(&gone, &mirror).unwrap();
+    let offline = GitSource::open_or_init(&gone, &mirror).unwrap();
     let error = offline.fetch().unwrap_err();
     assert!(error.to_string().contains("fetching"), "{error}");
     assert_eq!(

@@ -35,8 +35,8 @@ impl Hub {
     }
 
     fn sync(&mut self, url: &str, now: i64) -> outpost_hub::sync::SyncReport {
-        let mut source = GitSource::open_or_init(url, &self.data.path().join("mirror")).unwrap();
-        sync_source(&mut self.store, &self.keys, &mut source, now).unwrap()
+        let source = GitSource::open_or_init(url, &self.data.path().join("mirror")).unwrap();
+        sync_source(&self.store, &self.keys, &source, now).unwrap()
     }
 
     fn release(&self, git_ref: &str, bundle: &str) -> Option<outpost_hub::store::Release> {

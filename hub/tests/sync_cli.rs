@@ -226,7 +226,7 @@ fn admin_api_and_cli_releases_objects_fetch_now_tokens_and_agents() {
     // An agent enrols with the token (the transport's step, done here on the same store).
     let agent_id = {
         use outpost_hub::store::{SqliteStore, Store};
-        let mut store = SqliteStore::open(&state.join("hub.db")).unwrap();
+        let store = SqliteStore::open(&state.join("hub.db")).unwrap();
         let digest = outpost_proto::Digest::of(secret.as_bytes());
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -20,14 +20,13 @@ use outpost_agent::client::{Client, ClientOptions};
 use outpost_agent::reconcile::{ReconcileOptions, Reconciler};
 use outpost_agent::state::State;
 use outpost_agent::target::memory::MemoryTarget;
-use outpost_hub::assign::assign_tracked;
-use outpost_hub::changes::Changes;
-use outpost_hub::git::GitSource;
+use outpost_hub::api::EnrolmentInfo;
+use outpost_hub::config::SourceConfig;
 use outpost_hub::keys::{HubKeys, KeyPolicy};
 use outpost_hub::rollout::machine::{OnFailure, Rollout};
-use outpost_hub::rollout::{self, Driver, Request};
+use outpost_hub::rollout::{self, Request};
+use outpost_hub::runtime::{Hub, HubParts, HubSettings, SourceSettings};
 use outpost_hub::store::{FleetStore, RolloutStore, SqliteStore, Store};
-use outpost_hub::transport::{AgentService, ServiceOptions};
 use outpost_proto::Digest;
 use outpost_proto::transport::{Tuning, hub_pin, server_config};
 use outpost_proto::wire::Phase;
@@ -257,8 +256,7 @@ pub fn run(scenario: &Scenario, show_progress: bool) -> Result<Report> {
         .start_paused(true)
         .build()
         .context("starting the runtime")?;
-    let local = tokio::task::LocalSet::new();
-    runtime.block_on(local.run_until(simulate(scenario, show_progress)))
+    runtime.block_on(simulate(scenario, show_progress))
 }
 
 async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
@@ -274,21 +272,16 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
     let repo = work.path().join("repo");
     make_repository(scenario, &repo)?;
 
-    // The hub.
+    // The hub: the real runtime (sync, assignment, rollouts, keys, agent service), on the
+    // simulated network and the virtual clock, without an admin API.
     let now = virtual_now();
     let store = SqliteStore::open(&work.path().join("hub.db")).context("hub store")?;
-    let keys = HubKeys::create(&work.path().join("keys"), KeyPolicy::default(), now)?;
+    let keys = Arc::new(HubKeys::create(
+        &work.path().join("keys"),
+        KeyPolicy::default(),
+        now,
+    )?);
     let url = format!("file://{}", repo.display());
-    let mut source = GitSource::open_or_init(&url, &work.path().join("mirror"))?;
-    let store = Arc::new(Mutex::new(store));
-    let keys = Arc::new(keys);
-    {
-        let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
-        outpost_hub::sync::sync_source(&mut *store, &keys, &mut source, now)?;
-    }
-    // gix repositories are neither `Send` nor `Sync`: the tasks that read Git stay on this
-    // thread (a `LocalSet`), as in the hub's source thread.
-    let source = std::rc::Rc::new(source);
     let network = Network::new(scenario.seed);
     tokio::spawn(network.clone().deliver());
     let hub_address = SocketAddr::from((Ipv4Addr::new(10, 0, 0, 1), 4433));
@@ -297,73 +290,34 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
         hub_socket,
         Some(server_config(keys.transport(), &Tuning::default())?),
     )?;
-    let fetch_now = Arc::new(Changes::default());
-    let enrolled_flag = Arc::new(AtomicBool::new(false));
-    let on_enrol = enrolled_flag.clone();
-    let service = Arc::new(AgentService::new(
-        store.clone(),
-        keys.clone(),
-        fetch_now.fleet.subscribe(),
-        Box::new(move || on_enrol.store(true, Ordering::Relaxed)),
-        virtual_now,
-        ServiceOptions::default(),
-    ));
-    tokio::spawn(outpost_hub::transport::serve(hub_endpoint, service));
-
-    // Tracked assignments after enrolments (the hub's source loop does this on request).
-    {
-        let (store, fetch_now, flag, source) = (
-            store.clone(),
-            fetch_now.clone(),
-            enrolled_flag.clone(),
-            source.clone(),
-        );
-        tokio::task::spawn_local(async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                if !flag.swap(false, Ordering::Relaxed) {
-                    continue;
-                }
-                let changed = {
-                    let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
-                    assign_tracked(&mut *store, &source, "refs/heads/stable", virtual_now())
-                };
-                match changed {
-                    Ok(changed) if !changed.is_empty() => fetch_now.fleet_changed(),
-                    Ok(_) => {}
-                    Err(error) => tracing::error!(%error, "tracked assignments failed"),
-                }
-            }
-        });
-    }
-    // The rollout driver, every 2 s as in the hub.
-    {
-        let (store, keys, fetch_now, source) = (
-            store.clone(),
-            keys.clone(),
-            fetch_now.clone(),
-            source.clone(),
-        );
-        tokio::task::spawn_local(async move {
-            let mut driver = Driver::default();
-            loop {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                let mut definitions_at = |_: &str, commit: &str| {
-                    outpost_hub::bundles::bundles_at(&source, commit)
-                        .map_err(|error| error.to_string())
-                };
-                let changed = {
-                    let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
-                    driver.tick(&mut *store, &keys, &mut definitions_at, virtual_now())
-                };
-                match changed {
-                    Ok(changed) if !changed.is_empty() => fetch_now.fleet_changed(),
-                    Ok(_) => {}
-                    Err(error) => tracing::error!(%error, "rollout step failed"),
-                }
-            }
-        });
-    }
+    let source = SourceSettings {
+        config: SourceConfig {
+            name: "fleet".to_owned(),
+            url,
+            credentials: None,
+            track: "refs/heads/stable".to_owned(),
+            webhook_secret: None,
+        },
+        mirror: work.path().join("mirror"),
+    };
+    let mut settings = HubSettings::new(vec![source], &keys);
+    // Enrolments ask for syncs; nothing else changes the repository during a run.
+    settings.poll_interval = Duration::from_secs(3600);
+    let hub = Hub::start(HubParts {
+        settings,
+        store: Arc::new(store.clone()),
+        keys: keys.clone(),
+        clock: virtual_now,
+        agents: hub_endpoint,
+        enrolment: EnrolmentInfo {
+            hub_address: hub_address.to_string(),
+            hub_pin: hub_pin(&keys.transport().public_key()),
+            root_key: keys.root(),
+        },
+        admin: None,
+        hooks: None,
+    });
+    let changes = hub.changes().clone();
 
     // The agents.
     let pin = hub_pin(&keys.transport().public_key());
@@ -379,7 +333,6 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
             secret[8..12].copy_from_slice(&serial.to_le_bytes());
             let token = hex::encode(secret);
             {
-                let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
                 store.create_token(
                     &Digest::of(token.as_bytes()),
                     &group.labels,
@@ -442,7 +395,7 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
     // Rollouts, when the scenario says.
     for plan in scenario.rollouts.clone() {
         let store = store.clone();
-        let fetch_now = fetch_now.clone();
+        let changes = changes.clone();
         let bundle = scenario.git.bundle.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs_f64(plan.at_minutes * 60.0)).await;
@@ -458,21 +411,13 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
                     _ => OnFailure::Rollback,
                 },
             };
-            let created = {
-                let mut store = store.lock().unwrap_or_else(|p| p.into_inner());
-                rollout::create(
-                    &mut *store,
-                    &request,
-                    "outpost-sim",
-                    "scenario",
-                    virtual_now(),
-                )
-            };
+            let created =
+                { rollout::create(&store, &request, "outpost-sim", "scenario", virtual_now()) };
             match created {
                 Ok(rollout) => tracing::info!(id = rollout.id, tag = %plan.tag, "rollout created"),
                 Err(error) => tracing::error!(%error, "rollout not created"),
             }
-            fetch_now.rollouts_changed();
+            changes.rollouts_changed();
         });
     }
 
@@ -488,10 +433,7 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
     let settled = loop {
         tokio::time::sleep(Duration::from_secs(scenario.sample_seconds.max(1))).await;
         let t = start.elapsed().as_secs();
-        let (sample, rollouts) = {
-            let store = store.lock().unwrap_or_else(|p| p.into_inner());
-            sample_fleet(&store, &agents, t)?
-        };
+        let (sample, rollouts) = sample_fleet(&store, &agents, t)?;
         peak_rss = peak_rss.max(sample.rss);
         if show_progress {
             progress(scenario, &sample, started, agents.len());
@@ -510,8 +452,8 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
     if show_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!();
     }
-    let store_guard = store.lock().unwrap_or_else(|p| p.into_inner());
-    let mut rollouts: Vec<Rollout> = store_guard.rollouts()?;
+    let mut rollouts: Vec<Rollout> = store.rollouts()?;
+    hub.shutdown().await;
     rollouts.reverse();
     let mut per_agent: Vec<u64> = agents.iter().map(|agent| agent.traffic.total()).collect();
     per_agent.sort_unstable();

@@ -11,8 +11,10 @@ use std::sync::{Arc, Mutex};
 use outpost_agent::client::AgentError;
 use outpost_agent::target::ClusterTarget;
 use outpost_agent::{Client, ClientOptions, ReconcileOptions, Reconciler, State, identity, paths};
+use outpost_hub::api::EnrolmentInfo;
 use outpost_hub::changes::Changes;
 use outpost_hub::keys::{HubKeys, KeyPolicy};
+use outpost_hub::runtime::{Hub, HubParts, HubSettings};
 use outpost_hub::store::{AssignmentRow, FleetStore, SqliteStore, Store, StoredSnapshot};
 use outpost_hub::transport::{AgentService, ServiceOptions};
 use outpost_proto::transport::{Tuning, hub_pin, server_config};
@@ -25,13 +27,14 @@ pub fn unix_now() -> i64 {
         .map_or(0, |elapsed| elapsed.as_secs() as i64)
 }
 
-/// A hub serving agents on loopback.
+/// A hub serving agents on loopback: the hub runtime with no Git source, its assignments
+/// written directly in the store by the test.
 #[derive(Debug)]
 pub struct TestHub {
     /// Holds the store and keys.
     pub dir: tempfile::TempDir,
     /// The hub's store.
-    pub store: Arc<Mutex<SqliteStore>>,
+    pub store: SqliteStore,
     /// The hub's keys.
     pub keys: Arc<HubKeys>,
     /// The agent service.
@@ -40,13 +43,15 @@ pub struct TestHub {
     pub changes: Arc<Changes>,
     /// The QUIC address.
     pub address: SocketAddr,
-    endpoint: quinn::Endpoint,
+    hub: Option<Hub>,
     assignments: Mutex<BTreeMap<(String, String), AssignmentRow>>,
 }
 
 impl Drop for TestHub {
     fn drop(&mut self) {
-        self.endpoint.close(0u32.into(), b"test over");
+        if let Some(hub) = self.hub.take() {
+            drop(hub);
+        }
     }
 }
 
@@ -66,32 +71,35 @@ impl TestHub {
         let store = SqliteStore::open(&dir.path().join("hub.db")).expect("hub store");
         let keys = HubKeys::create(&dir.path().join("keys"), KeyPolicy::default(), unix_now())
             .expect("hub keys");
-        let (store, keys) = (Arc::new(Mutex::new(store)), Arc::new(keys));
-        let changes = Arc::new(Changes::default());
+        let keys = Arc::new(keys);
         let config = server_config(keys.transport(), tuning).expect("server config");
         let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().expect("address"))
             .expect("hub endpoint");
         let address = endpoint.local_addr().expect("bound");
-        let service = Arc::new(AgentService::new(
-            store.clone(),
-            keys.clone(),
-            changes.fleet.subscribe(),
-            Box::new(|| {}),
-            unix_now,
-            options,
-        ));
-        tokio::spawn(outpost_hub::transport::serve(
-            endpoint.clone(),
-            service.clone(),
-        ));
+        let mut settings = HubSettings::new(Vec::new(), &keys);
+        settings.service = options;
+        let hub = Hub::start(HubParts {
+            settings,
+            store: Arc::new(store.clone()),
+            keys: keys.clone(),
+            clock: unix_now,
+            agents: endpoint,
+            enrolment: EnrolmentInfo {
+                hub_address: address.to_string(),
+                hub_pin: hub_pin(&keys.transport().public_key()),
+                root_key: keys.root(),
+            },
+            admin: None,
+            hooks: None,
+        });
         TestHub {
             dir,
             store,
             keys,
-            service,
-            changes,
+            service: hub.service().clone(),
+            changes: hub.changes().clone(),
             address,
-            endpoint,
+            hub: Some(hub),
             assignments: Mutex::new(BTreeMap::new()),
         }
     }
@@ -103,7 +111,7 @@ impl TestHub {
             text: yaml,
         }])
         .expect("valid manifests");
-        let mut store = self.store.lock().expect("store");
+        let store = &self.store;
         let generation = store.next_generation(bundle).expect("generation");
         let digest = body.digest();
         let (header, signature) = self
@@ -156,8 +164,6 @@ impl TestHub {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         self.store
-            .lock()
-            .expect("store")
             .create_token(
                 &Digest::of(token.as_bytes()),
                 &labels,
@@ -205,22 +211,19 @@ impl TestHub {
     }
 
     fn write_assignments(&self, rows: &[AssignmentRow]) {
-        self.store
-            .lock()
-            .expect("store")
+        let changed = self
+            .store
             .set_assignments("test", rows, unix_now())
             .expect("assign");
-        self.changes.fleet_changed();
+        self.changes.agents_changed(&changed);
     }
 
-    /// Revokes an agent and tells connected agents.
+    /// Revokes an agent and tells its connection.
     pub fn revoke(&self, agent: &str, why: &str) {
         self.store
-            .lock()
-            .expect("store")
             .revoke_agent(agent, "test", why, unix_now())
             .expect("revoke");
-        self.changes.fleet_changed();
+        self.changes.agents_changed(&[agent.to_owned()]);
     }
 
     /// The pin agents need.

@@ -223,25 +223,12 @@ fn a_truncated_database_is_moved_aside_and_rebuilt_from_the_hub() {
             "marker"
         ))
     );
-    let reports_before = setup
-        .hub
-        .store
-        .lock()
-        .unwrap()
-        .status_history_len(&setup.id)
-        .unwrap();
+    let reports_before = setup.hub.store.status_history_len(&setup.id).unwrap();
     let _agent = setup.agent();
     setup.converged(1, published);
     // Its new reports are stored by the hub, not dropped as replays of old sequences.
     wait_for("new reports at the hub", 60, || {
-        setup
-            .hub
-            .store
-            .lock()
-            .unwrap()
-            .status_history_len(&setup.id)
-            .unwrap()
-            > reports_before
+        setup.hub.store.status_history_len(&setup.id).unwrap() > reports_before
     });
     let moved: Vec<_> = std::fs::read_dir(setup.work.path().join("agent"))
         .unwrap()

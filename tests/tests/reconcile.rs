@@ -243,7 +243,7 @@ async fn apply_update_and_prune_only_what_the_agent_created() {
     // The statuses reached the hub.
     within(20, "status at the hub", async {
         loop {
-            let statuses = f.hub.store.lock().unwrap().statuses(Some(&f.id)).unwrap();
+            let statuses = f.hub.store.statuses(Some(&f.id)).unwrap();
             if statuses
                 .iter()
                 .any(|s| s.status.phase == Phase::Healthy && s.status.generation == v2.generation)
@@ -604,7 +604,7 @@ async fn offline_the_agent_keeps_reconciling_across_restarts_and_reports_on_reco
             == 0
     })
     .await;
-    let stored_before = hub.store.lock().unwrap().status_history_len(&id).unwrap();
+    let stored_before = hub.store.status_history_len(&id).unwrap();
 
     // The link goes dark; the agent restarts (twice) and the cluster loses objects meanwhile.
     relay.set_blackout(true);
@@ -663,7 +663,7 @@ async fn offline_the_agent_keeps_reconciling_across_restarts_and_reports_on_reco
             == 0
     })
     .await;
-    let stored_after = hub.store.lock().unwrap().status_history_len(&id).unwrap();
+    let stored_after = hub.store.status_history_len(&id).unwrap();
     let sent = agent
         .client
         .with_state(|state| state.outbox_sequence())
@@ -725,13 +725,7 @@ async fn a_damaged_snapshot_is_never_applied_and_is_fetched_again() {
             .status_where("shop", phase_is(Phase::Healthy, v1.generation)),
     )
     .await;
-    let history = f
-        .hub
-        .store
-        .lock()
-        .unwrap()
-        .status_history_len(&f.id)
-        .unwrap();
+    let history = f.hub.store.status_history_len(&f.id).unwrap();
     assert!(history > 0);
 }
 

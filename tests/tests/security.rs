@@ -197,8 +197,7 @@ fn every_route_answers_each_token_as_its_role_allows() {
     let agent = {
         let secret = hub.cli(&["tokens", "create", "--output", "json"]);
         let token: Value = serde_json::from_str(&secret).unwrap();
-        let mut store =
-            outpost_hub::store::SqliteStore::open(&work.path().join("hub/hub.db")).unwrap();
+        let store = outpost_hub::store::SqliteStore::open(&work.path().join("hub/hub.db")).unwrap();
         use outpost_hub::store::Store as _;
         let digest = outpost_proto::Digest::of(token["token"].as_str().unwrap().as_bytes());
         store

@@ -37,12 +37,9 @@ async fn enrolment_fetch_report_and_token_reuse_refused() {
     );
     agent.start();
     let id = within(20, "enrolment", agent.enrolled_id()).await;
-    let record = {
-        let stored = hub.store.lock().unwrap();
-        outpost_hub::store::Store::agent(&*stored, &id)
-            .unwrap()
-            .unwrap()
-    };
+    let record = outpost_hub::store::Store::agent(&hub.store, &id)
+        .unwrap()
+        .unwrap();
     assert_eq!(record.labels.get("region").map(String::as_str), Some("eu"));
 
     hub.assign(&id, "app", first);
@@ -51,7 +48,7 @@ async fn enrolment_fetch_report_and_token_reuse_refused() {
     // The install is reported, stored by the hub and acknowledged (the outbox empties).
     within(20, "status report", async {
         loop {
-            let statuses = hub.store.lock().unwrap().statuses(Some(&id)).unwrap();
+            let statuses = hub.store.statuses(Some(&id)).unwrap();
             let outbox = agent
                 .client
                 .with_state(|state| state.outbox_len())
@@ -306,7 +303,7 @@ async fn deltas_only_against_what_was_assigned_and_status_only_for_assigned_bund
             None => panic!("control stream closed"),
         }
     }
-    let stored = hub.store.lock().unwrap().statuses(Some(&id)).unwrap();
+    let stored = hub.store.statuses(Some(&id)).unwrap();
     let bundles: Vec<&str> = stored.iter().map(|s| s.status.bundle.as_str()).collect();
     assert_eq!(bundles, ["app"]);
     // One connection per agent: a newer one replaces this one, which is told why.
@@ -372,16 +369,9 @@ async fn under_load_peers_prove_their_address_and_beyond_the_cap_are_refused() {
         }
     })
     .await;
+    assert!(full.store.bundle_assignments(None).unwrap().is_empty());
     assert!(
-        full.store
-            .lock()
-            .unwrap()
-            .bundle_assignments(None)
-            .unwrap()
-            .is_empty()
-    );
-    assert!(
-        outpost_hub::store::Store::agents(&*full.store.lock().unwrap())
+        outpost_hub::store::Store::agents(&full.store)
             .unwrap()
             .is_empty()
     );

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use super::auth::{self, Admin, Viewer};
 use super::{AdminState, ApiError, ApiResult, bad_request, not_found, with_store};
 use crate::keys::KeyStatus;
-use crate::store::{AdminToken, AuthStore, NewToken, Role};
+use crate::store::{AdminToken, NewToken, Role};
 
 pub(super) async fn whoami(Viewer(caller): Viewer) -> Json<Value> {
     Json(json!({"name": caller.name, "role": caller.role.name()}))

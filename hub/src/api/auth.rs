@@ -24,7 +24,7 @@ use serde_json::json;
 
 use super::AdminState;
 use crate::limits::TokenBucket;
-use crate::store::{AdminToken, AuthStore, Role, SqliteStore, Store, TokenCheck};
+use crate::store::{AdminToken, Role, TokenCheck};
 
 /// Paths served without a token: probes, the static fleet page (it holds no data; its script
 /// asks for a token), and metrics.
@@ -343,9 +343,6 @@ fn touch(state: &AdminState, token: &AdminToken, now: i64) {
     let store = state.store.clone();
     let name = token.name.clone();
     tokio::task::spawn_blocking(move || {
-        let mut store: std::sync::MutexGuard<'_, SqliteStore> = store
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Err(error) = store.touch_admin_tokens(&[(name, now)]) {
             tracing::warn!(%error, "cannot record an API token's last use");
         }
@@ -369,9 +366,6 @@ fn audit(
         caller.role
     );
     tokio::task::spawn_blocking(move || {
-        let mut store = store
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Err(error) = store.add_event(now, "api-write", &subject, &message) {
             tracing::warn!(%error, "cannot record an API write in the event log");
         }

@@ -25,7 +25,7 @@
 //! write is also recorded as an `api-write` event.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -37,7 +37,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::changes::Changes;
-use crate::store::{Agent, FleetStore, Role, SqliteStore, Store, StoreError};
+use crate::store::{Agent, HubStore, Role, StoreError};
 
 pub mod admin;
 pub mod auth;
@@ -92,7 +92,7 @@ pub struct SourceSummary {
 #[derive(Debug, Clone)]
 pub struct AdminState {
     /// The store, shared with the sync threads.
-    pub store: Arc<Mutex<SqliteStore>>,
+    pub store: Arc<dyn HubStore>,
     /// What changed, for whom: fetches, fleet, rollouts.
     pub changes: Arc<Changes>,
     /// Token checks, rate limits, allowed hosts.
@@ -201,20 +201,12 @@ async fn security_headers(mut response: Response) -> Response {
 /// Runs `work` on the store in a blocking thread.
 async fn with_store<T: Send + 'static>(
     state: &AdminState,
-    work: impl FnOnce(&mut SqliteStore) -> Result<T, ApiError> + Send + 'static,
+    work: impl FnOnce(&dyn HubStore) -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let store = state.store.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut store = store.lock().map_err(|_| {
-            ApiError(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "store lock poisoned; restart the hub".to_owned(),
-            )
-        })?;
-        work(&mut store)
-    })
-    .await
-    .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
+    tokio::task::spawn_blocking(move || work(&*store))
+        .await
+        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
 }
 
 fn not_found(message: String) -> ApiError {
@@ -470,7 +462,7 @@ fn check_label(key: &str, value: Option<&str>) -> Result<(), ApiError> {
 }
 
 /// The agent as it is after a change, or 404 if the change found no such agent.
-fn changed_agent(store: &SqliteStore, id: &str, found: bool) -> ApiResult {
+fn changed_agent(store: &dyn HubStore, id: &str, found: bool) -> ApiResult {
     let agent = match found {
         true => store.agent(id)?,
         false => None,

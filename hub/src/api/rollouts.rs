@@ -23,7 +23,6 @@ use super::auth::Operator;
 use super::{AdminState, ApiError, ApiResult, check_why, with_store};
 use crate::rollout::machine::{Command, OnFailure, Rollout};
 use crate::rollout::{self, CommandFailure, CreateError, Request};
-use crate::store::{FleetStore, RolloutStore, Store};
 
 /// The fleet page: static HTML (styles inline) and its script, which asks for an API token,
 /// keeps it in the tab's session storage and sends it as a header (no cookies, so no

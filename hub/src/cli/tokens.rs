@@ -104,7 +104,7 @@ pub(crate) fn admin_token(command: AdminTokenCommand) -> Result<()> {
                     let now = unix_now();
                     let token = new_token(&name, &role, ttl, now).map_err(anyhow::Error::msg)?;
                     let (secret, digest) = new_secret().context("getting random bytes")?;
-                    let mut store = open_store(&data_dir)?;
+                    let store = open_store(&data_dir)?;
                     let created = store
                         .create_admin_token(&token, &digest, &local_user(), now)?
                         .map_err(anyhow::Error::msg)?;

@@ -14,7 +14,7 @@ use outpost_proto::wire::Phase as Reported;
 
 use crate::bundles::BundleDefinition;
 use crate::keys::HubKeys;
-use crate::store::{AssignmentChange, Created, FleetStore, RolloutStore, Store, StoreError};
+use crate::store::{AssignmentChange, Created, HubStore, StoreError};
 use crate::variants;
 use machine::{Assigned, Change, Command, CommandError, Health, Input, Plan, PlanError, Rollout};
 
@@ -127,7 +127,7 @@ pub fn full_ref(tag: &str) -> String {
 
 /// Creates a rollout (it releases at the driver's next step).
 pub fn create(
-    store: &mut (impl Store + RolloutStore),
+    store: &dyn HubStore,
     request: &Request,
     who: &str,
     why: &str,
@@ -208,7 +208,7 @@ pub enum CommandFailure {
 /// Carries out an operator's command on a rollout; returns it as it is after, and the agents
 /// whose assignments changed.
 pub fn command(
-    store: &mut (impl Store + FleetStore + RolloutStore),
+    store: &dyn HubStore,
     keys: &HubKeys,
     id: u64,
     command: Command,
@@ -248,7 +248,7 @@ impl Driver {
     /// One step of every live rollout; returns the agents whose assignments changed.
     pub fn tick(
         &mut self,
-        store: &mut (impl Store + FleetStore + RolloutStore),
+        store: &dyn HubStore,
         keys: &HubKeys,
         definitions_at: &mut DefinitionsAt<'_>,
         now: i64,
@@ -301,7 +301,7 @@ fn health(phase: Reported) -> Health {
 /// members' status reports. `definition` is the bundle at the pinned commit (`None`: the bundle
 /// is gone there, so no agent can join).
 pub fn observe(
-    store: &(impl Store + FleetStore),
+    store: &dyn HubStore,
     definition: Option<&BundleDefinition>,
     rollout: &Rollout,
 ) -> Result<Vec<Input>, StoreError> {
@@ -383,7 +383,7 @@ pub fn observe(
 /// a generation below the one it is assigned gets the same body signed again under a new
 /// generation, so it accepts it.
 pub fn commit(
-    store: &mut (impl Store + FleetStore + RolloutStore),
+    store: &dyn HubStore,
     keys: &HubKeys,
     rollout: &Rollout,
     changes: &[Change],
@@ -429,7 +429,7 @@ pub fn commit(
 /// The generation under which `digest`'s body is at least `floor`: the newest existing one if
 /// it is, else the body signed again under a new generation.
 fn resign(
-    store: &mut impl Store,
+    store: &dyn HubStore,
     keys: &HubKeys,
     bundle: &str,
     digest: &Digest,

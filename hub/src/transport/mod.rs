@@ -32,11 +32,11 @@ use outpost_proto::wire::{
     TransferStart,
 };
 use outpost_proto::{Digest, PublicKey};
-use tokio::sync::watch;
 
+use crate::changes::Changes;
 use crate::keys::HubKeys;
 use crate::limits::TokenBucket;
-use crate::store::{Agent, FleetStore, SqliteStore, Store, StoreError, agent_id};
+use crate::store::{Agent, HubStore, StoreError, agent_id};
 
 pub use payloads::{Bodies, Payload, PayloadCache, PayloadError};
 
@@ -187,11 +187,10 @@ pub struct AgentService {
     connected: Arc<Connected>,
     unidentified: Arc<AtomicUsize>,
     counters: ServiceCounters,
-    store: Arc<Mutex<SqliteStore>>,
+    store: Arc<dyn HubStore>,
     keys: Arc<HubKeys>,
     payloads: PayloadCache,
-    changes: watch::Receiver<u64>,
-    on_enrol: Box<dyn Fn() + Send + Sync>,
+    changes: Arc<Changes>,
     now: fn() -> i64,
     options: ServiceOptions,
 }
@@ -225,14 +224,13 @@ pub enum ServeError {
 }
 
 impl AgentService {
-    /// A service over the hub's store and keys. `changes` ticks whenever assignments, labels or
-    /// revocations may have changed; `on_enrol` runs after a new agent enrols (to render its
-    /// variants).
+    /// A service over the hub's store and keys. `changes` wakes connections when their
+    /// agent's assignments, labels or revocation may have changed (one agent's, or all), and
+    /// hears of enrolments (so the new agent's variants are rendered and assigned).
     pub fn new(
-        store: Arc<Mutex<SqliteStore>>,
+        store: Arc<dyn HubStore>,
         keys: Arc<HubKeys>,
-        changes: watch::Receiver<u64>,
-        on_enrol: Box<dyn Fn() + Send + Sync>,
+        changes: Arc<Changes>,
         now: fn() -> i64,
         options: ServiceOptions,
     ) -> AgentService {
@@ -244,7 +242,6 @@ impl AgentService {
             keys,
             payloads: PayloadCache::new(options.compression_level, options.cache_bytes),
             changes,
-            on_enrol,
             now,
             options,
         }
@@ -267,16 +264,13 @@ impl AgentService {
 
     async fn with_store<T: Send + 'static>(
         self: &Arc<Self>,
-        work: impl FnOnce(&mut SqliteStore) -> Result<T, StoreError> + Send + 'static,
+        work: impl FnOnce(&dyn HubStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, ServeError> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut store = store.lock().unwrap_or_else(|e| e.into_inner());
-            work(&mut store)
-        })
-        .await
-        .map_err(|error| ServeError::Protocol(format!("store task failed: {error}")))?
-        .map_err(ServeError::from)
+        tokio::task::spawn_blocking(move || work(&*store))
+            .await
+            .map_err(|error| ServeError::Protocol(format!("store task failed: {error}")))?
+            .map_err(ServeError::from)
     }
 }
 
@@ -394,7 +388,7 @@ async fn handle_connection(
                     }),
                 )
                 .await?;
-                (service.on_enrol)();
+                service.changes.agent_enrolled(&agent.id);
                 agent
             }
             Err(message) => {
@@ -522,7 +516,9 @@ async fn run_session(
     let mut trust_changes = service.keys.trust_changes();
     trust_changes.borrow_and_update();
     send_message(&mut send, &Message::Trust(service.keys.trust())).await?;
-    let mut changes = service.changes.clone();
+    let subscription = service.changes.subscribe(&id);
+    let mut fleet = service.changes.fleet.subscribe();
+    fleet.borrow_and_update();
     let mut sent_sequence = None;
     let mut reports = TokenBucket::new(
         service.options.reports_per_second,
@@ -541,7 +537,8 @@ async fn run_session(
             return Ok(());
         }
         tokio::select! {
-            changed = changes.changed() => {
+            () = subscription.changed() => recheck = true,
+            changed = fleet.changed() => {
                 if changed.is_err() {
                     connection.close(0u32.into(), b"hub stopping");
                     return Ok(());
@@ -717,7 +714,6 @@ async fn serve_fetch(
     let payload = service
         .payloads
         .get(wanted, base, move || {
-            let store = store.lock().unwrap_or_else(|e| e.into_inner());
             let body = |digest: &Digest| -> Result<Vec<u8>, String> {
                 store
                     .snapshot_by_digest(&load_bundle, digest)

@@ -1,0 +1,484 @@
+//! The hub runtime: every loop of a running hub in one place — one task per Git source that
+//! fetches on the poll interval (backing off while the remote is down) or when asked (its
+//! webhook, fetch-now, an enrolment), renders and assigns; the rollout driver; the keys
+//! refresher; the QUIC agent service; the admin API and webhooks — with its store, keys, clock
+//! and listeners injected. `outpost-hub run`, the simulator and the test harness all run this,
+//! so what they measure and test is the hub itself.
+//!
+//! Every loop is a tokio task on tokio's clock (the simulator pauses it); blocking work (Git,
+//! rendering, the store) runs in `spawn_blocking`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::api::auth::Auth;
+use crate::api::hooks::HooksState;
+use crate::api::listener::HttpListener;
+use crate::api::{AdminState, EnrolmentInfo, SourceSummary};
+use crate::assign::assign_tracked;
+use crate::bundles;
+use crate::changes::Changes;
+use crate::config::SourceConfig;
+use crate::git::GitSource;
+use crate::keys::HubKeys;
+use crate::resign::refresh_keys;
+use crate::rollout::Driver;
+use crate::store::HubStore;
+use crate::sync::{SyncReport, render_fetched};
+use crate::transport::{AgentService, ServiceOptions};
+
+/// Unix seconds now (injected: the simulator's clock is virtual).
+pub type Clock = fn() -> i64;
+
+/// One Git source to follow.
+#[derive(Debug, Clone)]
+pub struct SourceSettings {
+    /// Its configuration.
+    pub config: SourceConfig,
+    /// Where its bare mirror lives.
+    pub mirror: PathBuf,
+}
+
+/// How the hub's loops behave.
+#[derive(Debug, Clone)]
+pub struct HubSettings {
+    /// The Git sources.
+    pub sources: Vec<SourceSettings>,
+    /// How often every source is fetched when nothing asks.
+    pub poll_interval: Duration,
+    /// After a webhook, how long to wait for more pushes before fetching.
+    pub webhook_quiet: Duration,
+    /// How often live rollouts are stepped when nothing wakes them.
+    pub rollout_tick: Duration,
+    /// How often the key dir is read again.
+    pub keys_tick: Duration,
+    /// The agent service.
+    pub service: ServiceOptions,
+    /// Host names the admin API answers to besides `localhost` and IP addresses.
+    pub admin_names: Vec<String>,
+    /// API writes per token per second.
+    pub api_writes_per_second: f64,
+}
+
+impl HubSettings {
+    /// Defaults for `sources`: poll every minute, rollouts every 2 s, keys every 30 s (more often
+    /// for short snapshot lifetimes).
+    pub fn new(sources: Vec<SourceSettings>, keys: &HubKeys) -> HubSettings {
+        let keys_tick = match keys.policy().snapshot_lifetime {
+            Some(lifetime) => {
+                Duration::from_secs(30).min(Duration::from_secs((lifetime / 6).max(1) as u64))
+            }
+            None => Duration::from_secs(30),
+        };
+        HubSettings {
+            sources,
+            poll_interval: Duration::from_secs(60),
+            webhook_quiet: Duration::from_millis(500),
+            rollout_tick: Duration::from_secs(2),
+            keys_tick,
+            service: ServiceOptions::default(),
+            admin_names: Vec::new(),
+            api_writes_per_second: 10.0,
+        }
+    }
+}
+
+/// What a hub is made of.
+pub struct HubParts {
+    /// How it behaves.
+    pub settings: HubSettings,
+    /// Its store.
+    pub store: Arc<dyn HubStore>,
+    /// Its keys.
+    pub keys: Arc<HubKeys>,
+    /// Its clock.
+    pub clock: Clock,
+    /// The QUIC endpoint agents reach it on (a real socket, or the simulator's network).
+    pub agents: quinn::Endpoint,
+    /// What enrolment bundles tell agents (address, pin, root key).
+    pub enrolment: EnrolmentInfo,
+    /// The admin API's listener (none in the simulator).
+    pub admin: Option<HttpListener>,
+    /// A listener of its own for webhooks (else they are served on the admin listener).
+    pub hooks: Option<HttpListener>,
+}
+
+impl std::fmt::Debug for HubParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubParts")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A running hub.
+#[derive(Debug)]
+pub struct Hub {
+    store: Arc<dyn HubStore>,
+    keys: Arc<HubKeys>,
+    changes: Arc<Changes>,
+    service: Arc<AgentService>,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    clock: Clock,
+}
+
+/// The wait after `failures` consecutive failed fetches: the interval doubled per failure, at
+/// most 64 × the interval and at most an hour (never less than the interval).
+pub fn backoff(interval: Duration, failures: u32) -> Duration {
+    (interval * 2u32.pow(failures.min(6))).min(Duration::from_secs(3600).max(interval))
+}
+
+impl Hub {
+    /// Starts every loop of the hub (call from within a tokio runtime).
+    pub fn start(parts: HubParts) -> Hub {
+        let HubParts {
+            settings,
+            store,
+            keys,
+            clock,
+            agents,
+            enrolment,
+            admin,
+            hooks,
+        } = parts;
+        let changes = Arc::new(Changes::default());
+        let service = Arc::new(AgentService::new(
+            store.clone(),
+            keys.clone(),
+            changes.clone(),
+            clock,
+            settings.service.clone(),
+        ));
+        let mut tasks = Vec::new();
+        let sources: Vec<(SourceSettings, Arc<tokio::sync::OnceCell<Arc<GitSource>>>)> = settings
+            .sources
+            .iter()
+            .map(|source| (source.clone(), Arc::new(tokio::sync::OnceCell::new())))
+            .collect();
+        for (source, opened) in &sources {
+            tasks.push(tokio::spawn(source_loop(
+                source.clone(),
+                opened.clone(),
+                settings.poll_interval,
+                settings.webhook_quiet,
+                store.clone(),
+                keys.clone(),
+                changes.clone(),
+                clock,
+            )));
+        }
+        tasks.push(tokio::spawn(rollout_loop(
+            sources.clone(),
+            settings.rollout_tick,
+            store.clone(),
+            keys.clone(),
+            changes.clone(),
+            clock,
+        )));
+        tasks.push(tokio::spawn(keys_loop(
+            settings.keys_tick,
+            store.clone(),
+            keys.clone(),
+            changes.clone(),
+            clock,
+        )));
+        tasks.push(tokio::spawn(crate::transport::serve(
+            agents.clone(),
+            service.clone(),
+        )));
+        if let Some(admin) = admin {
+            let hooks_state = HooksState {
+                secrets: Arc::new(
+                    settings
+                        .sources
+                        .iter()
+                        .map(|source| {
+                            (
+                                source.config.name.clone(),
+                                source.config.webhook_secret.clone(),
+                            )
+                        })
+                        .collect::<BTreeMap<_, _>>(),
+                ),
+                changes: changes.clone(),
+            };
+            let state = AdminState {
+                store: store.clone(),
+                changes: changes.clone(),
+                auth: Arc::new(Auth::new(
+                    settings.admin_names.clone(),
+                    settings.api_writes_per_second,
+                )),
+                sources: Arc::new(
+                    settings
+                        .sources
+                        .iter()
+                        .map(|source| SourceSummary {
+                            name: source.config.name.clone(),
+                            url: source.config.url.clone(),
+                            track: source.config.track.clone(),
+                            webhook: source.config.webhook_secret.is_some(),
+                        })
+                        .collect(),
+                ),
+                now: clock,
+                enrolment: Arc::new(enrolment),
+                keys: keys.clone(),
+                connected: service.connected(),
+            };
+            let app = match hooks {
+                None => crate::api::router(state, Some(hooks_state)),
+                Some(listener) => {
+                    let hooks_app = crate::api::hooks::router(hooks_state);
+                    tasks.push(tokio::spawn(async move {
+                        if let Err(error) = axum::serve(listener, hooks_app).await {
+                            tracing::error!(%error, "the webhook listener stopped");
+                        }
+                    }));
+                    crate::api::router(state, None)
+                }
+            };
+            tasks.push(tokio::spawn(async move {
+                if let Err(error) = axum::serve(admin, app).await {
+                    tracing::error!(%error, "the admin API stopped");
+                }
+            }));
+        }
+        Hub {
+            store,
+            keys,
+            changes,
+            service,
+            endpoint: agents,
+            tasks,
+            clock,
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn HubStore> {
+        &self.store
+    }
+
+    /// The keys.
+    pub fn keys(&self) -> &Arc<HubKeys> {
+        &self.keys
+    }
+
+    /// The bus of changes (fetch now, fleet changed, rollouts changed).
+    pub fn changes(&self) -> &Arc<Changes> {
+        &self.changes
+    }
+
+    /// The agent service (connections, counters, payload cache).
+    pub fn service(&self) -> &Arc<AgentService> {
+        &self.service
+    }
+
+    /// The hub's clock.
+    pub fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    /// Stops: tells connected agents (so they reconnect to another hub at once instead of
+    /// waiting for the idle timeout), waits up to two seconds for them to hear it, ends the loops.
+    pub async fn shutdown(self) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"hub shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Hub {
+    fn drop(&mut self) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"hub stopped");
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Runs blocking work off the async threads; a panic there is logged, not propagated.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(value) => Some(value),
+        Err(error) => {
+            tracing::error!(%error, "blocking hub work failed");
+            None
+        }
+    }
+}
+
+/// Opens a source's mirror, retrying every `interval` while it cannot be opened.
+async fn open_source(settings: &SourceSettings, interval: Duration) -> Arc<GitSource> {
+    loop {
+        let (config, mirror) = (settings.config.clone(), settings.mirror.clone());
+        let opened = blocking(move || {
+            GitSource::open_or_init(&config.url, &mirror)
+                .map(|source| source.with_credentials(config.credentials.clone()))
+        })
+        .await;
+        match opened {
+            Some(Ok(source)) => return Arc::new(source),
+            Some(Err(error)) => {
+                tracing::error!(source = %settings.config.name, %error, "cannot open the mirror; retrying")
+            }
+            None => {}
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+pub(crate) fn print_report(report: &SyncReport) {
+    if let Some(error) = &report.fetch_error {
+        tracing::warn!(%error, "fetch failed");
+    }
+    for (bundle, generation, git_ref) in &report.rendered {
+        tracing::info!(%bundle, generation, %git_ref, "rendered");
+    }
+    for (git_ref, bundle, error) in &report.failed {
+        tracing::warn!(%bundle, %git_ref, %error, "refused");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn source_loop(
+    settings: SourceSettings,
+    opened: Arc<tokio::sync::OnceCell<Arc<GitSource>>>,
+    interval: Duration,
+    quiet: Duration,
+    store: Arc<dyn HubStore>,
+    keys: Arc<HubKeys>,
+    changes: Arc<Changes>,
+    clock: Clock,
+) {
+    let name = settings.config.name.clone();
+    let source = opened
+        .get_or_init(|| open_source(&settings, interval))
+        .await
+        .clone();
+    let mut seen = changes.fetch_requests(&name);
+    let mut failures = 0u32;
+    loop {
+        let started = tokio::time::Instant::now();
+        let fetching = source.clone();
+        let fetched = blocking(move || {
+            fetching
+                .fetch()
+                .map(|_| ())
+                .map_err(|error| error.to_string())
+        })
+        .await
+        .unwrap_or_else(|| Err("the fetch task failed".to_owned()));
+        let failed = fetched.is_err();
+        changes.fetched(
+            &name,
+            clock(),
+            started.elapsed(),
+            fetched.as_ref().err().cloned(),
+        );
+        let (store, keys, syncing, track) = (
+            store.clone(),
+            keys.clone(),
+            source.clone(),
+            settings.config.track.clone(),
+        );
+        let synced = blocking(move || {
+            let now = clock();
+            render_fetched(&*store, &keys, &syncing, fetched, now)
+                .inspect(print_report)
+                .and_then(|_| assign_tracked(&*store, &syncing, &track, now))
+        })
+        .await;
+        match synced {
+            Some(Ok(changed)) if !changed.is_empty() => {
+                tracing::info!(source = %name, agents = changed.len(), "assignments changed");
+                changes.agents_changed(&changed);
+            }
+            Some(Ok(_)) | None => {}
+            Some(Err(error)) => tracing::error!(source = %name, %error, "sync failed; retrying"),
+        }
+        failures = if failed { (failures + 1).min(6) } else { 0 };
+        // Sleep until due, or until someone asks for a fetch (a burst of pushes: once).
+        changes
+            .wait_for_fetch(&name, &mut seen, backoff(interval, failures), quiet)
+            .await;
+    }
+}
+
+async fn rollout_loop(
+    sources: Vec<(SourceSettings, Arc<tokio::sync::OnceCell<Arc<GitSource>>>)>,
+    tick: Duration,
+    store: Arc<dyn HubStore>,
+    keys: Arc<HubKeys>,
+    changes: Arc<Changes>,
+    clock: Clock,
+) {
+    let mut driver = Some(Driver::default());
+    let mut seen = 0;
+    loop {
+        let mut taken = driver.take().unwrap_or_default();
+        let (store, keys, sources) = (store.clone(), keys.clone(), sources.clone());
+        let stepped = blocking(move || {
+            let mut definitions_at = |url: &str, commit: &str| -> Result<_, String> {
+                let source = sources
+                    .iter()
+                    .find(|(settings, _)| settings.config.url == url)
+                    .and_then(|(_, opened)| opened.get().cloned())
+                    .ok_or_else(|| format!("source {url} is not configured or not opened yet"))?;
+                bundles::bundles_at(&source, commit).map_err(|error| error.to_string())
+            };
+            let result = taken.tick(&*store, &keys, &mut definitions_at, clock());
+            (taken, result)
+        })
+        .await;
+        if let Some((returned, result)) = stepped {
+            driver = Some(returned);
+            match result {
+                Ok(changed) if !changed.is_empty() => {
+                    tracing::info!(agents = changed.len(), "rollouts changed assignments");
+                    changes.agents_changed(&changed);
+                }
+                Ok(_) => {}
+                Err(error) => tracing::error!(%error, "rollout step failed; retrying"),
+            }
+        }
+        changes.wait_for_rollouts(&mut seen, tick).await;
+    }
+}
+
+/// Re-reads the key dir every `tick`: new, renewed or revoked keys reach agents, and snapshots
+/// a revoked key signed or about to expire are signed again.
+async fn keys_loop(
+    tick: Duration,
+    store: Arc<dyn HubStore>,
+    keys: Arc<HubKeys>,
+    changes: Arc<Changes>,
+    clock: Clock,
+) {
+    loop {
+        tokio::time::sleep(tick).await;
+        let (store, keys) = (store.clone(), keys.clone());
+        match blocking(move || refresh_keys(&*store, &keys, clock())).await {
+            Some(Ok(refreshed)) if !refreshed.resigned.agents.is_empty() => {
+                tracing::info!(
+                    agents = refreshed.resigned.agents.len(),
+                    snapshots = refreshed.resigned.resigned.len(),
+                    "snapshots signed again; agents get the new headers"
+                );
+                changes.agents_changed(&refreshed.resigned.agents);
+            }
+            Some(Ok(_)) | None => {}
+            Some(Err(error)) => {
+                tracing::error!(%error, "reading the key dir failed; the keys in use stay")
+            }
+        }
+    }
+}

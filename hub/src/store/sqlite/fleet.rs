@@ -1,0 +1,499 @@
+//! [`FleetStore`] on SQLite: assignments, delta bases, status, last seen.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use outpost_proto::Digest;
+use outpost_proto::wire::{BundleStatus, Phase};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{SqliteStore, add_event, digest_at};
+use crate::store::{
+    AgentAssignments, AssignmentChange, AssignmentRow, FleetStore, SignedHeader, StoreError,
+    StoredStatus,
+};
+
+/// How many of an agent's latest assignments of a bundle count as delta bases.
+const DELTA_BASES_KEPT: i64 = 4;
+
+/// Remembers that `agent` was assigned `digest` of `bundle` (a future delta base), keeping the
+/// newest [`DELTA_BASES_KEPT`].
+fn remember_base(
+    connection: &Connection,
+    agent: &str,
+    bundle: &str,
+    digest: &[u8],
+    now: i64,
+) -> Result<(), StoreError> {
+    connection.execute(
+        "INSERT INTO assignment_bases (agent, bundle, digest, assigned_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (agent, bundle, digest) DO UPDATE SET assigned_at = ?4",
+        params![agent, bundle, digest, now],
+    )?;
+    connection.execute(
+        "DELETE FROM assignment_bases WHERE agent = ?1 AND bundle = ?2 AND digest NOT IN
+         (SELECT digest FROM assignment_bases WHERE agent = ?1 AND bundle = ?2
+          ORDER BY assigned_at DESC, rowid DESC LIMIT ?3)",
+        params![agent, bundle, DELTA_BASES_KEPT],
+    )?;
+    Ok(())
+}
+
+fn bump_sequences<'a>(
+    connection: &Connection,
+    agents: impl IntoIterator<Item = &'a String>,
+) -> Result<(), StoreError> {
+    for agent in agents {
+        connection.execute(
+            "UPDATE agents SET assignment_sequence = assignment_sequence + 1 WHERE id = ?1",
+            [agent],
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes single assignments inside `transaction`; returns the agents whose assignments changed.
+pub(super) fn write_changes(
+    connection: &Connection,
+    changes: &[AssignmentChange],
+    now: i64,
+) -> Result<Vec<String>, StoreError> {
+    let mut changed = BTreeSet::new();
+    for change in changes {
+        let written = match &change.to {
+            Some((generation, digest)) => {
+                remember_base(connection, &change.agent, &change.bundle, &digest.0, now)?;
+                connection.execute(
+                "INSERT INTO assignments (agent, bundle, generation, digest, origin, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (agent, bundle) DO UPDATE SET generation = ?3, digest = ?4, origin = ?5, updated_at = ?6
+                 WHERE generation != ?3 OR digest != ?4 OR origin != ?5",
+                params![
+                    change.agent,
+                    change.bundle,
+                    *generation as i64,
+                    digest.0.as_slice(),
+                    change.origin,
+                    now
+                ],
+            )?
+            }
+            None => connection.execute(
+                "DELETE FROM assignments WHERE agent = ?1 AND bundle = ?2",
+                params![change.agent, change.bundle],
+            )?,
+        };
+        if written > 0 {
+            changed.insert(change.agent.clone());
+        }
+    }
+    bump_sequences(connection, &changed)?;
+    Ok(changed.into_iter().collect())
+}
+
+fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Applying => "Applying",
+        Phase::Healthy => "Healthy",
+        Phase::Degraded => "Degraded",
+        Phase::Failed => "Failed",
+    }
+}
+
+fn phase_from(name: &str) -> Phase {
+    match name {
+        "Healthy" => Phase::Healthy,
+        "Degraded" => Phase::Degraded,
+        "Failed" => Phase::Failed,
+        _ => Phase::Applying,
+    }
+}
+
+impl FleetStore for SqliteStore {
+    fn set_assignments(
+        &self,
+        origin: &str,
+        wanted: &[AssignmentRow],
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let (origin, wanted) = (origin.to_owned(), wanted.to_vec());
+        self.write(move |connection| {
+            let mut current: BTreeMap<(String, String), (u64, Vec<u8>, String)> = BTreeMap::new();
+            {
+                let mut statement = connection
+                    .prepare("SELECT agent, bundle, generation, digest, origin FROM assignments")?;
+                let rows = statement.query_map([], |row| {
+                    Ok((
+                        (row.get::<_, String>(0)?, row.get::<_, String>(1)?),
+                        (
+                            row.get::<_, i64>(2)? as u64,
+                            row.get::<_, Vec<u8>>(3)?,
+                            row.get::<_, String>(4)?,
+                        ),
+                    ))
+                })?;
+                for row in rows {
+                    let (key, value) = row?;
+                    current.insert(key, value);
+                }
+            }
+            let mut changed = BTreeSet::new();
+            let wanted_keys: BTreeSet<(String, String)> = wanted
+                .iter()
+                .map(|row| (row.agent.clone(), row.bundle.clone()))
+                .collect();
+            // Withdraw this origin's assignments that are no longer wanted.
+            for ((agent, bundle), (_, _, row_origin)) in &current {
+                if *row_origin == origin && !wanted_keys.contains(&(agent.clone(), bundle.clone()))
+                {
+                    connection.execute(
+                        "DELETE FROM assignments WHERE agent = ?1 AND bundle = ?2",
+                        params![agent, bundle],
+                    )?;
+                    changed.insert(agent.clone());
+                }
+            }
+            for row in &wanted {
+                let key = (row.agent.clone(), row.bundle.clone());
+                let same_or_other =
+                    current
+                        .get(&key)
+                        .is_some_and(|(generation, digest, held_by)| {
+                            *held_by != origin
+                                || (*generation == row.generation
+                                    && digest.as_slice() == row.digest.0.as_slice())
+                        });
+                if same_or_other {
+                    continue;
+                }
+                remember_base(connection, &row.agent, &row.bundle, &row.digest.0, now)?;
+                connection.execute(
+                    "INSERT INTO assignments (agent, bundle, generation, digest, origin, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (agent, bundle) DO UPDATE SET generation = ?3, digest = ?4, origin = ?5, updated_at = ?6",
+                    params![
+                        row.agent,
+                        row.bundle,
+                        row.generation as i64,
+                        row.digest.0.as_slice(),
+                        origin,
+                        now
+                    ],
+                )?;
+                changed.insert(row.agent.clone());
+            }
+            bump_sequences(connection, &changed)?;
+            Ok(changed.into_iter().collect())
+        })
+    }
+
+    fn change_assignments(
+        &self,
+        changes: &[AssignmentChange],
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let changes = changes.to_vec();
+        self.write(move |connection| write_changes(connection, &changes, now))
+    }
+
+    fn bundle_assignments(
+        &self,
+        bundle: Option<&str>,
+    ) -> Result<Vec<(AssignmentRow, String)>, StoreError> {
+        self.read(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT agent, bundle, generation, digest, origin FROM assignments
+                 WHERE ?1 IS NULL OR bundle = ?1 ORDER BY agent, bundle",
+            )?;
+            let rows = statement.query_map([bundle], |row| {
+                Ok((
+                    AssignmentRow {
+                        agent: row.get(0)?,
+                        bundle: row.get(1)?,
+                        generation: row.get::<_, i64>(2)? as u64,
+                        digest: digest_at(row, 3)?,
+                    },
+                    row.get(4)?,
+                ))
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn assignments(&self, agent: &str) -> Result<AgentAssignments, StoreError> {
+        self.read(|connection| {
+            let sequence: Option<i64> = connection
+                .prepare_cached("SELECT assignment_sequence FROM agents WHERE id = ?1")?
+                .query_row([agent], |row| row.get(0))
+                .optional()?;
+            let mut statement = connection.prepare_cached(
+                "SELECT bundle, generation, digest FROM assignments WHERE agent = ?1 ORDER BY bundle",
+            )?;
+            let entries = statement
+                .query_map([agent], |row| {
+                    Ok(AssignmentRow {
+                        agent: agent.to_owned(),
+                        bundle: row.get(0)?,
+                        generation: row.get::<_, i64>(1)? as u64,
+                        digest: digest_at(row, 2)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            Ok(AgentAssignments {
+                sequence: sequence.unwrap_or(0) as u64,
+                entries,
+            })
+        })
+    }
+
+    fn agent_connected(&self, agent: &str, version: &str, now: i64) -> Result<(), StoreError> {
+        let (agent, version) = (agent.to_owned(), version.to_owned());
+        self.write(move |connection| {
+            connection
+                .prepare_cached(
+                    "UPDATE agents SET last_seen = ?2, agent_version = ?3 WHERE id = ?1",
+                )?
+                .execute(params![agent, now, version])?;
+            Ok(())
+        })
+    }
+
+    fn record_status(
+        &self,
+        agent: &str,
+        sequence: u64,
+        bundles: &[BundleStatus],
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let (agent, bundles) = (agent.to_owned(), bundles.to_vec());
+        self.write(move |connection| record_status(connection, &agent, sequence, &bundles, now))
+    }
+
+    fn statuses(&self, agent: Option<&str>) -> Result<Vec<StoredStatus>, StoreError> {
+        self.read(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT agent, bundle, digest, generation, phase, objects_total, objects_ready, message, observed_at, stale, received_at
+                 FROM bundle_status WHERE ?1 IS NULL OR agent = ?1 ORDER BY agent, bundle",
+            )?;
+            let rows = statement.query_map([agent], |row| {
+                Ok(StoredStatus {
+                    agent: row.get(0)?,
+                    status: BundleStatus {
+                        bundle: row.get(1)?,
+                        digest: digest_at(row, 2)?,
+                        generation: row.get::<_, i64>(3)? as u64,
+                        phase: phase_from(&row.get::<_, String>(4)?),
+                        objects_total: row.get::<_, i64>(5)? as u64,
+                        objects_ready: row.get::<_, i64>(6)? as u64,
+                        message: row.get(7)?,
+                        observed_at: row.get(8)?,
+                        stale: row.get(9)?,
+                    },
+                    received_at: row.get(10)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn status_history_len(&self, agent: &str) -> Result<u64, StoreError> {
+        self.read(|connection| {
+            let count: i64 = connection.query_row(
+                "SELECT COUNT(*) FROM status_history WHERE agent = ?1",
+                [agent],
+                |row| row.get(0),
+            )?;
+            Ok(count as u64)
+        })
+    }
+
+    fn snapshot_header(
+        &self,
+        bundle: &str,
+        digest: &Digest,
+    ) -> Result<Option<SignedHeader>, StoreError> {
+        self.read(|connection| {
+            Ok(connection
+                .prepare_cached(
+                    "SELECT header, signature FROM snapshots WHERE bundle = ?1 AND digest = ?2 ORDER BY generation DESC LIMIT 1",
+                )?
+                .query_row(params![bundle, digest.0.as_slice()], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .optional()?)
+        })
+    }
+
+    fn snapshot_digest(&self, bundle: &str, generation: u64) -> Result<Option<Digest>, StoreError> {
+        self.read(|connection| {
+            Ok(connection
+                .prepare_cached(
+                    "SELECT digest FROM snapshots WHERE bundle = ?1 AND generation = ?2",
+                )?
+                .query_row(params![bundle, generation as i64], |row| digest_at(row, 0))
+                .optional()?)
+        })
+    }
+
+    fn delta_base_allowed(
+        &self,
+        agent: &str,
+        bundle: &str,
+        digest: &Digest,
+    ) -> Result<bool, StoreError> {
+        self.read(|connection| {
+            Ok(connection
+                .prepare_cached(
+                    "SELECT 1 FROM assignment_bases WHERE agent = ?1 AND bundle = ?2 AND digest = ?3",
+                )?
+                .query_row(params![agent, bundle, digest.0.as_slice()], |_| Ok(()))
+                .optional()?
+                .is_some())
+        })
+    }
+
+    fn headers_in_use(&self) -> Result<Vec<(String, u64, Vec<u8>)>, StoreError> {
+        self.read(|connection| {
+            let mut statement = connection.prepare(
+                "SELECT s.bundle, s.generation, s.header FROM snapshots s
+                 WHERE EXISTS (SELECT 1 FROM assignments a WHERE a.bundle = s.bundle AND a.generation = s.generation)
+                    OR EXISTS (SELECT 1 FROM releases r WHERE r.bundle = s.bundle AND r.generation = s.generation)
+                 ORDER BY s.bundle, s.generation",
+            )?;
+            let rows = statement.query_map([], |row| {
+                Ok((row.get(0)?, row.get::<_, i64>(1)? as u64, row.get(2)?))
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn replace_generation(
+        &self,
+        bundle: &str,
+        old: u64,
+        new: u64,
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let bundle = bundle.to_owned();
+        self.write(move |connection| {
+            let (old, new) = (old as i64, new as i64);
+            connection.execute(
+                "UPDATE releases SET generation = ?3 WHERE bundle = ?1 AND generation = ?2",
+                params![bundle, old, new],
+            )?;
+            connection.execute(
+                "UPDATE renders SET generation = ?3 WHERE bundle = ?1 AND generation = ?2",
+                params![bundle, old, new],
+            )?;
+            let agents: Vec<String> = {
+                let mut statement = connection.prepare(
+                    "SELECT agent FROM assignments WHERE bundle = ?1 AND generation = ?2",
+                )?;
+                let rows = statement.query_map(params![bundle, old], |row| row.get(0))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            connection.execute(
+                "UPDATE assignments SET generation = ?3, updated_at = ?4 WHERE bundle = ?1 AND generation = ?2",
+                params![bundle, old, new, now],
+            )?;
+            bump_sequences(connection, &agents)?;
+            Ok(agents)
+        })
+    }
+}
+
+/// Stores a status report unless its sequence was stored before; only bundles the agent is
+/// assigned. The latest status is the latest report's (the agent's outbox sequence orders
+/// them, not its clock).
+fn record_status(
+    connection: &Connection,
+    agent: &str,
+    sequence: u64,
+    bundles: &[BundleStatus],
+    now: i64,
+) -> Result<bool, StoreError> {
+    let stored: Option<i64> = connection
+        .prepare_cached("SELECT status_sequence FROM agents WHERE id = ?1")?
+        .query_row([agent], |row| row.get(0))
+        .optional()?;
+    let Some(stored) = stored else {
+        return Ok(false);
+    };
+    if sequence <= stored as u64 {
+        return Ok(false);
+    }
+    // Only bundles the agent is assigned: an agent cannot fill the store with others.
+    let assigned: BTreeSet<String> = {
+        let mut statement =
+            connection.prepare_cached("SELECT bundle FROM assignments WHERE agent = ?1")?;
+        let rows = statement.query_map([agent], |row| row.get(0))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    let (kept, dropped): (Vec<&BundleStatus>, Vec<&BundleStatus>) = bundles
+        .iter()
+        .partition(|status| assigned.contains(&status.bundle));
+    if !dropped.is_empty() {
+        tracing::debug!(
+            agent,
+            dropped = dropped.len(),
+            "status for bundles not assigned to the agent ignored"
+        );
+    }
+    for status in kept {
+        let phase = phase_name(status.phase);
+        if status.stale {
+            let was_stale: Option<bool> = connection
+                .prepare_cached("SELECT stale FROM bundle_status WHERE agent = ?1 AND bundle = ?2")?
+                .query_row(params![agent, status.bundle], |row| row.get(0))
+                .optional()?;
+            if was_stale != Some(true) {
+                add_event(
+                    connection,
+                    now,
+                    "agent-stale",
+                    agent,
+                    &format!(
+                        "bundle {} generation {}: the snapshot expired; still enforced, but the agent has had nothing newer",
+                        status.bundle, status.generation
+                    ),
+                )?;
+            }
+        }
+        connection
+            .prepare_cached(
+                "INSERT INTO bundle_status (agent, bundle, digest, generation, phase, objects_total, objects_ready, message, observed_at, stale, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                 ON CONFLICT (agent, bundle) DO UPDATE SET digest = ?3, generation = ?4, phase = ?5, objects_total = ?6, objects_ready = ?7, message = ?8, observed_at = ?9, stale = ?10, received_at = ?11",
+            )?
+            .execute(params![
+                agent,
+                status.bundle,
+                status.digest.0.as_slice(),
+                status.generation as i64,
+                phase,
+                status.objects_total as i64,
+                status.objects_ready as i64,
+                status.message,
+                status.observed_at,
+                status.stale,
+                now
+            ])?;
+        connection
+            .prepare_cached(
+                "INSERT INTO status_history (agent, bundle, generation, phase, message, observed_at, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                agent,
+                status.bundle,
+                status.generation as i64,
+                phase,
+                status.message,
+                status.observed_at,
+                now
+            ])?;
+    }
+    connection
+        .prepare_cached("UPDATE agents SET status_sequence = ?2 WHERE id = ?1")?
+        .execute(params![agent, sequence as i64])?;
+    Ok(true)
+}

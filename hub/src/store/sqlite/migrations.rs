@@ -1,0 +1,163 @@
+//! The schema, as migrations applied in order by `user_version`: a file is moved forward one
+//! transaction per step, and a file from a newer hub is refused.
+
+/// Schema migrations, applied in order; the index + 1 is the schema version.
+pub(super) const MIGRATIONS: &[&str] = &[
+    // 1: source side.
+    "CREATE TABLE snapshots (
+        bundle TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        digest BLOB NOT NULL,
+        git_commit TEXT NOT NULL,
+        git_ref TEXT NOT NULL,
+        header BLOB NOT NULL,
+        signature BLOB NOT NULL,
+        body BLOB NOT NULL,
+        object_count INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (bundle, generation)
+    );
+    CREATE INDEX snapshots_by_digest ON snapshots (digest);
+    CREATE TABLE generations (bundle TEXT PRIMARY KEY, last INTEGER NOT NULL);
+    CREATE TABLE renders (
+        bundle TEXT NOT NULL,
+        tree_id TEXT NOT NULL,
+        selector TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        PRIMARY KEY (bundle, tree_id, selector)
+    );
+    CREATE TABLE refs (
+        source TEXT NOT NULL,
+        name TEXT NOT NULL,
+        git_commit TEXT NOT NULL,
+        deleted INTEGER NOT NULL DEFAULT 0,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (source, name)
+    );
+    CREATE TABLE releases (
+        source TEXT NOT NULL,
+        git_ref TEXT NOT NULL,
+        bundle TEXT NOT NULL,
+        git_commit TEXT NOT NULL,
+        generation INTEGER,
+        error TEXT,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (source, git_ref, bundle)
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        at INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        message TEXT NOT NULL
+    );",
+    // 2: agents, their labels, enrolment tokens.
+    "CREATE TABLE agents (
+        id TEXT PRIMARY KEY,
+        public_key BLOB NOT NULL UNIQUE,
+        enrolled_at INTEGER NOT NULL,
+        last_seen INTEGER,
+        revoked_at INTEGER,
+        revoked_by TEXT,
+        revoked_why TEXT
+    );
+    CREATE TABLE agent_labels (
+        agent TEXT NOT NULL REFERENCES agents (id),
+        key TEXT NOT NULL,
+        value TEXT NOT NULL,
+        PRIMARY KEY (agent, key)
+    );
+    CREATE TABLE enrolment_tokens (
+        digest BLOB PRIMARY KEY,
+        labels TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        expires_at INTEGER NOT NULL,
+        used_at INTEGER,
+        used_by TEXT
+    );",
+    // 3: a release per render variant (overlays and substituted labels).
+    "CREATE TABLE releases_v3 (
+        source TEXT NOT NULL,
+        git_ref TEXT NOT NULL,
+        bundle TEXT NOT NULL,
+        variant TEXT NOT NULL,
+        git_commit TEXT NOT NULL,
+        generation INTEGER,
+        error TEXT,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (source, git_ref, bundle, variant)
+    );
+    INSERT INTO releases_v3 SELECT source, git_ref, bundle, '', git_commit, generation, error, updated_at FROM releases;
+    DROP TABLE releases;
+    ALTER TABLE releases_v3 RENAME TO releases;",
+    // 4: serving agents: assignments, the status they report, what they run.
+    "ALTER TABLE agents ADD COLUMN agent_version TEXT;
+    ALTER TABLE agents ADD COLUMN assignment_sequence INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN status_sequence INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE assignments (
+        agent TEXT NOT NULL REFERENCES agents (id),
+        bundle TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        digest BLOB NOT NULL,
+        origin TEXT NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (agent, bundle)
+    );
+    CREATE TABLE bundle_status (
+        agent TEXT NOT NULL REFERENCES agents (id),
+        bundle TEXT NOT NULL,
+        digest BLOB NOT NULL,
+        generation INTEGER NOT NULL,
+        phase TEXT NOT NULL,
+        objects_total INTEGER NOT NULL,
+        objects_ready INTEGER NOT NULL,
+        message TEXT NOT NULL,
+        observed_at INTEGER NOT NULL,
+        stale INTEGER NOT NULL,
+        received_at INTEGER NOT NULL,
+        PRIMARY KEY (agent, bundle)
+    );
+    CREATE TABLE status_history (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent TEXT NOT NULL,
+        bundle TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        phase TEXT NOT NULL,
+        message TEXT NOT NULL,
+        observed_at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL
+    );",
+    // 5: rollouts: the state machine of each, stored whole after every step.
+    "CREATE TABLE rollouts (
+        id INTEGER PRIMARY KEY,
+        bundle TEXT NOT NULL,
+        phase TEXT NOT NULL,
+        state TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX rollouts_by_bundle ON rollouts (bundle, id);",
+    // 6: operators' API tokens (hashes only), and the snapshots each agent was assigned lately
+    // (the only delta bases the hub compresses against for it).
+    "CREATE TABLE admin_tokens (
+        name TEXT PRIMARY KEY,
+        digest BLOB NOT NULL UNIQUE,
+        role TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        created_by TEXT NOT NULL,
+        expires_at INTEGER,
+        revoked_at INTEGER,
+        revoked_by TEXT,
+        last_used_at INTEGER
+    );
+    CREATE TABLE assignment_bases (
+        agent TEXT NOT NULL,
+        bundle TEXT NOT NULL,
+        digest BLOB NOT NULL,
+        assigned_at INTEGER NOT NULL,
+        PRIMARY KEY (agent, bundle, digest)
+    );
+    INSERT OR IGNORE INTO assignment_bases (agent, bundle, digest, assigned_at)
+        SELECT agent, bundle, digest, updated_at FROM assignments;",
+];
