@@ -121,6 +121,19 @@ enum SessionError {
     Stream(#[from] StreamError),
     #[error("protocol: {0}")]
     Protocol(String),
+    #[error("the hub is busy: {0}")]
+    Busy(String, Duration),
+}
+
+/// What an `Error` from the hub means for the session: `Busy` waits as long as it says.
+fn refusal(error: ErrorMessage) -> SessionError {
+    match error.code {
+        ErrorCode::Busy => SessionError::Busy(
+            error.message,
+            Duration::from_secs(u64::from(error.retry_after.unwrap_or(10).clamp(1, 3600))),
+        ),
+        code => SessionError::Refused(code, error.message),
+    }
 }
 
 impl SessionError {
@@ -186,7 +199,7 @@ pub(crate) fn unix_now() -> i64 {
 }
 
 /// splitmix64: a tiny seeded generator for backoff jitter.
-pub(crate) fn next_random(state: &mut u64) -> u64 {
+pub fn next_random(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -285,6 +298,7 @@ impl Client {
         let mut random = self.inner.options.seed ^ 0x5EED;
         loop {
             let mut connected = false;
+            let mut at_least = Duration::ZERO;
             match self
                 .session(&endpoint, &mut connected)
                 .await
@@ -292,6 +306,10 @@ impl Client {
             {
                 Ok(()) => tracing::info!("the hub closed the connection; reconnecting"),
                 Err(Ok(fatal)) => return fatal,
+                Err(Err(SessionError::Busy(message, wait))) => {
+                    tracing::info!(%message, ?wait, "the hub is busy; trying again when it says");
+                    at_least = wait;
+                }
                 Err(Err(error)) => tracing::warn!(%error, "link to the hub lost"),
             }
             failures = if connected {
@@ -305,7 +323,8 @@ impl Client {
                 options.backoff_max,
                 failures,
                 next_random(&mut random),
-            );
+            )
+            .max(at_least);
             tracing::debug!(?delay, failures, "reconnecting after");
             tokio::time::sleep(delay).await;
         }
@@ -352,9 +371,7 @@ impl Client {
                     let id = enrolled.agent_id.clone();
                     self.with_state(move |state| state.enrolled(&id)).await?;
                 }
-                Some(Message::Error(error)) => {
-                    return Err(SessionError::Refused(error.code, error.message));
-                }
+                Some(Message::Error(error)) => return Err(refusal(error)),
                 other => {
                     return Err(SessionError::Protocol(format!(
                         "expected Enrolled, got {other:?}"
@@ -448,8 +465,8 @@ impl Client {
                         }
                     }
                     Some(Message::Error(error)) => match error.code {
-                        ErrorCode::Revoked | ErrorCode::UnknownAgent | ErrorCode::BadToken => {
-                            return Err(SessionError::Refused(error.code, error.message));
+                        ErrorCode::Revoked | ErrorCode::UnknownAgent | ErrorCode::BadToken | ErrorCode::Busy => {
+                            return Err(refusal(error));
                         }
                         code => tracing::warn!(?code, message = %error.message, "hub reported an error"),
                     },

@@ -2,14 +2,21 @@
 //! selects runs the bundle's release at the source's `track` ref (default `refs/heads/main`),
 //! in the agent's render variant.
 //!
+//! Incremental: [`assign_tracked`] recomputes every agent (when the tracked ref moved or the
+//! releases there changed); [`assign_agents`] only the agents named (an enrolment, a label
+//! change). Each writes only the rows that change.
+//!
 //! Failures never unassign: if the tracked ref is missing, the bundle definitions do not parse,
 //! or an agent's variant did not render at the new commit, agents keep what they were assigned.
+//! A bundle removed from the repository, or an agent it no longer selects, is unassigned.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use outpost_proto::Digest;
 
-use crate::bundles;
+use crate::bundles::{self, BundleDefinition};
 use crate::git::GitSource;
-use crate::store::{AssignmentRow, HubStore, Release};
+use crate::store::{AssignmentRow, HubStore};
 use crate::sync::SyncError;
 use crate::variants;
 
@@ -18,7 +25,118 @@ pub fn track_origin(url: &str) -> String {
     format!("track:{url}")
 }
 
-/// Recomputes the tracked assignments of `source`; returns the agents whose assignments changed.
+/// What the tracked ref names now: its commit and the bundle definitions there.
+fn tracked(
+    source: &GitSource,
+    track: &str,
+) -> Result<Option<(String, Vec<BundleDefinition>)>, SyncError> {
+    let url = source.url();
+    let Some(target) = source
+        .refs()?
+        .into_iter()
+        .find(|target| target.name == track)
+    else {
+        tracing::warn!(source = %url, track, "tracked ref not found; assignments unchanged");
+        return Ok(None);
+    };
+    match bundles::bundles_at(source, &target.commit) {
+        Ok(definitions) => Ok(Some((target.commit, definitions))),
+        Err(error) => {
+            tracing::warn!(source = %url, track, %error, "bundle definitions invalid; assignments unchanged");
+            Ok(None)
+        }
+    }
+}
+
+/// The generation and body digest released for each (bundle, variant).
+type Released = HashMap<(String, String), (u64, Digest)>;
+
+/// The snapshot of each (bundle, variant) released at the tracked ref's commit.
+fn released(
+    store: &dyn HubStore,
+    url: &str,
+    track: &str,
+    commit: &str,
+) -> Result<Released, SyncError> {
+    let mut found = HashMap::new();
+    for release in store.releases()? {
+        if release.source != url || release.git_ref != track || release.git_commit != commit {
+            continue;
+        }
+        let Some(generation) = release.generation else {
+            continue;
+        };
+        if let Some(digest) = store.snapshot_digest(&release.bundle, generation)? {
+            found.insert((release.bundle, release.variant), (generation, digest));
+        }
+    }
+    Ok(found)
+}
+
+/// Writes the tracked assignments of `agents` for `definitions`; `everyone` means `agents` is
+/// the whole fleet (agents assigned before and not listed lose the bundle).
+fn write(
+    store: &dyn HubStore,
+    origin: &str,
+    definitions: &[BundleDefinition],
+    released: &HashMap<(String, String), (u64, Digest)>,
+    agents: &[(String, BTreeMap<String, String>)],
+    everyone: bool,
+    now: i64,
+) -> Result<Vec<String>, SyncError> {
+    let mut changed = BTreeSet::new();
+    for definition in definitions {
+        let mut wanted = Vec::new();
+        let mut selected = BTreeSet::new();
+        let mut unassign = Vec::new();
+        for (agent, labels) in agents {
+            match variants::variant_for(definition, labels) {
+                None => unassign.push(agent.clone()),
+                Some(Ok(variant)) => {
+                    selected.insert(agent.clone());
+                    // Not rendered (yet, or refused): the agent keeps what it runs.
+                    if let Some((generation, digest)) =
+                        released.get(&(definition.name.clone(), variant.key()))
+                    {
+                        wanted.push(AssignmentRow {
+                            agent: agent.clone(),
+                            bundle: definition.name.clone(),
+                            generation: *generation,
+                            digest: *digest,
+                        });
+                    }
+                }
+                Some(Err(_)) => {
+                    selected.insert(agent.clone());
+                }
+            }
+        }
+        if everyone {
+            // Agents assigned by this origin before that are not in the fleet any more
+            // (revoked) lose it too.
+            unassign = store
+                .assigned_by(origin, &definition.name)?
+                .into_iter()
+                .filter(|agent| !selected.contains(agent))
+                .collect();
+        }
+        changed.extend(store.set_tracked(origin, &definition.name, &wanted, &unassign, now)?);
+    }
+    if everyone {
+        // A bundle that is gone from the repository is gone from its agents.
+        let names: BTreeSet<&str> = definitions.iter().map(|d| d.name.as_str()).collect();
+        for bundle in store.bundles_assigned_by(origin)? {
+            if !names.contains(bundle.as_str()) {
+                let agents = store.assigned_by(origin, &bundle)?;
+                changed.extend(store.set_tracked(origin, &bundle, &[], &agents, now)?);
+            }
+        }
+    }
+    Ok(changed.into_iter().collect())
+}
+
+/// Recomputes the tracked assignments of every agent for `source`; returns the agents whose
+/// assignments changed.
 pub fn assign_tracked(
     store: &dyn HubStore,
     source: &GitSource,
@@ -26,62 +144,47 @@ pub fn assign_tracked(
     now: i64,
 ) -> Result<Vec<String>, SyncError> {
     let url = source.url().to_owned();
-    let Some(target) = source
-        .refs()?
-        .into_iter()
-        .find(|target| target.name == track)
-    else {
-        tracing::warn!(source = %url, track, "tracked ref not found; assignments unchanged");
+    let Some((commit, definitions)) = tracked(source, track)? else {
         return Ok(Vec::new());
     };
-    let definitions = match bundles::bundles_at(source, &target.commit) {
-        Ok(definitions) => definitions,
-        Err(error) => {
-            tracing::warn!(source = %url, track, %error, "bundle definitions invalid; assignments unchanged");
-            return Ok(Vec::new());
-        }
-    };
-    let releases: Vec<Release> = store
-        .releases()?
-        .into_iter()
-        .filter(|release| release.source == url && release.git_ref == track)
-        .collect();
-    let agents = store.agents()?;
-    let mut wanted = Vec::new();
-    for agent in agents.iter().filter(|agent| agent.revoked.is_none()) {
-        for definition in &definitions {
-            let Some(Ok(variant)) = variants::variant_for(definition, &agent.labels) else {
-                continue;
-            };
-            let key = variant.key();
-            let generation = releases
-                .iter()
-                .find(|release| release.bundle == definition.name && release.variant == key)
-                .filter(|release| release.git_commit == target.commit)
-                .and_then(|release| release.generation);
-            let digest: Option<(u64, Digest)> = match generation {
-                Some(generation) => store
-                    .snapshot_digest(&definition.name, generation)?
-                    .map(|digest| (generation, digest)),
-                None => None,
-            };
-            match digest {
-                Some((generation, digest)) => wanted.push(AssignmentRow {
-                    agent: agent.id.clone(),
-                    bundle: definition.name.clone(),
-                    generation,
-                    digest,
-                }),
-                // Not rendered (yet, or refused): keep whatever the agent runs now.
-                None => wanted.extend(
-                    store
-                        .assignments(&agent.id)?
-                        .entries
-                        .into_iter()
-                        .filter(|row| row.bundle == definition.name),
-                ),
-            }
-        }
+    let released = released(store, &url, track, &commit)?;
+    let agents = store.agent_labels(None)?;
+    write(
+        store,
+        &track_origin(&url),
+        &definitions,
+        &released,
+        &agents,
+        true,
+        now,
+    )
+}
+
+/// Computes the tracked assignments of the agents named only (new, or relabelled); returns
+/// those whose assignments changed.
+pub fn assign_agents(
+    store: &dyn HubStore,
+    source: &GitSource,
+    track: &str,
+    ids: &[String],
+    now: i64,
+) -> Result<Vec<String>, SyncError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(store.set_assignments(&track_origin(&url), &wanted, now)?)
+    let url = source.url().to_owned();
+    let Some((commit, definitions)) = tracked(source, track)? else {
+        return Ok(Vec::new());
+    };
+    let released = released(store, &url, track, &commit)?;
+    let agents = store.agent_labels(Some(ids))?;
+    write(
+        store,
+        &track_origin(&url),
+        &definitions,
+        &released,
+        &agents,
+        false,
+        now,
+    )
 }

@@ -50,8 +50,20 @@ pub struct Changes {
     /// Ticks when every agent connection should look at its agent again.
     pub fleet: tokio::sync::watch::Sender<u64>,
     agents: Mutex<HashMap<String, Arc<Notify>>>,
-    enrolled: Mutex<Vec<String>>,
+    /// Per source: agents to assign (new, or relabelled).
+    pending: Mutex<BTreeMap<String, Vec<String>>>,
     records: Mutex<BTreeMap<String, SourceRecord>>,
+}
+
+/// Why a source loop woke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Its poll interval passed.
+    Poll,
+    /// Someone asked it to fetch (fetch-now, its webhook).
+    Fetch,
+    /// Agents are waiting to be assigned (enrolled or relabelled); no fetch needed.
+    Agents,
 }
 
 impl Default for Changes {
@@ -63,7 +75,7 @@ impl Default for Changes {
             rollouts_requested: Notify::new(),
             fleet: tokio::sync::watch::Sender::new(0),
             agents: Mutex::default(),
-            enrolled: Mutex::default(),
+            pending: Mutex::default(),
             records: Mutex::default(),
         }
     }
@@ -154,30 +166,75 @@ impl Changes {
         timeout: Duration,
         quiet: Duration,
     ) -> bool {
-        let asked = wait_until(&self.requested, Instant::now() + timeout, || {
-            self.fetch_requests(source) != *seen
+        self.wait_for_work(source, seen, timeout, quiet).await == Wake::Fetch
+    }
+
+    fn pending_for(&self, source: &str) -> usize {
+        lock(&self.pending).get(source).map_or(0, Vec::len)
+    }
+
+    /// Waits until `source` has work: a fetch asked for, agents to assign, or its poll
+    /// interval (`timeout`) passed. Requests arriving within `quiet` of each other (at most
+    /// ten times `quiet` in all) are taken together, so a burst of pushes is one fetch and an
+    /// enrolment storm is assigned in batches. `seen` is updated.
+    pub async fn wait_for_work(
+        &self,
+        source: &str,
+        seen: &mut u64,
+        timeout: Duration,
+        quiet: Duration,
+    ) -> Wake {
+        let woke = wait_until(&self.requested, Instant::now() + timeout, || {
+            self.fetch_requests(source) != *seen || self.pending_for(source) > 0
         })
         .await;
-        if !asked {
-            return false;
+        if !woke {
+            return Wake::Poll;
         }
         let settle_by = Instant::now() + quiet * 10;
         loop {
-            let count = self.fetch_requests(source);
+            let (count, pending) = (self.fetch_requests(source), self.pending_for(source));
             let until = (Instant::now() + quiet).min(settle_by);
             if until <= Instant::now() {
                 break;
             }
             let more = wait_until(&self.requested, until, || {
-                self.fetch_requests(source) != count
+                self.fetch_requests(source) != count || self.pending_for(source) != pending
             })
             .await;
             if !more {
                 break;
             }
         }
+        let asked = self.fetch_requests(source) != *seen;
         *seen = self.fetch_requests(source);
-        true
+        match asked {
+            true => Wake::Fetch,
+            false => Wake::Agents,
+        }
+    }
+
+    /// Declares the sources that assign agents (each gets every enrolled or relabelled agent).
+    pub fn add_source(&self, source: &str) {
+        lock(&self.pending).entry(source.to_owned()).or_default();
+    }
+
+    /// Agents to assign again (enrolled, or relabelled): every source's loop hears of them.
+    pub fn agents_to_assign(&self, agents: &[String]) {
+        let mut pending = lock(&self.pending);
+        for queue in pending.values_mut() {
+            queue.extend(agents.iter().cloned());
+        }
+        drop(pending);
+        self.requested.notify_waiters();
+    }
+
+    /// The agents waiting to be assigned by `source`, taken.
+    pub fn take_agents(&self, source: &str) -> Vec<String> {
+        lock(&self.pending)
+            .get_mut(source)
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Records a finished fetch of `source`.
@@ -223,15 +280,9 @@ impl Changes {
         self.fleet.send_modify(|tick| *tick += 1);
     }
 
-    /// Records an enrolment: the sync loop assigns the new agents and renders what they need.
+    /// Records an enrolment: the source loops render what the new agent needs and assign it.
     pub fn agent_enrolled(&self, agent: &str) {
-        lock(&self.enrolled).push(agent.to_owned());
-        self.fetch_all();
-    }
-
-    /// The agents enrolled since the last call.
-    pub fn take_enrolled(&self) -> Vec<String> {
-        std::mem::take(&mut *lock(&self.enrolled))
+        self.agents_to_assign(&[agent.to_owned()]);
     }
 
     /// Wakes the rollout loop (a rollout was created or commanded).

@@ -18,4 +18,5 @@ pub mod runtime;
 pub mod store;
 pub mod sync;
 pub mod transport;
+pub mod udp;
 pub mod variants;

@@ -17,16 +17,16 @@ use crate::api::auth::Auth;
 use crate::api::hooks::HooksState;
 use crate::api::listener::HttpListener;
 use crate::api::{AdminState, EnrolmentInfo, SourceSummary};
-use crate::assign::assign_tracked;
+use crate::assign::{assign_agents, assign_tracked};
 use crate::bundles;
-use crate::changes::Changes;
+use crate::changes::{Changes, Wake};
 use crate::config::SourceConfig;
 use crate::git::GitSource;
 use crate::keys::HubKeys;
 use crate::resign::refresh_keys;
 use crate::rollout::Driver;
 use crate::store::HubStore;
-use crate::sync::{SyncReport, render_fetched};
+use crate::sync::{RenderMemo, SyncReport, render_remembering};
 use crate::transport::{AgentService, ServiceOptions};
 
 /// Unix seconds now (injected: the simulator's clock is virtual).
@@ -145,6 +145,9 @@ impl Hub {
             hooks,
         } = parts;
         let changes = Arc::new(Changes::default());
+        for source in &settings.sources {
+            changes.add_source(&source.config.name);
+        }
         let service = Arc::new(AgentService::new(
             store.clone(),
             keys.clone(),
@@ -366,49 +369,83 @@ async fn source_loop(
         .clone();
     let mut seen = changes.fetch_requests(&name);
     let mut failures = 0u32;
+    let mut memo = Some(RenderMemo::default());
+    // The first pass assigns everyone (the hub may have been down while Git moved).
+    let mut assign_everyone = true;
+    let mut wake = Wake::Fetch;
     loop {
-        let started = tokio::time::Instant::now();
-        let fetching = source.clone();
-        let fetched = blocking(move || {
-            fetching
-                .fetch()
-                .map(|_| ())
-                .map_err(|error| error.to_string())
-        })
-        .await
-        .unwrap_or_else(|| Err("the fetch task failed".to_owned()));
-        let failed = fetched.is_err();
-        changes.fetched(
-            &name,
-            clock(),
-            started.elapsed(),
-            fetched.as_ref().err().cloned(),
-        );
-        let (store, keys, syncing, track) = (
+        let fetched = match wake {
+            Wake::Poll | Wake::Fetch => {
+                let started = tokio::time::Instant::now();
+                let fetching = source.clone();
+                let fetched = blocking(move || {
+                    fetching
+                        .fetch()
+                        .map(|_| ())
+                        .map_err(|error| error.to_string())
+                })
+                .await
+                .unwrap_or_else(|| Err("the fetch task failed".to_owned()));
+                failures = if fetched.is_err() {
+                    (failures + 1).min(6)
+                } else {
+                    0
+                };
+                changes.fetched(
+                    &name,
+                    clock(),
+                    started.elapsed(),
+                    fetched.as_ref().err().cloned(),
+                );
+                fetched
+            }
+            // Nothing new in Git: render what new label sets need from the mirror as it is.
+            Wake::Agents => Ok(()),
+        };
+        let agents = changes.take_agents(&name);
+        let (store, keys, syncing, track, mut taken) = (
             store.clone(),
             keys.clone(),
             source.clone(),
             settings.config.track.clone(),
+            memo.take().unwrap_or_default(),
         );
+        let everyone = assign_everyone;
         let synced = blocking(move || {
             let now = clock();
-            render_fetched(&*store, &keys, &syncing, fetched, now)
+            let result = render_remembering(&*store, &keys, &syncing, fetched, now, &mut taken)
                 .inspect(print_report)
-                .and_then(|_| assign_tracked(&*store, &syncing, &track, now))
+                .and_then(|report| {
+                    if everyone || report.changed_refs.contains(&track) {
+                        assign_tracked(&*store, &syncing, &track, now)
+                    } else {
+                        assign_agents(&*store, &syncing, &track, &agents, now)
+                    }
+                });
+            (taken, result)
         })
         .await;
         match synced {
-            Some(Ok(changed)) if !changed.is_empty() => {
-                tracing::info!(source = %name, agents = changed.len(), "assignments changed");
-                changes.agents_changed(&changed);
+            Some((returned, result)) => {
+                memo = Some(returned);
+                match result {
+                    Ok(changed) => {
+                        assign_everyone = false;
+                        if !changed.is_empty() {
+                            tracing::info!(source = %name, agents = changed.len(), "assignments changed");
+                            changes.agents_changed(&changed);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::error!(source = %name, %error, "sync failed; retrying")
+                    }
+                }
             }
-            Some(Ok(_)) | None => {}
-            Some(Err(error)) => tracing::error!(source = %name, %error, "sync failed; retrying"),
+            None => assign_everyone = true,
         }
-        failures = if failed { (failures + 1).min(6) } else { 0 };
-        // Sleep until due, or until someone asks for a fetch (a burst of pushes: once).
-        changes
-            .wait_for_fetch(&name, &mut seen, backoff(interval, failures), quiet)
+        // Sleep until due, or until someone asks for a fetch or agents wait (a burst: once).
+        wake = changes
+            .wait_for_work(&name, &mut seen, backoff(interval, failures), quiet)
             .await;
     }
 }

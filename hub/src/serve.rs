@@ -44,12 +44,22 @@ pub(crate) fn serve(config: &Config) -> Result<()> {
     runtime.block_on(async {
         let quic = server_config(keys.transport(), &Tuning::default())
             .context("setting up TLS for agents")?;
-        let agents = quinn::Endpoint::server(quic, config.listen_agents).with_context(|| {
-            format!(
-                "binding the agent service to {} (listen.agents)",
-                config.listen_agents
-            )
-        })?;
+        let (agents, buffers) =
+            outpost_hub::udp::endpoint(config.listen_agents, Some(quic), outpost_hub::udp::WANTED_BUFFER)
+                .with_context(|| {
+                    format!(
+                        "binding the agent service to {} (listen.agents)",
+                        config.listen_agents
+                    )
+                })?;
+        if buffers.receive < outpost_hub::udp::WANTED_BUFFER {
+            tracing::warn!(
+                wanted = outpost_hub::udp::WANTED_BUFFER,
+                granted = buffers.receive,
+                "the UDP receive buffer is smaller than asked: raise net.core.rmem_max (sysctl) for enrolment storms"
+            );
+        }
+        tracing::info!(receive = buffers.receive, send = buffers.send, "UDP buffers for agents");
         let enrolment = EnrolmentInfo {
             hub_address: config.agents_public.clone(),
             hub_pin: hub_pin(&keys.transport().public_key()),

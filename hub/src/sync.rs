@@ -6,7 +6,7 @@
 //! bundles and refs go on; a force-moved tag is re-rendered under a new generation, never an old
 //! one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use outpost_proto::manifest::{self, ManifestError};
 use outpost_proto::{Body, Digest, Object, ObjectKey, SnapshotHeader, SourceFile};
@@ -30,6 +30,20 @@ pub struct SyncReport {
     pub unchanged: usize,
     /// Releases refused: (ref, bundle or `outpost.yaml`, error).
     pub failed: Vec<(String, String, String)>,
+    /// Refs whose releases changed in this sync (a new generation or a new variant).
+    pub changed_refs: BTreeSet<String>,
+}
+
+/// What a source's syncs have done before, kept between syncs by the hub runtime, so a sync
+/// where no ref moved and no agent needs a new variant renders nothing and writes nothing.
+#[derive(Debug, Default)]
+pub struct RenderMemo {
+    /// Bundle definitions by commit (a commit's never change).
+    definitions: HashMap<String, Vec<BundleDefinition>>,
+    /// (ref, commit, bundle) → the variant keys kept there.
+    variants: HashMap<(String, String, String), Vec<String>>,
+    /// (ref, commit, bundle, variant key) released (rendered or found rendered).
+    released: HashSet<(String, String, String, String)>,
 }
 
 /// A failure that stops the sync (the store or the local mirror is unusable).
@@ -83,6 +97,25 @@ pub fn render_fetched(
     fetched: Result<(), String>,
     now: i64,
 ) -> Result<SyncReport, SyncError> {
+    render_remembering(
+        store,
+        keys,
+        source,
+        fetched,
+        now,
+        &mut RenderMemo::default(),
+    )
+}
+
+/// [`render_fetched`] that skips what `memo` says earlier syncs of this source released.
+pub fn render_remembering(
+    store: &dyn HubStore,
+    keys: &HubKeys,
+    source: &GitSource,
+    fetched: Result<(), String>,
+    now: i64,
+    memo: &mut RenderMemo,
+) -> Result<SyncReport, SyncError> {
     let url = source.url().to_owned();
     let mut report = SyncReport::default();
     if let Err(error) = fetched {
@@ -115,16 +148,19 @@ pub fn render_fetched(
             RefChange::New(_) | RefChange::Moved { .. } => {}
         }
     }
-    // Enrolled, not revoked agents decide which overlay and label variants are rendered.
-    let agent_labels: Vec<BTreeMap<String, String>> = store
-        .agents()?
-        .into_iter()
-        .filter(|agent| agent.revoked.is_none())
-        .map(|agent| agent.labels)
-        .collect();
+    // The label sets of enrolled, not revoked agents decide which variants are rendered.
+    let label_sets = store.label_sets()?;
     for target in &refs {
-        let definitions = match bundles::bundles_at(source, &target.commit) {
-            Ok(definitions) => definitions,
+        let read = match memo.definitions.get(&target.commit) {
+            Some(definitions) => Ok(definitions.clone()),
+            None => bundles::bundles_at(source, &target.commit),
+        };
+        let definitions = match read {
+            Ok(definitions) => {
+                memo.definitions
+                    .insert(target.commit.clone(), definitions.clone());
+                definitions
+            }
             Err(error) => {
                 store.add_event(now, "definitions-invalid", &target.name, &error.to_string())?;
                 report.failed.push((
@@ -136,10 +172,28 @@ pub fn render_fetched(
             }
         };
         for definition in &definitions {
-            let needed = variants::variants(definition, agent_labels.iter());
+            let needed = variants::variants(definition, label_sets.iter());
             let variant_keys: Vec<String> = needed.iter().map(Variant::key).collect();
-            store.retain_variants(&url, &target.name, &definition.name, &variant_keys)?;
+            let place = (
+                target.name.clone(),
+                target.commit.clone(),
+                definition.name.clone(),
+            );
+            if memo.variants.get(&place) != Some(&variant_keys) {
+                store.retain_variants(&url, &target.name, &definition.name, &variant_keys)?;
+                memo.variants.insert(place, variant_keys.clone());
+            }
             for variant in &needed {
+                let done = (
+                    target.name.clone(),
+                    target.commit.clone(),
+                    definition.name.clone(),
+                    variant.key(),
+                );
+                if memo.released.contains(&done) {
+                    report.unchanged += 1;
+                    continue;
+                }
                 let job = Job {
                     source,
                     target,
@@ -148,7 +202,10 @@ pub fn render_fetched(
                     now,
                 };
                 let (generation, error) = match release(store, keys, &job, &mut report) {
-                    Ok(generation) => (Some(generation), None),
+                    Ok(generation) => {
+                        memo.released.insert(done);
+                        (Some(generation), None)
+                    }
                     Err(ReleaseOutcome::Refused(error)) => {
                         tracing::warn!(bundle = %definition.name, variant = %variant.key(), git_ref = %target.name, %error, "release refused");
                         report.failed.push((
@@ -160,7 +217,7 @@ pub fn render_fetched(
                     }
                     Err(ReleaseOutcome::Fatal(error)) => return Err(error),
                 };
-                store.upsert_release(&Release {
+                let release = Release {
                     source: url.clone(),
                     git_ref: target.name.clone(),
                     bundle: definition.name.clone(),
@@ -169,7 +226,10 @@ pub fn render_fetched(
                     generation,
                     error,
                     updated_at: now,
-                })?;
+                };
+                if store.upsert_release(&release)? {
+                    report.changed_refs.insert(target.name.clone());
+                }
             }
         }
     }

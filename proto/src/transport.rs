@@ -335,12 +335,13 @@ pub enum StreamError {
 }
 
 /// Reads frames from a QUIC stream. Cancel-safe: dropping a pending [`MessageReader::next`]
-/// loses no bytes, so it can sit in a `select!`.
+/// loses no bytes, so it can sit in a `select!`. It keeps no read buffer of its own (quinn's
+/// chunks are taken as they come), so an idle connection's reader holds only the bytes of a
+/// frame not yet complete.
 #[derive(Debug)]
 pub struct MessageReader {
     stream: quinn::RecvStream,
     decoder: crate::wire::FrameDecoder,
-    buffer: Vec<u8>,
 }
 
 impl MessageReader {
@@ -349,7 +350,6 @@ impl MessageReader {
         MessageReader {
             stream,
             decoder: crate::wire::FrameDecoder::new(),
-            buffer: vec![0; 64 << 10],
         }
     }
 
@@ -359,8 +359,12 @@ impl MessageReader {
             if let Some(message) = self.decoder.next_message()? {
                 return Ok(Some(message));
             }
-            match self.stream.read(&mut self.buffer).await? {
-                Some(read) => self.decoder.push(&self.buffer[..read]),
+            match self
+                .stream
+                .read_chunk(crate::wire::MAX_FRAME_SIZE + 4, true)
+                .await?
+            {
+                Some(chunk) => self.decoder.push(&chunk.bytes),
                 None if self.decoder.pending() == 0 => return Ok(None),
                 None => return Err(StreamError::Truncated(self.decoder.pending())),
             }

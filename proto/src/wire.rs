@@ -372,6 +372,10 @@ impl FrameDecoder {
         }
         let message = decode_frame(&self.buffer[4..4 + len]);
         self.buffer.drain(..4 + len);
+        // An idle stream keeps no large buffer from its biggest frame.
+        if self.buffer.is_empty() && self.buffer.capacity() > 4096 {
+            self.buffer = Vec::new();
+        }
         message.map(Some)
     }
 

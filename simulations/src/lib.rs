@@ -1,7 +1,9 @@
 //! Outpost fleet simulations: the real hub and agent code for a whole fleet in one process, on
-//! virtual time, over a simulated lossy network (docs/simulations.md).
+//! virtual time, over a simulated lossy network (docs/simulations.md); and a load generator
+//! against a real hub process ([`load`]).
 
 pub mod fleet;
+pub mod load;
 pub mod net;
 pub mod plot;
 pub mod scenario;

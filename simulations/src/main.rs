@@ -36,6 +36,46 @@ enum Command {
     /// The snapshot pipeline alone: render, sign, whole and delta payloads, verify, and two
     /// attacks refused.
     Pipeline,
+    /// Load a real `outpost-hub run` process with N agent clients (real QUIC on loopback, own
+    /// keys and tokens, state in memory): enrol them all, then time one Git commit reaching
+    /// every one. Starts a hub on a fresh data dir and repository unless --admin names one.
+    /// The last line: `hub: N agents, RSS X MB (Y KB per agent), enrol Z s, propagate W s, hub
+    /// CPU C s`.
+    Load(LoadArgs),
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// How many agents.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// A running hub's admin API (its token in OUTPOST_TOKEN); then also --hub, --repo, --pid.
+    #[arg(long)]
+    admin: Option<String>,
+    /// The running hub's QUIC address.
+    #[arg(long)]
+    hub: Option<std::net::SocketAddr>,
+    /// The Git repository the running hub watches (the run commits to it).
+    #[arg(long)]
+    repo: Option<PathBuf>,
+    /// The running hub's process id (RSS and CPU are read from /proc).
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Agent connections per UDP socket.
+    #[arg(long, default_value_t = 2000)]
+    per_socket: usize,
+    /// New agents started per second.
+    #[arg(long, default_value_t = 2000)]
+    connect_rate: usize,
+    /// Objects in the bundle.
+    #[arg(long, default_value_t = 40)]
+    objects: usize,
+    /// The outpost-hub binary [default: beside this one, built with cargo when run by cargo].
+    #[arg(long)]
+    hub_binary: Option<PathBuf>,
+    /// Give up on a phase after this many seconds.
+    #[arg(long, default_value_t = 1800)]
+    timeout_seconds: u64,
 }
 
 #[derive(Debug, Args)]
@@ -96,5 +136,40 @@ fn main() -> Result<()> {
             simulate(parsed, args)
         }
         Command::Pipeline => pipeline::pipeline(),
+        Command::Load(args) => {
+            let report = outpost_sim::load::run(&outpost_sim::load::LoadOptions {
+                agents: args.agents,
+                admin: args.admin,
+                hub: args.hub,
+                repo: args.repo,
+                pid: args.pid,
+                per_socket: args.per_socket,
+                connect_rate: args.connect_rate,
+                objects: args.objects,
+                hub_binary: args.hub_binary,
+                timeout: std::time::Duration::from_secs(args.timeout_seconds),
+            })?;
+            println!(
+                "hub CPU: enrol {:.1} s ({:.2} ms per agent), propagate {:.1} s ({:.2} ms per agent); fleet API for all agents {:.2} s; {} threads; {} busy answers, {} sessions retried",
+                report.cpu_enrol,
+                report.cpu_enrol * 1000.0 / report.agents.max(1) as f64,
+                report.cpu_propagate,
+                report.cpu_propagate * 1000.0 / report.agents.max(1) as f64,
+                report.fleet_seconds,
+                report.threads,
+                report.busy,
+                report.failures,
+            );
+            println!(
+                "hub: {} agents, RSS {:.0} MB ({:.0} KB per agent), enrol {:.1} s, propagate {:.1} s, hub CPU {:.1} s",
+                report.agents,
+                report.rss_mb,
+                report.per_agent_kb,
+                report.enrol_seconds,
+                report.propagate_seconds,
+                report.cpu_seconds
+            );
+            Ok(())
+        }
     }
 }

@@ -15,7 +15,7 @@
 //!   (`{"labels": {"k": "v" | null}}`), `POST /api/v1/rollouts`,
 //!   `POST /api/v1/rollouts/{id}/{pause|resume|abort|rollback}` (see [`rollouts`])
 //! - admin: `POST /api/v1/tokens` (`{"labels": {...}, "ttl_seconds": N}`: an enrolment token,
-//!   shown once, in an enrolment bundle), `POST /api/v1/agents/{id}/revoke` (`{"why": "..."}`),
+//!   shown once, in an enrolment bundle; with `"count": N`, up to 10,000 tokens at once), `POST /api/v1/agents/{id}/revoke` (`{"why": "..."}`),
 //!   `GET|POST /api/v1/admin-tokens`, `POST /api/v1/admin-tokens/{name}/revoke`,
 //!   `GET /api/v1/keys`, `POST /api/v1/keys/reload`, and `…/objects?secrets=reveal`
 //! - Git webhooks: `POST /hooks/git/{source}`, signed with the source's secret (see [`hooks`]),
@@ -449,8 +449,14 @@ async fn label_agent(
         changed_agent(store, &id, found)
     })
     .await;
-    // New labels may mean new variants and assignments: sync, then agents hear of it.
-    state.changes.fetch_all();
+    if let Ok(agent) = &result
+        && let Some(id) = agent["id"].as_str()
+    {
+        // New labels may mean a new variant to render and other assignments (the source
+        // loops see to both for this agent alone), and rollouts it now matches.
+        state.changes.agents_to_assign(&[id.to_owned()]);
+        state.changes.rollouts_changed();
+    }
     result
 }
 
@@ -485,13 +491,15 @@ async fn revoke_agent(
 ) -> ApiResult {
     check_why(&request.why, "revoke the agent")?;
     let now = (state.now)();
+    let revoked = id.clone();
     let result = with_store(&state, move |store| {
         let found = store.revoke_agent(&id, &caller.name, &request.why, now)?;
         changed_agent(store, &id, found)
     })
     .await;
     // A connected revoked agent is cut off at once.
-    state.changes.fleet_changed();
+    state.changes.agents_changed(&[revoked]);
+    state.changes.rollouts_changed();
     result
 }
 
@@ -500,7 +508,13 @@ struct TokenRequest {
     #[serde(default)]
     labels: BTreeMap<String, String>,
     ttl_seconds: Option<i64>,
+    /// Many tokens at once (1 to 10,000), for provisioning a fleet: answered as a list of
+    /// tokens, without enrolment bundles.
+    count: Option<usize>,
 }
+
+/// The most tokens one request makes.
+pub const MAX_TOKENS_AT_ONCE: usize = 10_000;
 
 async fn create_token(
     State(state): State<AdminState>,
@@ -523,20 +537,47 @@ async fn create_token(
             "ttl_seconds must be positive".to_owned(),
         ));
     }
-    let mut secret = [0u8; 32];
-    getrandom::fill(&mut secret)
-        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
-    let token = hex::encode(secret);
-    let digest = Digest::of(token.as_bytes());
     let who = caller.name;
     let now = (state.now)();
     let labels = request.labels;
+    if let Some(count) = request.count {
+        if !(1..=MAX_TOKENS_AT_ONCE).contains(&count) {
+            return Err(bad_request(format!(
+                "count must be 1 to {MAX_TOKENS_AT_ONCE}"
+            )));
+        }
+        let mut secrets = Vec::with_capacity(count);
+        for _ in 0..count {
+            secrets.push(new_token_secret()?);
+        }
+        let digests: Vec<Digest> = secrets
+            .iter()
+            .map(|secret| Digest::of(secret.as_bytes()))
+            .collect();
+        return with_store(&state, move |store| {
+            store.create_tokens(&digests, &labels, &who, now, now + ttl)?;
+            Ok(Json(
+                json!({"tokens": secrets, "labels": labels, "expires_at": now + ttl}),
+            ))
+        })
+        .await;
+    }
+    let token = new_token_secret()?;
+    let digest = Digest::of(token.as_bytes());
     let bundle = state.enrolment.bundle(&token);
     with_store(&state, move |store| {
         store.create_token(&digest, &labels, &who, now, now + ttl)?;
         Ok(Json(json!({"token": token, "digest": digest.to_hex(), "labels": labels, "expires_at": now + ttl, "bundle": bundle})))
     })
     .await
+}
+
+/// A fresh enrolment token: 32 random bytes as hex.
+fn new_token_secret() -> Result<String, ApiError> {
+    let mut secret = [0u8; 32];
+    getrandom::fill(&mut secret)
+        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
+    Ok(hex::encode(secret))
 }
 
 async fn tokens(State(state): State<AdminState>) -> ApiResult {

@@ -2,6 +2,11 @@
 //! that grows on every change), what agents report, and when they were last connected.
 
 use super::StoreError;
+use std::collections::BTreeMap;
+
+/// An agent's labels, key to value.
+pub type Labels = BTreeMap<String, String>;
+
 use outpost_proto::Digest;
 use outpost_proto::wire::BundleStatus;
 
@@ -94,25 +99,41 @@ pub trait FleetStore {
     fn statuses(&self, agent: Option<&str>) -> Result<Vec<StoredStatus>, StoreError>;
     /// Number of status reports stored for an agent (history).
     fn status_history_len(&self, agent: &str) -> Result<u64, StoreError>;
-    /// The signed header and signature of a bundle's snapshot with this body digest (newest
-    /// generation), without loading the body.
-    fn snapshot_header(
+    /// The signed header and signature of a bundle's generation, without its body.
+    fn signed_header(
         &self,
         bundle: &str,
-        digest: &Digest,
+        generation: u64,
     ) -> Result<Option<SignedHeader>, StoreError>;
+    /// The body of a bundle's snapshot with this digest.
+    fn snapshot_body(&self, bundle: &str, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError>;
     /// The body digest of a bundle's generation.
     fn snapshot_digest(&self, bundle: &str, generation: u64) -> Result<Option<Digest>, StoreError>;
-    /// Whether the hub may compress against `digest` for `agent`: it was assigned that
-    /// snapshot of `bundle` lately (the last few assignments count), so it may hold it.
-    fn delta_base_allowed(
-        &self,
-        agent: &str,
-        bundle: &str,
-        digest: &Digest,
-    ) -> Result<bool, StoreError>;
+    /// What the hub may compress against for `agent`: the snapshots of each bundle it was
+    /// assigned lately (the last few assignments count), so it may hold them.
+    fn delta_bases(&self, agent: &str) -> Result<Vec<(String, Digest)>, StoreError>;
     /// The signed headers of the snapshots in use: assigned to an agent or named by a release.
     fn headers_in_use(&self) -> Result<Vec<(String, u64, Vec<u8>)>, StoreError>;
+    /// The distinct label sets of the agents not revoked (what decides the render variants).
+    fn label_sets(&self) -> Result<Vec<BTreeMap<String, String>>, StoreError>;
+    /// Every agent not revoked with its labels (or only those in `ids`), by id.
+    fn agent_labels(&self, ids: Option<&[String]>) -> Result<Vec<(String, Labels)>, StoreError>;
+    /// The agents `origin` assigned `bundle` to.
+    fn assigned_by(&self, origin: &str, bundle: &str) -> Result<Vec<String>, StoreError>;
+    /// The bundles `origin` assigned to anyone.
+    fn bundles_assigned_by(&self, origin: &str) -> Result<Vec<String>, StoreError>;
+    /// Sets `origin`'s assignments of `bundle` for the agents in `wanted` and removes them for
+    /// the agents in `unassign`, in one transaction; rows another origin holds (a rollout's)
+    /// are left alone, agents in neither list are untouched. Bumps the sequence of each agent
+    /// changed; returns them.
+    fn set_tracked(
+        &self,
+        origin: &str,
+        bundle: &str,
+        wanted: &[AssignmentRow],
+        unassign: &[String],
+        now: i64,
+    ) -> Result<Vec<String>, StoreError>;
     /// Points every release, render and assignment of `bundle` at generation `old` to `new` (the
     /// same body signed again), in one transaction; returns the agents whose assignments changed.
     fn replace_generation(

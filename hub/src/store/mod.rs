@@ -21,7 +21,8 @@ pub mod sqlite;
 
 pub use auth::{AdminToken, AuthStore, NewToken, Role, TokenCheck};
 pub use fleet::{
-    AgentAssignments, AssignmentChange, AssignmentRow, FleetStore, SignedHeader, StoredStatus,
+    AgentAssignments, AssignmentChange, AssignmentRow, FleetStore, Labels, SignedHeader,
+    StoredStatus,
 };
 pub use rollouts::{Created, RolloutStore};
 pub use sqlite::SqliteStore;
@@ -253,8 +254,9 @@ pub trait Store {
     /// A snapshot by bundle and generation.
     fn snapshot(&self, bundle: &str, generation: u64)
     -> Result<Option<StoredSnapshot>, StoreError>;
-    /// Sets the outcome of a release.
-    fn upsert_release(&self, release: &Release) -> Result<(), StoreError>;
+    /// Sets the outcome of a release; returns whether it changed (new, or another commit,
+    /// generation or error).
+    fn upsert_release(&self, release: &Release) -> Result<bool, StoreError>;
     /// Removes the releases of a deleted ref (its snapshots stay).
     fn delete_releases(&self, source: &str, git_ref: &str) -> Result<(), StoreError>;
     /// Removes a bundle's releases at a ref whose variants are no longer needed.
@@ -281,6 +283,16 @@ pub trait Store {
     fn create_token(
         &self,
         token_digest: &Digest,
+        labels: &BTreeMap<String, String>,
+        created_by: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<(), StoreError>;
+    /// Stores many enrolment tokens granting the same labels, in one transaction (a fleet
+    /// provisioned at once).
+    fn create_tokens(
+        &self,
+        token_digests: &[Digest],
         labels: &BTreeMap<String, String>,
         created_by: &str,
         now: i64,

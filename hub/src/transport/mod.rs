@@ -54,6 +54,8 @@ pub mod close {
     pub const REPLACED: u32 = 5;
     /// The peer did not say who it is in time.
     pub const TOO_SLOW: u32 = 6;
+    /// The hub is busy: the peer was told when to come back.
+    pub const BUSY: u32 = 7;
 }
 
 /// How long a new peer has to send its first message.
@@ -78,6 +80,9 @@ pub struct ServiceOptions {
     pub reports_per_second: f64,
     /// Fetches one agent may start per second (ten times that at once); faster ones wait.
     pub fetches_per_second: f64,
+    /// Enrolments handled at once; beyond that, and after a second's wait, new ones are told
+    /// the hub is busy and when to come back (an enrolment storm is spread out, not dropped).
+    pub max_enrolling: usize,
 }
 
 impl Default for ServiceOptions {
@@ -90,6 +95,7 @@ impl Default for ServiceOptions {
             retry_above: 1024,
             reports_per_second: 20.0,
             fetches_per_second: 2.0,
+            max_enrolling: 256,
         }
     }
 }
@@ -105,6 +111,8 @@ pub struct ServiceCounters {
     pub replaced: AtomicU64,
     /// Status reports or fetches that had to wait for the rate limit.
     pub throttled: AtomicU64,
+    /// Enrolments told to come back later.
+    pub busy: AtomicU64,
 }
 
 /// The agents connected now (the store only knows when each last connected): one connection
@@ -182,8 +190,24 @@ impl Drop for Unidentified {
     }
 }
 
+/// What a session knows of its agent, shared with its fetch streams: what it last told the
+/// agent to run, and the snapshots the agent may hold (its delta bases).
+#[derive(Debug, Default)]
+struct SessionView {
+    assigned: Vec<crate::store::AssignmentRow>,
+    bases: std::collections::HashSet<(String, Digest)>,
+}
+
+/// Signed headers by (bundle, generation): the same for every agent, read once.
+type HeaderCache = Mutex<HashMap<(String, u64), Arc<crate::store::SignedHeader>>>;
+
+/// How many headers the cache keeps before it starts afresh.
+const HEADERS_CACHED: usize = 4096;
+
 /// What every agent connection shares.
 pub struct AgentService {
+    headers: HeaderCache,
+    enrolling: tokio::sync::Semaphore,
     connected: Arc<Connected>,
     unidentified: Arc<AtomicUsize>,
     counters: ServiceCounters,
@@ -235,6 +259,8 @@ impl AgentService {
         options: ServiceOptions,
     ) -> AgentService {
         AgentService {
+            headers: Mutex::default(),
+            enrolling: tokio::sync::Semaphore::new(options.max_enrolling.max(1)),
             connected: Arc::default(),
             unidentified: Arc::default(),
             counters: ServiceCounters::default(),
@@ -260,6 +286,35 @@ impl AgentService {
     /// What was refused or throttled.
     pub fn counters(&self) -> &ServiceCounters {
         &self.counters
+    }
+
+    /// A generation's signed header (cached: every agent of a release asks for the same).
+    async fn signed_header(
+        self: &Arc<Self>,
+        bundle: &str,
+        generation: u64,
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, ServeError> {
+        let key = (bundle.to_owned(), generation);
+        if let Some(found) = self
+            .headers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            return Ok(Some((**found).clone()));
+        }
+        let (lookup, at) = (bundle.to_owned(), generation);
+        let found = self
+            .with_store(move |store| store.signed_header(&lookup, at))
+            .await?;
+        if let Some(found) = &found {
+            let mut headers = self.headers.lock().unwrap_or_else(|e| e.into_inner());
+            if headers.len() >= HEADERS_CACHED {
+                headers.clear();
+            }
+            headers.insert(key, Arc::new(found.clone()));
+        }
+        Ok(found)
     }
 
     async fn with_store<T: Send + 'static>(
@@ -378,30 +433,55 @@ async fn handle_connection(
             unidentified.identified();
             return run_session(&service, connection, send, reader, agent, Some(hello)).await;
         }
-        (None, Message::Enrol(enrol)) => match enrol_agent(&service, &key, &enrol.token).await? {
-            Ok(agent) => {
-                tracing::info!(agent = %agent.id, version = %enrol.agent_version, "agent enrolled");
-                send_message(
-                    &mut send,
-                    &Message::Enrolled(Enrolled {
-                        agent_id: agent.id.clone(),
-                    }),
-                )
-                .await?;
-                service.changes.agent_enrolled(&agent.id);
-                agent
+        (None, Message::Enrol(enrol)) => {
+            let permit = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                service.enrolling.acquire(),
+            )
+            .await;
+            let Ok(Ok(_permit)) = permit else {
+                service.counters.busy.fetch_add(1, Ordering::Relaxed);
+                // Spread the retries: 5 to 35 s, by the key.
+                let retry_after = 5 + u32::from(key.to_bytes()[0]) % 31;
+                let error = ErrorMessage {
+                    code: ErrorCode::Busy,
+                    message: format!(
+                        "the hub is enrolling many agents; come back in {retry_after} s"
+                    ),
+                    retry_after: Some(retry_after),
+                };
+                let _ = send_message(&mut send, &Message::Error(error)).await;
+                let _ = send.finish();
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(2), send.stopped()).await;
+                connection.close(close::BUSY.into(), b"busy");
+                return Ok(());
+            };
+            match enrol_agent(&service, &key, &enrol.token).await? {
+                Ok(agent) => {
+                    tracing::info!(agent = %agent.id, version = %enrol.agent_version, "agent enrolled");
+                    send_message(
+                        &mut send,
+                        &Message::Enrolled(Enrolled {
+                            agent_id: agent.id.clone(),
+                        }),
+                    )
+                    .await?;
+                    service.changes.agent_enrolled(&agent.id);
+                    agent
+                }
+                Err(message) => {
+                    return refuse(
+                        &connection,
+                        &mut send,
+                        ErrorCode::BadToken,
+                        close::BAD_TOKEN,
+                        message,
+                    )
+                    .await;
+                }
             }
-            Err(message) => {
-                return refuse(
-                    &connection,
-                    &mut send,
-                    ErrorCode::BadToken,
-                    close::BAD_TOKEN,
-                    message,
-                )
-                .await;
-            }
-        },
+        }
         (None, _) => {
             return refuse(
                 &connection,
@@ -516,6 +596,14 @@ async fn run_session(
     let mut trust_changes = service.keys.trust_changes();
     trust_changes.borrow_and_update();
     send_message(&mut send, &Message::Trust(service.keys.trust())).await?;
+    let bases_of = id.clone();
+    let bases = service
+        .with_store(move |store| store.delta_bases(&bases_of))
+        .await?;
+    let view = Arc::new(Mutex::new(SessionView {
+        assigned: Vec::new(),
+        bases: bases.into_iter().collect(),
+    }));
     let subscription = service.changes.subscribe(&id);
     let mut fleet = service.changes.fleet.subscribe();
     fleet.borrow_and_update();
@@ -532,7 +620,15 @@ async fn run_session(
     let mut recheck = true;
     loop {
         if std::mem::take(&mut recheck)
-            && !push_assignments(service, &connection, &mut send, &id, &mut sent_sequence).await?
+            && !push_assignments(
+                service,
+                &connection,
+                &mut send,
+                &id,
+                &view,
+                &mut sent_sequence,
+            )
+            .await?
         {
             return Ok(());
         }
@@ -575,7 +671,8 @@ async fn run_session(
             },
             stream = connection.accept_bi() => {
                 let (stream_send, stream_recv) = stream?;
-                let (service, agent, fetches) = (service.clone(), id.clone(), fetches.clone());
+                let (service, agent, fetches, view) =
+                    (service.clone(), id.clone(), fetches.clone(), view.clone());
                 tokio::spawn(async move {
                     {
                         let mut fetches = fetches.lock().await;
@@ -584,7 +681,7 @@ async fn run_session(
                             fetches.wait().await;
                         }
                     }
-                    if let Err(error) = serve_fetch(&service, &agent, stream_send, stream_recv).await {
+                    if let Err(error) = serve_fetch(&service, &agent, &view, stream_send, stream_recv).await {
                         tracing::debug!(%agent, %error, "fetch ended");
                     }
                 });
@@ -600,6 +697,7 @@ async fn push_assignments(
     connection: &quinn::Connection,
     send: &mut quinn::SendStream,
     id: &str,
+    view: &Mutex<SessionView>,
     sent_sequence: &mut Option<u64>,
 ) -> Result<bool, ServeError> {
     let lookup = id.to_owned();
@@ -627,6 +725,13 @@ async fn push_assignments(
     }
     if *sent_sequence != Some(assignments.sequence) {
         *sent_sequence = Some(assignments.sequence);
+        {
+            let mut view = view.lock().unwrap_or_else(|e| e.into_inner());
+            for row in &assignments.entries {
+                view.bases.insert((row.bundle.clone(), row.digest));
+            }
+            view.assigned = assignments.entries.clone();
+        }
         let assign = Assign {
             sequence: assignments.sequence,
             assignments: assignments
@@ -648,6 +753,7 @@ async fn push_assignments(
 async fn serve_fetch(
     service: &Arc<AgentService>,
     agent: &str,
+    view: &Mutex<SessionView>,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) -> Result<(), ServeError> {
@@ -661,69 +767,57 @@ async fn serve_fetch(
             )));
         }
     };
-    let (lookup, wanted, have) = (agent.to_owned(), fetch.snapshot, fetch.have.clone());
-    // The snapshot must be assigned to this agent. The delta base: the first held body the
-    // agent was assigned lately (so it cannot make the hub compress against anything it
-    // names) and the hub still has — the wanted body itself when only its header is new.
-    let found = service
-        .with_store(move |store| {
-            let assignments = store.assignments(&lookup)?;
-            let Some(row) = assignments
-                .entries
-                .into_iter()
-                .find(|row| row.digest == wanted)
-            else {
-                return Ok(None);
-            };
-            let Some(target) = store.snapshot_by_digest(&row.bundle, &wanted)? else {
-                return Ok(Some(None));
-            };
-            let mut base = None;
-            for digest in have.iter().take(4) {
-                if store.delta_base_allowed(&lookup, &row.bundle, digest)?
-                    && let Some(snapshot) = store.snapshot_by_digest(&row.bundle, digest)?
-                {
-                    base = Some(snapshot.digest);
-                    break;
-                }
-            }
-            Ok(Some(Some((
-                target.bundle,
-                target.header,
-                target.signature,
-                base,
-            ))))
-        })
-        .await?;
-    let (bundle, header, signature, base) = match found {
-        Some(Some(found)) => found,
-        Some(None) => {
-            let message = format!("the hub no longer holds snapshot {}", wanted.short());
-            return error_reply(&mut send, ErrorCode::UnknownSnapshot, message).await;
-        }
-        None => {
-            let message = format!(
-                "snapshot {} is not assigned to agent {agent}",
-                wanted.short()
-            );
-            return error_reply(&mut send, ErrorCode::NotAssigned, message).await;
-        }
+    let wanted = fetch.snapshot;
+    // The snapshot must be assigned to this agent (as its session last told it). The delta
+    // base: the first held body the agent was assigned lately, so it cannot make the hub
+    // compress against anything it names — the wanted body itself when only its header is new.
+    let found = {
+        let view = view.lock().unwrap_or_else(|e| e.into_inner());
+        view.assigned
+            .iter()
+            .find(|row| row.digest == wanted)
+            .cloned()
+            .map(|row| {
+                let base = fetch
+                    .have
+                    .iter()
+                    .take(4)
+                    .find(|digest| view.bases.contains(&(row.bundle.clone(), **digest)))
+                    .copied();
+                (row, base)
+            })
     };
+    let Some((row, base)) = found else {
+        let message = format!(
+            "snapshot {} is not assigned to agent {agent}",
+            wanted.short()
+        );
+        return error_reply(&mut send, ErrorCode::NotAssigned, message).await;
+    };
+    let Some((header, signature)) = service.signed_header(&row.bundle, row.generation).await?
+    else {
+        let message = format!("the hub no longer holds snapshot {}", wanted.short());
+        return error_reply(&mut send, ErrorCode::UnknownSnapshot, message).await;
+    };
+    let bundle = row.bundle.clone();
     let store = service.store.clone();
     let load_bundle = bundle.clone();
     let payload = service
         .payloads
         .get(wanted, base, move || {
-            let body = |digest: &Digest| -> Result<Vec<u8>, String> {
+            let body = |digest: &Digest| -> Result<Option<Vec<u8>>, String> {
                 store
-                    .snapshot_by_digest(&load_bundle, digest)
-                    .map_err(|error| error.to_string())?
-                    .map(|snapshot| snapshot.body)
-                    .ok_or_else(|| format!("snapshot {} vanished", digest.short()))
+                    .snapshot_body(&load_bundle, digest)
+                    .map_err(|error| error.to_string())
             };
             Ok(Bodies {
-                target: body(&wanted)?,
-                base: base.as_ref().map(body).transpose()?,
+                target: body(&wanted)?
+                    .ok_or_else(|| format!("snapshot {} vanished", wanted.short()))?,
+                // A base the hub no longer has: the payload is the whole body.
+                base: match &base {
+                    Some(base) => body(base)?,
+                    None => None,
+                },
             })
         })
         .await?;

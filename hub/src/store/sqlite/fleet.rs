@@ -6,6 +6,7 @@ use outpost_proto::Digest;
 use outpost_proto::wire::{BundleStatus, Phase};
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::store::labels_from_json;
 use super::{SqliteStore, add_event, digest_at};
 use crate::store::{
     AgentAssignments, AssignmentChange, AssignmentRow, FleetStore, SignedHeader, StoreError,
@@ -15,8 +16,8 @@ use crate::store::{
 /// How many of an agent's latest assignments of a bundle count as delta bases.
 const DELTA_BASES_KEPT: i64 = 4;
 
-/// Remembers that `agent` was assigned `digest` of `bundle` (a future delta base), keeping the
-/// newest [`DELTA_BASES_KEPT`].
+/// Remembers that `agent` was assigned `digest` of `bundle` (a future delta base). Only the
+/// newest [`DELTA_BASES_KEPT`] count (older rows are pruned by retention).
 fn remember_base(
     connection: &Connection,
     agent: &str,
@@ -24,17 +25,12 @@ fn remember_base(
     digest: &[u8],
     now: i64,
 ) -> Result<(), StoreError> {
-    connection.execute(
-        "INSERT INTO assignment_bases (agent, bundle, digest, assigned_at) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (agent, bundle, digest) DO UPDATE SET assigned_at = ?4",
-        params![agent, bundle, digest, now],
-    )?;
-    connection.execute(
-        "DELETE FROM assignment_bases WHERE agent = ?1 AND bundle = ?2 AND digest NOT IN
-         (SELECT digest FROM assignment_bases WHERE agent = ?1 AND bundle = ?2
-          ORDER BY assigned_at DESC, rowid DESC LIMIT ?3)",
-        params![agent, bundle, DELTA_BASES_KEPT],
-    )?;
+    connection
+        .prepare_cached(
+            "INSERT INTO assignment_bases (agent, bundle, digest, assigned_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (agent, bundle, digest) DO UPDATE SET assigned_at = ?4",
+        )?
+        .execute(params![agent, bundle, digest, now])?;
     Ok(())
 }
 
@@ -306,19 +302,30 @@ impl FleetStore for SqliteStore {
         })
     }
 
-    fn snapshot_header(
+    fn signed_header(
         &self,
         bundle: &str,
-        digest: &Digest,
+        generation: u64,
     ) -> Result<Option<SignedHeader>, StoreError> {
         self.read(|connection| {
             Ok(connection
                 .prepare_cached(
-                    "SELECT header, signature FROM snapshots WHERE bundle = ?1 AND digest = ?2 ORDER BY generation DESC LIMIT 1",
+                    "SELECT header, signature FROM snapshots WHERE bundle = ?1 AND generation = ?2",
                 )?
-                .query_row(params![bundle, digest.0.as_slice()], |row| {
+                .query_row(params![bundle, generation as i64], |row| {
                     Ok((row.get(0)?, row.get(1)?))
                 })
+                .optional()?)
+        })
+    }
+
+    fn snapshot_body(&self, bundle: &str, digest: &Digest) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(|connection| {
+            Ok(connection
+                .prepare_cached(
+                    "SELECT body FROM snapshots WHERE bundle = ?1 AND digest = ?2 ORDER BY generation DESC LIMIT 1",
+                )?
+                .query_row(params![bundle, digest.0.as_slice()], |row| row.get(0))
                 .optional()?)
         })
     }
@@ -334,20 +341,17 @@ impl FleetStore for SqliteStore {
         })
     }
 
-    fn delta_base_allowed(
-        &self,
-        agent: &str,
-        bundle: &str,
-        digest: &Digest,
-    ) -> Result<bool, StoreError> {
+    fn delta_bases(&self, agent: &str) -> Result<Vec<(String, Digest)>, StoreError> {
         self.read(|connection| {
-            Ok(connection
-                .prepare_cached(
-                    "SELECT 1 FROM assignment_bases WHERE agent = ?1 AND bundle = ?2 AND digest = ?3",
-                )?
-                .query_row(params![agent, bundle, digest.0.as_slice()], |_| Ok(()))
-                .optional()?
-                .is_some())
+            let mut statement = connection.prepare_cached(
+                "SELECT bundle, digest FROM (SELECT bundle, digest, ROW_NUMBER() OVER
+                 (PARTITION BY bundle ORDER BY assigned_at DESC, rowid DESC) AS n
+                 FROM assignment_bases WHERE agent = ?1) WHERE n <= ?2",
+            )?;
+            let rows = statement.query_map(params![agent, DELTA_BASES_KEPT], |row| {
+                Ok((row.get(0)?, digest_at(row, 1)?))
+            })?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
     }
 
@@ -363,6 +367,123 @@ impl FleetStore for SqliteStore {
                 Ok((row.get(0)?, row.get::<_, i64>(1)? as u64, row.get(2)?))
             })?;
             Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn label_sets(&self) -> Result<Vec<BTreeMap<String, String>>, StoreError> {
+        self.read(|connection| {
+            let mut statement = connection
+                .prepare_cached("SELECT DISTINCT label_set FROM agents WHERE revoked_at IS NULL")?;
+            let rows = statement.query_map([], |row| row.get::<_, String>(0))?;
+            rows.map(|text| Ok(labels_from_json(&text?)))
+                .collect::<Result<_, StoreError>>()
+        })
+    }
+
+    fn agent_labels(
+        &self,
+        ids: Option<&[String]>,
+    ) -> Result<Vec<(String, BTreeMap<String, String>)>, StoreError> {
+        self.read(|connection| {
+            let map =
+                |row: &rusqlite::Row<'_>| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?));
+            let rows: Vec<(String, String)> = match ids {
+                None => connection
+                    .prepare_cached(
+                        "SELECT id, label_set FROM agents WHERE revoked_at IS NULL ORDER BY id",
+                    )?
+                    .query_map([], map)?
+                    .collect::<Result<_, _>>()?,
+                Some(ids) => {
+                    let mut statement = connection.prepare_cached(
+                        "SELECT id, label_set FROM agents WHERE revoked_at IS NULL AND id = ?1",
+                    )?;
+                    let mut rows = Vec::with_capacity(ids.len());
+                    for id in ids {
+                        rows.extend(
+                            statement
+                                .query_map([id], map)?
+                                .collect::<Result<Vec<_>, _>>()?,
+                        );
+                    }
+                    rows
+                }
+            };
+            Ok(rows
+                .into_iter()
+                .map(|(id, labels)| (id, labels_from_json(&labels)))
+                .collect())
+        })
+    }
+
+    fn assigned_by(&self, origin: &str, bundle: &str) -> Result<Vec<String>, StoreError> {
+        self.read(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT agent FROM assignments WHERE bundle = ?1 AND origin = ?2",
+            )?;
+            let rows = statement.query_map(params![bundle, origin], |row| row.get(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn bundles_assigned_by(&self, origin: &str) -> Result<Vec<String>, StoreError> {
+        self.read(|connection| {
+            let mut statement = connection
+                .prepare_cached("SELECT DISTINCT bundle FROM assignments WHERE origin = ?1")?;
+            let rows = statement.query_map([origin], |row| row.get(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn set_tracked(
+        &self,
+        origin: &str,
+        bundle: &str,
+        wanted: &[AssignmentRow],
+        unassign: &[String],
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let (origin, bundle, wanted, unassign) = (
+            origin.to_owned(),
+            bundle.to_owned(),
+            wanted.to_vec(),
+            unassign.to_vec(),
+        );
+        self.write(move |connection| {
+            let mut changed = BTreeSet::new();
+            {
+                // Insert, or update a row of this origin that differs; never another origin's.
+                let mut upsert = connection.prepare_cached(
+                    "INSERT INTO assignments (agent, bundle, generation, digest, origin, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (agent, bundle) DO UPDATE SET generation = ?3, digest = ?4, updated_at = ?6
+                     WHERE origin = ?5 AND (generation != ?3 OR digest != ?4)",
+                )?;
+                for row in &wanted {
+                    let written = upsert.execute(params![
+                        row.agent,
+                        bundle,
+                        row.generation as i64,
+                        row.digest.0.as_slice(),
+                        origin,
+                        now
+                    ])?;
+                    if written > 0 {
+                        remember_base(connection, &row.agent, &bundle, &row.digest.0, now)?;
+                        changed.insert(row.agent.clone());
+                    }
+                }
+                let mut delete = connection.prepare_cached(
+                    "DELETE FROM assignments WHERE agent = ?1 AND bundle = ?2 AND origin = ?3",
+                )?;
+                for agent in &unassign {
+                    if delete.execute(params![agent, bundle, origin])? > 0 {
+                        changed.insert(agent.clone());
+                    }
+                }
+            }
+            bump_sequences(connection, &changed)?;
+            Ok(changed.into_iter().collect())
         })
     }
 

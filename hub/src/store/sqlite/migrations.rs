@@ -160,4 +160,14 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     INSERT OR IGNORE INTO assignment_bases (agent, bundle, digest, assigned_at)
         SELECT agent, bundle, digest, updated_at FROM assignments;",
+    // 7: the fleet at scale: each agent's labels also as one canonical JSON text (the distinct
+    // label sets, or every agent's labels, in one scan), and assignments by bundle and origin.
+    "ALTER TABLE agents ADD COLUMN label_set TEXT NOT NULL DEFAULT '{}';
+    UPDATE agents SET label_set = COALESCE(
+        (SELECT json_group_object(key, value) FROM
+            (SELECT key, value FROM agent_labels WHERE agent = agents.id ORDER BY key)),
+        '{}');
+    CREATE INDEX agents_by_label_set ON agents (label_set) WHERE revoked_at IS NULL;
+    CREATE INDEX assignments_by_bundle_origin ON assignments (bundle, origin);
+    CREATE INDEX assignment_bases_by_agent ON assignment_bases (agent, bundle, assigned_at);",
 ];

@@ -249,14 +249,15 @@ impl Store for SqliteStore {
         })
     }
 
-    fn upsert_release(&self, release: &Release) -> Result<(), StoreError> {
+    fn upsert_release(&self, release: &Release) -> Result<bool, StoreError> {
         let release = release.clone();
         self.write(move |connection| {
-            connection.execute(
+            let changed = connection.execute(
                 "INSERT INTO releases (source, git_ref, bundle, git_commit, generation, error, updated_at, variant)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (source, git_ref, bundle, variant) DO UPDATE SET
-                   git_commit = ?4, generation = ?5, error = ?6, updated_at = ?7",
+                   git_commit = ?4, generation = ?5, error = ?6, updated_at = ?7
+                 WHERE git_commit != ?4 OR generation IS NOT ?5 OR error IS NOT ?6",
                 params![
                     release.source,
                     release.git_ref,
@@ -268,7 +269,7 @@ impl Store for SqliteStore {
                     release.variant,
                 ],
             )?;
-            Ok(())
+            Ok(changed > 0)
         })
     }
 
@@ -391,6 +392,36 @@ impl Store for SqliteStore {
         })
     }
 
+    fn create_tokens(
+        &self,
+        token_digests: &[Digest],
+        labels: &BTreeMap<String, String>,
+        created_by: &str,
+        now: i64,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        let (token_digests, labels, created_by) = (
+            token_digests.to_vec(),
+            labels_to_json(labels),
+            created_by.to_owned(),
+        );
+        self.write(move |connection| {
+            let mut insert = connection.prepare_cached(
+                "INSERT INTO enrolment_tokens (digest, labels, created_at, created_by, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?;
+            for digest in &token_digests {
+                insert.execute(params![digest.0.as_slice(), labels, now, created_by, expires_at])?;
+            }
+            add_event(
+                connection,
+                now,
+                "tokens-created",
+                &format!("{} tokens", token_digests.len()),
+                &format!("by {created_by}, labels {labels}"),
+            )
+        })
+    }
+
     fn tokens(&self) -> Result<Vec<EnrolmentToken>, StoreError> {
         self.read(|connection| {
             let mut statement = connection.prepare_cached(
@@ -471,6 +502,13 @@ impl Store for SqliteStore {
                     }
                 }
             }
+            let labels = labels_where(connection, "WHERE agent = ?1", Some(&id))?
+                .remove(&id)
+                .unwrap_or_default();
+            connection.execute(
+                "UPDATE agents SET label_set = ?2 WHERE id = ?1",
+                params![id, labels_to_json(&labels)],
+            )?;
             add_event(
                 connection,
                 now,
@@ -535,10 +573,11 @@ fn enrol(
         "UPDATE enrolment_tokens SET used_at = ?2, used_by = ?3 WHERE digest = ?1",
         params![token_digest.0.as_slice(), now, id],
     )?;
-    connection.execute(
-        "INSERT INTO agents (id, public_key, enrolled_at) VALUES (?1, ?2, ?3)",
-        params![id, public_key, now],
-    )?;
+    connection
+        .prepare_cached(
+            "INSERT INTO agents (id, public_key, enrolled_at, label_set) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![id, public_key, now, labels_to_json(&labels)])?;
     for (key, value) in &labels {
         connection.execute(
             "INSERT INTO agent_labels (agent, key, value) VALUES (?1, ?2, ?3)",
