@@ -460,6 +460,14 @@ async fn rollout_loop(
 ) {
     let mut driver = Some(Driver::default());
     let mut seen = 0;
+    // A rollout reads its bundle definitions from its source's mirror: give the sources a
+    // moment to open after a start, so a restart does not begin with a stalled step.
+    let opening = tokio::time::Instant::now();
+    while sources.iter().any(|(_, opened)| opened.get().is_none())
+        && opening.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     loop {
         let mut taken = driver.take().unwrap_or_default();
         let (store, keys, sources) = (store.clone(), keys.clone(), sources.clone());
@@ -479,9 +487,12 @@ async fn rollout_loop(
         if let Some((returned, result)) = stepped {
             driver = Some(returned);
             match result {
-                Ok(changed) if !changed.is_empty() => {
-                    tracing::info!(agents = changed.len(), "rollouts changed assignments");
-                    changes.agents_changed(&changed);
+                Ok(stepped) if !stepped.changed.is_empty() => {
+                    tracing::info!(
+                        agents = stepped.changed.len(),
+                        "rollouts changed assignments"
+                    );
+                    changes.agents_changed(&stepped.changed);
                 }
                 Ok(_) => {}
                 Err(error) => tracing::error!(%error, "rollout step failed; retrying"),

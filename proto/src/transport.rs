@@ -121,6 +121,10 @@ pub fn server_config(
     transport.receive_window(quinn::VarInt::from_u32(UNIDENTIFIED_RECEIVE_WINDOW as u32));
     transport.stream_receive_window(quinn::VarInt::from_u32(HUB_STREAM_RECEIVE_WINDOW as u32));
     transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
+    // Agents keep their connections (and their NAT bindings) alive; the hub answering their
+    // pings is enough. Pinging from both ends doubled the packets of an idle fleet (100,000
+    // agents: ~13,000 datagrams a second more) for nothing the idle timeout does not catch.
+    transport.keep_alive_interval(None);
     config.transport_config(Arc::new(transport));
     Ok(config)
 }

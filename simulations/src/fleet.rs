@@ -23,9 +23,10 @@ use outpost_agent::target::memory::MemoryTarget;
 use outpost_hub::api::EnrolmentInfo;
 use outpost_hub::config::SourceConfig;
 use outpost_hub::keys::{HubKeys, KeyPolicy};
-use outpost_hub::rollout::machine::{OnFailure, Rollout};
+use outpost_hub::rollout::machine::OnFailure;
 use outpost_hub::rollout::{self, Request};
 use outpost_hub::runtime::{Hub, HubParts, HubSettings, SourceSettings};
+use outpost_hub::store::RolloutHead;
 use outpost_hub::store::{FleetStore, RolloutStore, SqliteStore, Store};
 use outpost_proto::Digest;
 use outpost_proto::transport::{Tuning, hub_pin, server_config};
@@ -439,7 +440,7 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
             progress(scenario, &sample, started, agents.len());
         }
         let ended = rollouts.len() == scenario.rollouts.len()
-            && rollouts.iter().all(|rollout| !rollout.phase.is_active());
+            && rollouts.iter().all(|head| !head.rollout.phase.is_active());
         let done = t as f64 >= last_rollout * 60.0 && ended && sample.converged == agents.len();
         samples.push(sample);
         if done {
@@ -452,7 +453,7 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
     if show_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!();
     }
-    let mut rollouts: Vec<Rollout> = store.rollouts()?;
+    let mut rollouts: Vec<RolloutHead> = store.rollouts()?;
     hub.shutdown().await;
     rollouts.reverse();
     let mut per_agent: Vec<u64> = agents.iter().map(|agent| agent.traffic.total()).collect();
@@ -478,7 +479,7 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
         converged: samples.last().map_or(0, |sample| sample.converged),
         rollouts: rollouts
             .iter()
-            .map(|rollout| outpost_hub::api::rollouts::rollout_json(rollout, false))
+            .map(outpost_hub::api::rollouts::head_json)
             .collect(),
         bytes: summarise(&per_agent),
         payload_bytes,
@@ -487,7 +488,14 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
         per_agent_bytes: per_agent,
         wave_labels: rollouts
             .iter()
-            .map(|rollout| rollout.plan.waves.iter().map(ToString::to_string).collect())
+            .map(|head| {
+                head.rollout
+                    .plan
+                    .waves
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect()
+            })
             .collect(),
     })
 }
@@ -496,7 +504,7 @@ fn sample_fleet(
     store: &SqliteStore,
     agents: &[SimAgent],
     t: u64,
-) -> Result<(Sample, Vec<Rollout>)> {
+) -> Result<(Sample, Vec<RolloutHead>)> {
     let assigned: HashMap<(String, String), Digest> = store
         .bundle_assignments(None)?
         .into_iter()
@@ -515,7 +523,13 @@ fn sample_fleet(
     rollouts.reverse();
     let waves = rollouts
         .iter()
-        .map(|rollout| rollout.waves().iter().map(|wave| wave.healthy).collect())
+        .map(|head| {
+            head.progress
+                .waves
+                .iter()
+                .map(|wave| wave.healthy)
+                .collect()
+        })
         .collect();
     let bytes = agents.iter().map(|agent| agent.traffic.total()).sum();
     Ok((

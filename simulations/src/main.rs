@@ -150,12 +150,13 @@ fn main() -> Result<()> {
                 timeout: std::time::Duration::from_secs(args.timeout_seconds),
             })?;
             println!(
-                "hub CPU: enrol {:.1} s ({:.2} ms per agent), propagate {:.1} s ({:.2} ms per agent); fleet API for all agents {:.2} s; {} threads; {} busy answers, {} sessions retried",
+                "hub CPU: enrol {:.1} s ({:.2} ms per agent), propagate {:.1} s ({:.2} ms per agent); fleet page data {:.2} s, every agent listed {:.2} s; {} threads; {} busy answers, {} sessions retried",
                 report.cpu_enrol,
                 report.cpu_enrol * 1000.0 / report.agents.max(1) as f64,
                 report.cpu_propagate,
                 report.cpu_propagate * 1000.0 / report.agents.max(1) as f64,
                 report.fleet_seconds,
+                report.fleet_all_seconds,
                 report.threads,
                 report.busy,
                 report.failures,

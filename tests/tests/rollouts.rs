@@ -13,7 +13,7 @@ use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
 use outpost_e2e::processes::{
     HubProcess, OPERATOR, Process, binary, git, git_init, run, run_agent, wait_for,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn deployment(image: &str) -> String {
     format!(
@@ -125,6 +125,66 @@ fn a_tag_rolls_out_in_waves_survives_a_restart_and_rolls_back_on_failure() {
             .iter()
             .all(|agent| agent["connected"] == true),
         "the hub knows who is connected now: {fleet}"
+    );
+    // What the fleet page reads at scale: counts the hub computes, and filtered pages.
+    let summary = hub.get("/api/v1/fleet/summary");
+    assert_eq!(
+        (summary["agents"].as_u64(), summary["connected"].as_u64()),
+        (Some(4), Some(4)),
+        "{summary}"
+    );
+    assert_eq!(summary["bundles"][0]["phases"]["Healthy"], 4, "{summary}");
+    assert_eq!(
+        summary["bundles"][0]["releases"][0]["release"], "stable, v1",
+        "{summary}"
+    );
+    assert_eq!(
+        summary["bundles"][0]["releases"][0]["agents"], 4,
+        "{summary}"
+    );
+    let region = summary["labels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|label| label["key"] == "region")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        region["values"][0],
+        json!({"value": "eu", "agents": 3}),
+        "{summary}"
+    );
+    let first = hub.get("/api/v1/fleet?label=region%3Deu&limit=2");
+    assert_eq!(first["matched"], 3, "{first}");
+    assert_eq!(first["agents"].as_array().unwrap().len(), 2, "{first}");
+    let next = first["next"].as_str().expect("a next page").to_owned();
+    let second = hub.get(&format!(
+        "/api/v1/fleet?label=region%3Deu&limit=2&after={next}"
+    ));
+    assert_eq!(second["agents"].as_array().unwrap().len(), 1, "{second}");
+    assert!(second["next"].is_null(), "{second}");
+    let mut paged: Vec<String> = first["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(second["agents"].as_array().unwrap())
+        .map(|agent| agent["id"].as_str().unwrap().to_owned())
+        .collect();
+    paged.sort();
+    let mut eu: Vec<String> = sites[..3].iter().map(|site| site.id.clone()).collect();
+    eu.sort();
+    assert_eq!(paged, eu);
+    assert_eq!(
+        hub.get("/api/v1/fleet?label=region%3Deu,!ring")["matched"],
+        2
+    );
+    assert_eq!(
+        hub.get("/api/v1/fleet?bundle=shop&phase=Failed")["matched"],
+        0
+    );
+    assert_eq!(
+        hub.get("/api/v1/fleet?release=v1&connected=true")["matched"],
+        4
     );
 
     // Roll v2 out to Europe: the canary first, then the rest; the US site stays on stable.

@@ -86,6 +86,7 @@ fn routes(agent: &str) -> Vec<(&'static str, String, Option<&'static str>, Value
         "/api/v1/tokens",
         "/api/v1/status",
         "/api/v1/fleet",
+        "/api/v1/fleet/summary",
         "/api/v1/rollouts",
         "/api/v1/rollouts/99",
     ] {

@@ -53,6 +53,60 @@ function renderRollouts(rollouts) {
   }
 }
 
+// What the agent list shows: filters (sent to the hub) and the page's cursor. Previous pages'
+// cursors are kept so "previous" goes back.
+const view = {after: null, back: [], next: null};
+const PAGE = 100;
+const filters = () => {
+  const q = new URLSearchParams({limit: String(PAGE)});
+  for (const id of ["label", "bundle", "phase", "connected", "search"]) {
+    const value = document.getElementById("f-" + id).value.trim();
+    if (value) q.set(id, value);
+  }
+  if (view.after) q.set("after", view.after);
+  return q;
+};
+const resetPage = () => { view.after = null; view.back = []; };
+
+function renderSummary(summary) {
+  const counts = document.getElementById("counts");
+  const offline = summary.agents - summary.revoked - summary.connected;
+  counts.replaceChildren(
+    el("span", {"data-count": "agents"}, `${summary.agents.toLocaleString()} agents`),
+    el("span", {"data-count": "connected"}, `${summary.connected.toLocaleString()} connected`),
+    el("span", {}, `${Math.max(0, offline).toLocaleString()} not connected`),
+    el("span", {}, `${summary.stale.toLocaleString()} stale`),
+    el("span", {}, `${summary.revoked.toLocaleString()} revoked`));
+  const box = document.getElementById("bundles");
+  box.replaceChildren();
+  const bundleSelect = document.getElementById("f-bundle");
+  const have = new Set([...bundleSelect.options].map(o => o.value));
+  for (const b of summary.bundles) {
+    if (!have.has(b.bundle)) bundleSelect.append(el("option", {value: b.bundle}, b.bundle));
+    const total = Object.values(b.phases).reduce((a, n) => a + n, 0);
+    const bar = el("div", {class: "bar"});
+    for (const phase of ["Healthy", "Applying", "Degraded", "Failed", "Unknown"]) {
+      const n = b.phases[phase] || 0;
+      if (n > 0) {
+        const seg = el("div", {class: "seg-" + phase, style: `width:${100 * n / Math.max(total, 1)}%`, title: `${phase}: ${n}`});
+        seg.addEventListener("click", () => {
+          document.getElementById("f-bundle").value = b.bundle;
+          document.getElementById("f-phase").value = phase;
+          resetPage(); refresh();
+        });
+        bar.append(seg);
+      }
+    }
+    const phases = Object.entries(b.phases).map(([p, n]) => el("span", {class: "badge " + p, "data-phase-count": p}, `${p} ${n.toLocaleString()}`));
+    const releases = b.releases.slice(0, 6).map(r => el("span", {class: "label"}, `${r.release || r.snapshot}: ${r.agents.toLocaleString()}`));
+    box.append(el("div", {class: "bundle", "data-summary-bundle": b.bundle},
+      el("div", {class: "title"}, b.bundle, " ", ...phases), bar, el("div", {class: "meta"}, "on ", ...releases)));
+  }
+  if (summary.bundles.length === 0) box.append(el("p", {class: "meta"}, "No bundle is assigned to any agent yet."));
+  const keys = document.getElementById("label-keys");
+  keys.replaceChildren(...summary.labels.map(l => el("option", {value: l.values[0] ? `${l.key}=${l.values[0].value}` : l.key})));
+}
+
 function renderAgents(fleet) {
   const select = document.getElementById("group");
   const keys = new Set();
@@ -68,17 +122,15 @@ function renderAgents(fleet) {
   }
   const body = document.getElementById("agents");
   body.replaceChildren();
-  let healthy = 0, failing = 0, offline = 0;
   for (const key of [...groups.keys()].sort()) {
     const agents = groups.get(key);
-    if (by) body.append(el("tr", {class: "group"}, el("td", {colspan: 4}, `${by}=${key} · ${agents.length} agents`)));
+    if (by) body.append(el("tr", {class: "group"}, el("td", {colspan: 4}, `${by}=${key} · ${agents.length} agents on this page`)));
     for (const a of agents) {
       const labels = el("td");
       Object.entries(a.labels).forEach(([k, v]) => labels.append(el("span", {class: "label"}, `${k}=${v}`)));
       const bundles = el("td");
       for (const b of a.bundles) {
         const phase = b.status ? b.status.phase : "Unknown";
-        if (phase === "Healthy") healthy++; else if (phase === "Failed" || phase === "Degraded") failing++;
         const line = el("div", {"data-bundle": b.bundle},
           `${b.bundle}: ${b.release || "gen " + b.generation} `,
           el("span", {class: "badge " + phase, "data-health": phase, title: b.status ? b.status.message : "no report yet"}, phase));
@@ -86,15 +138,18 @@ function renderAgents(fleet) {
         bundles.append(line);
       }
       const isOffline = !a.connected && (a.last_seen == null || fleet.now - a.last_seen > OFFLINE_AFTER);
-      if (isOffline) offline++;
       body.append(el("tr", {"data-agent": a.id},
         el("td", {}, a.id + (a.revoked ? " (revoked)" : "")), labels, bundles,
         el("td", {class: isOffline ? "offline" : ""}, a.connected ? "connected" : ago(fleet.now, a.last_seen))));
     }
   }
-  document.getElementById("counts").replaceChildren(
-    el("span", {}, `${fleet.agents.length} agents`), el("span", {}, `${healthy} healthy`),
-    el("span", {}, `${failing} failing`), el("span", {}, `${offline} offline`));
+  if (fleet.agents.length === 0) body.append(el("tr", {}, el("td", {colspan: 4, class: "meta"}, "No agent matches.")));
+  view.next = fleet.next;
+  const first = view.back.length * PAGE;
+  document.getElementById("page").textContent = fleet.matched === 0 ? "" :
+    `${(first + 1).toLocaleString()}–${(first + fleet.agents.length).toLocaleString()} of ${fleet.matched.toLocaleString()}`;
+  document.getElementById("prev").disabled = view.back.length === 0;
+  document.getElementById("next").disabled = !fleet.next;
 }
 
 function showSignIn(message) {
@@ -118,11 +173,13 @@ async function api(url) {
 async function refresh() {
   if (!token()) { showSignIn("sign in with an API token (viewer or more)"); return; }
   try {
-    const [who, fleet, rollouts] = await Promise.all(["/api/v1/whoami", "/api/v1/fleet", "/api/v1/rollouts"].map(api));
+    const [who, summary, fleet, rollouts] = await Promise.all(
+      ["/api/v1/whoami", "/api/v1/fleet/summary", "/api/v1/fleet?" + filters(), "/api/v1/rollouts"].map(api));
     document.getElementById("signin").hidden = true;
     document.getElementById("signout").hidden = false;
     document.getElementById("who").textContent = `${who.name} (${who.role})`;
     renderRollouts(rollouts);
+    renderSummary(summary);
     renderAgents(fleet);
     document.getElementById("error").textContent = "";
     document.body.setAttribute("data-loaded", "true");
@@ -143,5 +200,24 @@ document.getElementById("signout").addEventListener("click", () => {
   showSignIn("signed out");
 });
 document.getElementById("group").addEventListener("change", refresh);
+for (const id of ["label", "bundle", "phase", "connected"]) {
+  document.getElementById("f-" + id).addEventListener("change", () => { resetPage(); refresh(); });
+}
+let typing = null;
+document.getElementById("f-search").addEventListener("input", () => {
+  clearTimeout(typing);
+  typing = setTimeout(() => { resetPage(); refresh(); }, 300);
+});
+document.getElementById("next").addEventListener("click", () => {
+  if (!view.next) return;
+  view.back.push(view.after);
+  view.after = view.next;
+  refresh();
+});
+document.getElementById("prev").addEventListener("click", () => {
+  if (view.back.length === 0) return;
+  view.after = view.back.pop();
+  refresh();
+});
 refresh();
 setInterval(refresh, 2000);

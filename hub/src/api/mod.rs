@@ -9,13 +9,15 @@
 //!   `GET /api/v1/sources`, `GET /api/v1/snapshots/{bundle}/{generation}` and `…/objects`
 //!   (Secret values redacted), `GET /api/v1/events?limit=N`, `GET /api/v1/agents`,
 //!   `GET /api/v1/agents/{id}`, `GET /api/v1/tokens` (enrolment tokens, by digest),
-//!   `GET /api/v1/status` (`?agent=ID`), `GET /api/v1/fleet`, `GET /api/v1/rollouts`,
+//!   `GET /api/v1/status` (`?agent=ID`), `GET /api/v1/fleet` (a filtered page) and
+//!   `GET /api/v1/fleet/summary` (counts; see [`fleet`]), `GET /api/v1/rollouts`,
 //!   `GET /api/v1/rollouts/{id}`
 //! - operator: `POST /api/v1/fetch`, `POST /api/v1/agents/{id}/labels`
 //!   (`{"labels": {"k": "v" | null}}`), `POST /api/v1/rollouts`,
 //!   `POST /api/v1/rollouts/{id}/{pause|resume|abort|rollback}` (see [`rollouts`])
 //! - admin: `POST /api/v1/tokens` (`{"labels": {...}, "ttl_seconds": N}`: an enrolment token,
-//!   shown once, in an enrolment bundle; with `"count": N`, up to 10,000 tokens at once), `POST /api/v1/agents/{id}/revoke` (`{"why": "..."}`),
+//!   shown once, in an enrolment bundle; with `"count": N`, up to 10,000 tokens at once),
+//!   `POST /api/v1/agents/{id}/revoke` (`{"why": "..."}`),
 //!   `GET|POST /api/v1/admin-tokens`, `POST /api/v1/admin-tokens/{name}/revoke`,
 //!   `GET /api/v1/keys`, `POST /api/v1/keys/reload`, and `…/objects?secrets=reveal`
 //! - Git webhooks: `POST /hooks/git/{source}`, signed with the source's secret (see [`hooks`]),
@@ -41,6 +43,7 @@ use crate::store::{Agent, HubStore, Role, StoreError};
 
 pub mod admin;
 pub mod auth;
+pub mod fleet;
 pub mod hooks;
 pub mod listener;
 pub mod rollouts;
@@ -161,16 +164,17 @@ pub fn router(state: AdminState, hooks: Option<hooks::HooksState>) -> Router {
         .route("/api/v1/keys", get(admin::keys))
         .route("/api/v1/keys/reload", post(admin::reload_keys))
         .route("/api/v1/status", get(statuses))
-        .route("/api/v1/fleet", get(rollouts::fleet))
+        .route("/api/v1/fleet", get(fleet::fleet))
+        .route("/api/v1/fleet/summary", get(fleet::summary))
         .route(
             "/api/v1/rollouts",
             get(rollouts::list).post(rollouts::create),
         )
         .route("/api/v1/rollouts/{id}", get(rollouts::show))
         .route("/api/v1/rollouts/{id}/{command}", post(rollouts::command))
-        .route("/", get(rollouts::fleet_page))
-        .route("/fleet", get(rollouts::fleet_page))
-        .route("/fleet.js", get(rollouts::fleet_script))
+        .route("/", get(fleet::fleet_page))
+        .route("/fleet", get(fleet::fleet_page))
+        .route("/fleet.js", get(fleet::fleet_script))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

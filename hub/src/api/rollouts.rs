@@ -1,60 +1,59 @@
-//! Rollout and fleet routes of the admin API, and the fleet page.
+//! Rollout routes of the admin API.
 //!
 //! - `GET /api/v1/rollouts` — every rollout, newest first, with per-wave progress
 //! - `POST /api/v1/rollouts` — create: `{"bundle", "tag", "selector", "waves": "1,10%,100%",
 //!   "health_timeout_seconds", "max_failures": "2%", "on_failure": "pause"|"rollback", "why"}`
 //! - `GET /api/v1/rollouts/{id}` — one rollout with its members and history
 //! - `POST /api/v1/rollouts/{id}/{pause|resume|abort|rollback}` — `{"why": "..."}`
-//! - `GET /api/v1/fleet` — every agent: labels, connected now, last seen (last connection or
-//!   report), per bundle its assignment (release name, generation, who assigned it) and its
-//!   last status
-//! - `GET /` and `GET /fleet` — the fleet page (HTML; it polls the two lists above)
-
-use std::collections::{BTreeMap, HashMap};
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::Operator;
 use super::{AdminState, ApiError, ApiResult, check_why, with_store};
-use crate::rollout::machine::{Command, OnFailure, Rollout};
+use crate::rollout::machine::{Command, OnFailure, Progress, Rollout};
 use crate::rollout::{self, CommandFailure, CreateError, Request};
+use crate::store::RolloutHead;
 
-/// The fleet page: static HTML (styles inline) and its script, which asks for an API token,
-/// keeps it in the tab's session storage and sends it as a header (no cookies, so no
-/// cross-site request forgery).
-const FLEET_PAGE: &str = include_str!("fleet.html");
-const FLEET_SCRIPT: &str = include_str!("fleet.js");
-
-/// Only our own script runs on the page, it talks only to this hub, and no page may frame it.
-const FLEET_PAGE_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
-
-pub(super) async fn fleet_page() -> impl IntoResponse {
-    (
-        [
-            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
-            (header::CONTENT_SECURITY_POLICY, FLEET_PAGE_POLICY),
-        ],
-        FLEET_PAGE,
-    )
+/// A rollout as lists show it: its fields, per-wave progress and counts.
+pub fn head_json(head: &RolloutHead) -> Value {
+    summary_json(&head.rollout, &head.progress, &head.created_by)
 }
 
-pub(super) async fn fleet_script() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
-        FLEET_SCRIPT,
-    )
+/// A whole rollout for the API: its fields, progress and counts, members and history.
+pub fn rollout_json(rollout: &Rollout) -> Value {
+    let created_by = rollout
+        .log
+        .first()
+        .map(|record| record.who.clone())
+        .unwrap_or_default();
+    let mut value = summary_json(rollout, &rollout.progress(), &created_by);
+    value["agents"] = rollout
+        .members
+        .iter()
+        .map(|(id, member)| {
+            json!({
+                "agent": id, "state": member.state.name(), "canary": member.canary,
+                "wave": member.wave.map(|wave| wave + 1), "released_at": member.released_at,
+                "detail": match &member.state {
+                    crate::rollout::machine::MemberState::Failed { message } => Some(message.clone()),
+                    crate::rollout::machine::MemberState::Restored { was, .. } => Some(format!("was {was}")),
+                    _ => member.report.clone(),
+                },
+                "previous": member.previous.as_ref().map(|previous| json!({"generation": previous.generation, "snapshot": previous.digest.short()})),
+            })
+        })
+        .collect();
+    value["log"] = json!(rollout.log);
+    value
 }
 
-/// A rollout for the API: its fields, per-wave progress and counts; members and history only
-/// when `full`.
-pub fn rollout_json(rollout: &Rollout, full: bool) -> Value {
+fn summary_json(rollout: &Rollout, progress: &Progress, created_by: &str) -> Value {
     let plan = &rollout.plan;
-    let mut value = json!({
+    json!({
         "id": rollout.id,
         "bundle": plan.bundle,
         "ref": plan.git_ref,
@@ -70,46 +69,22 @@ pub fn rollout_json(rollout: &Rollout, full: bool) -> Value {
             _ => None,
         },
         "wave": rollout.wave + 1,
-        "waves": rollout.waves(),
-        "members": rollout.members.len(),
-        "on_release": rollout.on_release(),
-        "allowed": rollout.allowed(),
-        "failures": rollout.failures(),
-        "budget": rollout.budget(),
+        "waves": progress.waves,
+        "members": progress.members,
+        "on_release": progress.on_release,
+        "allowed": progress.allowed,
+        "failures": progress.failures,
+        "budget": progress.budget,
         "created_at": rollout.created_at,
         "updated_at": rollout.updated_at,
-        "created_by": rollout.log.first().map(|record| record.who.clone()),
-    });
-    if full {
-        value["agents"] = rollout
-            .members
-            .iter()
-            .map(|(id, member)| {
-                json!({
-                    "agent": id, "state": member.state.name(), "canary": member.canary,
-                    "wave": member.wave.map(|wave| wave + 1), "released_at": member.released_at,
-                    "detail": match &member.state {
-                        crate::rollout::machine::MemberState::Failed { message } => Some(message.clone()),
-                        crate::rollout::machine::MemberState::Restored { was, .. } => Some(format!("was {was}")),
-                        _ => member.report.clone(),
-                    },
-                    "previous": member.previous.as_ref().map(|previous| json!({"generation": previous.generation, "snapshot": previous.digest.short()})),
-                })
-            })
-            .collect();
-        value["log"] = json!(rollout.log);
-    }
-    value
+        "created_by": created_by,
+    })
 }
 
 pub(super) async fn list(State(state): State<AdminState>) -> ApiResult {
     with_store(&state, |store| {
         Ok(Json(Value::Array(
-            store
-                .rollouts()?
-                .iter()
-                .map(|rollout| rollout_json(rollout, false))
-                .collect(),
+            store.rollouts()?.iter().map(head_json).collect(),
         )))
     })
     .await
@@ -117,8 +92,8 @@ pub(super) async fn list(State(state): State<AdminState>) -> ApiResult {
 
 pub(super) async fn show(State(state): State<AdminState>, Path(id): Path<u64>) -> ApiResult {
     with_store(&state, move |store| {
-        let rollout = store.rollout(id)?.ok_or_else(|| not_found(id))?;
-        Ok(Json(rollout_json(&rollout, true)))
+        let stored = store.rollout(id)?.ok_or_else(|| not_found(id))?;
+        Ok(Json(rollout_json(&stored.rollout)))
     })
     .await
 }
@@ -199,7 +174,7 @@ pub(super) async fn create(
     .await?;
     tracing::info!(rollout = created.id, bundle = %created.plan.bundle, git_ref = %created.plan.git_ref, "rollout created");
     state.changes.rollouts_changed();
-    Ok((StatusCode::CREATED, Json(rollout_json(&created, true))))
+    Ok((StatusCode::CREATED, Json(rollout_json(&created))))
 }
 
 #[derive(Debug, Deserialize)]
@@ -238,88 +213,5 @@ pub(super) async fn command(
         state.changes.fleet_changed();
     }
     state.changes.rollouts_changed();
-    Ok(Json(rollout_json(&rollout, true)))
-}
-
-/// Every agent with its labels, last contact, and per bundle: what it is assigned (release
-/// name, generation, origin) and its last status.
-pub(super) async fn fleet(State(state): State<AdminState>) -> ApiResult {
-    let now = (state.now)();
-    let connected = state.connected.clone();
-    with_store(&state, move |store| {
-        // Release names by bundle and body digest: tags first, then branches.
-        let mut names: HashMap<(String, [u8; 32]), Vec<String>> = HashMap::new();
-        let mut digests: HashMap<(String, u64), Option<outpost_proto::Digest>> = HashMap::new();
-        for release in store.releases()? {
-            let Some(generation) = release.generation else {
-                continue;
-            };
-            let key = (release.bundle.clone(), generation);
-            if !digests.contains_key(&key) {
-                let digest = store.snapshot_digest(&release.bundle, generation)?;
-                digests.insert(key.clone(), digest);
-            }
-            if let Some(Some(digest)) = digests.get(&key) {
-                let name = release
-                    .git_ref
-                    .strip_prefix("refs/tags/")
-                    .or_else(|| release.git_ref.strip_prefix("refs/heads/"))
-                    .unwrap_or(&release.git_ref)
-                    .to_owned();
-                let entry = names.entry((release.bundle, digest.0)).or_default();
-                if !entry.contains(&name) {
-                    entry.push(name);
-                }
-            }
-        }
-        for list in names.values_mut() {
-            list.sort();
-        }
-        let mut statuses: BTreeMap<(String, String), Value> = BTreeMap::new();
-        let mut heard: HashMap<String, i64> = HashMap::new();
-        for stored in store.statuses(None)? {
-            let status = &stored.status;
-            let last = heard.entry(stored.agent.clone()).or_default();
-            *last = (*last).max(stored.received_at);
-            statuses.insert(
-                (stored.agent.clone(), status.bundle.clone()),
-                json!({"phase": format!("{:?}", status.phase), "generation": status.generation,
-                       "snapshot": status.digest.short(), "message": status.message,
-                       "objects_ready": status.objects_ready, "objects_total": status.objects_total,
-                       "observed_at": status.observed_at, "stale": status.stale}),
-            );
-        }
-        let mut assigned: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-        for (row, origin) in store.bundle_assignments(None)? {
-            let release = names
-                .get(&(row.bundle.clone(), row.digest.0))
-                .map(|names| names.join(", "));
-            let status = statuses
-                .remove(&(row.agent.clone(), row.bundle.clone()))
-                .unwrap_or(Value::Null);
-            assigned.entry(row.agent.clone()).or_default().push(json!({
-                "bundle": row.bundle, "generation": row.generation, "snapshot": row.digest.short(),
-                "release": release, "origin": origin, "status": status,
-            }));
-        }
-        let agents: Vec<Value> = store
-            .agents()?
-            .into_iter()
-            .map(|agent| {
-                let last_seen = agent
-                    .last_seen
-                    .into_iter()
-                    .chain(heard.get(&agent.id).copied())
-                    .max();
-                json!({
-                    "id": agent.id, "labels": agent.labels, "last_seen": last_seen,
-                    "connected": connected.contains(&agent.id),
-                    "revoked": agent.revoked.is_some(),
-                    "bundles": assigned.remove(&agent.id).unwrap_or_default(),
-                })
-            })
-            .collect();
-        Ok(Json(json!({"now": now, "agents": agents})))
-    })
-    .await
+    Ok(Json(rollout_json(&rollout)))
 }

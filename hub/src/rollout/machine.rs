@@ -24,7 +24,11 @@
 //! - A succeeded rollout goes on releasing to agents that start matching, until a newer rollout
 //!   of the bundle supersedes it.
 //! - Rolling back assigns every agent the rollout released what it had before (nothing, if it
-//!   had nothing: the bundle is then removed from it).
+//!   had nothing: the bundle is then removed from it); members still waiting leave.
+//! - Fed only what changed since the last step (agents that changed, with their latest
+//!   report, and new reports), and stepped only when there is something new or a health
+//!   timeout is due ([`Rollout::next_deadline`]), it decides exactly as if fed the whole fleet
+//!   every time (a property test holds it to that): the hub's driver relies on it.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -408,7 +412,7 @@ pub struct Change {
 }
 
 /// Per-wave progress, for people.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct WaveProgress {
     /// The wave's cumulative size as planned.
     pub size: String,
@@ -425,8 +429,39 @@ pub struct WaveProgress {
     /// Given back.
     pub restored: u64,
     /// `done`, `open`, `paused`, `stopped` (aborted or rolled back) or `closed` (not open yet).
-    pub state: &'static str,
+    pub state: String,
 }
+
+/// A rollout's counts, for lists: what the fleet page shows of it without its members.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Progress {
+    /// Members.
+    pub members: u64,
+    /// Members on the release now.
+    pub on_release: u64,
+    /// How many the open waves allow on the release.
+    pub allowed: u64,
+    /// Members that failed on the release.
+    pub failures: u64,
+    /// Failures tolerated.
+    pub budget: u64,
+    /// Per wave.
+    pub waves: Vec<WaveProgress>,
+}
+
+/// The members a step touched, for a store that writes only those. Bookkeeping, not state:
+/// never serialized, and equal to any other (two rollouts in the same state are equal
+/// whatever they touched on the way).
+#[derive(Debug, Clone, Default)]
+pub struct Touched(std::collections::BTreeSet<String>);
+
+impl PartialEq for Touched {
+    fn eq(&self, _: &Touched) -> bool {
+        true
+    }
+}
+
+impl Eq for Touched {}
 
 /// A rollout: its plan and everything it decided so far.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -441,6 +476,7 @@ pub struct Rollout {
     /// The open wave (0-based).
     pub wave: usize,
     /// Agents, by id.
+    #[serde(default)]
     pub members: BTreeMap<String, Member>,
     /// Failures accepted by a resume: the budget counts beyond them.
     pub tolerated: u64,
@@ -449,7 +485,11 @@ pub struct Rollout {
     /// When anything last changed.
     pub updated_at: i64,
     /// Who did what, why.
+    #[serde(default)]
     pub log: Vec<Record>,
+    /// Members changed since [`Rollout::take_touched`] was last called.
+    #[serde(skip)]
+    pub touched: Touched,
 }
 
 /// Who the rollout's own decisions are recorded as.
@@ -493,7 +533,61 @@ impl Rollout {
                 action,
                 why: why.to_owned(),
             }],
+            touched: Touched::default(),
         })
+    }
+
+    /// The rollout without its members and history, as JSON: what a store keeps beside them
+    /// ([`Rollout`] reads it back with no members and no history).
+    pub fn head_json(&self) -> Result<String, serde_json::Error> {
+        #[derive(Serialize)]
+        struct Head<'a> {
+            id: u64,
+            plan: &'a Plan,
+            #[serde(flatten)]
+            phase: &'a Phase,
+            wave: usize,
+            tolerated: u64,
+            created_at: i64,
+            updated_at: i64,
+        }
+        serde_json::to_string(&Head {
+            id: self.id,
+            plan: &self.plan,
+            phase: &self.phase,
+            wave: self.wave,
+            tolerated: self.tolerated,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+        })
+    }
+
+    /// The members changed (added or modified) since the last call, by id.
+    pub fn take_touched(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.touched.0).into_iter().collect()
+    }
+
+    /// When a step with nothing new to observe would decide something: the first health
+    /// timeout of a released member. Between events and before this, a step changes nothing.
+    pub fn next_deadline(&self) -> Option<i64> {
+        self.members
+            .values()
+            .filter(|member| member.state == MemberState::Released)
+            .filter_map(|member| member.released_at)
+            .map(|at| at.saturating_add(self.plan.health_timeout))
+            .min()
+    }
+
+    /// Its counts and per-wave progress.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            members: self.members.len() as u64,
+            on_release: self.on_release(),
+            allowed: self.allowed(),
+            failures: self.failures(),
+            budget: self.budget(),
+            waves: self.waves(),
+        }
     }
 
     /// The origin of the assignments this rollout makes.
@@ -611,6 +705,7 @@ impl Rollout {
                 match self.members.get_mut(id) {
                     Some(member) => {
                         if matches!(member.state, MemberState::Waiting | MemberState::Left) {
+                            let before = member.clone();
                             match target.as_ref().filter(|_| joinable) {
                                 None => member.state = MemberState::Left,
                                 Some(target) => {
@@ -620,10 +715,14 @@ impl Rollout {
                                     member.previous = current.clone();
                                 }
                             }
+                            if *member != before {
+                                self.touched.0.insert(id.clone());
+                            }
                         }
                     }
                     None if joinable && self.phase != Phase::Aborted => {
                         if let Some(target) = target {
+                            self.touched.0.insert(id.clone());
                             self.members.insert(
                                 id.clone(),
                                 Member {
@@ -650,6 +749,7 @@ impl Rollout {
                 let Some(member) = self.members.get_mut(agent) else {
                     return;
                 };
+                let before = member.clone();
                 if member.target.digest != *digest
                     || matches!(
                         member.state,
@@ -680,6 +780,9 @@ impl Rollout {
                         }
                     }
                 }
+                if *member != before {
+                    self.touched.0.insert(agent.clone());
+                }
             }
         }
     }
@@ -687,11 +790,12 @@ impl Rollout {
     /// Timeouts, the failure budget, and waves.
     fn advance(&mut self, now: i64) -> Vec<Change> {
         let timeout = self.plan.health_timeout;
-        for member in self.members.values_mut() {
+        for (id, member) in self.members.iter_mut() {
             let due = member
                 .released_at
                 .is_some_and(|at| now >= at.saturating_add(timeout));
             if member.state == MemberState::Released && due {
+                self.touched.0.insert(id.clone());
                 member.state = match &member.report {
                     Some(report) => MemberState::Failed {
                         message: format!("not healthy {timeout}s after release: {report}"),
@@ -789,6 +893,7 @@ impl Rollout {
         let mut changes = Vec::with_capacity(chosen.len());
         for id in chosen {
             if let Some(member) = self.members.get_mut(&id) {
+                self.touched.0.insert(id.clone());
                 member.state = MemberState::Released;
                 member.wave = Some(wave);
                 member.released_at = Some(now);
@@ -806,16 +911,22 @@ impl Rollout {
         changes
     }
 
-    /// Gives every released member back what it had; the rollout is then rolled back.
+    /// Gives every released member back what it had; the rollout is then rolled back, and the
+    /// members still waiting leave it (a rolled-back rollout takes no one).
     fn roll_back(&mut self) -> Vec<Change> {
         let mut changes = Vec::new();
         for (id, member) in &mut self.members {
+            if member.state == MemberState::Waiting {
+                member.state = MemberState::Left;
+                self.touched.0.insert(id.clone());
+            }
             if member.on_release() {
                 let (was, failed) = match &member.state {
                     MemberState::Failed { message } => (format!("failed: {message}"), true),
                     state => (state.name().to_owned(), false),
                 };
                 member.state = MemberState::Restored { was, failed };
+                self.touched.0.insert(id.clone());
                 changes.push(Change {
                     agent: id.clone(),
                     to: member.previous.clone(),
@@ -842,7 +953,8 @@ impl Rollout {
                         Phase::Aborted | Phase::RolledBack => "stopped",
                     },
                     std::cmp::Ordering::Greater => "closed",
-                },
+                }
+                .to_owned(),
                 ..WaveProgress::default()
             })
             .collect();

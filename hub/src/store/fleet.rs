@@ -59,6 +59,17 @@ pub struct StoredStatus {
     pub received_at: i64,
 }
 
+/// What changed in the fleet since a cursor of the change feed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetChanges {
+    /// Ask from here next time.
+    pub cursor: u64,
+    /// Agents enrolled, labelled, revoked or assigned differently, by id.
+    pub agents: Vec<String>,
+    /// Status reports received (the latest per agent and bundle).
+    pub statuses: Vec<StoredStatus>,
+}
+
 /// What serving agents needs of the store.
 pub trait FleetStore {
     /// Replaces the assignments that `origin` (e.g. `track:<source url>`) made with `wanted`,
@@ -95,6 +106,12 @@ pub trait FleetStore {
         bundles: &[BundleStatus],
         now: i64,
     ) -> Result<bool, StoreError>;
+    /// Where the change feed is now: [`FleetStore::changes_since`] this returns what comes after.
+    fn change_cursor(&self) -> Result<u64, StoreError>;
+    /// What changed after `cursor`: agents enrolled, labelled, revoked or assigned differently,
+    /// and status reports (only the latest of each agent and bundle is kept, so one that was
+    /// overwritten shows as its successor). Work grows with what changed, not with the fleet.
+    fn changes_since(&self, cursor: u64) -> Result<FleetChanges, StoreError>;
     /// The last status of every bundle on every agent (or one agent).
     fn statuses(&self, agent: Option<&str>) -> Result<Vec<StoredStatus>, StoreError>;
     /// Number of status reports stored for an agent (history).

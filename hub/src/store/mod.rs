@@ -1,7 +1,7 @@
 //! The hub's store: snapshots, refs seen, releases (a bundle at a ref), generation counters, an
 //! event log, agents, assignments, status, rollouts, API tokens.
 //!
-//! The hub's logic talks to traits ([`Store`], [`FleetStore`], [`RolloutStore`],
+//! The hub's logic talks to traits ([`Store`], [`FleetStore`], [`FleetView`], [`RolloutStore`],
 //! [`AuthStore`], together [`HubStore`]) whose methods take `&self`: a store is shared by
 //! every task with no lock around it, and each backend decides how it serves concurrent
 //! readers and writers. [`SqliteStore`] is the embedded default (one file, a pool of readers,
@@ -18,26 +18,28 @@ mod auth;
 mod fleet;
 mod rollouts;
 pub mod sqlite;
+mod view;
 
 pub use auth::{AdminToken, AuthStore, NewToken, Role, TokenCheck};
 pub use fleet::{
-    AgentAssignments, AssignmentChange, AssignmentRow, FleetStore, Labels, SignedHeader,
-    StoredStatus,
+    AgentAssignments, AssignmentChange, AssignmentRow, FleetChanges, FleetStore, Labels,
+    SignedHeader, StoredStatus,
 };
-pub use rollouts::{Created, RolloutStore};
+pub use rollouts::{Created, RolloutHead, RolloutSave, RolloutStore, Saved, StoredRollout};
 pub use sqlite::SqliteStore;
+pub use view::{FleetDetails, FleetFilter, FleetSummary, FleetView};
 
 #[cfg(test)]
 pub(crate) mod suite;
 
 /// Everything the hub needs of a store, in one bound (and one `dyn` type).
 pub trait HubStore:
-    Store + FleetStore + RolloutStore + AuthStore + Send + Sync + std::fmt::Debug
+    Store + FleetStore + FleetView + RolloutStore + AuthStore + Send + Sync + std::fmt::Debug
 {
 }
 
-impl<T: Store + FleetStore + RolloutStore + AuthStore + Send + Sync + std::fmt::Debug> HubStore
-    for T
+impl<T: Store + FleetStore + FleetView + RolloutStore + AuthStore + Send + Sync + std::fmt::Debug>
+    HubStore for T
 {
 }
 

@@ -1,8 +1,10 @@
-//! Rollouts in the store: each one's state machine as JSON, written in the same transaction as
-//! the assignment changes it decided, so a restart resumes exactly where it stopped.
+//! Rollouts in the store: each rollout's head (plan, phase, wave, counts for lists, a version),
+//! its members one row each, and its history one row per record. A step writes the members it
+//! changed, the records it added and the assignment changes it decided, in one transaction, so
+//! a restart resumes exactly where it stopped and a step costs what it changed.
 
 use super::{AssignmentChange, StoreError};
-use crate::rollout::machine::Rollout;
+use crate::rollout::machine::{Progress, Rollout};
 
 /// The answer to creating a rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,24 +15,72 @@ pub enum Created {
     Busy(u64),
 }
 
+/// A rollout as lists show it: no members, no history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutHead {
+    /// The rollout with no members and no history.
+    pub rollout: Rollout,
+    /// Its counts and per-wave progress.
+    pub progress: Progress,
+    /// Who created it.
+    pub created_by: String,
+}
+
+/// A whole rollout and the version it was read at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRollout {
+    /// The rollout.
+    pub rollout: Rollout,
+    /// Grows with every save; a save names the version it read.
+    pub version: u64,
+}
+
+/// What one step of a rollout writes.
+#[derive(Debug)]
+pub struct RolloutSave<'a> {
+    /// The rollout after the step.
+    pub rollout: &'a Rollout,
+    /// The version it was read at: the save is refused if another save came first.
+    pub version: u64,
+    /// The members the step changed.
+    pub members: &'a [String],
+    /// Its history from here on is new.
+    pub log_from: usize,
+    /// The assignment changes it decided.
+    pub changes: &'a [AssignmentChange],
+    /// Now.
+    pub now: i64,
+}
+
+/// What a save did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Saved {
+    /// Written, under this version; these agents' assignments changed.
+    Saved {
+        /// The new version.
+        version: u64,
+        /// Agents whose assignments changed.
+        agents: Vec<String>,
+    },
+    /// Another save came first (an operator's command beside the driver's step): nothing was
+    /// written; read the rollout again and step it again.
+    Conflict,
+}
+
 /// What rollouts need of the store.
 pub trait RolloutStore {
-    /// Stores a new rollout under the next id (set in `rollout.id`), unless another rollout of
-    /// its bundle is running or paused.
+    /// Stores a new rollout under the next id (set in `rollout.id`), at version 1, unless
+    /// another rollout of its bundle is running or paused.
     fn create_rollout(&self, rollout: &mut Rollout) -> Result<Created, StoreError>;
-    /// One rollout.
-    fn rollout(&self, id: u64) -> Result<Option<Rollout>, StoreError>;
-    /// Every rollout, newest first.
-    fn rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
-    /// The rollouts that still move agents: per bundle the newest, if it is running, paused or
-    /// succeeded (a succeeded one still takes agents that start matching).
-    fn live_rollouts(&self) -> Result<Vec<Rollout>, StoreError>;
-    /// Stores a rollout's new state and the assignment changes it decided, in one transaction;
-    /// returns the agents whose assignments changed.
-    fn save_rollout(
-        &self,
-        rollout: &Rollout,
-        changes: &[AssignmentChange],
-        now: i64,
-    ) -> Result<Vec<String>, StoreError>;
+    /// One rollout, whole.
+    fn rollout(&self, id: u64) -> Result<Option<StoredRollout>, StoreError>;
+    /// Every rollout's head, newest first.
+    fn rollouts(&self) -> Result<Vec<RolloutHead>, StoreError>;
+    /// The rollouts that still move agents, with their versions: per bundle the newest, if it
+    /// is running, paused or succeeded (a succeeded one still takes agents that start
+    /// matching).
+    fn live_rollouts(&self) -> Result<Vec<(u64, u64)>, StoreError>;
+    /// Writes a step: the head, the members changed, the records added and the assignment
+    /// changes, in one transaction, unless the rollout's version moved since it was read.
+    fn save_rollout(&self, save: &RolloutSave<'_>) -> Result<Saved, StoreError>;
 }

@@ -232,43 +232,330 @@ pub(crate) fn generations_only_grow(store: &dyn HubStore) {
     assert_eq!(store.next_generation("pos").unwrap(), 3);
 }
 
+fn enrolled(store: &dyn HubStore, seed: u8, pairs: &[(&str, &str)]) -> Agent {
+    let token = Digest::of(&[seed, 0xee]);
+    store
+        .create_token(&token, &labels(pairs), "ops", 100, 10_000)
+        .unwrap();
+    store.enrol(&token, &[seed; 32], 100).unwrap().unwrap()
+}
+
+fn status(
+    bundle: &str,
+    digest: Digest,
+    phase: outpost_proto::wire::Phase,
+    stale: bool,
+) -> outpost_proto::wire::BundleStatus {
+    outpost_proto::wire::BundleStatus {
+        bundle: bundle.to_owned(),
+        digest,
+        generation: 1,
+        phase,
+        objects_total: 3,
+        objects_ready: 3,
+        message: String::new(),
+        observed_at: 120,
+        stale,
+    }
+}
+
+pub(crate) fn fleet_views_filter_count_and_read_pages(store: &dyn HubStore) {
+    use outpost_proto::wire::Phase;
+    let eu_canary = enrolled(store, 1, &[("region", "eu"), ("ring", "canary")]);
+    let eu = enrolled(store, 2, &[("region", "eu")]);
+    let us = enrolled(store, 3, &[("region", "us")]);
+    let gone = enrolled(store, 4, &[("region", "eu")]);
+    let (v1, v2) = (Digest::of(b"v1"), Digest::of(b"v2"));
+    let assign = |agent: &Agent, digest: Digest| AssignmentChange {
+        agent: agent.id.clone(),
+        bundle: "pos".to_owned(),
+        to: Some((1, digest)),
+        origin: "track:repo".to_owned(),
+    };
+    store
+        .change_assignments(
+            &[
+                assign(&eu_canary, v2),
+                assign(&eu, v1),
+                assign(&us, v1),
+                assign(&gone, v1),
+            ],
+            110,
+        )
+        .unwrap();
+    store
+        .record_status(
+            &eu_canary.id,
+            1,
+            &[status("pos", v2, Phase::Failed, false)],
+            120,
+        )
+        .unwrap();
+    store
+        .record_status(&eu.id, 1, &[status("pos", v1, Phase::Healthy, true)], 120)
+        .unwrap();
+    store.revoke_agent(&gone.id, "ops", "stolen", 130).unwrap();
+    let ids = |filter: FleetFilter| store.fleet_ids(&filter).unwrap();
+    let mut all = vec![
+        eu_canary.id.clone(),
+        eu.id.clone(),
+        us.id.clone(),
+        gone.id.clone(),
+    ];
+    all.sort();
+    assert_eq!(ids(FleetFilter::default()), all);
+    let mut eu_ids = vec![eu_canary.id.clone(), eu.id.clone()];
+    eu_ids.sort();
+    let eu_live = FleetFilter {
+        labels: vec![("region".to_owned(), "eu".to_owned())],
+        revoked: Some(false),
+        ..FleetFilter::default()
+    };
+    assert_eq!(ids(eu_live.clone()), eu_ids);
+    assert_eq!(
+        ids(FleetFilter {
+            without: vec!["ring".to_owned()],
+            ..eu_live.clone()
+        }),
+        vec![eu.id.clone()]
+    );
+    let phase = |phase: &str| FleetFilter {
+        bundle: Some("pos".to_owned()),
+        phase: Some(phase.to_owned()),
+        revoked: Some(false),
+        ..FleetFilter::default()
+    };
+    assert_eq!(ids(phase("Failed")), vec![eu_canary.id.clone()]);
+    assert_eq!(ids(phase("Healthy")), vec![eu.id.clone()]);
+    assert_eq!(ids(phase("Unknown")), vec![us.id.clone()]);
+    assert!(
+        ids(FleetFilter {
+            bundle: Some("kiosk".to_owned()),
+            ..FleetFilter::default()
+        })
+        .is_empty()
+    );
+    assert_eq!(
+        ids(FleetFilter {
+            digests: Some(vec![v2]),
+            ..FleetFilter::default()
+        }),
+        vec![eu_canary.id.clone()]
+    );
+    assert_eq!(
+        ids(FleetFilter {
+            stale: Some(true),
+            ..FleetFilter::default()
+        }),
+        vec![eu.id.clone()]
+    );
+    assert_eq!(
+        ids(FleetFilter {
+            search: Some(us.id[3..9].to_owned()),
+            ..FleetFilter::default()
+        }),
+        vec![us.id.clone()]
+    );
+    assert_eq!(
+        ids(FleetFilter {
+            revoked: Some(true),
+            ..FleetFilter::default()
+        }),
+        vec![gone.id.clone()]
+    );
+
+    let details = store
+        .fleet_details(&[us.id.clone(), eu.id.clone(), "nobody".to_owned()])
+        .unwrap();
+    let mut page = vec![eu.id.clone(), us.id.clone()];
+    page.sort();
+    assert_eq!(
+        details
+            .agents
+            .iter()
+            .map(|agent| agent.id.clone())
+            .collect::<Vec<_>>(),
+        page
+    );
+    assert_eq!(
+        details
+            .agents
+            .iter()
+            .find(|a| a.id == us.id)
+            .unwrap()
+            .labels,
+        labels(&[("region", "us")])
+    );
+    assert_eq!(details.assignments.len(), 2);
+    assert_eq!(details.statuses.len(), 1);
+    assert_eq!(details.statuses[0].agent, eu.id);
+
+    let summary = store.fleet_summary().unwrap();
+    assert_eq!((summary.agents, summary.revoked, summary.stale), (4, 1, 1));
+    assert_eq!(
+        summary.phases,
+        [
+            ("pos".to_owned(), "Failed".to_owned(), 1),
+            ("pos".to_owned(), "Healthy".to_owned(), 1),
+            ("pos".to_owned(), "Unknown".to_owned(), 1)
+        ]
+    );
+    assert_eq!(
+        summary.assigned,
+        [("pos".to_owned(), v1, 2), ("pos".to_owned(), v2, 1)]
+    );
+    assert_eq!(
+        summary.labels,
+        [
+            ("region".to_owned(), "eu".to_owned(), 2),
+            ("region".to_owned(), "us".to_owned(), 1),
+            ("ring".to_owned(), "canary".to_owned(), 1)
+        ]
+    );
+}
+
+pub(crate) fn the_change_feed_names_what_changed_and_nothing_else(store: &dyn HubStore) {
+    use outpost_proto::wire::Phase;
+    let start = store.change_cursor().unwrap();
+    let first = enrolled(store, 1, &[("region", "eu")]);
+    let second = enrolled(store, 2, &[("region", "us")]);
+    let feed = store.changes_since(start).unwrap();
+    let mut both = vec![first.id.clone(), second.id.clone()];
+    both.sort();
+    assert_eq!(feed.agents, both);
+    assert!(feed.statuses.is_empty());
+    // Nothing new: nothing named.
+    let quiet = store.changes_since(feed.cursor).unwrap();
+    assert!(quiet.agents.is_empty() && quiet.statuses.is_empty());
+    assert_eq!(quiet.cursor, feed.cursor);
+    // A label change, an assignment and a report each name their agent.
+    let mut change = BTreeMap::new();
+    change.insert("ring".to_owned(), Some("canary".to_owned()));
+    store.label_agent(&second.id, &change, "ops", 200).unwrap();
+    let labelled = store.changes_since(feed.cursor).unwrap();
+    assert_eq!(labelled.agents, vec![second.id.clone()]);
+    let digest = Digest::of(b"v1");
+    store
+        .change_assignments(
+            &[AssignmentChange {
+                agent: first.id.clone(),
+                bundle: "pos".to_owned(),
+                to: Some((1, digest)),
+                origin: "track:repo".to_owned(),
+            }],
+            210,
+        )
+        .unwrap();
+    let assigned = store.changes_since(labelled.cursor).unwrap();
+    assert_eq!(assigned.agents, vec![first.id.clone()]);
+    store
+        .record_status(&first.id, 1, &[status("pos", digest, Phase::Healthy, false)], 220)
+        .unwrap();
+    let reported = store.changes_since(assigned.cursor).unwrap();
+    assert!(reported.agents.is_empty());
+    assert_eq!(reported.statuses.len(), 1);
+    assert_eq!(reported.statuses[0].agent, first.id);
+    store.revoke_agent(&second.id, "ops", "lost", 230).unwrap();
+    let revoked = store.changes_since(reported.cursor).unwrap();
+    assert_eq!(revoked.agents, vec![second.id.clone()]);
+    assert_eq!(store.change_cursor().unwrap(), revoked.cursor);
+}
+
+pub(crate) fn rollouts_keep_members_in_rows_and_refuse_lost_updates(store: &dyn HubStore) {
+    use crate::rollout::machine::{Input, OnFailure, Plan, Rollout, Size};
+    let plan = Plan {
+        bundle: "pos".to_owned(),
+        source: "file:///git".to_owned(),
+        git_ref: "refs/tags/v2".to_owned(),
+        git_commit: "c0ffee".to_owned(),
+        selector: String::new(),
+        waves: vec![Size::Count(1), Size::Percent(100)],
+        health_timeout: 600,
+        max_failures: Size::Count(0),
+        on_failure: OnFailure::Pause,
+    };
+    let mut rollout = Rollout::new(0, plan, "alice", "ship it", 100).unwrap();
+    assert_eq!(store.create_rollout(&mut rollout).unwrap(), Created::Created(1));
+    let mut again = rollout.clone();
+    assert_eq!(store.create_rollout(&mut again).unwrap(), Created::Busy(1));
+    assert_eq!(store.live_rollouts().unwrap(), vec![(1, 1)]);
+    let target = crate::rollout::machine::Assigned {
+        generation: 2,
+        digest: Digest::of(b"v2"),
+        origin: String::new(),
+    };
+    let inputs: Vec<Input> = (0..3)
+        .map(|index| Input::Agent {
+            id: format!("agent-{index}"),
+            matches: true,
+            canary: false,
+            target: Some(target.clone()),
+            current: None,
+        })
+        .collect();
+    let log_from = rollout.log.len();
+    let changes = rollout.step(&inputs, 110);
+    assert_eq!(changes.len(), 1, "the first wave: one agent");
+    let touched = rollout.take_touched();
+    assert_eq!(touched.len(), 3);
+    let save = |rollout: &Rollout, version: u64, touched: &[String], log_from: usize| {
+        store
+            .save_rollout(&RolloutSave {
+                rollout,
+                version,
+                members: touched,
+                log_from,
+                changes: &[],
+                now: 110,
+            })
+            .unwrap()
+    };
+    let Saved::Saved { version, .. } = save(&rollout, 1, &touched, log_from) else {
+        panic!("the first save conflicted");
+    };
+    assert_eq!(version, 2);
+    let stored = store.rollout(1).unwrap().unwrap();
+    assert_eq!(stored.version, 2);
+    assert_eq!(stored.rollout, rollout, "members and history read back whole");
+    // A save from the version before is refused and writes nothing.
+    let mut stale = rollout.clone();
+    stale.command(crate::rollout::machine::Command::Pause, "bob", "freeze", 120).unwrap();
+    assert_eq!(save(&stale, 1, &[], log_from + 1), Saved::Conflict);
+    assert_eq!(store.rollout(1).unwrap().unwrap().rollout, rollout);
+    // The list shows counts without reading members.
+    let heads = store.rollouts().unwrap();
+    assert_eq!(heads.len(), 1);
+    assert!(heads[0].rollout.members.is_empty());
+    assert_eq!(heads[0].created_by, "alice");
+    assert_eq!(heads[0].progress, rollout.progress());
+    assert_eq!(heads[0].progress.members, 3);
+    assert_eq!(heads[0].progress.on_release, 1);
+}
+
 /// Generates one `#[test]` per suite function, each on a store made by `$make` (an
-/// expression evaluated per test that yields something holding a store, and `$store`, how to
-/// borrow it as `&dyn HubStore`).
+/// expression evaluated per test that yields something holding a store as `.store`).
 macro_rules! store_suite {
-    ($prefix:ident, $make:expr) => {
-        #[test]
-        fn a_token_enrols_one_agent_once() {
-            let made = $make;
-            crate::store::suite::a_token_enrols_one_agent_once(&made.store);
-        }
-        #[test]
-        fn expired_tokens_and_enrolled_keys_are_refused() {
-            let made = $make;
-            crate::store::suite::expired_tokens_and_enrolled_keys_are_refused(&made.store);
-        }
-        #[test]
-        fn labels_change_and_revocation_is_recorded_with_who_and_why() {
-            let made = $make;
-            crate::store::suite::labels_change_and_revocation_is_recorded_with_who_and_why(
-                &made.store,
-            );
-        }
-        #[test]
-        fn tokens_are_found_by_digest_expire_and_revoke() {
-            let made = $make;
-            crate::store::suite::tokens_are_found_by_digest_expire_and_revoke(&made.store);
-        }
-        #[test]
-        fn ref_changes_are_new_moved_and_deleted() {
-            let made = $make;
-            crate::store::suite::ref_changes_are_new_moved_and_deleted(&made.store);
-        }
-        #[test]
-        fn generations_only_grow() {
-            let made = $make;
-            crate::store::suite::generations_only_grow(&made.store);
-        }
+    ($make:expr) => {
+        crate::store::suite::store_suite!(@tests $make;
+            a_token_enrols_one_agent_once,
+            expired_tokens_and_enrolled_keys_are_refused,
+            labels_change_and_revocation_is_recorded_with_who_and_why,
+            tokens_are_found_by_digest_expire_and_revoke,
+            ref_changes_are_new_moved_and_deleted,
+            generations_only_grow,
+            fleet_views_filter_count_and_read_pages,
+            the_change_feed_names_what_changed_and_nothing_else,
+            rollouts_keep_members_in_rows_and_refuse_lost_updates
+        );
+    };
+    (@tests $make:expr; $($name:ident),*) => {
+        $(
+            #[test]
+            fn $name() {
+                let made = $make;
+                crate::store::suite::$name(&made.store);
+            }
+        )*
     };
 }
 pub(crate) use store_suite;

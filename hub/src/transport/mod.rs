@@ -132,6 +132,13 @@ impl Connected {
             .unwrap_or(false)
     }
 
+    /// Keeps the ids of agents connected now (`connected`) or not, under one lock.
+    pub fn retain(&self, ids: &mut Vec<String>, connected: bool) {
+        if let Ok(open) = self.connections.lock() {
+            ids.retain(|id| open.contains_key(id) == connected);
+        }
+    }
+
     /// How many agents are connected.
     pub fn len(&self) -> usize {
         self.connections

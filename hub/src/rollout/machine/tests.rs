@@ -286,6 +286,146 @@ proptest! {
     }
 }
 
+/// Every agent and its latest report, as a hub that re-reads the whole fleet feeds it.
+fn everything(fleet: &[Agent]) -> Vec<Input> {
+    let mut inputs: Vec<Input> = (0..fleet.len())
+        .map(|index| agent_input(fleet, index))
+        .collect();
+    inputs.extend((0..fleet.len()).filter_map(|index| report_input(fleet, index)));
+    inputs
+}
+
+fn agent_input(fleet: &[Agent], index: usize) -> Input {
+    let agent = &fleet[index];
+    Input::Agent {
+        id: format!("agent-{index:03}"),
+        matches: agent.matches,
+        canary: agent.canary,
+        target: Some(assigned(10, TARGET, "")),
+        current: agent.current.clone(),
+    }
+}
+
+fn report_input(fleet: &[Agent], index: usize) -> Option<Input> {
+    fleet[index].report.map(|(digest, health)| Input::Report {
+        agent: format!("agent-{index:03}"),
+        digest,
+        health,
+        message: "m".to_owned(),
+    })
+}
+
+/// Runs the scenario twice in lockstep. `full` is fed every agent and report on every event;
+/// `lean` is fed the way the hub's driver feeds it — only the agents that changed (joined,
+/// stopped matching, or had their assignment changed by the last step) with their latest
+/// report, and the reports that arrived — and is stepped only when it has something to
+/// observe, a health timeout is due ([`Rollout::next_deadline`]) or an operator commands. A
+/// restart reloads both from JSON and feeds `lean` everything once, as a restarted driver
+/// does. Both must decide the same at every point, and `lean` must name every member it
+/// changed ([`Rollout::take_touched`]), since only those are written.
+fn lockstep(plan: &Plan, fleet: &[Agent], events: &[Event]) {
+    let mut fleet: Vec<Agent> = fleet.to_vec();
+    let mut full = Rollout::new(7, plan.clone(), "ops", "test", 1_000).unwrap();
+    let mut lean = full.clone();
+    let mut now = 1_000;
+    let mut dirty_agents: std::collections::BTreeSet<usize> = (0..fleet.len()).collect();
+    let mut dirty_reports: std::collections::BTreeSet<usize> = std::collections::BTreeSet::new();
+    for event in events.iter().cloned() {
+        let changes = match event {
+            Event::Restart => {
+                full = serde_json::from_str(&serde_json::to_string(&full).unwrap()).unwrap();
+                lean = serde_json::from_str(&serde_json::to_string(&lean).unwrap()).unwrap();
+                dirty_agents = (0..fleet.len()).collect();
+                continue;
+            }
+            Event::Command(command) => {
+                let before = lean.clone();
+                let decided = full.command(command, "ops", "because", now);
+                let lean_decided = lean.command(command, "ops", "because", now);
+                assert_eq!(decided, lean_decided);
+                check_touched(&before, &mut lean);
+                decided.unwrap_or_default()
+            }
+            other => {
+                match other {
+                    Event::Tick(seconds) => now += seconds,
+                    Event::Report(index, on_target, health) if !fleet.is_empty() => {
+                        let index = index % fleet.len();
+                        let byte = if on_target { TARGET } else { 1 };
+                        fleet[index].report = Some((digest(byte), health));
+                        dirty_reports.insert(index);
+                    }
+                    Event::Join(canary) => {
+                        fleet.push(Agent {
+                            canary,
+                            matches: true,
+                            current: None,
+                            report: None,
+                        });
+                        dirty_agents.insert(fleet.len() - 1);
+                    }
+                    Event::Leave(index) if !fleet.is_empty() => {
+                        let index = index % fleet.len();
+                        fleet[index].matches = false;
+                        dirty_agents.insert(index);
+                    }
+                    _ => {}
+                }
+                let decided = full.step(&everything(&fleet), now);
+                let mut inputs: Vec<Input> = dirty_agents
+                    .iter()
+                    .map(|index| agent_input(&fleet, *index))
+                    .collect();
+                inputs.extend(
+                    dirty_agents
+                        .iter()
+                        .chain(&dirty_reports)
+                        .filter_map(|index| report_input(&fleet, *index)),
+                );
+                dirty_agents.clear();
+                dirty_reports.clear();
+                let due = lean.next_deadline().is_some_and(|deadline| deadline <= now);
+                let lean_decided = match inputs.is_empty() && !due {
+                    true => Vec::new(),
+                    false => {
+                        let before = lean.clone();
+                        let decided = lean.step(&inputs, now);
+                        check_touched(&before, &mut lean);
+                        decided
+                    }
+                };
+                assert_eq!(decided, lean_decided, "at {now}");
+                decided
+            }
+        };
+        for change in &changes {
+            let index: usize = change.agent[6..].parse().unwrap();
+            fleet[index].current = change.to.clone();
+            dirty_agents.insert(index);
+        }
+        assert_eq!(full, lean, "at {now}");
+    }
+}
+
+/// Every member that differs from `before` is among those `after` says it touched.
+fn check_touched(before: &Rollout, after: &mut Rollout) {
+    let touched = after.take_touched();
+    for (id, member) in &after.members {
+        if before.members.get(id) != Some(member) {
+            assert!(touched.contains(id), "{id} changed but was not named");
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn fed_only_what_changed_it_decides_as_if_fed_everything((plan, fleet, events) in scenario()) {
+        lockstep(&plan, &fleet, &events);
+    }
+}
+
 fn fleet_of(count: usize, canaries: &[usize]) -> Vec<Input> {
     (0..count)
         .map(|index| Input::Agent {

@@ -7,10 +7,10 @@ use outpost_proto::wire::{BundleStatus, Phase};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::store::labels_from_json;
-use super::{SqliteStore, add_event, digest_at};
+use super::{SqliteStore, add_event, digest_at, next_change};
 use crate::store::{
-    AgentAssignments, AssignmentChange, AssignmentRow, FleetStore, SignedHeader, StoreError,
-    StoredStatus,
+    AgentAssignments, AssignmentChange, AssignmentRow, FleetChanges, FleetStore, SignedHeader,
+    StoreError, StoredStatus,
 };
 
 /// How many of an agent's latest assignments of a bundle count as delta bases.
@@ -34,15 +34,22 @@ fn remember_base(
     Ok(())
 }
 
+/// Bumps the assignment sequence of each agent (its sessions send the new assignments) and
+/// stamps it in the change feed.
 fn bump_sequences<'a>(
     connection: &Connection,
     agents: impl IntoIterator<Item = &'a String>,
 ) -> Result<(), StoreError> {
+    let mut agents = agents.into_iter().peekable();
+    if agents.peek().is_none() {
+        return Ok(());
+    }
+    let change = next_change(connection)?;
+    let mut statement = connection.prepare_cached(
+        "UPDATE agents SET assignment_sequence = assignment_sequence + 1, change_seq = ?2 WHERE id = ?1",
+    )?;
     for agent in agents {
-        connection.execute(
-            "UPDATE agents SET assignment_sequence = assignment_sequence + 1 WHERE id = ?1",
-            [agent],
-        )?;
+        statement.execute(params![agent, change])?;
     }
     Ok(())
 }
@@ -102,6 +109,28 @@ fn phase_from(name: &str) -> Phase {
         "Failed" => Phase::Failed,
         _ => Phase::Applying,
     }
+}
+
+/// The columns [`status_from_row`] reads, in order.
+pub(super) const STATUS_COLUMNS: &str = "agent, bundle, digest, generation, phase, objects_total, objects_ready, message, observed_at, stale, received_at";
+
+/// A `bundle_status` row selected with [`STATUS_COLUMNS`].
+pub(super) fn status_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredStatus> {
+    Ok(StoredStatus {
+        agent: row.get(0)?,
+        status: BundleStatus {
+            bundle: row.get(1)?,
+            digest: digest_at(row, 2)?,
+            generation: row.get::<_, i64>(3)? as u64,
+            phase: phase_from(&row.get::<_, String>(4)?),
+            objects_total: row.get::<_, i64>(5)? as u64,
+            objects_ready: row.get::<_, i64>(6)? as u64,
+            message: row.get(7)?,
+            observed_at: row.get(8)?,
+            stale: row.get(9)?,
+        },
+        received_at: row.get(10)?,
+    })
 }
 
 impl FleetStore for SqliteStore {
@@ -264,29 +293,49 @@ impl FleetStore for SqliteStore {
         self.write(move |connection| record_status(connection, &agent, sequence, &bundles, now))
     }
 
+    fn change_cursor(&self) -> Result<u64, StoreError> {
+        self.read(|connection| {
+            let value: i64 = connection
+                .prepare_cached("SELECT value FROM change_counter WHERE id = 1")?
+                .query_row([], |row| row.get(0))?;
+            Ok(value as u64)
+        })
+    }
+
+    fn changes_since(&self, cursor: u64) -> Result<FleetChanges, StoreError> {
+        self.read(|connection| {
+            // One read transaction: the counter and the rows from the same snapshot.
+            let transaction = connection.unchecked_transaction()?;
+            let now: i64 = transaction
+                .prepare_cached("SELECT value FROM change_counter WHERE id = 1")?
+                .query_row([], |row| row.get(0))?;
+            let agents = transaction
+                .prepare_cached(
+                    "SELECT id FROM agents WHERE change_seq > ?1 AND change_seq <= ?2 ORDER BY id",
+                )?
+                .query_map(params![cursor as i64, now], |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            let statuses = transaction
+                .prepare_cached(&format!(
+                    "SELECT {STATUS_COLUMNS} FROM bundle_status WHERE change_seq > ?1 AND change_seq <= ?2 ORDER BY agent, bundle"
+                ))?
+                .query_map(params![cursor as i64, now], status_from_row)?
+                .collect::<Result<_, _>>()?;
+            transaction.finish()?;
+            Ok(FleetChanges {
+                cursor: now.max(cursor as i64) as u64,
+                agents,
+                statuses,
+            })
+        })
+    }
+
     fn statuses(&self, agent: Option<&str>) -> Result<Vec<StoredStatus>, StoreError> {
         self.read(|connection| {
             let mut statement = connection.prepare_cached(
-                "SELECT agent, bundle, digest, generation, phase, objects_total, objects_ready, message, observed_at, stale, received_at
-                 FROM bundle_status WHERE ?1 IS NULL OR agent = ?1 ORDER BY agent, bundle",
+                &format!("SELECT {STATUS_COLUMNS} FROM bundle_status WHERE ?1 IS NULL OR agent = ?1 ORDER BY agent, bundle"),
             )?;
-            let rows = statement.query_map([agent], |row| {
-                Ok(StoredStatus {
-                    agent: row.get(0)?,
-                    status: BundleStatus {
-                        bundle: row.get(1)?,
-                        digest: digest_at(row, 2)?,
-                        generation: row.get::<_, i64>(3)? as u64,
-                        phase: phase_from(&row.get::<_, String>(4)?),
-                        objects_total: row.get::<_, i64>(5)? as u64,
-                        objects_ready: row.get::<_, i64>(6)? as u64,
-                        message: row.get(7)?,
-                        observed_at: row.get(8)?,
-                        stale: row.get(9)?,
-                    },
-                    received_at: row.get(10)?,
-                })
-            })?;
+            let rows = statement.query_map([agent], status_from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
@@ -559,6 +608,10 @@ fn record_status(
             "status for bundles not assigned to the agent ignored"
         );
     }
+    let change = match kept.is_empty() {
+        true => 0,
+        false => next_change(connection)?,
+    };
     for status in kept {
         let phase = phase_name(status.phase);
         if status.stale {
@@ -581,9 +634,9 @@ fn record_status(
         }
         connection
             .prepare_cached(
-                "INSERT INTO bundle_status (agent, bundle, digest, generation, phase, objects_total, objects_ready, message, observed_at, stale, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
-                 ON CONFLICT (agent, bundle) DO UPDATE SET digest = ?3, generation = ?4, phase = ?5, objects_total = ?6, objects_ready = ?7, message = ?8, observed_at = ?9, stale = ?10, received_at = ?11",
+                "INSERT INTO bundle_status (agent, bundle, digest, generation, phase, objects_total, objects_ready, message, observed_at, stale, received_at, change_seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                 ON CONFLICT (agent, bundle) DO UPDATE SET digest = ?3, generation = ?4, phase = ?5, objects_total = ?6, objects_ready = ?7, message = ?8, observed_at = ?9, stale = ?10, received_at = ?11, change_seq = ?12",
             )?
             .execute(params![
                 agent,
@@ -596,7 +649,8 @@ fn record_status(
                 status.message,
                 status.observed_at,
                 status.stale,
-                now
+                now,
+                change
             ])?;
         connection
             .prepare_cached(

@@ -170,4 +170,45 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX agents_by_label_set ON agents (label_set) WHERE revoked_at IS NULL;
     CREATE INDEX assignments_by_bundle_origin ON assignments (bundle, origin);
     CREATE INDEX assignment_bases_by_agent ON assignment_bases (agent, bundle, assigned_at);",
+    // 8: fleet views: agents by label (filters and counts by key and value).
+    "CREATE INDEX agent_labels_by_key_value ON agent_labels (key, value);",
+    // 9: rollouts at scale: members and history in tables of their own (a step writes the
+    // members it changed and the records it added; the head keeps its counts for lists and a
+    // version against lost updates), and a change feed: a counter bumped by every write that
+    // concerns an agent (enrolled, labelled, revoked, assigned) or its reports, so a rollout
+    // step reads only what changed.
+    "CREATE TABLE rollout_members (
+        rollout INTEGER NOT NULL,
+        agent TEXT NOT NULL,
+        state TEXT NOT NULL,
+        member TEXT NOT NULL,
+        PRIMARY KEY (rollout, agent)
+    );
+    INSERT INTO rollout_members (rollout, agent, state, member)
+        SELECT r.id, m.key, json_extract(m.value, '$.state'), m.value
+        FROM rollouts r, json_each(r.state, '$.members') m;
+    CREATE TABLE rollout_log (
+        rollout INTEGER NOT NULL,
+        seq INTEGER NOT NULL,
+        at INTEGER NOT NULL,
+        who TEXT NOT NULL,
+        action TEXT NOT NULL,
+        why TEXT NOT NULL,
+        PRIMARY KEY (rollout, seq)
+    );
+    INSERT INTO rollout_log (rollout, seq, at, who, action, why)
+        SELECT r.id, l.key, json_extract(l.value, '$.at'), json_extract(l.value, '$.who'),
+               json_extract(l.value, '$.action'), json_extract(l.value, '$.why')
+        FROM rollouts r, json_each(r.state, '$.log') l;
+    ALTER TABLE rollouts ADD COLUMN created_by TEXT NOT NULL DEFAULT '';
+    UPDATE rollouts SET created_by = COALESCE(json_extract(state, '$.log[0].who'), '');
+    UPDATE rollouts SET state = json_remove(state, '$.members', '$.log');
+    ALTER TABLE rollouts ADD COLUMN progress TEXT;
+    ALTER TABLE rollouts ADD COLUMN version INTEGER NOT NULL DEFAULT 1;
+    CREATE TABLE change_counter (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL);
+    INSERT INTO change_counter (id, value) VALUES (1, 0);
+    ALTER TABLE agents ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE bundle_status ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX agents_by_change ON agents (change_seq);
+    CREATE INDEX bundle_status_by_change ON bundle_status (change_seq);",
 ];

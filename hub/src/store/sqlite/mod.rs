@@ -16,6 +16,7 @@ mod auth;
 mod fleet;
 mod rollouts;
 mod store;
+mod view;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -356,6 +357,14 @@ fn agent_exists(connection: &Connection, id: &str) -> rusqlite::Result<bool> {
         .query_row("SELECT 1 FROM agents WHERE id = ?1", [id], |_| Ok(()))
         .optional()
         .map(|row| row.is_some())
+}
+
+/// The next value of the change feed's counter (every write that concerns an agent or its
+/// reports stamps its rows with one).
+fn next_change(connection: &Connection) -> rusqlite::Result<i64> {
+    connection
+        .prepare_cached("UPDATE change_counter SET value = value + 1 WHERE id = 1 RETURNING value")?
+        .query_row([], |row| row.get(0))
 }
 
 fn add_event(

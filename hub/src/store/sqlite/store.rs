@@ -7,7 +7,8 @@ use outpost_proto::Digest;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    SNAPSHOT_COLUMNS, SqliteStore, add_event, agent_exists, insert_snapshot_row, snapshot_from_row,
+    SNAPSHOT_COLUMNS, SqliteStore, add_event, agent_exists, insert_snapshot_row, next_change,
+    snapshot_from_row,
 };
 use crate::git::RefTarget;
 use crate::store::{
@@ -506,8 +507,8 @@ impl Store for SqliteStore {
                 .remove(&id)
                 .unwrap_or_default();
             connection.execute(
-                "UPDATE agents SET label_set = ?2 WHERE id = ?1",
-                params![id, labels_to_json(&labels)],
+                "UPDATE agents SET label_set = ?2, change_seq = ?3 WHERE id = ?1",
+                params![id, labels_to_json(&labels), next_change(connection)?],
             )?;
             add_event(
                 connection,
@@ -524,8 +525,8 @@ impl Store for SqliteStore {
         let (id, who, why) = (id.to_owned(), who.to_owned(), why.to_owned());
         self.write(move |connection| {
             let changed = connection.execute(
-                "UPDATE agents SET revoked_at = ?2, revoked_by = ?3, revoked_why = ?4 WHERE id = ?1 AND revoked_at IS NULL",
-                params![id, now, who, why],
+                "UPDATE agents SET revoked_at = ?2, revoked_by = ?3, revoked_why = ?4, change_seq = ?5 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, now, who, why, next_change(connection)?],
             )?;
             if changed > 0 {
                 add_event(connection, now, "agent-revoked", &id, &format!("by {who}: {why}"))?;
@@ -575,9 +576,9 @@ fn enrol(
     )?;
     connection
         .prepare_cached(
-            "INSERT INTO agents (id, public_key, enrolled_at, label_set) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO agents (id, public_key, enrolled_at, label_set, change_seq) VALUES (?1, ?2, ?3, ?4, ?5)",
         )?
-        .execute(params![id, public_key, now, labels_to_json(&labels)])?;
+        .execute(params![id, public_key, now, labels_to_json(&labels), next_change(connection)?])?;
     for (key, value) in &labels {
         connection.execute(
             "INSERT INTO agent_labels (agent, key, value) VALUES (?1, ?2, ?3)",

@@ -15,7 +15,7 @@ pub(crate) fn fresh() -> Fresh {
     Fresh { store, _dir: dir }
 }
 
-store_suite!(sqlite, fresh());
+store_suite!(fresh());
 
 #[test]
 fn generations_only_grow_and_survive_reopening() {
@@ -97,4 +97,67 @@ fn concurrent_writes_commit_together_and_a_failing_one_fails_alone() {
         "{} commits",
         counters.commits.load(Relaxed)
     );
+}
+
+#[test]
+fn rollouts_stored_whole_as_json_move_to_rows_on_upgrade() {
+    use crate::rollout::machine::{Assigned, Input, OnFailure, Plan, Rollout, Size};
+    use crate::store::RolloutStore;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    // A store as schema 8 left it: the rollout's members and history inside its JSON.
+    let plan = Plan {
+        bundle: "pos".to_owned(),
+        source: "file:///git".to_owned(),
+        git_ref: "refs/tags/v2".to_owned(),
+        git_commit: "c0ffee".to_owned(),
+        selector: String::new(),
+        waves: vec![Size::Count(1), Size::Percent(100)],
+        health_timeout: 600,
+        max_failures: Size::Count(0),
+        on_failure: OnFailure::Pause,
+    };
+    let mut rollout = Rollout::new(1, plan, "alice", "ship it", 100).unwrap();
+    let inputs: Vec<Input> = (0..4)
+        .map(|index| Input::Agent {
+            id: format!("agent-{index}"),
+            matches: true,
+            canary: index == 2,
+            target: Some(Assigned {
+                generation: 2,
+                digest: outpost_proto::Digest::of(b"v2"),
+                origin: String::new(),
+            }),
+            current: None,
+        })
+        .collect();
+    rollout.step(&inputs, 110);
+    rollout.take_touched();
+    {
+        let mut connection = Connection::open(&path).unwrap();
+        for (index, sql) in MIGRATIONS.iter().enumerate().take(8) {
+            let transaction = connection.transaction().unwrap();
+            transaction.execute_batch(sql).unwrap();
+            transaction
+                .pragma_update(None, "user_version", (index + 1) as i64)
+                .unwrap();
+            transaction.commit().unwrap();
+        }
+        connection
+            .execute(
+                "INSERT INTO rollouts (id, bundle, phase, state, created_at, updated_at) VALUES (1, 'pos', 'running', ?1, 100, 110)",
+                [serde_json::to_string(&rollout).unwrap()],
+            )
+            .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len());
+    let stored = store.rollout(1).unwrap().unwrap();
+    assert_eq!(stored.rollout, rollout);
+    assert_eq!(stored.rollout.members.len(), 4);
+    assert_eq!(stored.rollout.log.len(), rollout.log.len());
+    let heads = store.rollouts().unwrap();
+    assert_eq!(heads[0].progress, rollout.progress());
+    assert_eq!(heads[0].created_by, "alice");
+    assert_eq!(store.live_rollouts().unwrap(), vec![(1, 1)]);
 }
