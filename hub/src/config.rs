@@ -23,6 +23,15 @@
 //! agents_public = "hub.example.com:7443"   # how agents reach it (enrolment bundles); default:
 //!                                          # listen.agents, 0.0.0.0 read as 127.0.0.1
 //!
+//! [retention]                              # optional: what the store forgets (defaults shown)
+//! events = "90d"                           # events older than this are deleted…
+//! events_max = 1000000                     # …and the oldest beyond this many
+//! status_history = "30d"                   # status reports kept as history (the last status
+//! status_history_max = 1000000             # of each agent and bundle always stays)
+//! snapshots_kept = 10                      # newest generations per bundle kept regardless;
+//!                                          # older ones go once nothing references them
+//! every = "1h"                             # how often retention runs
+//!
 //! [tls]                                    # optional: HTTPS for the admin and hooks listeners
 //! cert = "/etc/outpost-hub/tls.crt"        # PEM certificate chain
 //! key = "/etc/outpost-hub/tls.key"         # PEM private key (PKCS#8, RSA or SEC1)
@@ -51,6 +60,7 @@ use serde::Deserialize;
 use crate::bundles::is_bundle_name;
 use crate::git::{Credentials, GitError, GitSource};
 use crate::keys::{DAY, KeyPolicy};
+use crate::store::Retention;
 
 /// The validated configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +89,10 @@ pub struct Config {
     pub key_policy: KeyPolicy,
     /// API writes per token per second.
     pub api_writes_per_second: f64,
+    /// What the store forgets.
+    pub retention: Retention,
+    /// How often retention runs.
+    pub retention_every: Duration,
     /// Git sources.
     pub sources: Vec<SourceConfig>,
 }
@@ -140,7 +154,20 @@ struct RawConfig {
     listen: RawListen,
     tls: Option<RawTls>,
     #[serde(default)]
+    retention: RawRetention,
+    #[serde(default)]
     sources: Vec<RawSource>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    events: Option<String>,
+    events_max: Option<u64>,
+    status_history: Option<String>,
+    status_history_max: Option<u64>,
+    snapshots_kept: Option<u64>,
+    every: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -304,6 +331,55 @@ impl Config {
                 .min(30 * 86_400) as i64,
             snapshot_lifetime,
         };
+        let defaults = Retention::default();
+        let mut age = |field: &str, text: Option<&str>, default: i64, least: i64| match text {
+            None => default,
+            Some(text) => match parse_duration(text.trim()) {
+                Some(seconds) if seconds >= least => seconds,
+                _ => {
+                    problems.push(format!(
+                        "retention.{field} = {text:?}: write a duration of at least {least}s, such as \"30d\" or \"12h\""
+                    ));
+                    default
+                }
+            },
+        };
+        let events_age = age(
+            "events",
+            raw.retention.events.as_deref(),
+            defaults.events_age,
+            60,
+        );
+        let history_age = age(
+            "status_history",
+            raw.retention.status_history.as_deref(),
+            defaults.history_age,
+            60,
+        );
+        let retention_every = age("every", raw.retention.every.as_deref(), 3_600, 10);
+        let mut count = |field: &str, value: Option<u64>, default: u64| match value {
+            Some(0) => {
+                problems.push(format!("retention.{field} must be at least 1"));
+                default
+            }
+            Some(value) => value,
+            None => default,
+        };
+        let retention = Retention {
+            events_age,
+            events_max: count("events_max", raw.retention.events_max, defaults.events_max),
+            history_age,
+            history_max: count(
+                "status_history_max",
+                raw.retention.status_history_max,
+                defaults.history_max,
+            ),
+            snapshots_kept: count(
+                "snapshots_kept",
+                raw.retention.snapshots_kept,
+                defaults.snapshots_kept,
+            ),
+        };
         let api_writes_per_second = raw.api_writes_per_second.unwrap_or(10.0);
         if !(api_writes_per_second.is_finite() && api_writes_per_second > 0.0) {
             problems.push("api_writes_per_second must be a positive number".to_owned());
@@ -399,6 +475,8 @@ impl Config {
             agents_public,
             key_policy,
             api_writes_per_second,
+            retention,
+            retention_every: Duration::from_secs(retention_every as u64),
             sources,
         })
     }
@@ -535,6 +613,33 @@ mod tests {
         assert_eq!(config.poll_interval, Duration::from_secs(60));
         assert_eq!(config.listen_admin.to_string(), "127.0.0.1:7070");
         assert_eq!(config.sources[0].name, "fleet");
+        assert_eq!(config.retention, Retention::default());
+        assert_eq!(config.retention_every, Duration::from_secs(3_600));
+    }
+
+    #[test]
+    fn retention_reads_durations_and_counts_and_names_mistakes() {
+        let base = "data_dir = \"/d\"\n[[sources]]\nname = \"fleet\"\nurl = \"/git\"\n";
+        let config = Config::parse(
+            &format!("{base}[retention]\nevents = \"7d\"\nstatus_history_max = 500\nsnapshots_kept = 3\nevery = \"15m\"\n"),
+            no_env,
+        )
+        .unwrap();
+        assert_eq!(config.retention.events_age, 7 * 86_400);
+        assert_eq!(config.retention.history_max, 500);
+        assert_eq!(config.retention.snapshots_kept, 3);
+        assert_eq!(config.retention_every, Duration::from_secs(900));
+        let error = Config::parse(
+            &format!("{base}[retention]\nevents = \"soon\"\nsnapshots_kept = 0\n"),
+            no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("retention.events = \"soon\""), "{error}");
+        assert!(
+            error.contains("retention.snapshots_kept must be at least 1"),
+            "{error}"
+        );
     }
 
     #[test]

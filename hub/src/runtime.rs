@@ -25,7 +25,7 @@ use crate::git::GitSource;
 use crate::keys::HubKeys;
 use crate::resign::refresh_keys;
 use crate::rollout::Driver;
-use crate::store::HubStore;
+use crate::store::{HubStore, Retention};
 use crate::sync::{RenderMemo, SyncReport, render_remembering};
 use crate::transport::{AgentService, ServiceOptions};
 
@@ -60,6 +60,10 @@ pub struct HubSettings {
     pub admin_names: Vec<String>,
     /// API writes per token per second.
     pub api_writes_per_second: f64,
+    /// What the store forgets.
+    pub retention: Retention,
+    /// How often retention runs (`None`: never, as in short simulations).
+    pub retention_every: Option<Duration>,
 }
 
 impl HubSettings {
@@ -81,6 +85,8 @@ impl HubSettings {
             service: ServiceOptions::default(),
             admin_names: Vec::new(),
             api_writes_per_second: 10.0,
+            retention: Retention::default(),
+            retention_every: Some(Duration::from_secs(3_600)),
         }
     }
 }
@@ -188,6 +194,14 @@ impl Hub {
             changes.clone(),
             clock,
         )));
+        if let Some(every) = settings.retention_every {
+            tasks.push(tokio::spawn(retention_loop(
+                every,
+                settings.retention,
+                store.clone(),
+                clock,
+            )));
+        }
         tasks.push(tokio::spawn(crate::transport::serve(
             agents.clone(),
             service.clone(),
@@ -527,6 +541,35 @@ async fn keys_loop(
             Some(Err(error)) => {
                 tracing::error!(%error, "reading the key dir failed; the keys in use stay")
             }
+        }
+    }
+}
+
+/// Runs retention a minute after start, then every `every`: old events and status history
+/// go, and snapshots nothing references.
+async fn retention_loop(
+    every: Duration,
+    policy: Retention,
+    store: Arc<dyn HubStore>,
+    clock: Clock,
+) {
+    let mut wait = every.min(Duration::from_secs(60));
+    loop {
+        tokio::time::sleep(wait).await;
+        wait = every;
+        let store = store.clone();
+        match blocking(move || store.prune(&policy, clock())).await {
+            Some(Ok(pruned)) if !pruned.is_empty() => tracing::info!(
+                events = pruned.events,
+                status_history = pruned.status_history,
+                delta_bases = pruned.delta_bases,
+                snapshots = pruned.snapshots,
+                renders = pruned.renders,
+                bodies = pruned.bodies,
+                "retention deleted what nothing needs"
+            ),
+            Some(Ok(_)) | None => {}
+            Some(Err(error)) => tracing::error!(%error, "retention failed; trying again later"),
         }
     }
 }

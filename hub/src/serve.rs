@@ -40,6 +40,8 @@ pub(crate) fn serve(config: &Config) -> Result<()> {
     settings.poll_interval = config.poll_interval;
     settings.admin_names = config.admin_names.clone();
     settings.api_writes_per_second = config.api_writes_per_second;
+    settings.retention = config.retention;
+    settings.retention_every = Some(config.retention_every);
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let quic = server_config(keys.transport(), &Tuning::default())

@@ -38,12 +38,14 @@ pub struct SyncReport {
 /// where no ref moved and no agent needs a new variant renders nothing and writes nothing.
 #[derive(Debug, Default)]
 pub struct RenderMemo {
-    /// Bundle definitions by commit (a commit's never change).
+    /// Bundle definitions by commit (a commit's never change), for the commits refs name now.
     definitions: HashMap<String, Vec<BundleDefinition>>,
-    /// (ref, commit, bundle) → the variant keys kept there.
-    variants: HashMap<(String, String, String), Vec<String>>,
-    /// (ref, commit, bundle, variant key) released (rendered or found rendered).
-    released: HashSet<(String, String, String, String)>,
+    /// (ref, bundle) → the commit and the variant keys kept there.
+    variants: HashMap<(String, String), (String, Vec<String>)>,
+    /// (ref, bundle, variant key) → the commit released there (rendered or found rendered).
+    /// Keyed by ref, not commit: a ref that moves back to a commit it named before is
+    /// released again.
+    released: HashMap<(String, String, String), String>,
 }
 
 /// A failure that stops the sync (the store or the local mirror is unusable).
@@ -174,23 +176,15 @@ pub fn render_remembering(
         for definition in &definitions {
             let needed = variants::variants(definition, label_sets.iter());
             let variant_keys: Vec<String> = needed.iter().map(Variant::key).collect();
-            let place = (
-                target.name.clone(),
-                target.commit.clone(),
-                definition.name.clone(),
-            );
-            if memo.variants.get(&place) != Some(&variant_keys) {
+            let place = (target.name.clone(), definition.name.clone());
+            let kept = (target.commit.clone(), variant_keys.clone());
+            if memo.variants.get(&place) != Some(&kept) {
                 store.retain_variants(&url, &target.name, &definition.name, &variant_keys)?;
-                memo.variants.insert(place, variant_keys.clone());
+                memo.variants.insert(place, kept);
             }
             for variant in &needed {
-                let done = (
-                    target.name.clone(),
-                    target.commit.clone(),
-                    definition.name.clone(),
-                    variant.key(),
-                );
-                if memo.released.contains(&done) {
+                let done = (target.name.clone(), definition.name.clone(), variant.key());
+                if memo.released.get(&done) == Some(&target.commit) {
                     report.unchanged += 1;
                     continue;
                 }
@@ -203,7 +197,7 @@ pub fn render_remembering(
                 };
                 let (generation, error) = match release(store, keys, &job, &mut report) {
                     Ok(generation) => {
-                        memo.released.insert(done);
+                        memo.released.insert(done, target.commit.clone());
                         (Some(generation), None)
                     }
                     Err(ReleaseOutcome::Refused(error)) => {
@@ -233,6 +227,15 @@ pub fn render_remembering(
             }
         }
     }
+    // Forget what no ref names any more (the memo does not grow with history).
+    let named: HashSet<&str> = refs.iter().map(|target| target.name.as_str()).collect();
+    let commits: HashSet<&str> = refs.iter().map(|target| target.commit.as_str()).collect();
+    memo.definitions
+        .retain(|commit, _| commits.contains(commit.as_str()));
+    memo.variants
+        .retain(|(name, _), _| named.contains(name.as_str()));
+    memo.released
+        .retain(|(name, _, _), _| named.contains(name.as_str()));
     Ok(report)
 }
 

@@ -386,3 +386,47 @@ fn overlays_and_label_substitution_render_one_snapshot_per_variant() {
         ["overlays=0;store-id=17", "overlays=0;store-id=42"]
     );
 }
+
+#[test]
+fn a_branch_moved_back_to_an_earlier_commit_is_released_again() {
+    // The hub's loop keeps a memo of what it released between syncs; a branch reset to a
+    // commit it named before (a revert by force-push) must be released again, not skipped.
+    let upstream = Upstream::new();
+    upstream.write("pos/app.yaml", &config_map("pos", "1"));
+    let first = upstream.commit("first");
+    upstream.git(&["branch", "-M", "main"]);
+    let mut hub = Hub::new();
+    let source = GitSource::open_or_init(&upstream.url(), &hub.data.path().join("mirror")).unwrap();
+    let mut memo = outpost_hub::sync::RenderMemo::default();
+    let mut sync = |hub: &mut Hub, now: i64| {
+        let fetched = source
+            .fetch()
+            .map(|_| ())
+            .map_err(|error| error.to_string());
+        outpost_hub::sync::render_remembering(
+            &hub.store, &hub.keys, &source, fetched, now, &mut memo,
+        )
+        .unwrap()
+    };
+    sync(&mut hub, 1_800_000_100);
+    let at_first = hub.release("refs/heads/main", "pos").unwrap();
+    assert_eq!(at_first.git_commit, first);
+    upstream.write("pos/app.yaml", &config_map("pos", "2"));
+    let second = upstream.commit("second");
+    sync(&mut hub, 1_800_000_200);
+    assert_eq!(
+        hub.release("refs/heads/main", "pos").unwrap().git_commit,
+        second
+    );
+    upstream.git(&["reset", "--hard", &first]);
+    sync(&mut hub, 1_800_000_300);
+    let back = hub.release("refs/heads/main", "pos").unwrap();
+    assert_eq!(
+        back.git_commit, first,
+        "the branch is back at the first commit"
+    );
+    assert_eq!(
+        back.generation, at_first.generation,
+        "the same render, reused"
+    );
+}

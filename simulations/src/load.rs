@@ -12,7 +12,7 @@
 //! current release, then commit a ConfigMap edit, ask the hub to fetch, and time until every
 //! agent installed the new release. RSS and CPU are read from the hub process's /proc entry.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -326,14 +326,15 @@ impl Admin {
 
 /// What the agents share: the hub's trust, verified bodies by digest, progress.
 #[derive(Debug)]
-struct Shared {
-    root: PublicKey,
+pub struct Shared {
     pin: Digest,
     trust: RwLock<TrustStore>,
     bodies: Mutex<HashMap<Digest, Arc<outpost_proto::Body>>>,
     /// How many agents hold each digest now.
     holding: Mutex<HashMap<Digest, usize>>,
     enrolled: AtomicUsize,
+    /// The ids agents were given, in enrolment order.
+    ids: Mutex<Vec<String>>,
     connected: AtomicUsize,
     busy: AtomicU64,
     failures: AtomicU64,
@@ -342,6 +343,22 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(root: PublicKey, pin: Digest) -> Arc<Shared> {
+        Arc::new(Shared {
+            pin,
+            trust: RwLock::new(TrustStore::new(root)),
+            bodies: Mutex::new(HashMap::new()),
+            holding: Mutex::new(HashMap::new()),
+            enrolled: AtomicUsize::new(0),
+            ids: Mutex::new(Vec::new()),
+            connected: AtomicUsize::new(0),
+            busy: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            installs: AtomicU64::new(0),
+            payload_bytes: AtomicU64::new(0),
+        })
+    }
+
     fn hold(&self, before: Option<Digest>, now: Digest) {
         let mut holding = self.holding.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(before) = before
@@ -362,13 +379,137 @@ impl Shared {
     }
 }
 
+/// How a [`Fleet`] connects.
+#[derive(Debug, Clone, Copy)]
+pub struct FleetOptions {
+    /// The hub's QUIC address.
+    pub hub: SocketAddr,
+    /// Agent connections per UDP socket.
+    pub per_socket: usize,
+    /// New connections started per second.
+    pub connect_rate: usize,
+}
+
+/// In-memory agents, each with its own key and connection, enrolling with one token each and
+/// then installing whatever the hub assigns (verified with the agent's code), reporting
+/// healthy. They stop when the fleet is dropped.
+#[derive(Debug)]
+pub struct Fleet {
+    shared: Arc<Shared>,
+    starter: tokio::task::JoinHandle<()>,
+    agents: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.starter.abort();
+        for agent in self.agents.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            agent.abort();
+        }
+    }
+}
+
+impl Fleet {
+    /// Starts one agent per token at the connect rate (call inside a tokio runtime). `shared`
+    /// holds the hub's pin and root key ([`Fleet::trusting`]).
+    pub fn start(
+        options: FleetOptions,
+        shared: Arc<Shared>,
+        tokens: Vec<String>,
+    ) -> std::io::Result<Fleet> {
+        let sockets = tokens.len().div_ceil(options.per_socket.max(1)).max(1);
+        let endpoints: Vec<quinn::Endpoint> = (0..sockets)
+            .map(|_| {
+                outpost_hub::udp::endpoint(
+                    "127.0.0.1:0".parse().expect("address"),
+                    None,
+                    outpost_hub::udp::WANTED_BUFFER,
+                )
+                .map(|(endpoint, _)| endpoint)
+            })
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let agents = Arc::new(Mutex::new(Vec::with_capacity(tokens.len())));
+        let starter = {
+            let (shared, agents) = (shared.clone(), agents.clone());
+            tokio::spawn(async move {
+                let pause = Duration::from_secs_f64(1.0 / options.connect_rate.max(1) as f64);
+                let mut next = tokio::time::Instant::now();
+                for (index, token) in tokens.into_iter().enumerate() {
+                    let mut seed = [0u8; 32];
+                    seed[..8].copy_from_slice(&(index as u64 + 1).to_le_bytes());
+                    seed[8..16].copy_from_slice(&0x10ad_u64.to_le_bytes());
+                    let agent = LoadAgent {
+                        key: SigningKey::from_seed(Digest::of(&seed).0),
+                        token,
+                        agent_id: None,
+                        sequence: 0,
+                        held: BTreeMap::new(),
+                        outbox: 0,
+                    };
+                    let endpoint = endpoints[index % endpoints.len()].clone();
+                    let task = tokio::spawn(run_agent(
+                        agent,
+                        endpoint,
+                        options.hub,
+                        shared.clone(),
+                        index as u64,
+                    ));
+                    agents.lock().unwrap_or_else(|e| e.into_inner()).push(task);
+                    next += pause;
+                    tokio::time::sleep_until(next).await;
+                }
+            })
+        };
+        Ok(Fleet {
+            shared,
+            starter,
+            agents,
+        })
+    }
+
+    /// What agents of a hub share: its root key and its TLS key's pin.
+    pub fn trusting(root: PublicKey, pin: Digest) -> Arc<Shared> {
+        Shared::new(root, pin)
+    }
+
+    /// Agents enrolled so far.
+    pub fn enrolled(&self) -> usize {
+        self.shared.enrolled.load(Ordering::Relaxed)
+    }
+
+    /// Agents connected now.
+    pub fn connected(&self) -> usize {
+        self.shared.connected.load(Ordering::Relaxed)
+    }
+
+    /// Agents holding this body now.
+    pub fn holding(&self, digest: &Digest) -> usize {
+        self.shared.holding(digest)
+    }
+
+    /// The agents' ids, in enrolment order.
+    pub fn ids(&self) -> Vec<String> {
+        self.shared
+            .ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Snapshots installed so far.
+    pub fn installs(&self) -> u64 {
+        self.shared.installs.load(Ordering::Relaxed)
+    }
+}
+
 /// One agent's state, in memory.
 struct LoadAgent {
     key: SigningKey,
     token: String,
     agent_id: Option<String>,
     sequence: u64,
-    held: Option<(String, u64, Digest)>,
+    /// What it holds, by bundle: generation and body digest.
+    held: BTreeMap<String, (u64, Digest)>,
     outbox: u64,
 }
 
@@ -446,6 +587,11 @@ async fn session(
         }
         match reader.next().await {
             Ok(Some(Message::Enrolled(enrolled))) => {
+                shared
+                    .ids
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(enrolled.agent_id.clone());
                 agent.agent_id = Some(enrolled.agent_id);
                 shared.enrolled.fetch_add(1, Ordering::Relaxed);
             }
@@ -460,7 +606,7 @@ async fn session(
         have: agent
             .held
             .iter()
-            .map(|(bundle, generation, digest)| HeldSnapshot {
+            .map(|(bundle, (generation, digest))| HeldSnapshot {
                 bundle: bundle.clone(),
                 generation: *generation,
                 digest: *digest,
@@ -515,8 +661,8 @@ async fn control(
                 for assignment in assign.assignments {
                     let held = agent
                         .held
-                        .as_ref()
-                        .is_some_and(|(_, _, digest)| *digest == assignment.digest);
+                        .get(&assignment.bundle)
+                        .is_some_and(|(_, digest)| *digest == assignment.digest);
                     if held {
                         continue;
                     }
@@ -564,7 +710,7 @@ async fn fetch(
         .map_err(|error| error.to_string())?;
     let fetch = Message::Fetch(Fetch {
         snapshot: assignment.digest,
-        have: agent.held.iter().map(|(_, _, digest)| *digest).collect(),
+        have: agent.held.values().map(|(_, digest)| *digest).collect(),
         resume: None,
     });
     send_message(&mut send, &fetch)
@@ -578,8 +724,8 @@ async fn fetch(
     };
     let installed = agent
         .held
-        .as_ref()
-        .map(|(_, generation, digest)| Installed {
+        .get(&assignment.bundle)
+        .map(|(generation, digest)| Installed {
             generation: *generation,
             digest: *digest,
         });
@@ -629,12 +775,13 @@ async fn fetch(
         .unwrap_or_else(|e| e.into_inner())
         .entry(digest)
         .or_insert_with(|| Arc::new(snapshot.body().clone()));
-    let before = agent.held.as_ref().map(|(_, _, digest)| *digest);
-    agent.held = Some((
-        assignment.bundle.clone(),
-        snapshot.header().generation,
-        digest,
-    ));
+    let before = agent
+        .held
+        .insert(
+            assignment.bundle.clone(),
+            (snapshot.header().generation, digest),
+        )
+        .map(|(_, digest)| digest);
     shared.hold(before, digest);
     shared.installs.fetch_add(1, Ordering::Relaxed);
     Ok(())
@@ -780,20 +927,7 @@ pub fn run(options: &LoadOptions) -> Result<LoadReport> {
     let mut root_bytes = [0u8; 32];
     hex::decode_to_slice(&root, &mut root_bytes).context("root key")?;
     let root = PublicKey::from_bytes(&root_bytes).context("root key")?;
-    let shared = Arc::new(Shared {
-        root,
-        pin: Digest::from_hex(&pin).context("pin")?,
-        trust: RwLock::new(TrustStore::new(root)),
-        bodies: Mutex::new(HashMap::new()),
-        holding: Mutex::new(HashMap::new()),
-        enrolled: AtomicUsize::new(0),
-        connected: AtomicUsize::new(0),
-        busy: AtomicU64::new(0),
-        failures: AtomicU64::new(0),
-        installs: AtomicU64::new(0),
-        payload_bytes: AtomicU64::new(0),
-    });
-    let _ = &shared.root;
+    let shared = Shared::new(root, Digest::from_hex(&pin).context("pin")?);
     // Wait for the first release.
     let deadline = Instant::now() + Duration::from_secs(60);
     let first = loop {
@@ -826,51 +960,17 @@ pub fn run(options: &LoadOptions) -> Result<LoadReport> {
             tokens.push(token.as_str().unwrap_or_default().to_owned());
         }
     }
-    let sockets = options.agents.div_ceil(options.per_socket.max(1));
-    let endpoints: Vec<quinn::Endpoint> = runtime.block_on(async {
-        (0..sockets)
-            .map(|_| {
-                outpost_hub::udp::endpoint(
-                    "127.0.0.1:0".parse().expect("address"),
-                    None,
-                    outpost_hub::udp::WANTED_BUFFER,
-                )
-                .map(|(endpoint, _)| endpoint)
-            })
-            .collect::<std::io::Result<Vec<_>>>()
+    let fleet = runtime.block_on(async {
+        Fleet::start(
+            FleetOptions {
+                hub: hub.agents,
+                per_socket: options.per_socket,
+                connect_rate: options.connect_rate,
+            },
+            shared.clone(),
+            tokens,
+        )
     })?;
-    {
-        let shared = shared.clone();
-        let (rate, agents_address) = (options.connect_rate.max(1), hub.agents);
-        let endpoints = endpoints.clone();
-        runtime.spawn(async move {
-            let pause = Duration::from_secs_f64(1.0 / rate as f64);
-            let mut next = tokio::time::Instant::now();
-            for (index, token) in tokens.into_iter().enumerate() {
-                let mut seed = [0u8; 32];
-                seed[..8].copy_from_slice(&(index as u64 + 1).to_le_bytes());
-                seed[8..16].copy_from_slice(&0x10ad_u64.to_le_bytes());
-                let agent = LoadAgent {
-                    key: SigningKey::from_seed(Digest::of(&seed).0),
-                    token,
-                    agent_id: None,
-                    sequence: 0,
-                    held: None,
-                    outbox: 0,
-                };
-                let endpoint = endpoints[index % endpoints.len()].clone();
-                tokio::spawn(run_agent(
-                    agent,
-                    endpoint,
-                    agents_address,
-                    shared.clone(),
-                    index as u64,
-                ));
-                next += pause;
-                tokio::time::sleep_until(next).await;
-            }
-        });
-    }
     let total = options.agents;
     wait_until("enrolment", options.timeout, &shared, total, || {
         Ok(shared.holding(&first.1) >= total)
@@ -945,6 +1045,7 @@ pub fn run(options: &LoadOptions) -> Result<LoadReport> {
         shared.failures.load(Ordering::Relaxed),
         shared.payload_bytes.load(Ordering::Relaxed),
     );
+    drop(fleet);
     runtime.shutdown_timeout(Duration::from_secs(1));
     let per_agent_kb = (idle.rss_kb.saturating_sub(before.rss_kb)) as f64 / total.max(1) as f64;
     Ok(LoadReport {

@@ -184,19 +184,30 @@ pub(super) async fn fleet(
             stale: query.stale,
             revoked: query.revoked,
         };
-        let mut ids = store.fleet_ids(&filter)?;
-        if let Some(want) = query.connected {
-            connected.retain(&mut ids, want);
-        }
-        let matched = ids.len();
-        let start = match &query.after {
-            Some(after) => ids.partition_point(|id| id <= after),
-            None => 0,
-        };
-        let page: Vec<String> = ids.iter().skip(start).take(limit).cloned().collect();
-        let next = match start + page.len() < ids.len() {
-            true => page.last().cloned(),
-            false => None,
+        let (page, matched, next) = match query.connected {
+            // Who is connected is known here, not in the store: filter every selected id.
+            Some(want) => {
+                let mut ids = store.fleet_ids(&filter)?;
+                connected.retain(&mut ids, want);
+                let start = match &query.after {
+                    Some(after) => ids.partition_point(|id| id <= after),
+                    None => 0,
+                };
+                let page: Vec<String> = ids.iter().skip(start).take(limit).cloned().collect();
+                let next = match start + page.len() < ids.len() {
+                    true => page.last().cloned(),
+                    false => None,
+                };
+                (page, ids.len() as u64, next)
+            }
+            None => {
+                let found = store.fleet_page(&filter, query.after.as_deref(), limit)?;
+                let next = match found.more {
+                    true => found.ids.last().cloned(),
+                    false => None,
+                };
+                (found.ids, found.matched, next)
+            }
         };
         let details = store.fleet_details(&page)?;
         let mut statuses: BTreeMap<(String, String), Value> = BTreeMap::new();

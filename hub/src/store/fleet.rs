@@ -10,6 +10,9 @@ pub type Labels = BTreeMap<String, String>;
 use outpost_proto::Digest;
 use outpost_proto::wire::BundleStatus;
 
+/// What storing one status report came to: whether it was new, or why it failed.
+pub type StatusOutcome = Result<bool, String>;
+
 /// A snapshot's signed header bytes and signature.
 pub type SignedHeader = (Vec<u8>, Vec<u8>);
 
@@ -70,6 +73,30 @@ pub struct FleetChanges {
     pub statuses: Vec<StoredStatus>,
 }
 
+/// One agent as its connection needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SessionRead {
+    /// The agent (`None`: unknown).
+    pub agent: Option<super::Agent>,
+    /// Its assignments.
+    pub assignments: AgentAssignments,
+    /// Its delta bases (the snapshots of each bundle it was assigned lately), when asked for.
+    pub bases: Vec<(String, Digest)>,
+}
+
+/// One status report to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusWrite {
+    /// The agent.
+    pub agent: String,
+    /// The report's sequence in the agent's outbox.
+    pub sequence: u64,
+    /// What it says.
+    pub bundles: Vec<BundleStatus>,
+    /// When it arrived.
+    pub now: i64,
+}
+
 /// What serving agents needs of the store.
 pub trait FleetStore {
     /// Replaces the assignments that `origin` (e.g. `track:<source url>`) made with `wanted`,
@@ -97,6 +124,15 @@ pub trait FleetStore {
     fn assignments(&self, agent: &str) -> Result<AgentAssignments, StoreError>;
     /// Records a connection: last seen and the agent's version.
     fn agent_connected(&self, agent: &str, version: &str, now: i64) -> Result<(), StoreError>;
+    /// Records many connections (agent, version, when) in one transaction.
+    fn agents_connected(&self, connections: &[(String, String, i64)]) -> Result<(), StoreError>;
+    /// Many agents as their connections need them, in one read: one per id, in order
+    /// (`with_bases`: their delta bases too).
+    fn session_reads(
+        &self,
+        ids: &[String],
+        with_bases: bool,
+    ) -> Result<Vec<SessionRead>, StoreError>;
     /// Stores a status report unless its sequence was stored before (a retransmission after a
     /// lost acknowledgement): returns whether it was new. Either way the agent may delete it.
     fn record_status(
@@ -112,6 +148,9 @@ pub trait FleetStore {
     /// and status reports (only the latest of each agent and bundle is kept, so one that was
     /// overwritten shows as its successor). Work grows with what changed, not with the fleet.
     fn changes_since(&self, cursor: u64) -> Result<FleetChanges, StoreError>;
+    /// Many status reports in one transaction, each on its own (one that fails is undone
+    /// alone): per report, whether it was new, or why it failed.
+    fn record_statuses(&self, reports: &[StatusWrite]) -> Result<Vec<StatusOutcome>, StoreError>;
     /// The last status of every bundle on every agent (or one agent).
     fn statuses(&self, agent: Option<&str>) -> Result<Vec<StoredStatus>, StoreError>;
     /// Number of status reports stored for an agent (history).

@@ -2,13 +2,14 @@
 //! event log, agents, assignments, status, rollouts, API tokens.
 //!
 //! The hub's logic talks to traits ([`Store`], [`FleetStore`], [`FleetView`], [`RolloutStore`],
-//! [`AuthStore`], together [`HubStore`]) whose methods take `&self`: a store is shared by
+//! [`AuthStore`], [`RetentionStore`], together [`HubStore`]) whose methods take `&self`: a store is shared by
 //! every task with no lock around it, and each backend decides how it serves concurrent
 //! readers and writers. [`SqliteStore`] is the embedded default (one file, a pool of readers,
 //! one writer with group commits); every change is one transaction, so a crash at any point
 //! loses nothing that was committed.
 
 use std::collections::BTreeMap;
+use std::fmt::Debug;
 
 use outpost_proto::Digest;
 
@@ -16,6 +17,7 @@ use crate::git::RefTarget;
 
 mod auth;
 mod fleet;
+mod retention;
 mod rollouts;
 pub mod sqlite;
 mod view;
@@ -23,23 +25,32 @@ mod view;
 pub use auth::{AdminToken, AuthStore, NewToken, Role, TokenCheck};
 pub use fleet::{
     AgentAssignments, AssignmentChange, AssignmentRow, FleetChanges, FleetStore, Labels,
-    SignedHeader, StoredStatus,
+    SessionRead, SignedHeader, StatusOutcome, StatusWrite, StoredStatus,
 };
+pub use retention::{Pruned, Retention, RetentionStore};
 pub use rollouts::{Created, RolloutHead, RolloutSave, RolloutStore, Saved, StoredRollout};
 pub use sqlite::SqliteStore;
-pub use view::{FleetDetails, FleetFilter, FleetSummary, FleetView};
+pub use view::{FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView};
 
 #[cfg(test)]
 pub(crate) mod suite;
 
 /// Everything the hub needs of a store, in one bound (and one `dyn` type).
 pub trait HubStore:
-    Store + FleetStore + FleetView + RolloutStore + AuthStore + Send + Sync + std::fmt::Debug
+    Store + FleetStore + FleetView + RolloutStore + AuthStore + RetentionStore + Send + Sync + Debug
 {
 }
 
-impl<T: Store + FleetStore + FleetView + RolloutStore + AuthStore + Send + Sync + std::fmt::Debug>
-    HubStore for T
+impl<T> HubStore for T where
+    T: Store
+        + FleetStore
+        + FleetView
+        + RolloutStore
+        + AuthStore
+        + RetentionStore
+        + Send
+        + Sync
+        + Debug
 {
 }
 
@@ -199,6 +210,9 @@ pub enum StoreError {
         /// What failed.
         error: std::io::Error,
     },
+    /// A batched call failed for every request in it (the batch's error, as text).
+    #[error("hub store: {0}")]
+    Batch(String),
     /// The file was written by a newer hub.
     #[error(
         "hub store schema version {found} is newer than this hub understands ({known}); run a newer hub"

@@ -449,7 +449,12 @@ pub(crate) fn the_change_feed_names_what_changed_and_nothing_else(store: &dyn Hu
     let assigned = store.changes_since(labelled.cursor).unwrap();
     assert_eq!(assigned.agents, vec![first.id.clone()]);
     store
-        .record_status(&first.id, 1, &[status("pos", digest, Phase::Healthy, false)], 220)
+        .record_status(
+            &first.id,
+            1,
+            &[status("pos", digest, Phase::Healthy, false)],
+            220,
+        )
         .unwrap();
     let reported = store.changes_since(assigned.cursor).unwrap();
     assert!(reported.agents.is_empty());
@@ -475,7 +480,10 @@ pub(crate) fn rollouts_keep_members_in_rows_and_refuse_lost_updates(store: &dyn 
         on_failure: OnFailure::Pause,
     };
     let mut rollout = Rollout::new(0, plan, "alice", "ship it", 100).unwrap();
-    assert_eq!(store.create_rollout(&mut rollout).unwrap(), Created::Created(1));
+    assert_eq!(
+        store.create_rollout(&mut rollout).unwrap(),
+        Created::Created(1)
+    );
     let mut again = rollout.clone();
     assert_eq!(store.create_rollout(&mut again).unwrap(), Created::Busy(1));
     assert_eq!(store.live_rollouts().unwrap(), vec![(1, 1)]);
@@ -516,10 +524,20 @@ pub(crate) fn rollouts_keep_members_in_rows_and_refuse_lost_updates(store: &dyn 
     assert_eq!(version, 2);
     let stored = store.rollout(1).unwrap().unwrap();
     assert_eq!(stored.version, 2);
-    assert_eq!(stored.rollout, rollout, "members and history read back whole");
+    assert_eq!(
+        stored.rollout, rollout,
+        "members and history read back whole"
+    );
     // A save from the version before is refused and writes nothing.
     let mut stale = rollout.clone();
-    stale.command(crate::rollout::machine::Command::Pause, "bob", "freeze", 120).unwrap();
+    stale
+        .command(
+            crate::rollout::machine::Command::Pause,
+            "bob",
+            "freeze",
+            120,
+        )
+        .unwrap();
     assert_eq!(save(&stale, 1, &[], log_from + 1), Saved::Conflict);
     assert_eq!(store.rollout(1).unwrap().unwrap().rollout, rollout);
     // The list shows counts without reading members.
@@ -530,6 +548,189 @@ pub(crate) fn rollouts_keep_members_in_rows_and_refuse_lost_updates(store: &dyn 
     assert_eq!(heads[0].progress, rollout.progress());
     assert_eq!(heads[0].progress.members, 3);
     assert_eq!(heads[0].progress.on_release, 1);
+}
+
+fn snapshot_of(generation: u64, body: &[u8]) -> StoredSnapshot {
+    StoredSnapshot {
+        bundle: "pos".to_owned(),
+        generation,
+        digest: Digest::of(body),
+        git_commit: format!("c{generation}"),
+        git_ref: "refs/heads/main".to_owned(),
+        header: vec![generation as u8],
+        signature: vec![0; 64],
+        body: body.to_vec(),
+        object_count: 1,
+        created_at: 100,
+    }
+}
+
+pub(crate) fn retention_never_deletes_what_is_referenced(store: &dyn HubStore) {
+    use crate::rollout::machine::{Assigned, Command, Input, OnFailure, Plan, Rollout, Size};
+    // Twelve generations of one bundle; generation 8 is generation 3's body signed again.
+    let bodies: Vec<Vec<u8>> = (1..=12u8)
+        .map(|n| match n {
+            8 => b"body-3".to_vec(),
+            n => format!("body-{n}").into_bytes(),
+        })
+        .collect();
+    for (index, body) in bodies.iter().enumerate() {
+        let generation = store.next_generation("pos").unwrap();
+        assert_eq!(generation, index as u64 + 1);
+        store
+            .insert_snapshot(
+                &snapshot_of(generation, body),
+                &format!("tree-{generation}"),
+                "",
+            )
+            .unwrap();
+    }
+    let digest = |generation: usize| Digest::of(&bodies[generation - 1]);
+    let a = enrolled(store, 1, &[]);
+    let b = enrolled(store, 2, &[]);
+    let c = enrolled(store, 3, &[]);
+    let assign = |agent: &Agent, generation: usize, at: i64| {
+        store
+            .change_assignments(
+                &[AssignmentChange {
+                    agent: agent.id.clone(),
+                    bundle: "pos".to_owned(),
+                    to: Some((generation as u64, digest(generation))),
+                    origin: "track:repo".to_owned(),
+                }],
+                at,
+            )
+            .unwrap();
+    };
+    assign(&a, 1, 100); // 1: assigned
+    assign(&b, 3, 100); // 3: a base b holds (its body lives on in 8, the newest with it)
+    assign(&b, 12, 110);
+    for (offset, generation) in [1usize, 2, 4, 5, 11, 12].into_iter().enumerate() {
+        assign(&c, generation, 200 + offset as i64); // c's bases: only the newest count
+    }
+    store
+        .upsert_release(&Release {
+            source: "repo".to_owned(),
+            git_ref: "refs/tags/v2".to_owned(),
+            bundle: "pos".to_owned(),
+            variant: String::new(),
+            git_commit: "c2".to_owned(),
+            generation: Some(2), // 2: released
+            error: None,
+            updated_at: 100,
+        })
+        .unwrap();
+    let plan = Plan {
+        bundle: "pos".to_owned(),
+        source: "repo".to_owned(),
+        git_ref: "refs/tags/v2".to_owned(),
+        git_commit: "c2".to_owned(),
+        selector: String::new(),
+        waves: vec![Size::Percent(100)],
+        health_timeout: 600,
+        max_failures: Size::Count(0),
+        on_failure: OnFailure::Pause,
+    };
+    let member = |target: usize, previous: Option<usize>| Input::Agent {
+        id: "agent-x".to_owned(),
+        matches: true,
+        canary: false,
+        target: Some(Assigned {
+            generation: target as u64,
+            digest: digest(target),
+            origin: String::new(),
+        }),
+        current: previous.map(|previous| Assigned {
+            generation: previous as u64,
+            digest: digest(previous),
+            origin: "track:repo".to_owned(),
+        }),
+    };
+    let save = |rollout: &mut Rollout, version: u64, log_from: usize| {
+        let touched = rollout.take_touched();
+        store
+            .save_rollout(&RolloutSave {
+                rollout,
+                version,
+                members: &touched,
+                log_from,
+                changes: &[],
+                now: 120,
+            })
+            .unwrap()
+    };
+    // 6: the target of a rollout since rolled back (it cannot act again): not protected.
+    let mut old = Rollout::new(0, plan.clone(), "ops", "", 100).unwrap();
+    store.create_rollout(&mut old).unwrap();
+    old.step(&[member(6, None)], 110);
+    old.command(Command::Rollback, "ops", "bad", 111).unwrap();
+    assert!(matches!(save(&mut old, 1, 1), Saved::Saved { .. }));
+    // 4 and 5: what a running rollout gives back and releases.
+    let mut live = Rollout::new(0, plan, "ops", "", 100).unwrap();
+    store.create_rollout(&mut live).unwrap();
+    live.step(&[member(5, Some(4))], 110);
+    assert!(matches!(save(&mut live, 1, 1), Saved::Saved { .. }));
+    // Old events and history, and fresh ones.
+    for at in [10, 20, 1_000_000] {
+        store.add_event(at, "test", "x", "y").unwrap();
+    }
+    for (sequence, at) in [(1, 10), (2, 1_000_000)] {
+        let report = status("pos", digest(1), outpost_proto::wire::Phase::Healthy, false);
+        store.record_status(&a.id, sequence, &[report], at).unwrap();
+    }
+    assert_eq!(store.status_history_len(&a.id).unwrap(), 2);
+    let policy = Retention {
+        events_age: 1_000,
+        events_max: 1_000,
+        history_age: 1_000,
+        history_max: 1_000,
+        snapshots_kept: 2, // 11 and 12 by recency
+    };
+    let now = 1_000_100;
+    let before = store.events(100).unwrap().len();
+    let pruned = store.prune(&policy, now).unwrap();
+    assert_eq!(
+        pruned.events as usize,
+        before - store.events(100).unwrap().len()
+    );
+    assert!(
+        store
+            .events(100)
+            .unwrap()
+            .iter()
+            .all(|event| event.at >= now - 1_000)
+    );
+    assert_eq!(
+        pruned.delta_bases, 2,
+        "c had six bases of which the newest four stay"
+    );
+    let kept = |generation: u64| store.snapshot("pos", generation).unwrap().is_some();
+    for generation in [1, 2, 4, 5, 8, 11, 12] {
+        assert!(kept(generation), "generation {generation} is referenced");
+    }
+    for generation in [3, 6, 7, 9, 10] {
+        assert!(
+            !kept(generation),
+            "generation {generation} is referenced by nothing"
+        );
+    }
+    assert_eq!(pruned.snapshots, 5);
+    assert_eq!(
+        store.snapshot_body("pos", &digest(3)).unwrap(),
+        Some(bodies[2].clone()),
+        "the base b holds is still there to compress against"
+    );
+    assert_eq!(store.snapshot_body("pos", &digest(7)).unwrap(), None);
+    assert_eq!(pruned.bodies, 4, "6, 7, 9 and 10");
+    assert_eq!(store.rendered("pos", "tree-7", "").unwrap(), None);
+    assert_eq!(store.rendered("pos", "tree-1", "").unwrap(), Some(1));
+    assert_eq!(pruned.renders, 5);
+    assert!(
+        store.prune(&policy, now).unwrap().is_empty(),
+        "a second pass finds nothing"
+    );
+    // Collected generations are never handed out again.
+    assert_eq!(store.next_generation("pos").unwrap(), 13);
 }
 
 /// Generates one `#[test]` per suite function, each on a store made by `$make` (an
@@ -545,7 +746,8 @@ macro_rules! store_suite {
             generations_only_grow,
             fleet_views_filter_count_and_read_pages,
             the_change_feed_names_what_changed_and_nothing_else,
-            rollouts_keep_members_in_rows_and_refuse_lost_updates
+            rollouts_keep_members_in_rows_and_refuse_lost_updates,
+            retention_never_deletes_what_is_referenced
         );
     };
     (@tests $make:expr; $($name:ident),*) => {

@@ -58,10 +58,29 @@ pub struct FleetSummary {
     pub labels: Vec<(String, String, u64)>,
 }
 
+/// One page of a filtered list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetPage {
+    /// The ids on the page, in id order.
+    pub ids: Vec<String>,
+    /// How many agents the filter selects in all.
+    pub matched: u64,
+    /// Whether more follow the page.
+    pub more: bool,
+}
+
 /// What the fleet views need of a store.
 pub trait FleetView {
     /// The ids of the agents `filter` selects, in id order.
     fn fleet_ids(&self, filter: &FleetFilter) -> Result<Vec<String>, StoreError>;
+    /// Up to `limit` ids of the agents `filter` selects after `after`, in id order, and how
+    /// many it selects in all.
+    fn fleet_page(
+        &self,
+        filter: &FleetFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<FleetPage, StoreError>;
     /// The agents named (those that exist), their assignments and statuses.
     fn fleet_details(&self, ids: &[String]) -> Result<FleetDetails, StoreError>;
     /// Counts over the fleet.

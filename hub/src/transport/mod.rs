@@ -17,6 +17,7 @@
 //! status reports and on fetches, status stored only for bundles assigned to it, and deltas
 //! only against snapshots it was assigned.
 
+mod batch;
 mod payloads;
 
 use std::collections::HashMap;
@@ -36,7 +37,10 @@ use outpost_proto::{Digest, PublicKey};
 use crate::changes::Changes;
 use crate::keys::HubKeys;
 use crate::limits::TokenBucket;
-use crate::store::{Agent, HubStore, StoreError, agent_id};
+use crate::store::{
+    Agent, HubStore, SessionRead, StatusOutcome, StatusWrite, StoreError, agent_id,
+};
+use batch::Batcher;
 
 pub use payloads::{Bodies, Payload, PayloadCache, PayloadError};
 
@@ -113,6 +117,9 @@ pub struct ServiceCounters {
     pub throttled: AtomicU64,
     /// Enrolments told to come back later.
     pub busy: AtomicU64,
+    /// Times a session read its agent and assignments again (at its start, and when the bus
+    /// named its agent or the whole fleet).
+    pub session_reads: AtomicU64,
 }
 
 /// The agents connected now (the store only knows when each last connected): one connection
@@ -214,6 +221,12 @@ const HEADERS_CACHED: usize = 4096;
 /// What every agent connection shares.
 pub struct AgentService {
     headers: HeaderCache,
+    /// Agents and their assignments, read for many sessions at once.
+    reads: Arc<Batcher<(String, bool), SessionRead>>,
+    /// Status reports, stored for many sessions at once.
+    statuses: Arc<Batcher<StatusWrite, StatusOutcome>>,
+    /// Connections (last seen, version), recorded for many sessions at once.
+    connections: Arc<Batcher<(String, String, i64), ()>>,
     enrolling: tokio::sync::Semaphore,
     connected: Arc<Connected>,
     unidentified: Arc<AtomicUsize>,
@@ -267,6 +280,17 @@ impl AgentService {
     ) -> AgentService {
         AgentService {
             headers: Mutex::default(),
+            reads: Batcher::new(|store, asked| {
+                let with_bases = asked.iter().any(|(_, bases)| *bases);
+                let ids: Vec<String> = asked.into_iter().map(|(id, _)| id).collect();
+                store.session_reads(&ids, with_bases)
+            }),
+            statuses: Batcher::new(|store, reports| store.record_statuses(&reports)),
+            connections: Batcher::new(|store, connections| {
+                let count = connections.len();
+                store.agents_connected(&connections)?;
+                Ok(vec![(); count])
+            }),
             enrolling: tokio::sync::Semaphore::new(options.max_enrolling.max(1)),
             connected: Arc::default(),
             unidentified: Arc::default(),
@@ -338,6 +362,20 @@ impl AgentService {
 
 /// Accepts agent connections on `endpoint` until it is closed.
 pub async fn serve(endpoint: quinn::Endpoint, service: Arc<AgentService>) {
+    let batches = [
+        tokio::spawn(service.reads.clone().run(service.store.clone())),
+        tokio::spawn(service.statuses.clone().run(service.store.clone())),
+        tokio::spawn(service.connections.clone().run(service.store.clone())),
+    ];
+    struct AbortOnDrop([tokio::task::JoinHandle<()>; 3]);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            for task in &self.0 {
+                task.abort();
+            }
+        }
+    }
+    let _batches = AbortOnDrop(batches);
     while let Some(incoming) = endpoint.accept().await {
         let unidentified = service.unidentified.load(Ordering::Relaxed);
         if unidentified >= service.options.max_unidentified {
@@ -416,10 +454,11 @@ async fn handle_connection(
             )));
         }
     };
-    let lookup = id.clone();
     let agent = service
-        .with_store(move |store| store.agent(&lookup))
+        .reads
+        .call((id.clone(), false))
         .await?
+        .agent
         .filter(|agent| agent.public_key == key.to_bytes());
     let agent = match (agent, first) {
         (Some(agent), _) if agent.revoked.is_some() => {
@@ -585,10 +624,7 @@ async fn run_session(
     }
     let version = hello.map(|hello| hello.agent_version).unwrap_or_default();
     let now = (service.now)();
-    let seen = id.clone();
-    service
-        .with_store(move |store| store.agent_connected(&seen, &version, now))
-        .await?;
+    service.connections.call((id.clone(), version, now)).await?;
     allow_identified(&connection);
     let (_connected, replaced) = service.connected.enter(&id, &connection);
     if let Some(old) = replaced {
@@ -603,14 +639,7 @@ async fn run_session(
     let mut trust_changes = service.keys.trust_changes();
     trust_changes.borrow_and_update();
     send_message(&mut send, &Message::Trust(service.keys.trust())).await?;
-    let bases_of = id.clone();
-    let bases = service
-        .with_store(move |store| store.delta_bases(&bases_of))
-        .await?;
-    let view = Arc::new(Mutex::new(SessionView {
-        assigned: Vec::new(),
-        bases: bases.into_iter().collect(),
-    }));
+    let view = Arc::new(Mutex::new(SessionView::default()));
     let subscription = service.changes.subscribe(&id);
     let mut fleet = service.changes.fleet.subscribe();
     fleet.borrow_and_update();
@@ -623,8 +652,10 @@ async fn run_session(
         service.options.fetches_per_second,
         service.options.fetches_per_second * 10.0,
     )));
-    // The agent is (re)read at the start and whenever the fleet changes, not per message.
+    // The agent is (re)read at the start (with its delta bases) and whenever the fleet
+    // changes, not per message.
     let mut recheck = true;
+    let mut first = true;
     loop {
         if std::mem::take(&mut recheck)
             && !push_assignments(
@@ -634,6 +665,7 @@ async fn run_session(
                 &id,
                 &view,
                 &mut sent_sequence,
+                std::mem::take(&mut first),
             )
             .await?
         {
@@ -661,11 +693,17 @@ async fn run_session(
                         service.counters.throttled.fetch_add(1, Ordering::Relaxed);
                         reports.wait().await;
                     }
-                    let (agent, now) = (id.clone(), (service.now)());
                     let sequence = report.sequence;
                     let new = service
-                        .with_store(move |store| store.record_status(&agent, sequence, &report.bundles, now))
-                        .await?;
+                        .statuses
+                        .call(StatusWrite {
+                            agent: id.clone(),
+                            sequence,
+                            bundles: report.bundles,
+                            now: (service.now)(),
+                        })
+                        .await?
+                        .map_err(StoreError::Batch)?;
                     tracing::debug!(agent = %id, sequence, new, "status report stored");
                     send_message(&mut send, &Message::Ack(outpost_proto::wire::Ack { sequence })).await?;
                 }
@@ -706,11 +744,21 @@ async fn push_assignments(
     id: &str,
     view: &Mutex<SessionView>,
     sent_sequence: &mut Option<u64>,
+    with_bases: bool,
 ) -> Result<bool, ServeError> {
-    let lookup = id.to_owned();
-    let (agent, assignments) = service
-        .with_store(move |store| Ok((store.agent(&lookup)?, store.assignments(&lookup)?)))
-        .await?;
+    service
+        .counters
+        .session_reads
+        .fetch_add(1, Ordering::Relaxed);
+    let SessionRead {
+        agent,
+        assignments,
+        bases,
+    } = service.reads.call((id.to_owned(), with_bases)).await?;
+    view.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .bases
+        .extend(bases);
     match agent {
         Some(agent) if agent.revoked.is_none() => {}
         Some(agent) => {

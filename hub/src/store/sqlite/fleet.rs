@@ -9,12 +9,12 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::store::labels_from_json;
 use super::{SqliteStore, add_event, digest_at, next_change};
 use crate::store::{
-    AgentAssignments, AssignmentChange, AssignmentRow, FleetChanges, FleetStore, SignedHeader,
-    StoreError, StoredStatus,
+    Agent, AgentAssignments, AssignmentChange, AssignmentRow, FleetChanges, FleetStore,
+    SessionRead, SignedHeader, StatusOutcome, StatusWrite, StoreError, StoredStatus,
 };
 
 /// How many of an agent's latest assignments of a bundle count as delta bases.
-const DELTA_BASES_KEPT: i64 = 4;
+pub(super) const DELTA_BASES_KEPT: i64 = 4;
 
 /// Remembers that `agent` was assigned `digest` of `bundle` (a future delta base). Only the
 /// newest [`DELTA_BASES_KEPT`] count (older rows are pruned by retention).
@@ -282,6 +282,143 @@ impl FleetStore for SqliteStore {
         })
     }
 
+    fn agents_connected(&self, connections: &[(String, String, i64)]) -> Result<(), StoreError> {
+        let connections = connections.to_vec();
+        self.write(move |connection| {
+            let mut statement = connection.prepare_cached(
+                "UPDATE agents SET last_seen = ?2, agent_version = ?3 WHERE id = ?1",
+            )?;
+            for (agent, version, now) in &connections {
+                statement.execute(params![agent, now, version])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn session_reads(
+        &self,
+        ids: &[String],
+        with_bases: bool,
+    ) -> Result<Vec<SessionRead>, StoreError> {
+        let list = serde_json::Value::Array(
+            ids.iter()
+                .map(|id| serde_json::Value::String(id.clone()))
+                .collect(),
+        )
+        .to_string();
+        let mut found: std::collections::HashMap<String, SessionRead> = self.read(|connection| {
+            let transaction = connection.unchecked_transaction()?;
+            let mut found = std::collections::HashMap::new();
+            let agents = transaction
+                .prepare_cached(
+                    "SELECT id, public_key, enrolled_at, last_seen, revoked_at, revoked_by, revoked_why, label_set, assignment_sequence
+                     FROM agents WHERE id IN (SELECT value FROM json_each(?1))",
+                )?
+                .query_map([&list], |row| {
+                    let revoked_at: Option<i64> = row.get(4)?;
+                    let agent = Agent {
+                        id: row.get(0)?,
+                        public_key: row.get(1)?,
+                        labels: labels_from_json(&row.get::<_, String>(7)?),
+                        enrolled_at: row.get(2)?,
+                        last_seen: row.get(3)?,
+                        revoked: match revoked_at {
+                            Some(at) => Some((
+                                at,
+                                row.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                                row.get::<_, Option<String>>(6)?.unwrap_or_default(),
+                            )),
+                            None => None,
+                        },
+                    };
+                    Ok((agent, row.get::<_, i64>(8)? as u64))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            for (agent, sequence) in agents {
+                found.insert(
+                    agent.id.clone(),
+                    SessionRead {
+                        assignments: AgentAssignments {
+                            sequence,
+                            entries: Vec::new(),
+                        },
+                        agent: Some(agent),
+                        bases: Vec::new(),
+                    },
+                );
+            }
+            let rows = transaction
+                .prepare_cached(
+                    "SELECT agent, bundle, generation, digest FROM assignments
+                     WHERE agent IN (SELECT value FROM json_each(?1)) ORDER BY agent, bundle",
+                )?
+                .query_map([&list], |row| {
+                    Ok(AssignmentRow {
+                        agent: row.get(0)?,
+                        bundle: row.get(1)?,
+                        generation: row.get::<_, i64>(2)? as u64,
+                        digest: digest_at(row, 3)?,
+                    })
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            for row in rows {
+                if let Some(read) = found.get_mut(&row.agent) {
+                    read.assignments.entries.push(row);
+                }
+            }
+            if with_bases {
+                let bases = transaction
+                    .prepare_cached(
+                        "SELECT agent, bundle, digest FROM (SELECT agent, bundle, digest, ROW_NUMBER() OVER
+                         (PARTITION BY agent, bundle ORDER BY assigned_at DESC, rowid DESC) AS n
+                         FROM assignment_bases WHERE agent IN (SELECT value FROM json_each(?1))) WHERE n <= ?2",
+                    )?
+                    .query_map(params![&list, DELTA_BASES_KEPT], |row| {
+                        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, digest_at(row, 2)?))
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                for (agent, bundle, digest) in bases {
+                    if let Some(read) = found.get_mut(&agent) {
+                        read.bases.push((bundle, digest));
+                    }
+                }
+            }
+            transaction.finish()?;
+            Ok(found)
+        })?;
+        Ok(ids
+            .iter()
+            .map(|id| found.remove(id).unwrap_or_default())
+            .collect())
+    }
+
+    fn record_statuses(&self, reports: &[StatusWrite]) -> Result<Vec<StatusOutcome>, StoreError> {
+        let reports = reports.to_vec();
+        self.write(move |connection| {
+            let mut outcomes = Vec::with_capacity(reports.len());
+            for report in &reports {
+                connection.execute_batch("SAVEPOINT report")?;
+                match record_status(
+                    connection,
+                    &report.agent,
+                    report.sequence,
+                    &report.bundles,
+                    report.now,
+                ) {
+                    Ok(new) => {
+                        connection.execute_batch("RELEASE report")?;
+                        outcomes.push(Ok(new));
+                    }
+                    Err(error) => {
+                        connection.execute_batch("ROLLBACK TO report; RELEASE report")?;
+                        outcomes.push(Err(error.to_string()));
+                    }
+                }
+            }
+            Ok(outcomes)
+        })
+    }
+
     fn record_status(
         &self,
         agent: &str,
@@ -372,7 +509,8 @@ impl FleetStore for SqliteStore {
         self.read(|connection| {
             Ok(connection
                 .prepare_cached(
-                    "SELECT body FROM snapshots WHERE bundle = ?1 AND digest = ?2 ORDER BY generation DESC LIMIT 1",
+                    "SELECT b.body FROM bodies b WHERE b.digest = ?2
+                     AND EXISTS (SELECT 1 FROM snapshots s WHERE s.bundle = ?1 AND s.digest = ?2)",
                 )?
                 .query_row(params![bundle, digest.0.as_slice()], |row| row.get(0))
                 .optional()?)

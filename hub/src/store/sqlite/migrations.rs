@@ -211,4 +211,38 @@ pub(super) const MIGRATIONS: &[&str] = &[
     ALTER TABLE bundle_status ADD COLUMN change_seq INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX agents_by_change ON agents (change_seq);
     CREATE INDEX bundle_status_by_change ON bundle_status (change_seq);",
+    // 10: retention: each body stored once by digest (a snapshot signed again, as a roll back
+    // does, shares it), and indexes for pruning by age and for finding what references a
+    // snapshot.
+    "CREATE TABLE bodies (digest BLOB PRIMARY KEY, body BLOB NOT NULL);
+    INSERT OR IGNORE INTO bodies (digest, body) SELECT digest, body FROM snapshots;
+    ALTER TABLE snapshots DROP COLUMN body;
+    CREATE INDEX assignment_bases_by_digest ON assignment_bases (bundle, digest);
+    CREATE INDEX assignments_by_generation ON assignments (bundle, generation);
+    CREATE INDEX status_history_by_received ON status_history (received_at);
+    CREATE INDEX events_by_at ON events (at);",
+    // 11: fleet counts without joins: each assignment carries the phase its agent last
+    // reported for the bundle (kept by triggers), revoked agents are found by an index of
+    // their own, and labels are counted from an index that covers them.
+    "ALTER TABLE assignments ADD COLUMN phase TEXT;
+    UPDATE assignments SET phase = (SELECT s.phase FROM bundle_status s
+        WHERE s.agent = assignments.agent AND s.bundle = assignments.bundle);
+    CREATE INDEX assignments_by_phase ON assignments (bundle, phase, agent);
+    CREATE TRIGGER assignment_phase_on_insert AFTER INSERT ON assignments
+    BEGIN
+        UPDATE assignments SET phase = (SELECT s.phase FROM bundle_status s
+            WHERE s.agent = NEW.agent AND s.bundle = NEW.bundle)
+        WHERE agent = NEW.agent AND bundle = NEW.bundle;
+    END;
+    CREATE TRIGGER assignment_phase_on_report AFTER INSERT ON bundle_status
+    BEGIN
+        UPDATE assignments SET phase = NEW.phase WHERE agent = NEW.agent AND bundle = NEW.bundle;
+    END;
+    CREATE TRIGGER assignment_phase_on_new_report AFTER UPDATE OF phase ON bundle_status
+    BEGIN
+        UPDATE assignments SET phase = NEW.phase WHERE agent = NEW.agent AND bundle = NEW.bundle;
+    END;
+    CREATE INDEX agents_revoked ON agents (revoked_at) WHERE revoked_at IS NOT NULL;
+    DROP INDEX agent_labels_by_key_value;
+    CREATE INDEX agent_labels_by_key_value ON agent_labels (key, value, agent);",
 ];

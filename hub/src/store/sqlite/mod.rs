@@ -14,6 +14,7 @@
 
 mod auth;
 mod fleet;
+mod retention;
 mod rollouts;
 mod store;
 mod view;
@@ -301,15 +302,26 @@ fn migrate(connection: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-const SNAPSHOT_COLUMNS: &str = "bundle, generation, digest, git_commit, git_ref, header, signature, body, object_count, created_at";
+/// Selects whole snapshots (rows for [`snapshot_from_row`]) as `s`, their bodies joined.
+const SNAPSHOT_SELECT: &str = "SELECT s.bundle, s.generation, s.digest, s.git_commit, s.git_ref, s.header, s.signature, b.body, s.object_count, s.created_at FROM snapshots s JOIN bodies b ON b.digest = s.digest";
 
 fn insert_snapshot_row(
     connection: &Connection,
     snapshot: &StoredSnapshot,
 ) -> Result<(), StoreError> {
-    connection.execute(
-        &format!("INSERT INTO snapshots ({SNAPSHOT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
-        rusqlite::params![
+    // A body already stored (the same content signed again) is kept once.
+    connection
+        .prepare_cached("INSERT OR IGNORE INTO bodies (digest, body) VALUES (?1, ?2)")?
+        .execute(rusqlite::params![
+            snapshot.digest.0.as_slice(),
+            snapshot.body
+        ])?;
+    connection
+        .prepare_cached(
+            "INSERT INTO snapshots (bundle, generation, digest, git_commit, git_ref, header, signature, object_count, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?
+        .execute(rusqlite::params![
             snapshot.bundle,
             snapshot.generation as i64,
             snapshot.digest.0.as_slice(),
@@ -317,11 +329,9 @@ fn insert_snapshot_row(
             snapshot.git_ref,
             snapshot.header,
             snapshot.signature,
-            snapshot.body,
             snapshot.object_count as i64,
             snapshot.created_at,
-        ],
-    )?;
+        ])?;
     Ok(())
 }
 

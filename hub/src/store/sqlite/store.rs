@@ -7,7 +7,7 @@ use outpost_proto::Digest;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    SNAPSHOT_COLUMNS, SqliteStore, add_event, agent_exists, insert_snapshot_row, next_change,
+    SNAPSHOT_SELECT, SqliteStore, add_event, agent_exists, insert_snapshot_row, next_change,
     snapshot_from_row,
 };
 use crate::git::RefTarget;
@@ -228,7 +228,7 @@ impl Store for SqliteStore {
         self.read(|connection| {
             Ok(connection
                 .prepare_cached(&format!(
-                    "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE bundle = ?1 AND digest = ?2 ORDER BY generation DESC LIMIT 1"
+                    "{SNAPSHOT_SELECT} WHERE s.bundle = ?1 AND s.digest = ?2 ORDER BY s.generation DESC LIMIT 1"
                 ))?
                 .query_row(params![bundle, digest.0.as_slice()], snapshot_from_row)
                 .optional()?)
@@ -243,7 +243,7 @@ impl Store for SqliteStore {
         self.read(|connection| {
             Ok(connection
                 .prepare_cached(&format!(
-                    "SELECT {SNAPSHOT_COLUMNS} FROM snapshots WHERE bundle = ?1 AND generation = ?2"
+                    "{SNAPSHOT_SELECT} WHERE s.bundle = ?1 AND s.generation = ?2"
                 ))?
                 .query_row(params![bundle, generation as i64], snapshot_from_row)
                 .optional()?)

@@ -161,3 +161,38 @@ fn rollouts_stored_whole_as_json_move_to_rows_on_upgrade() {
     assert_eq!(heads[0].created_by, "alice");
     assert_eq!(store.live_rollouts().unwrap(), vec![(1, 1)]);
 }
+
+#[test]
+fn a_body_signed_again_is_stored_once() {
+    let made = fresh();
+    let store = &made.store;
+    let body = b"the same manifests".to_vec();
+    let snapshot = |generation: u64| crate::store::StoredSnapshot {
+        bundle: "pos".to_owned(),
+        generation,
+        digest: outpost_proto::Digest::of(&body),
+        git_commit: "c".to_owned(),
+        git_ref: "refs/tags/v1".to_owned(),
+        header: vec![generation as u8],
+        signature: vec![0; 64],
+        body: body.clone(),
+        object_count: 1,
+        created_at: 100,
+    };
+    store.insert_snapshot(&snapshot(1), "tree", "").unwrap();
+    store.insert_resigned(&snapshot(2)).unwrap();
+    let count = |table: &str| -> i64 {
+        store
+            .read(|connection| {
+                Ok(
+                    connection.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |row| {
+                        row.get(0)
+                    })?,
+                )
+            })
+            .unwrap()
+    };
+    assert_eq!(count("snapshots"), 2);
+    assert_eq!(count("bodies"), 1);
+    assert_eq!(store.snapshot("pos", 2).unwrap().unwrap().body, body);
+}

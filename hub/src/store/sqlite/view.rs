@@ -2,6 +2,9 @@
 //! lookup per agent), counts are `GROUP BY`s, and a page's details are read with the page's
 //! ids as one JSON array parameter.
 
+use std::collections::BTreeMap;
+
+use outpost_proto::Digest;
 use rusqlite::types::Value;
 use rusqlite::{Connection, params_from_iter};
 
@@ -9,10 +12,15 @@ use super::fleet::{STATUS_COLUMNS, status_from_row};
 use super::store::labels_from_json;
 use super::{SqliteStore, digest_at};
 use crate::store::{
-    Agent, AssignmentRow, FleetDetails, FleetFilter, FleetSummary, FleetView, StoreError,
+    Agent, AssignmentRow, FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView, StoreError,
 };
 
-/// The WHERE clause (over `agents a`) and its parameters for `filter`.
+/// The agents not revoked (the revoked are few, and indexed).
+const NOT_REVOKED: &str = "NOT IN (SELECT id FROM agents WHERE revoked_at IS NOT NULL)";
+
+/// The WHERE clause (over `agents a`) and its parameters for `filter`. Each condition is an
+/// `IN` over an index (labels by key and value, assignments by bundle and phase), so the most
+/// selective one can drive the query.
 fn conditions(filter: &FleetFilter) -> (String, Vec<Value>) {
     let mut clauses: Vec<String> = Vec::new();
     let mut values: Vec<Value> = Vec::new();
@@ -26,42 +34,36 @@ fn conditions(filter: &FleetFilter) -> (String, Vec<Value>) {
             bind(Value::Text(value.clone()), &mut values),
         );
         clauses.push(format!(
-            "EXISTS (SELECT 1 FROM agent_labels l WHERE l.agent = a.id AND l.key = {key} AND l.value = {value})"
+            "a.id IN (SELECT agent FROM agent_labels WHERE key = {key} AND value = {value})"
         ));
     }
     for key in &filter.without {
         let key = bind(Value::Text(key.clone()), &mut values);
         clauses.push(format!(
-            "NOT EXISTS (SELECT 1 FROM agent_labels l WHERE l.agent = a.id AND l.key = {key})"
+            "a.id NOT IN (SELECT agent FROM agent_labels WHERE key = {key})"
         ));
     }
     let bundle = filter
         .bundle
         .as_ref()
         .map(|bundle| bind(Value::Text(bundle.clone()), &mut values));
-    let on_bundle = |column: &str| match &bundle {
-        Some(bundle) => format!(" AND {column} = {bundle}"),
-        None => String::new(),
+    let of_bundle = match &bundle {
+        Some(bundle) => format!("bundle = {bundle}"),
+        None => "1".to_owned(),
     };
-    if bundle.is_some() {
-        clauses.push(format!(
-            "EXISTS (SELECT 1 FROM assignments x WHERE x.agent = a.id{})",
-            on_bundle("x.bundle")
-        ));
-    }
     match filter.phase.as_deref() {
         Some("Unknown") => clauses.push(format!(
-            "EXISTS (SELECT 1 FROM assignments x WHERE x.agent = a.id{} AND NOT EXISTS
-               (SELECT 1 FROM bundle_status s WHERE s.agent = x.agent AND s.bundle = x.bundle))",
-            on_bundle("x.bundle")
+            "a.id IN (SELECT agent FROM assignments WHERE {of_bundle} AND phase IS NULL)"
         )),
         Some(phase) => {
             let phase = bind(Value::Text(phase.to_owned()), &mut values);
             clauses.push(format!(
-                "EXISTS (SELECT 1 FROM bundle_status s WHERE s.agent = a.id{} AND s.phase = {phase})",
-                on_bundle("s.bundle")
+                "a.id IN (SELECT agent FROM assignments WHERE {of_bundle} AND phase = {phase})"
             ));
         }
+        None if bundle.is_some() => clauses.push(format!(
+            "a.id IN (SELECT agent FROM assignments WHERE {of_bundle})"
+        )),
         None => {}
     }
     if let Some(digests) = &filter.digests {
@@ -74,8 +76,7 @@ fn conditions(filter: &FleetFilter) -> (String, Vec<Value>) {
         .to_string();
         let list = bind(Value::Text(list), &mut values);
         clauses.push(format!(
-            "EXISTS (SELECT 1 FROM assignments x WHERE x.agent = a.id{} AND lower(hex(x.digest)) IN (SELECT value FROM json_each({list})))",
-            on_bundle("x.bundle")
+            "a.id IN (SELECT agent FROM assignments WHERE {of_bundle} AND lower(hex(digest)) IN (SELECT value FROM json_each({list})))"
         ));
     }
     if let Some(search) = &filter.search {
@@ -83,10 +84,10 @@ fn conditions(filter: &FleetFilter) -> (String, Vec<Value>) {
         clauses.push(format!("instr(a.id, {search}) > 0"));
     }
     if let Some(stale) = filter.stale {
-        let exists = "EXISTS (SELECT 1 FROM bundle_status s WHERE s.agent = a.id AND s.stale = 1)";
+        let stale_ones = "a.id IN (SELECT agent FROM bundle_status WHERE stale = 1)";
         clauses.push(match stale {
-            true => exists.to_owned(),
-            false => format!("NOT {exists}"),
+            true => stale_ones.to_owned(),
+            false => format!("NOT {stale_ones}"),
         });
     }
     match filter.revoked {
@@ -148,6 +149,43 @@ impl FleetView for SqliteStore {
         })
     }
 
+    fn fleet_page(
+        &self,
+        filter: &FleetFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<FleetPage, StoreError> {
+        let (clause, mut values) = conditions(filter);
+        let count_sql = format!("SELECT COUNT(*) FROM agents a {clause}");
+        let count_values = values.clone();
+        values.push(Value::Text(after.unwrap_or("").to_owned()));
+        let after_at = values.len();
+        values.push(Value::Integer(limit as i64 + 1));
+        let limit_at = values.len();
+        let join = if clause.is_empty() { "WHERE" } else { "AND" };
+        let page_sql = format!(
+            "SELECT a.id FROM agents a {clause} {join} a.id > ?{after_at} ORDER BY a.id LIMIT ?{limit_at}"
+        );
+        self.read(|connection| {
+            let transaction = connection.unchecked_transaction()?;
+            let matched: i64 = transaction
+                .prepare_cached(&count_sql)?
+                .query_row(params_from_iter(count_values), |row| row.get(0))?;
+            let mut ids: Vec<String> = transaction
+                .prepare_cached(&page_sql)?
+                .query_map(params_from_iter(values), |row| row.get(0))?
+                .collect::<Result<_, _>>()?;
+            transaction.finish()?;
+            let more = ids.len() > limit;
+            ids.truncate(limit);
+            Ok(FleetPage {
+                ids,
+                matched: matched as u64,
+                more,
+            })
+        })
+    }
+
     fn fleet_details(&self, ids: &[String]) -> Result<FleetDetails, StoreError> {
         let ids = id_list(ids);
         self.read(|connection| {
@@ -192,42 +230,47 @@ impl FleetView for SqliteStore {
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )?;
             let stale: i64 = connection.query_row(
-                "SELECT COUNT(DISTINCT s.agent) FROM bundle_status s
-                 JOIN agents a ON a.id = s.agent AND a.revoked_at IS NULL WHERE s.stale = 1",
+                &format!(
+                    "SELECT COUNT(DISTINCT agent) FROM bundle_status WHERE stale = 1 AND agent {NOT_REVOKED}"
+                ),
                 [],
                 |row| row.get(0),
             )?;
-            let phases = connection
-                .prepare_cached(
-                    "SELECT x.bundle, COALESCE(s.phase, 'Unknown'), COUNT(*) FROM assignments x
-                     JOIN agents a ON a.id = x.agent AND a.revoked_at IS NULL
-                     LEFT JOIN bundle_status s ON s.agent = x.agent AND s.bundle = x.bundle
-                     GROUP BY 1, 2 ORDER BY 1, 2",
-                )?
-                .query_map([], |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get::<_, i64>(2)? as u64))
-                })?
-                .collect::<Result<_, _>>()?;
-            let assigned = connection
-                .prepare_cached(
-                    "SELECT x.bundle, x.digest, COUNT(*) FROM assignments x
-                     JOIN agents a ON a.id = x.agent AND a.revoked_at IS NULL
-                     GROUP BY 1, 2 ORDER BY 1, 3 DESC",
-                )?
+            // One scan of the assignments gives both: by phase, and by snapshot.
+            let rows: Vec<(String, Digest, String, u64)> = connection
+                .prepare_cached(&format!(
+                    "SELECT bundle, digest, COALESCE(phase, 'Unknown'), COUNT(*) FROM assignments
+                     WHERE agent {NOT_REVOKED} GROUP BY 1, 2, 3"
+                ))?
                 .query_map([], |row| {
                     Ok((
                         row.get(0)?,
                         digest_at(row, 1)?,
-                        row.get::<_, i64>(2)? as u64,
+                        row.get(2)?,
+                        row.get::<_, i64>(3)? as u64,
                     ))
                 })?
                 .collect::<Result<_, _>>()?;
+            let mut phases: BTreeMap<(String, String), u64> = BTreeMap::new();
+            let mut assigned: BTreeMap<(String, Digest), u64> = BTreeMap::new();
+            for (bundle, digest, phase, count) in rows {
+                *phases.entry((bundle.clone(), phase)).or_default() += count;
+                *assigned.entry((bundle, digest)).or_default() += count;
+            }
+            let phases = phases
+                .into_iter()
+                .map(|((bundle, phase), count)| (bundle, phase, count))
+                .collect();
+            let mut assigned: Vec<(String, Digest, u64)> = assigned
+                .into_iter()
+                .map(|((bundle, digest), count)| (bundle, digest, count))
+                .collect();
+            assigned.sort_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)));
             let labels = connection
-                .prepare_cached(
-                    "SELECT l.key, l.value, COUNT(*) FROM agent_labels l
-                     JOIN agents a ON a.id = l.agent AND a.revoked_at IS NULL
-                     GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2",
-                )?
+                .prepare_cached(&format!(
+                    "SELECT key, value, COUNT(*) FROM agent_labels WHERE agent {NOT_REVOKED}
+                     GROUP BY 1, 2 ORDER BY 1, 3 DESC, 2"
+                ))?
                 .query_map([], |row| {
                     Ok((row.get(0)?, row.get(1)?, row.get::<_, i64>(2)? as u64))
                 })?

@@ -1,0 +1,122 @@
+//! [`RetentionStore`] on SQLite: each kind of row deleted in chunks of [`CHUNK`], one write
+//! each, so a long pass interleaves with the writes of serving agents. What decides that a
+//! snapshot is unreferenced is evaluated inside the delete's own transaction, so a reference
+//! made a moment before (an assignment, a rollout's decision) is always seen.
+
+use rusqlite::{Connection, params};
+
+use super::SqliteStore;
+use super::fleet::DELTA_BASES_KEPT;
+use crate::store::{Pruned, Retention, RetentionStore, StoreError};
+
+/// Rows deleted per transaction.
+const CHUNK: i64 = 5_000;
+
+/// The snapshots of `s` no one can need (see the module docs of `store::retention`): run
+/// after [`rollout_digests`] filled `temp.rollout_digests` in the same transaction.
+const UNREFERENCED: &str = "
+    s.generation <= COALESCE((SELECT g.last FROM generations g WHERE g.bundle = s.bundle), 0) - ?1
+    AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.bundle = s.bundle AND a.generation = s.generation)
+    AND NOT EXISTS (SELECT 1 FROM releases r WHERE r.bundle = s.bundle AND r.generation = s.generation)
+    AND NOT (
+        s.generation = (SELECT MAX(n.generation) FROM snapshots n WHERE n.bundle = s.bundle AND n.digest = s.digest)
+        AND (EXISTS (SELECT 1 FROM assignment_bases b WHERE b.bundle = s.bundle AND b.digest = s.digest)
+             OR EXISTS (SELECT 1 FROM temp.rollout_digests x WHERE x.bundle = s.bundle AND x.digest = lower(hex(s.digest)))))";
+
+/// Fills `temp.rollout_digests` with what rollouts that may still act could assign: their
+/// targets, and what a roll back would give back (every rollout not yet rolled back may be).
+fn rollout_digests(connection: &Connection) -> rusqlite::Result<()> {
+    connection.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS rollout_digests (bundle TEXT NOT NULL, digest TEXT NOT NULL, PRIMARY KEY (bundle, digest));
+         DELETE FROM temp.rollout_digests;
+         INSERT OR IGNORE INTO temp.rollout_digests (bundle, digest)
+             SELECT r.bundle, json_extract(m.member, '$.target.digest') FROM rollouts r
+             JOIN rollout_members m ON m.rollout = r.id
+             WHERE r.phase != 'rolled-back' AND json_extract(m.member, '$.target.digest') IS NOT NULL;
+         INSERT OR IGNORE INTO temp.rollout_digests (bundle, digest)
+             SELECT r.bundle, json_extract(m.member, '$.previous.digest') FROM rollouts r
+             JOIN rollout_members m ON m.rollout = r.id
+             WHERE r.phase != 'rolled-back' AND json_extract(m.member, '$.previous.digest') IS NOT NULL;",
+    )
+}
+
+impl SqliteStore {
+    /// Runs `statement` (which deletes at most `?n` rows, its last parameter, plus `params`)
+    /// until a run deletes fewer than a chunk; returns how many went.
+    fn delete_in_chunks(&self, sql: &'static str, first: i64) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let deleted = self.write(move |connection| {
+                Ok(connection
+                    .prepare_cached(sql)?
+                    .execute(params![first, CHUNK])?)
+            })?;
+            total += deleted as u64;
+            if (deleted as i64) < CHUNK {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+impl RetentionStore for SqliteStore {
+    fn prune(&self, policy: &Retention, now: i64) -> Result<Pruned, StoreError> {
+        let mut pruned = Pruned::default();
+        pruned.events += self.delete_in_chunks(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ?1 ORDER BY id LIMIT ?2)",
+            now.saturating_sub(policy.events_age),
+        )?;
+        pruned.events += self.delete_in_chunks(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events
+               WHERE id <= (SELECT MAX(id) FROM events) - ?1 ORDER BY id LIMIT ?2)",
+            policy.events_max.min(i64::MAX as u64) as i64,
+        )?;
+        pruned.status_history += self.delete_in_chunks(
+            "DELETE FROM status_history WHERE id IN (SELECT id FROM status_history WHERE received_at < ?1 ORDER BY id LIMIT ?2)",
+            now.saturating_sub(policy.history_age),
+        )?;
+        pruned.status_history += self.delete_in_chunks(
+            "DELETE FROM status_history WHERE id IN (SELECT id FROM status_history
+               WHERE id <= (SELECT MAX(id) FROM status_history) - ?1 ORDER BY id LIMIT ?2)",
+            policy.history_max.min(i64::MAX as u64) as i64,
+        )?;
+        pruned.delta_bases += self.delete_in_chunks(
+            "DELETE FROM assignment_bases WHERE rowid IN (SELECT rowid FROM (
+               SELECT rowid, ROW_NUMBER() OVER (PARTITION BY agent, bundle ORDER BY assigned_at DESC, rowid DESC) AS n
+               FROM assignment_bases) WHERE n > ?1 LIMIT ?2)",
+            DELTA_BASES_KEPT,
+        )?;
+        let kept = policy.snapshots_kept.min(i64::MAX as u64) as i64;
+        loop {
+            let (snapshots, renders, bodies) = self.write(move |connection| {
+                rollout_digests(connection)?;
+                let snapshots = connection.execute(
+                    &format!(
+                        "DELETE FROM snapshots WHERE rowid IN (SELECT s.rowid FROM snapshots s WHERE {UNREFERENCED} LIMIT ?2)"
+                    ),
+                    params![kept, CHUNK],
+                )?;
+                let (mut renders, mut bodies) = (0, 0);
+                if snapshots > 0 {
+                    renders = connection.execute(
+                        "DELETE FROM renders WHERE NOT EXISTS
+                           (SELECT 1 FROM snapshots s WHERE s.bundle = renders.bundle AND s.generation = renders.generation)",
+                        [],
+                    )?;
+                    bodies = connection.execute(
+                        "DELETE FROM bodies WHERE NOT EXISTS (SELECT 1 FROM snapshots s WHERE s.digest = bodies.digest)",
+                        [],
+                    )?;
+                }
+                Ok((snapshots, renders, bodies))
+            })?;
+            pruned.snapshots += snapshots as u64;
+            pruned.renders += renders as u64;
+            pruned.bodies += bodies as u64;
+            if (snapshots as i64) < CHUNK {
+                break;
+            }
+        }
+        Ok(pruned)
+    }
+}
