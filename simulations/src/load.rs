@@ -241,10 +241,13 @@ fn start_hub(options: &LoadOptions) -> Result<HubUnderTest> {
         "--role",
         "admin",
     ])?;
+    // The hub logs warnings only, unless OUTPOST_LOAD_HUB_LOG asks for more (say "info", to see
+    // when it rendered and assigned relative to the load generator's lines).
+    let level = std::env::var("OUTPOST_LOAD_HUB_LOG").unwrap_or_else(|_| "warn".to_owned());
     let child = Command::new(&binary)
         .args(["run", "--config", &config])
-        .env("OUTPOST_LOG", "warn")
-        .env("RUST_LOG", "warn")
+        .env("OUTPOST_LOG", &level)
+        .env("RUST_LOG", &level)
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
@@ -657,7 +660,9 @@ async fn control(
                 if assign.sequence <= agent.sequence && agent.sequence != 0 {
                     continue;
                 }
-                agent.sequence = assign.sequence;
+                // The sequence is taken only once everything it assigns is held: a session
+                // lost mid-fetch says the older sequence on reconnecting, so the hub sends
+                // the assignments again and the fetch is retried.
                 for assignment in assign.assignments {
                     let held = agent
                         .held
@@ -690,6 +695,7 @@ async fn control(
                         Err(error) => return SessionEnd::Lost(error),
                     }
                 }
+                agent.sequence = assign.sequence;
             }
             Message::Error(error) => return refused(&error),
             Message::Ack(_) => {}
@@ -1032,6 +1038,11 @@ pub fn run(options: &LoadOptions) -> Result<LoadReport> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
+    eprintln!(
+        "load: generation {} released {:.1} s after the fetch request",
+        second.0,
+        propagate_started.elapsed().as_secs_f64()
+    );
     wait_until("propagation", options.timeout, &shared, total, || {
         Ok(shared.holding(&second.1) >= total)
     })?;
