@@ -10,7 +10,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -46,6 +46,9 @@ pub struct ClientOptions {
     pub bind: SocketAddr,
     /// Status reports in flight before waiting for acknowledgements.
     pub reports_in_flight: usize,
+    /// How long a handshake may take before the next hub address is tried, when the
+    /// enrolment names more than one (a single address waits for the QUIC idle timeout).
+    pub connect_timeout: Duration,
 }
 
 impl Default for ClientOptions {
@@ -59,6 +62,7 @@ impl Default for ClientOptions {
             fetch_attempts: 3,
             bind: SocketAddr::from(([0, 0, 0, 0], 0)),
             reports_in_flight: 16,
+            connect_timeout: Duration::from_secs(15),
         }
     }
 }
@@ -190,12 +194,33 @@ struct Inner {
     changed: watch::Sender<u64>,
     outbox_ready: Notify,
     fetch_wanted: Notify,
+    /// Which of the hub's addresses to try first: moved on when one fails or is lost.
+    next_hub: AtomicUsize,
 }
 
 pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs() as i64)
+}
+
+/// The hub addresses in an enrolment's `hub`: one or more `host:port`, separated by commas
+/// (replicas of one hub on a shared store, tried in turn).
+pub fn hub_addresses(hubs: &str) -> impl Iterator<Item = &str> {
+    hubs.split(',').map(str::trim).filter(|hub| !hub.is_empty())
+}
+
+/// What is wrong with a `hub` value, if anything: every address needs a port.
+pub fn check_hub_addresses(hubs: &str) -> Result<(), String> {
+    if hub_addresses(hubs).next().is_none() {
+        return Err("no hub address; give one like \"hub.example.com:7443\"".to_owned());
+    }
+    match hub_addresses(hubs).find(|hub| !hub.contains(':')) {
+        Some(hub) => Err(format!(
+            "hub address {hub:?} needs a port, like \"hub.example.com:7443\" (several: separate them with commas)"
+        )),
+        None => Ok(()),
+    }
 }
 
 /// splitmix64: a tiny seeded generator for backoff jitter.
@@ -235,6 +260,7 @@ impl Client {
                 changed: watch::Sender::new(0),
                 outbox_ready: Notify::new(),
                 fetch_wanted: Notify::new(),
+                next_hub: AtomicUsize::new(0),
             }),
         }
     }
@@ -330,6 +356,79 @@ impl Client {
         }
     }
 
+    /// Connects to one of the hub's addresses (`hubs`: one or more `host:port`, comma
+    /// separated — replicas, or one load-balanced name that resolves to several). Starts with
+    /// the address after the one that last failed or was lost, so an agent whose replica died
+    /// goes to another; with several, each handshake gets `connect_timeout`.
+    async fn connect(
+        &self,
+        endpoint: &quinn::Endpoint,
+        hubs: &str,
+        config: quinn::ClientConfig,
+    ) -> Result<quinn::Connection, SessionError> {
+        let mut candidates: Vec<SocketAddr> = Vec::new();
+        let mut unresolved = Vec::new();
+        for hub in hub_addresses(hubs) {
+            match tokio::net::lookup_host(hub).await {
+                Ok(addresses) => {
+                    for address in addresses {
+                        if !candidates.contains(&address) {
+                            candidates.push(address);
+                        }
+                    }
+                }
+                Err(error) => unresolved.push(format!("{hub}: {error}")),
+            }
+        }
+        if candidates.is_empty() {
+            let why = if unresolved.is_empty() {
+                "no address".to_owned()
+            } else {
+                unresolved.join("; ")
+            };
+            return Err(SessionError::Resolve(hubs.to_owned(), why));
+        }
+        for problem in &unresolved {
+            tracing::warn!(%problem, "a hub address does not resolve; trying the others");
+        }
+        let first = self.inner.next_hub.load(Ordering::Relaxed);
+        let mut last_error = None;
+        for attempt in 0..candidates.len() {
+            let index = (first + attempt) % candidates.len();
+            let address = candidates[index];
+            let connecting = endpoint.connect_with(config.clone(), address, SERVER_NAME)?;
+            let outcome = if candidates.len() == 1 {
+                connecting.await.map_err(SessionError::from)
+            } else {
+                match tokio::time::timeout(self.inner.options.connect_timeout, connecting).await {
+                    Ok(outcome) => outcome.map_err(SessionError::from),
+                    Err(_) => Err(SessionError::Protocol(format!(
+                        "no handshake with {address} within {:?}",
+                        self.inner.options.connect_timeout
+                    ))),
+                }
+            };
+            match outcome {
+                Ok(connection) => {
+                    // A lost connection starts the next attempt at the following address.
+                    self.inner
+                        .next_hub
+                        .store((index + 1) % candidates.len(), Ordering::Relaxed);
+                    return Ok(connection);
+                }
+                Err(error) => {
+                    if candidates.len() > 1 {
+                        tracing::info!(%address, %error, "hub address failed; trying the next");
+                    }
+                    last_error = Some(error);
+                }
+            }
+        }
+        self.inner.next_hub.store(first + 1, Ordering::Relaxed);
+        Err(last_error
+            .unwrap_or_else(|| SessionError::Resolve(hubs.to_owned(), "no address".to_owned())))
+    }
+
     async fn session(
         &self,
         endpoint: &quinn::Endpoint,
@@ -345,18 +444,13 @@ impl Client {
             &self.inner.options.tuning,
         )
         .map_err(|error| SessionError::Setup(error.to_string()))?;
-        let address = tokio::net::lookup_host(&enrolment.hub)
-            .await
-            .map_err(|error| SessionError::Resolve(enrolment.hub.clone(), error.to_string()))?
-            .next()
-            .ok_or_else(|| SessionError::Resolve(enrolment.hub.clone(), "no address".to_owned()))?;
-        let connection = endpoint.connect_with(config, address, SERVER_NAME)?.await?;
+        let connection = self.connect(endpoint, &enrolment.hub, config).await?;
         *connected = true;
         self.inner
             .counters
             .connections
             .fetch_add(1, Ordering::Relaxed);
-        tracing::info!(hub = %enrolment.hub, "connected to the hub");
+        tracing::info!(hub = %connection.remote_address(), "connected to the hub");
         let (mut send, recv) = connection.open_bi().await?;
         let mut reader = MessageReader::new(recv);
         if let (Some(token), None) = (enrolment.token, &enrolment.agent_id) {

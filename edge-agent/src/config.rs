@@ -4,7 +4,8 @@
 //! ```toml
 //! state_dir = "/var/lib/outpost-agent"          # key, database; default shown
 //! enrolment_bundle = "/etc/outpost-agent/enrol.toml"  # `run` enrols with it if not enrolled yet
-//! hub = "hub.example.com:7443"                  # overrides the address from enrolment (hub moved)
+//! hub = "hub.example.com:7443"                  # overrides the address from enrolment (hub moved);
+//!                                               # several (replicas): "hub-a:7443,hub-b:7443"
 //!
 //! [cluster]
 //! target = "auto"        # auto | kubeconfig | in-cluster | none (cache snapshots only)
@@ -195,11 +196,9 @@ impl AgentConfig {
             }
         };
         if let Some(hub) = &raw.hub
-            && !hub.contains(':')
+            && let Err(problem) = crate::client::check_hub_addresses(hub)
         {
-            problems.push(format!(
-                "hub {hub:?} needs a port, like \"hub.example.com:7443\""
-            ));
+            problems.push(format!("hub: {problem}"));
         }
         let defaults = ReconcileOptions::default();
         let seconds =

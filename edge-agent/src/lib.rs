@@ -187,10 +187,8 @@ impl EnrolmentBundle {
         if root_key.is_none() {
             problems.push("root_key is not an ed25519 public key (64 hex digits)".to_owned());
         }
-        if !hub.contains(':') {
-            problems.push(format!(
-                "hub {hub:?} needs a port, like \"hub.example.com:7443\""
-            ));
+        if let Err(problem) = client::check_hub_addresses(&hub) {
+            problems.push(format!("hub: {problem}"));
         }
         match (hub_pin, root_key, problems.is_empty()) {
             (Some(hub_pin), Some(root_key), true) => Ok(EnrolmentBundle {
@@ -230,6 +228,15 @@ mod tests {
             (bundle.hub.as_str(), bundle.token.as_str()),
             ("hub:7443", "t")
         );
+        let replicas = text.replace("hub:7443", "hub-a:7443, hub-b:7443");
+        let bundle = EnrolmentBundle::parse(&replicas).unwrap();
+        assert_eq!(
+            client::hub_addresses(&bundle.hub).collect::<Vec<_>>(),
+            ["hub-a:7443", "hub-b:7443"]
+        );
+        let error =
+            EnrolmentBundle::parse(&text.replace("hub:7443", "hub-a:7443,hub-b")).unwrap_err();
+        assert!(error.contains("\"hub-b\" needs a port"), "{error}");
     }
 
     #[test]

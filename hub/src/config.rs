@@ -21,7 +21,8 @@
 //!                                          # (then not on the admin one)
 //! agents = "0.0.0.0:7443"                  # QUIC for agents (default shown)
 //! agents_public = "hub.example.com:7443"   # how agents reach it (enrolment bundles); default:
-//!                                          # listen.agents, 0.0.0.0 read as 127.0.0.1
+//!                                          # listen.agents, 0.0.0.0 read as 127.0.0.1;
+//!                                          # replicas: "hub-a:7443,hub-b:7443" (tried in turn)
 //!
 //! [retention]                              # optional: what the store forgets (defaults shown)
 //! events = "90d"                           # events older than this are deleted…
@@ -391,9 +392,17 @@ impl Config {
                     false => listen_agents.to_string(),
                 }
             });
-        if !agents_public.contains(':') {
+        let addresses: Vec<&str> = agents_public
+            .split(',')
+            .map(str::trim)
+            .filter(|address| !address.is_empty())
+            .collect();
+        if addresses.is_empty() {
+            problems.push("listen.agents_public is empty; give the address agents dial, like \"hub.example.com:7443\"".to_owned());
+        }
+        for address in addresses.iter().filter(|address| !address.contains(':')) {
             problems.push(format!(
-                "listen.agents_public = {agents_public:?} needs a port, like \"hub.example.com:7443\""
+                "listen.agents_public: {address:?} needs a port, like \"hub.example.com:7443\" (replicas: several, separated by commas)"
             ));
         }
         if listen_admin == listen_agents {

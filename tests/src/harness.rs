@@ -64,6 +64,60 @@ pub struct Published {
     pub digest: Digest,
 }
 
+/// A hub runtime on `store` and `keys` with its own agent listener on a free loopback port.
+fn runtime(
+    store: &SqliteStore,
+    keys: &Arc<HubKeys>,
+    options: ServiceOptions,
+    tuning: &Tuning,
+) -> (Hub, SocketAddr) {
+    let config = server_config(keys.transport(), tuning).expect("server config");
+    let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().expect("address"))
+        .expect("hub endpoint");
+    let address = endpoint.local_addr().expect("bound");
+    let mut settings = HubSettings::new(Vec::new(), keys);
+    settings.service = options;
+    let hub = Hub::start(HubParts {
+        settings,
+        store: Arc::new(store.clone()),
+        keys: keys.clone(),
+        clock: unix_now,
+        agents: endpoint,
+        enrolment: EnrolmentInfo {
+            hub_address: address.to_string(),
+            hub_pin: hub_pin(&keys.transport().public_key()),
+            root_key: keys.root(),
+        },
+        admin: None,
+        hooks: None,
+    });
+    (hub, address)
+}
+
+/// A second hub runtime on a [`TestHub`]'s store and keys: what a replica on a shared
+/// database is. It serves agents from the shared state; the first hub's change bus does not
+/// reach its sessions (an agent connected here sees a change when it next connects).
+#[derive(Debug)]
+pub struct Replica {
+    /// Its QUIC address.
+    pub address: SocketAddr,
+    _hub: Hub,
+}
+
+impl TestHub {
+    /// A replica of this hub (same store, same keys), listening on an address of its own.
+    pub fn replica(&self, options: ServiceOptions, tuning: &Tuning) -> Replica {
+        let (hub, address) = runtime(&self.store, &self.keys, options, tuning);
+        Replica { address, _hub: hub }
+    }
+
+    /// Stops this hub's runtime: its agent listener closes, its connections end. The store
+    /// stays (replicas go on with it).
+    pub fn stop(&mut self) {
+        self.hub.take();
+    }
+}
+
 impl TestHub {
     /// Starts a hub with `options` and QUIC `tuning`.
     pub async fn start(options: ServiceOptions, tuning: &Tuning) -> TestHub {
@@ -72,26 +126,7 @@ impl TestHub {
         let keys = HubKeys::create(&dir.path().join("keys"), KeyPolicy::default(), unix_now())
             .expect("hub keys");
         let keys = Arc::new(keys);
-        let config = server_config(keys.transport(), tuning).expect("server config");
-        let endpoint = quinn::Endpoint::server(config, "127.0.0.1:0".parse().expect("address"))
-            .expect("hub endpoint");
-        let address = endpoint.local_addr().expect("bound");
-        let mut settings = HubSettings::new(Vec::new(), &keys);
-        settings.service = options;
-        let hub = Hub::start(HubParts {
-            settings,
-            store: Arc::new(store.clone()),
-            keys: keys.clone(),
-            clock: unix_now,
-            agents: endpoint,
-            enrolment: EnrolmentInfo {
-                hub_address: address.to_string(),
-                hub_pin: hub_pin(&keys.transport().public_key()),
-                root_key: keys.root(),
-            },
-            admin: None,
-            hooks: None,
-        });
+        let (hub, address) = runtime(&store, &keys, options, tuning);
         TestHub {
             dir,
             store,
@@ -275,10 +310,22 @@ impl TestAgent {
         token: &str,
         options: ClientOptions,
     ) -> TestAgent {
+        TestAgent::dialling(dir, hub, &address.to_string(), token, options)
+    }
+
+    /// Like [`TestAgent::new`], with the enrolment's `hub` as given: one or more addresses,
+    /// comma separated (replicas).
+    pub fn dialling(
+        dir: &Path,
+        hub: &TestHub,
+        hubs: &str,
+        token: &str,
+        options: ClientOptions,
+    ) -> TestAgent {
         let (_, _) = identity::load_or_create(&paths::key(dir)).expect("agent key");
         let mut state = State::open(&paths::database(dir)).expect("agent state");
         state
-            .set_enrolment(&address.to_string(), &hub.pin(), &hub.keys.root(), token)
+            .set_enrolment(hubs, &hub.pin(), &hub.keys.root(), token)
             .expect("enrolment");
         drop(state);
         TestAgent::open(dir, options)
