@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs the system packages the build (and, with "tests", the tests) need when they are missing,
+# from Debian's archive: a C compiler (zstd-sys builds libzstd), pkg-config and libcurl's and
+# OpenSSL's headers (gix's https transport links the system libcurl; without them curl-sys would
+# quietly build a libcurl without TLS), and for the tests git, python3, openssl, tar and headless
+# Chromium (the fleet page test takes a screenshot with it). Needs root, or sudo, to install.
+# Usage: bash scripts/setup.sh [build|tests]
+set -euo pipefail
+what="${1:-build}"
+
+missing=()
+command -v cc >/dev/null || missing+=(gcc libc6-dev)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+pkg-config --exists libcurl 2>/dev/null || missing+=(libcurl4-openssl-dev)
+pkg-config --exists openssl 2>/dev/null || missing+=(libssl-dev)
+if [ "$what" = tests ]; then
+  command -v git >/dev/null || missing+=(git)
+  command -v python3 >/dev/null || missing+=(python3)
+  command -v openssl >/dev/null || missing+=(openssl)
+  command -v tar >/dev/null || missing+=(tar)
+  command -v chromium >/dev/null || command -v chromium-browser >/dev/null || missing+=(chromium)
+fi
+
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    as_root=()
+  elif command -v sudo >/dev/null; then
+    as_root=(sudo)
+  else
+    echo "setup: missing ${missing[*]}; install them as root: apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+  if ! command -v apt-get >/dev/null; then
+    echo "setup: missing ${missing[*]} (Debian package names) and this is not a Debian-like system; install their equivalents" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  "${as_root[@]}" apt-get update -qq
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo is missing: install Rust 1.89 or newer (https://rustup.rs)" >&2
+  exit 1
+fi
