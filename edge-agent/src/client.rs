@@ -127,6 +127,8 @@ enum SessionError {
     Protocol(String),
     #[error("the hub is busy: {0}")]
     Busy(String, Duration),
+    #[error("no handshake with the hub at {0} within {1:?}")]
+    Unanswered(SocketAddr, Duration),
 }
 
 /// What an `Error` from the hub means for the session: `Busy` waits as long as it says.
@@ -396,16 +398,21 @@ impl Client {
         for attempt in 0..candidates.len() {
             let index = (first + attempt) % candidates.len();
             let address = candidates[index];
-            let connecting = endpoint.connect_with(config.clone(), address, SERVER_NAME)?;
-            let outcome = if candidates.len() == 1 {
-                connecting.await.map_err(SessionError::from)
-            } else {
-                match tokio::time::timeout(self.inner.options.connect_timeout, connecting).await {
-                    Ok(outcome) => outcome.map_err(SessionError::from),
-                    Err(_) => Err(SessionError::Protocol(format!(
-                        "no handshake with {address} within {:?}",
-                        self.inner.options.connect_timeout
-                    ))),
+            // An address this endpoint cannot dial (IPv6 from an IPv4 socket) is one failure.
+            let outcome = match endpoint.connect_with(config.clone(), address, SERVER_NAME) {
+                Err(error) => Err(SessionError::from(error)),
+                Ok(connecting) if candidates.len() == 1 => {
+                    connecting.await.map_err(SessionError::from)
+                }
+                Ok(connecting) => {
+                    match tokio::time::timeout(self.inner.options.connect_timeout, connecting).await
+                    {
+                        Ok(outcome) => outcome.map_err(SessionError::from),
+                        Err(_) => Err(SessionError::Unanswered(
+                            address,
+                            self.inner.options.connect_timeout,
+                        )),
+                    }
                 }
             };
             match outcome {

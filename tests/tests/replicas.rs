@@ -23,7 +23,13 @@ async fn an_address_that_does_not_answer_is_skipped() {
     let hub = TestHub::start(options(), &Tuning::default()).await;
     // A socket nobody reads: handshakes sent there vanish (no ICMP answer on a bound port).
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    let hubs = format!("{},{}", silent.local_addr().unwrap(), hub.address);
+    // The live hub by name: "localhost" may also resolve to ::1, which this IPv4 agent
+    // socket cannot dial — one more address to pass over.
+    let hubs = format!(
+        "{},localhost:{}",
+        silent.local_addr().unwrap(),
+        hub.address.port()
+    );
     let dirs = tempfile::tempdir().unwrap();
     let mut agent = TestAgent::dialling(
         &dirs.path().join("a"),
