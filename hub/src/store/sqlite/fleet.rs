@@ -6,11 +6,11 @@ use outpost_proto::Digest;
 use outpost_proto::wire::{BundleStatus, Phase};
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::store::labels_from_json;
+use super::store::{AGENT_COLUMNS, agent_from_row, labels_from_json};
 use super::{SqliteStore, add_event, digest_at, next_change};
 use crate::store::{
-    Agent, AgentAssignments, AssignmentChange, AssignmentRow, FleetChanges, FleetStore,
-    SessionRead, SignedHeader, StatusOutcome, StatusWrite, StoreError, StoredStatus,
+    AgentAssignments, AssignmentChange, AssignmentRow, FleetChanges, FleetStore, SessionRead,
+    SignedHeader, StatusOutcome, StatusWrite, StoreError, StoredStatus,
 };
 
 /// How many of an agent's latest assignments of a bundle count as delta bases.
@@ -310,27 +310,12 @@ impl FleetStore for SqliteStore {
             let transaction = connection.unchecked_transaction()?;
             let mut found = std::collections::HashMap::new();
             let agents = transaction
-                .prepare_cached(
-                    "SELECT id, public_key, enrolled_at, last_seen, revoked_at, revoked_by, revoked_why, label_set, assignment_sequence
-                     FROM agents WHERE id IN (SELECT value FROM json_each(?1))",
-                )?
+                .prepare_cached(&format!(
+                    "SELECT {AGENT_COLUMNS}, label_set, assignment_sequence
+                     FROM agents WHERE id IN (SELECT value FROM json_each(?1))"
+                ))?
                 .query_map([&list], |row| {
-                    let revoked_at: Option<i64> = row.get(4)?;
-                    let agent = Agent {
-                        id: row.get(0)?,
-                        public_key: row.get(1)?,
-                        labels: labels_from_json(&row.get::<_, String>(7)?),
-                        enrolled_at: row.get(2)?,
-                        last_seen: row.get(3)?,
-                        revoked: match revoked_at {
-                            Some(at) => Some((
-                                at,
-                                row.get::<_, Option<String>>(5)?.unwrap_or_default(),
-                                row.get::<_, Option<String>>(6)?.unwrap_or_default(),
-                            )),
-                            None => None,
-                        },
-                    };
+                    let agent = agent_from_row(row, labels_from_json(&row.get::<_, String>(7)?))?;
                     Ok((agent, row.get::<_, i64>(8)? as u64))
                 })?
                 .collect::<Result<Vec<_>, _>>()?;

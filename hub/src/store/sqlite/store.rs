@@ -24,6 +24,33 @@ pub(super) fn labels_to_json(labels: &BTreeMap<String, String>) -> String {
     serde_json::Value::Object(map).to_string()
 }
 
+/// The columns [`agent_from_row`] reads, in its order (`label_set` last, for callers that want labels).
+pub(super) const AGENT_COLUMNS: &str =
+    "id, public_key, enrolled_at, last_seen, revoked_at, revoked_by, revoked_why";
+
+/// An agent from a row that starts with [`AGENT_COLUMNS`]; `labels` come from elsewhere.
+pub(super) fn agent_from_row(
+    row: &rusqlite::Row<'_>,
+    labels: BTreeMap<String, String>,
+) -> rusqlite::Result<Agent> {
+    let revoked_at: Option<i64> = row.get(4)?;
+    Ok(Agent {
+        id: row.get(0)?,
+        public_key: row.get(1)?,
+        labels,
+        enrolled_at: row.get(2)?,
+        last_seen: row.get(3)?,
+        revoked: match revoked_at {
+            Some(at) => Some((
+                at,
+                row.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                row.get::<_, Option<String>>(6)?.unwrap_or_default(),
+            )),
+            None => None,
+        },
+    })
+}
+
 pub(super) fn labels_from_json(text: &str) -> BTreeMap<String, String> {
     serde_json::from_str::<BTreeMap<String, String>>(text).unwrap_or_default()
 }
@@ -62,28 +89,9 @@ pub(super) fn agents_where(
     filter: &str,
     parameter: Option<&str>,
 ) -> Result<Vec<Agent>, StoreError> {
-    let sql = format!(
-        "SELECT id, public_key, enrolled_at, last_seen, revoked_at, revoked_by, revoked_why FROM agents {filter} ORDER BY id"
-    );
+    let sql = format!("SELECT {AGENT_COLUMNS} FROM agents {filter} ORDER BY id");
     let mut statement = connection.prepare_cached(&sql)?;
-    let map = |row: &rusqlite::Row<'_>| {
-        let revoked_at: Option<i64> = row.get(4)?;
-        Ok(Agent {
-            id: row.get(0)?,
-            public_key: row.get(1)?,
-            labels: BTreeMap::new(),
-            enrolled_at: row.get(2)?,
-            last_seen: row.get(3)?,
-            revoked: match revoked_at {
-                Some(at) => Some((
-                    at,
-                    row.get::<_, Option<String>>(5)?.unwrap_or_default(),
-                    row.get::<_, Option<String>>(6)?.unwrap_or_default(),
-                )),
-                None => None,
-            },
-        })
-    };
+    let map = |row: &rusqlite::Row<'_>| agent_from_row(row, BTreeMap::new());
     let mut agents: Vec<Agent> = match parameter {
         Some(parameter) => statement
             .query_map([parameter], map)?

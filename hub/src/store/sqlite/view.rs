@@ -9,7 +9,7 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, params_from_iter};
 
 use super::fleet::{STATUS_COLUMNS, status_from_row};
-use super::store::labels_from_json;
+use super::store::{AGENT_COLUMNS, agent_from_row, labels_from_json};
 use super::{SqliteStore, digest_at};
 use crate::store::{
     Agent, AssignmentRow, FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView, StoreError,
@@ -113,27 +113,12 @@ fn id_list(ids: &[String]) -> String {
 }
 
 fn agents_in(connection: &Connection, ids: &str) -> Result<Vec<Agent>, StoreError> {
-    let mut statement = connection.prepare_cached(
-        "SELECT id, public_key, enrolled_at, last_seen, revoked_at, revoked_by, revoked_why, label_set
-         FROM agents WHERE id IN (SELECT value FROM json_each(?1)) ORDER BY id",
-    )?;
+    let mut statement = connection.prepare_cached(&format!(
+        "SELECT {AGENT_COLUMNS}, label_set
+         FROM agents WHERE id IN (SELECT value FROM json_each(?1)) ORDER BY id"
+    ))?;
     let rows = statement.query_map([ids], |row| {
-        let revoked_at: Option<i64> = row.get(4)?;
-        Ok(Agent {
-            id: row.get(0)?,
-            public_key: row.get(1)?,
-            labels: labels_from_json(&row.get::<_, String>(7)?),
-            enrolled_at: row.get(2)?,
-            last_seen: row.get(3)?,
-            revoked: match revoked_at {
-                Some(at) => Some((
-                    at,
-                    row.get::<_, Option<String>>(5)?.unwrap_or_default(),
-                    row.get::<_, Option<String>>(6)?.unwrap_or_default(),
-                )),
-                None => None,
-            },
-        })
+        agent_from_row(row, labels_from_json(&row.get::<_, String>(7)?))
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
