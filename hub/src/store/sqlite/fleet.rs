@@ -34,6 +34,16 @@ fn remember_base(
     Ok(())
 }
 
+/// An assignment from a row that starts with `agent, bundle, generation, digest`.
+pub(super) fn assignment_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AssignmentRow> {
+    Ok(AssignmentRow {
+        agent: row.get(0)?,
+        bundle: row.get(1)?,
+        generation: row.get::<_, i64>(2)? as u64,
+        digest: digest_at(row, 3)?,
+    })
+}
+
 /// Bumps the assignment sequence of each agent (its sessions send the new assignments) and
 /// stamps it in the change feed.
 fn bump_sequences<'a>(
@@ -229,17 +239,8 @@ impl FleetStore for SqliteStore {
                 "SELECT agent, bundle, generation, digest, origin FROM assignments
                  WHERE ?1 IS NULL OR bundle = ?1 ORDER BY agent, bundle",
             )?;
-            let rows = statement.query_map([bundle], |row| {
-                Ok((
-                    AssignmentRow {
-                        agent: row.get(0)?,
-                        bundle: row.get(1)?,
-                        generation: row.get::<_, i64>(2)? as u64,
-                        digest: digest_at(row, 3)?,
-                    },
-                    row.get(4)?,
-                ))
-            })?;
+            let rows = statement
+                .query_map([bundle], |row| Ok((assignment_from_row(row)?, row.get(4)?)))?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
@@ -337,14 +338,7 @@ impl FleetStore for SqliteStore {
                     "SELECT agent, bundle, generation, digest FROM assignments
                      WHERE agent IN (SELECT value FROM json_each(?1)) ORDER BY agent, bundle",
                 )?
-                .query_map([&list], |row| {
-                    Ok(AssignmentRow {
-                        agent: row.get(0)?,
-                        bundle: row.get(1)?,
-                        generation: row.get::<_, i64>(2)? as u64,
-                        digest: digest_at(row, 3)?,
-                    })
-                })?
+                .query_map([&list], assignment_from_row)?
                 .collect::<Result<Vec<_>, _>>()?;
             for row in rows {
                 if let Some(read) = found.get_mut(&row.agent) {

@@ -8,11 +8,11 @@ use outpost_proto::Digest;
 use rusqlite::types::Value;
 use rusqlite::{Connection, params_from_iter};
 
-use super::fleet::{STATUS_COLUMNS, status_from_row};
+use super::fleet::{STATUS_COLUMNS, assignment_from_row, status_from_row};
 use super::store::{AGENT_COLUMNS, agent_from_row, labels_from_json};
 use super::{SqliteStore, digest_at};
 use crate::store::{
-    Agent, AssignmentRow, FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView, StoreError,
+    Agent, FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView, StoreError,
 };
 
 /// The agents not revoked (the revoked are few, and indexed).
@@ -180,17 +180,7 @@ impl FleetView for SqliteStore {
                     "SELECT agent, bundle, generation, digest, origin FROM assignments
                      WHERE agent IN (SELECT value FROM json_each(?1)) ORDER BY agent, bundle",
                 )?
-                .query_map([&ids], |row| {
-                    Ok((
-                        AssignmentRow {
-                            agent: row.get(0)?,
-                            bundle: row.get(1)?,
-                            generation: row.get::<_, i64>(2)? as u64,
-                            digest: digest_at(row, 3)?,
-                        },
-                        row.get(4)?,
-                    ))
-                })?
+                .query_map([&ids], |row| Ok((assignment_from_row(row)?, row.get(4)?)))?
                 .collect::<Result<_, _>>()?;
             let statuses = connection
                 .prepare_cached(&format!(
