@@ -466,9 +466,10 @@ pub(crate) fn the_change_feed_names_what_changed_and_nothing_else(store: &dyn Hu
     assert_eq!(store.change_cursor().unwrap(), revoked.cursor);
 }
 
-pub(crate) fn rollouts_keep_members_in_rows_and_refuse_lost_updates(store: &dyn HubStore) {
-    use crate::rollout::machine::{Input, OnFailure, Plan, Rollout, Size};
-    let plan = Plan {
+/// A rollout plan for the store tests: tag v2 of `pos`, waves 1 then 100 %, no failure allowed.
+pub(crate) fn two_wave_plan() -> crate::rollout::machine::Plan {
+    use crate::rollout::machine::{OnFailure, Plan, Size};
+    Plan {
         bundle: "pos".to_owned(),
         source: "file:///git".to_owned(),
         git_ref: "refs/tags/v2".to_owned(),
@@ -478,8 +479,12 @@ pub(crate) fn rollouts_keep_members_in_rows_and_refuse_lost_updates(store: &dyn 
         health_timeout: 600,
         max_failures: Size::Count(0),
         on_failure: OnFailure::Pause,
-    };
-    let mut rollout = Rollout::new(0, plan, "alice", "ship it", 100).unwrap();
+    }
+}
+
+pub(crate) fn rollouts_keep_members_in_rows_and_refuse_lost_updates(store: &dyn HubStore) {
+    use crate::rollout::machine::{Input, Rollout};
+    let mut rollout = Rollout::new(0, two_wave_plan(), "alice", "ship it", 100).unwrap();
     assert_eq!(
         store.create_rollout(&mut rollout).unwrap(),
         Created::Created(1)

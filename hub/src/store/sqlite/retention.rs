@@ -43,12 +43,14 @@ fn rollout_digests(connection: &Connection) -> rusqlite::Result<()> {
 impl SqliteStore {
     /// Runs `statement` (which deletes at most `?n` rows, its last parameter, plus `params`)
     /// until a run deletes fewer than a chunk; returns how many went.
-    fn delete_in_chunks(&self, sql: &'static str, first: i64) -> Result<u64, StoreError> {
+    fn delete_in_chunks(&self, sql: &str, first: i64) -> Result<u64, StoreError> {
+        let sql: std::sync::Arc<str> = sql.into();
         let mut total = 0;
         loop {
+            let sql = sql.clone();
             let deleted = self.write(move |connection| {
                 Ok(connection
-                    .prepare_cached(sql)?
+                    .prepare_cached(&sql)?
                     .execute(params![first, CHUNK])?)
             })?;
             total += deleted as u64;
@@ -57,28 +59,45 @@ impl SqliteStore {
             }
         }
     }
+
+    /// Deletes the rows of an append-only log (`table` with an increasing `id`, stamped in
+    /// `at_column`) older than `age` seconds, then the oldest beyond `max` rows.
+    fn prune_log(
+        &self,
+        table: &str,
+        at_column: &str,
+        now: i64,
+        age: i64,
+        max: u64,
+    ) -> Result<u64, StoreError> {
+        let old = self.delete_in_chunks(
+            &format!(
+                "DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE {at_column} < ?1 ORDER BY id LIMIT ?2)"
+            ),
+            now.saturating_sub(age),
+        )?;
+        let beyond = self.delete_in_chunks(
+            &format!(
+                "DELETE FROM {table} WHERE id IN (SELECT id FROM {table}
+                   WHERE id <= (SELECT MAX(id) FROM {table}) - ?1 ORDER BY id LIMIT ?2)"
+            ),
+            max.min(i64::MAX as u64) as i64,
+        )?;
+        Ok(old + beyond)
+    }
 }
 
 impl RetentionStore for SqliteStore {
     fn prune(&self, policy: &Retention, now: i64) -> Result<Pruned, StoreError> {
         let mut pruned = Pruned::default();
-        pruned.events += self.delete_in_chunks(
-            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ?1 ORDER BY id LIMIT ?2)",
-            now.saturating_sub(policy.events_age),
-        )?;
-        pruned.events += self.delete_in_chunks(
-            "DELETE FROM events WHERE id IN (SELECT id FROM events
-               WHERE id <= (SELECT MAX(id) FROM events) - ?1 ORDER BY id LIMIT ?2)",
-            policy.events_max.min(i64::MAX as u64) as i64,
-        )?;
-        pruned.status_history += self.delete_in_chunks(
-            "DELETE FROM status_history WHERE id IN (SELECT id FROM status_history WHERE received_at < ?1 ORDER BY id LIMIT ?2)",
-            now.saturating_sub(policy.history_age),
-        )?;
-        pruned.status_history += self.delete_in_chunks(
-            "DELETE FROM status_history WHERE id IN (SELECT id FROM status_history
-               WHERE id <= (SELECT MAX(id) FROM status_history) - ?1 ORDER BY id LIMIT ?2)",
-            policy.history_max.min(i64::MAX as u64) as i64,
+        pruned.events +=
+            self.prune_log("events", "at", now, policy.events_age, policy.events_max)?;
+        pruned.status_history += self.prune_log(
+            "status_history",
+            "received_at",
+            now,
+            policy.history_age,
+            policy.history_max,
         )?;
         pruned.delta_bases += self.delete_in_chunks(
             "DELETE FROM assignment_bases WHERE rowid IN (SELECT rowid FROM (

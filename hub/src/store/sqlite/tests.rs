@@ -101,22 +101,12 @@ fn concurrent_writes_commit_together_and_a_failing_one_fails_alone() {
 
 #[test]
 fn rollouts_stored_whole_as_json_move_to_rows_on_upgrade() {
-    use crate::rollout::machine::{Assigned, Input, OnFailure, Plan, Rollout, Size};
+    use crate::rollout::machine::{Assigned, Input, Rollout};
     use crate::store::RolloutStore;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hub.db");
     // A store as schema 8 left it: the rollout's members and history inside its JSON.
-    let plan = Plan {
-        bundle: "pos".to_owned(),
-        source: "file:///git".to_owned(),
-        git_ref: "refs/tags/v2".to_owned(),
-        git_commit: "c0ffee".to_owned(),
-        selector: String::new(),
-        waves: vec![Size::Count(1), Size::Percent(100)],
-        health_timeout: 600,
-        max_failures: Size::Count(0),
-        on_failure: OnFailure::Pause,
-    };
+    let plan = crate::store::suite::two_wave_plan();
     let mut rollout = Rollout::new(1, plan, "alice", "ship it", 100).unwrap();
     let inputs: Vec<Input> = (0..4)
         .map(|index| Input::Agent {
