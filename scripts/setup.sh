@@ -2,8 +2,9 @@
 # Installs the system packages the build (and, with "tests", the tests) need when they are missing,
 # from Debian's archive: a C compiler (zstd-sys builds libzstd), pkg-config and libcurl's and
 # OpenSSL's headers (gix's https transport links the system libcurl; without them curl-sys would
-# quietly build a libcurl without TLS), and for the tests git, python3, openssl, tar and headless
-# Chromium (the fleet page test takes a screenshot with it). Needs root, or sudo, to install.
+# quietly build a libcurl without TLS), and for the tests git, python3, openssl, tar, headless
+# Chromium (the fleet page test takes a screenshot with it) and a PostgreSQL server (the store
+# tests start their own, on a temporary directory). Needs root, or sudo, to install.
 # Usage: bash scripts/setup.sh [build|tests]
 set -euo pipefail
 what="${1:-build}"
@@ -19,6 +20,9 @@ if [ "$what" = tests ]; then
   command -v openssl >/dev/null || missing+=(openssl)
   command -v tar >/dev/null || missing+=(tar)
   command -v chromium >/dev/null || command -v chromium-browser >/dev/null || missing+=(chromium)
+  if [ -z "${OUTPOST_PG_BIN:-}" ] && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+    missing+=(postgresql)
+  fi
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then

@@ -8,7 +8,31 @@ use std::collections::BTreeMap;
 pub type Labels = BTreeMap<String, String>;
 
 use outpost_proto::Digest;
-use outpost_proto::wire::BundleStatus;
+use outpost_proto::wire::{BundleStatus, Phase};
+
+/// How many of an agent's latest assignments of a bundle count as delta bases (the hub
+/// compresses only against these; older ones are pruned by retention).
+pub(crate) const DELTA_BASES_KEPT: i64 = 4;
+
+/// A phase as the stores write it.
+pub(crate) fn phase_name(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Applying => "Applying",
+        Phase::Healthy => "Healthy",
+        Phase::Degraded => "Degraded",
+        Phase::Failed => "Failed",
+    }
+}
+
+/// A phase from [`phase_name`]'s text.
+pub(crate) fn phase_from(name: &str) -> Phase {
+    match name {
+        "Healthy" => Phase::Healthy,
+        "Degraded" => Phase::Degraded,
+        "Failed" => Phase::Failed,
+        _ => Phase::Applying,
+    }
+}
 
 /// What storing one status report came to: whether it was new, or why it failed.
 pub type StatusOutcome = Result<bool, String>;

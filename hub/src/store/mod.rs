@@ -17,6 +17,7 @@ use crate::git::RefTarget;
 
 mod auth;
 mod fleet;
+pub mod postgres;
 mod retention;
 mod rollouts;
 pub mod sqlite;
@@ -27,6 +28,7 @@ pub use fleet::{
     AgentAssignments, AssignmentChange, AssignmentRow, FleetChanges, FleetStore, Labels,
     SessionRead, SignedHeader, StatusOutcome, StatusWrite, StoredStatus,
 };
+pub use postgres::PostgresStore;
 pub use retention::{Pruned, Retention, RetentionStore};
 pub use rollouts::{Created, RolloutHead, RolloutSave, RolloutStore, Saved, StoredRollout};
 pub use sqlite::SqliteStore;
@@ -52,6 +54,20 @@ impl<T> HubStore for T where
         + Sync
         + Debug
 {
+}
+
+/// Labels as one canonical JSON object text (keys in order), as the stores keep them.
+pub(crate) fn labels_to_json(labels: &BTreeMap<String, String>) -> String {
+    let map: serde_json::Map<String, serde_json::Value> = labels
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+/// Labels from [`labels_to_json`]'s text (none, if it does not decode).
+pub(crate) fn labels_from_json(text: &str) -> BTreeMap<String, String> {
+    serde_json::from_str::<BTreeMap<String, String>>(text).unwrap_or_default()
 }
 
 /// An agent's id from its public key: 16 hex digits of its SHA-256.
@@ -193,6 +209,10 @@ pub enum StoreError {
     /// The database failed (disk full, corrupt file, locked).
     #[error("hub store: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The PostgreSQL database failed or could not be reached (the message names it, its
+    /// password elided).
+    #[error("hub store (PostgreSQL): {0}")]
+    Postgres(String),
     /// The transaction holding a write could not be committed (nothing of it was kept).
     #[error("hub store: committing failed: {0}")]
     Commit(String),

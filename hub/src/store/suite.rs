@@ -738,6 +738,394 @@ pub(crate) fn retention_never_deletes_what_is_referenced(store: &dyn HubStore) {
     assert_eq!(store.next_generation("pos").unwrap(), 13);
 }
 
+pub(crate) fn snapshots_renders_and_releases_round_trip(store: &dyn HubStore) {
+    let first = snapshot_of(1, b"body one");
+    store.insert_snapshot(&first, "tree-a", "").unwrap();
+    assert_eq!(store.rendered("pos", "tree-a", "").unwrap(), Some(1));
+    assert_eq!(store.rendered("pos", "tree-a", "region=eu").unwrap(), None);
+    assert_eq!(store.snapshot("pos", 1).unwrap(), Some(first.clone()));
+    assert_eq!(store.snapshot("pos", 2).unwrap(), None);
+    // The same body signed again under a newer generation: found by digest as the newest,
+    // its body served, kept once.
+    let mut again = snapshot_of(2, b"body one");
+    again.header = vec![42];
+    store.insert_resigned(&again).unwrap();
+    assert_eq!(
+        store.snapshot_by_digest("pos", &first.digest).unwrap(),
+        Some(again.clone())
+    );
+    assert_eq!(
+        store.snapshot_body("pos", &first.digest).unwrap(),
+        Some(b"body one".to_vec())
+    );
+    assert_eq!(store.snapshot_body("kiosk", &first.digest).unwrap(), None);
+    assert_eq!(
+        store.signed_header("pos", 2).unwrap(),
+        Some((vec![42], vec![0; 64]))
+    );
+    assert_eq!(store.snapshot_digest("pos", 2).unwrap(), Some(first.digest));
+    assert_eq!(store.snapshot_digest("pos", 9).unwrap(), None);
+    // A render remembered for another tree, then moved to another generation.
+    store.insert_render("pos", "tree-b", "", 1).unwrap();
+    assert_eq!(store.rendered("pos", "tree-b", "").unwrap(), Some(1));
+    store.insert_render("pos", "tree-b", "", 2).unwrap();
+    assert_eq!(store.rendered("pos", "tree-b", "").unwrap(), Some(2));
+
+    let release = |variant: &str, generation: Option<u64>, error: Option<&str>| Release {
+        source: "fleet".to_owned(),
+        git_ref: "refs/tags/v1".to_owned(),
+        bundle: "pos".to_owned(),
+        variant: variant.to_owned(),
+        git_commit: "c1".to_owned(),
+        generation,
+        error: error.map(str::to_owned),
+        updated_at: 100,
+    };
+    assert!(store.upsert_release(&release("", Some(1), None)).unwrap());
+    assert!(!store.upsert_release(&release("", Some(1), None)).unwrap());
+    assert!(
+        store
+            .upsert_release(&release("", None, Some("bad yaml")))
+            .unwrap()
+    );
+    assert!(
+        !store
+            .upsert_release(&release("", None, Some("bad yaml")))
+            .unwrap()
+    );
+    assert!(store.upsert_release(&release("", Some(1), None)).unwrap());
+    assert!(store.upsert_release(&release("eu", Some(2), None)).unwrap());
+    assert!(store.upsert_release(&release("us", Some(2), None)).unwrap());
+    let variants = |store: &dyn HubStore| -> Vec<String> {
+        store
+            .releases()
+            .unwrap()
+            .into_iter()
+            .map(|release| release.variant)
+            .collect()
+    };
+    assert_eq!(variants(store), ["", "eu", "us"]);
+    // Only generations a release or an assignment names are in use.
+    let in_use: Vec<u64> = store
+        .headers_in_use()
+        .unwrap()
+        .into_iter()
+        .map(|(_, generation, _)| generation)
+        .collect();
+    assert_eq!(in_use, [1, 2]);
+    store
+        .retain_variants(
+            "fleet",
+            "refs/tags/v1",
+            "pos",
+            &["".to_owned(), "us".to_owned()],
+        )
+        .unwrap();
+    assert_eq!(variants(store), ["", "us"]);
+    // A generation replaced (signed again) moves releases, renders and assignments with it.
+    let agent = enrolled(store, 1, &[]);
+    store
+        .change_assignments(
+            &[AssignmentChange {
+                agent: agent.id.clone(),
+                bundle: "pos".to_owned(),
+                to: Some((1, first.digest)),
+                origin: "track:fleet".to_owned(),
+            }],
+            110,
+        )
+        .unwrap();
+    let sequence = store.assignments(&agent.id).unwrap().sequence;
+    let third = snapshot_of(3, b"body one");
+    store.insert_resigned(&third).unwrap();
+    assert_eq!(
+        store.replace_generation("pos", 1, 3, 120).unwrap(),
+        vec![agent.id.clone()]
+    );
+    let assignments = store.assignments(&agent.id).unwrap();
+    assert_eq!(assignments.entries[0].generation, 3);
+    assert_eq!(assignments.sequence, sequence + 1);
+    assert_eq!(store.rendered("pos", "tree-a", "").unwrap(), Some(3));
+    assert_eq!(store.releases().unwrap()[0].generation, Some(3));
+    store.delete_releases("fleet", "refs/tags/v1").unwrap();
+    assert!(store.releases().unwrap().is_empty());
+}
+
+pub(crate) fn assignments_sessions_and_reports(store: &dyn HubStore) {
+    use outpost_proto::wire::Phase;
+    let a = enrolled(store, 1, &[("region", "eu")]);
+    let b = enrolled(store, 2, &[("region", "eu")]);
+    let c = enrolled(store, 3, &[("region", "us")]);
+    let row = |agent: &Agent, bundle: &str, generation: u64| AssignmentRow {
+        agent: agent.id.clone(),
+        bundle: bundle.to_owned(),
+        generation,
+        digest: Digest::of(&[generation as u8]),
+    };
+    // One origin sets what it wants; another origin's rows are never its to change.
+    let mut changed = store
+        .set_assignments("track:fleet", &[row(&a, "pos", 1), row(&b, "pos", 1)], 100)
+        .unwrap();
+    changed.sort();
+    let mut ab = vec![a.id.clone(), b.id.clone()];
+    ab.sort();
+    assert_eq!(changed, ab);
+    assert!(
+        store
+            .set_assignments("track:fleet", &[row(&a, "pos", 1), row(&b, "pos", 1)], 101)
+            .unwrap()
+            .is_empty()
+    );
+    store
+        .change_assignments(
+            &[AssignmentChange {
+                agent: b.id.clone(),
+                bundle: "pos".to_owned(),
+                to: Some((2, Digest::of(&[2]))),
+                origin: "rollout:1".to_owned(),
+            }],
+            102,
+        )
+        .unwrap();
+    assert_eq!(
+        store
+            .set_assignments("track:fleet", &[row(&a, "pos", 3), row(&b, "pos", 3)], 103)
+            .unwrap(),
+        vec![a.id.clone()]
+    );
+    assert_eq!(
+        store.assigned_by("rollout:1", "pos").unwrap(),
+        vec![b.id.clone()]
+    );
+    assert_eq!(store.bundles_assigned_by("track:fleet").unwrap(), ["pos"]);
+    let all = store.bundle_assignments(None).unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].0.generation, 3);
+    assert_eq!(all[1].1, "rollout:1");
+    assert!(store.bundle_assignments(Some("kiosk")).unwrap().is_empty());
+    // Withdrawn when no longer wanted.
+    assert_eq!(
+        store.set_assignments("track:fleet", &[], 104).unwrap(),
+        vec![a.id.clone()]
+    );
+    assert!(store.assignments(&a.id).unwrap().entries.is_empty());
+    assert_eq!(store.assignments(&a.id).unwrap().sequence, 3);
+    assert_eq!(store.assignments("no-such-agent").unwrap().sequence, 0);
+    // Tracking writes only its own rows and unassigns only its own.
+    let mut tracked = store
+        .set_tracked(
+            "track:fleet",
+            "pos",
+            &[row(&a, "pos", 4), row(&b, "pos", 4), row(&c, "pos", 4)],
+            &[],
+            105,
+        )
+        .unwrap();
+    tracked.sort();
+    let mut ac = vec![a.id.clone(), c.id.clone()];
+    ac.sort();
+    assert_eq!(tracked, ac);
+    assert_eq!(store.assignments(&b.id).unwrap().entries[0].generation, 2);
+    assert_eq!(
+        store
+            .set_tracked(
+                "track:fleet",
+                "pos",
+                &[],
+                &[b.id.clone(), c.id.clone()],
+                106
+            )
+            .unwrap(),
+        vec![c.id.clone()]
+    );
+    // Sessions: read in the order asked, an unknown id gives nothing; delta bases are the
+    // newest few snapshots assigned.
+    for generation in 5..=10 {
+        store
+            .set_tracked(
+                "track:fleet",
+                "pos",
+                &[row(&a, "pos", generation)],
+                &[],
+                100 + generation as i64,
+            )
+            .unwrap();
+    }
+    let reads = store
+        .session_reads(&[c.id.clone(), "nobody".to_owned(), a.id.clone()], true)
+        .unwrap();
+    assert_eq!(reads.len(), 3);
+    assert_eq!(
+        reads[0].agent.as_ref().map(|agent| agent.id.clone()),
+        Some(c.id.clone())
+    );
+    assert!(reads[0].assignments.entries.is_empty());
+    assert_eq!(reads[1], SessionRead::default());
+    assert_eq!(reads[2].assignments.entries, [row(&a, "pos", 10)]);
+    assert_eq!(
+        reads[2].agent.as_ref().unwrap().labels,
+        labels(&[("region", "eu")])
+    );
+    let mut bases: Vec<Digest> = reads[2].bases.iter().map(|(_, digest)| *digest).collect();
+    bases.sort();
+    let mut newest: Vec<Digest> = (7..=10u8).map(|g| Digest::of(&[g])).collect();
+    newest.sort();
+    assert_eq!(bases, newest);
+    let mut direct: Vec<Digest> = store
+        .delta_bases(&a.id)
+        .unwrap()
+        .into_iter()
+        .map(|(_, digest)| digest)
+        .collect();
+    direct.sort();
+    assert_eq!(direct, newest);
+    assert!(
+        store.session_reads(std::slice::from_ref(&a.id), false).unwrap()[0]
+            .bases
+            .is_empty()
+    );
+    // Connections: the last of a batch wins.
+    store
+        .agents_connected(&[
+            (a.id.clone(), "0.1".to_owned(), 200),
+            (b.id.clone(), "0.1".to_owned(), 201),
+            (a.id.clone(), "0.2".to_owned(), 202),
+        ])
+        .unwrap();
+    store.agent_connected(&c.id, "0.3", 203).unwrap();
+    let seen: Vec<Option<i64>> = store
+        .agents()
+        .unwrap()
+        .iter()
+        .map(|agent| agent.last_seen)
+        .collect();
+    let mut expected = vec![
+        (a.id.clone(), Some(202)),
+        (b.id.clone(), Some(201)),
+        (c.id.clone(), Some(203)),
+    ];
+    expected.sort();
+    assert_eq!(
+        seen,
+        expected.into_iter().map(|(_, at)| at).collect::<Vec<_>>()
+    );
+    // Reports: in sequence order only, only for bundles assigned, a bad one fails alone.
+    let healthy = status("pos", Digest::of(&[10]), Phase::Healthy, false);
+    let outcomes = store
+        .record_statuses(&[
+            StatusWrite {
+                agent: a.id.clone(),
+                sequence: 2,
+                bundles: vec![
+                    healthy.clone(),
+                    status("kiosk", Digest::of(&[1]), Phase::Failed, false),
+                ],
+                now: 300,
+            },
+            StatusWrite {
+                agent: a.id.clone(),
+                sequence: 1,
+                bundles: vec![status("pos", Digest::of(&[10]), Phase::Failed, false)],
+                now: 301,
+            },
+            StatusWrite {
+                agent: "nobody".to_owned(),
+                sequence: 1,
+                bundles: vec![healthy.clone()],
+                now: 302,
+            },
+            StatusWrite {
+                agent: b.id.clone(),
+                sequence: 1,
+                bundles: vec![status("pos", Digest::of(&[2]), Phase::Degraded, true)],
+                now: 303,
+            },
+        ])
+        .unwrap();
+    assert_eq!(outcomes, [Ok(true), Ok(false), Ok(false), Ok(true)]);
+    let statuses = store.statuses(Some(&a.id)).unwrap();
+    assert_eq!(statuses.len(), 1);
+    assert_eq!(statuses[0].status, healthy);
+    assert_eq!(statuses[0].received_at, 300);
+    assert_eq!(store.statuses(None).unwrap().len(), 2);
+    assert_eq!(store.status_history_len(&a.id).unwrap(), 1);
+    // The reported phase is what the fleet counts by.
+    let by_phase = |phase: &str| {
+        store
+            .fleet_ids(&FleetFilter {
+                bundle: Some("pos".to_owned()),
+                phase: Some(phase.to_owned()),
+                ..FleetFilter::default()
+            })
+            .unwrap()
+    };
+    assert_eq!(by_phase("Healthy"), vec![a.id.clone()]);
+    assert_eq!(by_phase("Degraded"), vec![b.id.clone()]);
+    assert!(
+        store
+            .events(10)
+            .unwrap()
+            .iter()
+            .any(|event| event.kind == "agent-stale")
+    );
+    // Label sets and labels: revoked agents are not counted.
+    store.revoke_agent(&c.id, "ops", "stolen", 400).unwrap();
+    assert_eq!(store.label_sets().unwrap(), [labels(&[("region", "eu")])]);
+    let mut listed: Vec<String> = store
+        .agent_labels(None)
+        .unwrap()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ab);
+    assert_eq!(
+        store
+            .agent_labels(Some(&[c.id.clone(), b.id.clone()]))
+            .unwrap(),
+        [(b.id.clone(), labels(&[("region", "eu")]))]
+    );
+    // Pages: in id order after a cursor, with the count and whether more follow.
+    let first = store.fleet_page(&FleetFilter::default(), None, 2).unwrap();
+    let mut ids = [a.id.clone(), b.id.clone(), c.id.clone()];
+    ids.sort();
+    assert_eq!(first.ids, ids[..2]);
+    assert_eq!((first.matched, first.more), (3, true));
+    let rest = store
+        .fleet_page(
+            &FleetFilter::default(),
+            first.ids.last().map(String::as_str),
+            2,
+        )
+        .unwrap();
+    assert_eq!(rest.ids, ids[2..]);
+    assert_eq!((rest.matched, rest.more), (3, false));
+}
+
+pub(crate) fn many_tokens_are_created_at_once(store: &dyn HubStore) {
+    let digests: Vec<Digest> = (0..50u8).map(|n| Digest::of(&[n, 1])).collect();
+    store
+        .create_tokens(&digests, &labels(&[("site", "depot")]), "ops", 100, 200)
+        .unwrap();
+    let tokens = store.tokens().unwrap();
+    assert_eq!(tokens.len(), 50);
+    assert!(
+        tokens
+            .iter()
+            .all(|token| token.labels == labels(&[("site", "depot")]))
+    );
+    let agent = store.enrol(&digests[7], &[9; 32], 150).unwrap().unwrap();
+    assert_eq!(agent.labels, labels(&[("site", "depot")]));
+    // All or nothing: a batch with one already stored keeps none of it.
+    let again = vec![Digest::of(b"new one"), digests[0]];
+    assert!(
+        store
+            .create_tokens(&again, &BTreeMap::new(), "ops", 100, 200)
+            .is_err()
+    );
+    assert_eq!(store.tokens().unwrap().len(), 50);
+}
+
 /// Generates one `#[test]` per suite function, each on a store made by `$make` (an
 /// expression evaluated per test that yields something holding a store as `.store`).
 macro_rules! store_suite {
@@ -752,7 +1140,10 @@ macro_rules! store_suite {
             fleet_views_filter_count_and_read_pages,
             the_change_feed_names_what_changed_and_nothing_else,
             rollouts_keep_members_in_rows_and_refuse_lost_updates,
-            retention_never_deletes_what_is_referenced
+            retention_never_deletes_what_is_referenced,
+            snapshots_renders_and_releases_round_trip,
+            assignments_sessions_and_reports,
+            many_tokens_are_created_at_once
         );
     };
     (@tests $make:expr; $($name:ident),*) => {

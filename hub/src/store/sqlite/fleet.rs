@@ -3,18 +3,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use outpost_proto::Digest;
-use outpost_proto::wire::{BundleStatus, Phase};
+use outpost_proto::wire::BundleStatus;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::store::{AGENT_COLUMNS, agent_from_row, labels_from_json};
+use super::store::{AGENT_COLUMNS, agent_from_row};
 use super::{SqliteStore, add_event, digest_at, next_change};
+use crate::store::fleet::{DELTA_BASES_KEPT, phase_from, phase_name};
+use crate::store::labels_from_json;
 use crate::store::{
     AgentAssignments, AssignmentChange, AssignmentRow, FleetChanges, FleetStore, SessionRead,
     SignedHeader, StatusOutcome, StatusWrite, StoreError, StoredStatus,
 };
-
-/// How many of an agent's latest assignments of a bundle count as delta bases.
-pub(super) const DELTA_BASES_KEPT: i64 = 4;
 
 /// Remembers that `agent` was assigned `digest` of `bundle` (a future delta base). Only the
 /// newest [`DELTA_BASES_KEPT`] count (older rows are pruned by retention).
@@ -101,24 +100,6 @@ pub(super) fn write_changes(
     }
     bump_sequences(connection, &changed)?;
     Ok(changed.into_iter().collect())
-}
-
-fn phase_name(phase: Phase) -> &'static str {
-    match phase {
-        Phase::Applying => "Applying",
-        Phase::Healthy => "Healthy",
-        Phase::Degraded => "Degraded",
-        Phase::Failed => "Failed",
-    }
-}
-
-fn phase_from(name: &str) -> Phase {
-    match name {
-        "Healthy" => Phase::Healthy,
-        "Degraded" => Phase::Degraded,
-        "Failed" => Phase::Failed,
-        _ => Phase::Applying,
-    }
 }
 
 /// The columns [`status_from_row`] reads, in order.

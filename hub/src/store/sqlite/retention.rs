@@ -6,7 +6,7 @@
 use rusqlite::{Connection, params};
 
 use super::SqliteStore;
-use super::fleet::DELTA_BASES_KEPT;
+use crate::store::fleet::DELTA_BASES_KEPT;
 use crate::store::{Pruned, Retention, RetentionStore, StoreError};
 
 /// Rows deleted per transaction.

@@ -13,16 +13,8 @@ use super::{
 use crate::git::RefTarget;
 use crate::store::{
     Agent, EnrolmentToken, Event, RefChange, Release, Store, StoreError, StoredSnapshot,
-    TokenError, agent_id,
+    TokenError, agent_id, labels_from_json, labels_to_json,
 };
-
-pub(super) fn labels_to_json(labels: &BTreeMap<String, String>) -> String {
-    let map: serde_json::Map<String, serde_json::Value> = labels
-        .iter()
-        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-        .collect();
-    serde_json::Value::Object(map).to_string()
-}
 
 /// The columns [`agent_from_row`] reads, in its order (`label_set` last, for callers that want labels).
 pub(super) const AGENT_COLUMNS: &str =
@@ -49,10 +41,6 @@ pub(super) fn agent_from_row(
             None => None,
         },
     })
-}
-
-pub(super) fn labels_from_json(text: &str) -> BTreeMap<String, String> {
-    serde_json::from_str::<BTreeMap<String, String>>(text).unwrap_or_default()
 }
 
 /// Labels of the agents `filter` selects (`""` for all), by agent id, in one query.

@@ -9,8 +9,9 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, params_from_iter};
 
 use super::fleet::{STATUS_COLUMNS, assignment_from_row, status_from_row};
-use super::store::{AGENT_COLUMNS, agent_from_row, labels_from_json};
+use super::store::{AGENT_COLUMNS, agent_from_row};
 use super::{SqliteStore, digest_at};
+use crate::store::labels_from_json;
 use crate::store::{
     Agent, FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView, StoreError,
 };
