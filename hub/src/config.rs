@@ -3,6 +3,9 @@
 //!
 //! ```toml
 //! data_dir = "/var/lib/outpost-hub"        # store, Git mirrors; required
+//! store = "sqlite"                         # optional: "sqlite" (data_dir/hub.db, the default)
+//!                                          # or "postgres://USER@HOST:PORT/DB" for replicas
+//! store_password_env = "OUTPOST_DB_PASS"   # or store_password_file: the database password
 //! key_dir = "/var/lib/outpost-hub/keys"    # optional; default: data_dir/keys
 //! poll_interval_seconds = 60               # optional; default 60, at least 1
 //! insecure_admin = false                   # serve the admin API (and webhooks) as plain HTTP
@@ -48,7 +51,7 @@
 //!                                          # POST /hooks/git/fleet (GitHub, GitLab, Gitea)
 //! ```
 //!
-//! Environment overrides: `OUTPOST_HUB_DATA_DIR`, `OUTPOST_HUB_KEY_DIR`,
+//! Environment overrides: `OUTPOST_HUB_STORE`, `OUTPOST_HUB_DATA_DIR`, `OUTPOST_HUB_KEY_DIR`,
 //! `OUTPOST_HUB_POLL_INTERVAL_SECONDS`, `OUTPOST_HUB_LISTEN_ADMIN`, `OUTPOST_HUB_LISTEN_AGENTS`,
 //! `OUTPOST_HUB_LISTEN_HOOKS`, `OUTPOST_HUB_INSECURE_ADMIN` (`true`/`false`).
 
@@ -68,6 +71,8 @@ use crate::store::Retention;
 pub struct Config {
     /// Store and Git mirrors.
     pub data_dir: PathBuf,
+    /// Where the store lives.
+    pub store: StoreConfig,
     /// Signing keys.
     pub key_dir: PathBuf,
     /// How often to fetch every source.
@@ -96,6 +101,20 @@ pub struct Config {
     pub retention_every: Duration,
     /// Git sources.
     pub sources: Vec<SourceConfig>,
+}
+
+/// Which store the hub keeps its state in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// One SQLite file, `data_dir/hub.db`: one hub.
+    Sqlite,
+    /// A PostgreSQL database shared by replicas.
+    Postgres {
+        /// `postgres://USER@HOST:PORT/DATABASE` (a password in it is better given apart).
+        url: String,
+        /// The password, from `store_password_env` or `store_password_file`.
+        password: Option<Secret>,
+    },
 }
 
 /// PEM files for HTTPS.
@@ -144,6 +163,9 @@ pub struct ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     data_dir: Option<PathBuf>,
+    store: Option<String>,
+    store_password_env: Option<String>,
+    store_password_file: Option<PathBuf>,
     key_dir: Option<PathBuf>,
     poll_interval_seconds: Option<u64>,
     insecure_admin: Option<bool>,
@@ -213,6 +235,9 @@ impl Config {
         if let Some(value) = env("OUTPOST_HUB_DATA_DIR") {
             raw.data_dir = Some(value.into());
         }
+        if let Some(value) = env("OUTPOST_HUB_STORE") {
+            raw.store = Some(value);
+        }
         if let Some(value) = env("OUTPOST_HUB_KEY_DIR") {
             raw.key_dir = Some(value.into());
         }
@@ -248,6 +273,43 @@ impl Config {
             problems.push("data_dir is required (or set OUTPOST_HUB_DATA_DIR)".to_owned());
         }
         let key_dir = raw.key_dir.unwrap_or_else(|| data_dir.join("keys"));
+        let password = secret(
+            "store_password",
+            raw.store_password_env.as_deref(),
+            raw.store_password_file.as_deref(),
+            &env,
+        )
+        .unwrap_or_else(|problem| {
+            problems.push(problem);
+            None
+        });
+        let store = match raw.store.as_deref().map(str::trim) {
+            None | Some("sqlite") => {
+                if password.is_some() {
+                    problems.push("store_password_env/store_password_file are for store = \"postgres://…\"; the SQLite store has no password".to_owned());
+                }
+                StoreConfig::Sqlite
+            }
+            Some(url) if crate::store::postgres::is_postgres_url(url) => {
+                if let Err(error) = url.parse::<tokio_postgres::Config>() {
+                    problems.push(format!(
+                        "store = {:?}: {error}; write postgres://USER@HOST:PORT/DATABASE",
+                        crate::store::postgres::redact(url)
+                    ));
+                }
+                StoreConfig::Postgres {
+                    url: url.to_owned(),
+                    password: password.map(Secret),
+                }
+            }
+            Some(other) => {
+                problems.push(format!(
+                    "store = {:?}: write \"sqlite\" or a PostgreSQL URL like \"postgres://outpost@db.example.com:5432/outpost\"",
+                    crate::store::postgres::redact(other)
+                ));
+                StoreConfig::Sqlite
+            }
+        };
         let poll_interval = raw.poll_interval_seconds.unwrap_or(60);
         if poll_interval == 0 {
             problems.push("poll_interval_seconds must be at least 1".to_owned());
@@ -473,6 +535,7 @@ impl Config {
         }
         Ok(Config {
             data_dir,
+            store,
             key_dir,
             poll_interval: Duration::from_secs(poll_interval),
             listen_admin,
@@ -493,6 +556,11 @@ impl Config {
     /// Warnings to log at every start (the configuration is valid, but an operator should know).
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
+        if let StoreConfig::Postgres { url, .. } = &self.store
+            && crate::store::postgres::redact(url) != *url
+        {
+            warnings.push("store: the URL holds a password; anyone who can read the config file can read it: give it with store_password_env or store_password_file instead".to_owned());
+        }
         if self.insecure_admin && self.tls.is_none() {
             for (field, listener) in [
                 ("admin", Some(self.listen_admin)),

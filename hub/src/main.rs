@@ -8,13 +8,14 @@ mod cli;
 mod serve;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
-use outpost_hub::config::Config;
+use outpost_hub::config::{Config, StoreConfig};
 use outpost_hub::git::GitSource;
 use outpost_hub::keys::{HubKeys, KeyPolicy};
-use outpost_hub::store::SqliteStore;
+use outpost_hub::store::{HubStore, PostgresStore, SqliteStore};
 use outpost_hub::sync::{SyncReport, sync_source};
 use outpost_proto::{Body, SourceFile};
 
@@ -384,6 +385,24 @@ pub(crate) fn unix_now() -> i64 {
         .map_or(0, |elapsed| elapsed.as_secs() as i64)
 }
 
+/// The store the configuration names: SQLite in the data dir, or a PostgreSQL database.
+pub(crate) fn open_configured_store(config: &Config) -> Result<Arc<dyn HubStore>> {
+    match &config.store {
+        StoreConfig::Sqlite => Ok(Arc::new(open_store(&config.data_dir)?)),
+        StoreConfig::Postgres { url, password } => {
+            let store = PostgresStore::connect(url, password.as_ref().map(|p| p.0.as_str()))
+                .with_context(|| {
+                    format!(
+                        "connecting to the store {} (store in the config)",
+                        outpost_hub::store::postgres::redact(url)
+                    )
+                })?;
+            tracing::info!(store = store.target(), "store: PostgreSQL");
+            Ok(Arc::new(store))
+        }
+    }
+}
+
 pub(crate) fn open_store(data_dir: &Path) -> Result<SqliteStore> {
     outpost_hub::files::private_dir(data_dir)
         .with_context(|| format!("creating the data dir {}", data_dir.display()))?;
@@ -409,19 +428,20 @@ pub(crate) fn load_keys(key_dir: &Path, policy: KeyPolicy) -> Result<HubKeys> {
 
 /// Syncs every configured source once.
 fn run(config: &Config) -> Result<()> {
-    let store = open_store(&config.data_dir)?;
+    let store = open_configured_store(config)?;
+    let store = &*store;
     let keys = load_keys(&config.key_dir, config.key_policy.clone())?;
-    outpost_hub::resign::refresh_keys(&store, &keys, unix_now()).context("reading the key dir")?;
+    outpost_hub::resign::refresh_keys(store, &keys, unix_now()).context("reading the key dir")?;
     let mut any_failed = false;
     for source in &config.sources {
         let git = config
             .open_source(source)
             .with_context(|| format!("opening the mirror of source {}", source.name))?;
         let now = unix_now();
-        let report = sync_source(&store, &keys, &git, now)
+        let report = sync_source(store, &keys, &git, now)
             .with_context(|| format!("syncing {}", source.name))?;
         print_report(&report);
-        outpost_hub::assign::assign_tracked(&store, &git, &source.track, now)
+        outpost_hub::assign::assign_tracked(store, &git, &source.track, now)
             .with_context(|| format!("assigning {}", source.name))?;
         any_failed |= report.fetch_error.is_some();
     }

@@ -12,14 +12,14 @@ use outpost_hub::runtime::{Hub, HubParts, HubSettings, SourceSettings};
 use outpost_hub::store::HubStore;
 use outpost_proto::transport::{Tuning, hub_pin, server_config};
 
-use crate::{load_keys, open_store, unix_now};
+use crate::{load_keys, open_configured_store, unix_now};
 
 /// Serves the hub until interrupted.
 pub(crate) fn serve(config: &Config) -> Result<()> {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
-    let store: Arc<dyn HubStore> = Arc::new(open_store(&config.data_dir)?);
+    let store: Arc<dyn HubStore> = open_configured_store(config)?;
     let keys = Arc::new(load_keys(&config.key_dir, config.key_policy.clone())?);
     refresh_keys(&*store, &keys, unix_now()).context("reading the key dir")?;
     let tls = config

@@ -10,10 +10,9 @@ use serde_json::{Value, json};
 
 use super::client::{ApiArgs, Client, Credentials, HubLogin, print_rows};
 use super::rollout::parse_duration;
-use crate::{Output, load_config, open_store, unix_now};
+use crate::{Output, load_config, open_configured_store, open_store, unix_now};
 use outpost_hub::api::admin::{new_token, token_json};
 use outpost_hub::api::auth::new_secret;
-use outpost_hub::store::AuthStore as _;
 
 /// Work on the store directly (no running API needed) when one of these is given.
 #[derive(Debug, Clone, clap::Args)]
@@ -21,16 +20,17 @@ pub(crate) struct LocalArgs {
     /// The hub's data dir: write to its store directly (bootstrap the first admin token).
     #[arg(long, conflicts_with = "config")]
     data_dir: Option<PathBuf>,
-    /// Like --data-dir, with the data dir from this hub config file.
+    /// Like --data-dir, with the store this hub config file names (SQLite or PostgreSQL).
     #[arg(long)]
     config: Option<PathBuf>,
 }
 
 impl LocalArgs {
-    fn data_dir(&self) -> Result<Option<PathBuf>> {
+    /// The store to work on directly, if asked to.
+    fn store(&self) -> Result<Option<std::sync::Arc<dyn outpost_hub::store::HubStore>>> {
         Ok(match (&self.data_dir, &self.config) {
-            (Some(dir), _) => Some(dir.clone()),
-            (None, Some(config)) => Some(load_config(config)?.data_dir),
+            (Some(dir), _) => Some(std::sync::Arc::new(open_store(dir)?)),
+            (None, Some(config)) => Some(open_configured_store(&load_config(config)?)?),
             (None, None) => None,
         })
     }
@@ -99,12 +99,11 @@ pub(crate) fn admin_token(command: AdminTokenCommand) -> Result<()> {
             role,
             ttl,
         } => {
-            let created = match local.data_dir()? {
-                Some(data_dir) => {
+            let created = match local.store()? {
+                Some(store) => {
                     let now = unix_now();
                     let token = new_token(&name, &role, ttl, now).map_err(anyhow::Error::msg)?;
                     let (secret, digest) = new_secret().context("getting random bytes")?;
-                    let store = open_store(&data_dir)?;
                     let created = store
                         .create_admin_token(&token, &digest, &local_user(), now)?
                         .map_err(anyhow::Error::msg)?;
@@ -130,22 +129,16 @@ pub(crate) fn admin_token(command: AdminTokenCommand) -> Result<()> {
             }
         }
         AdminTokenCommand::List { api, local } => {
-            let rows = match local.data_dir()? {
-                Some(data_dir) => Value::Array(
-                    open_store(&data_dir)?
-                        .admin_tokens()?
-                        .iter()
-                        .map(token_json)
-                        .collect(),
-                ),
+            let rows = match local.store()? {
+                Some(store) => Value::Array(store.admin_tokens()?.iter().map(token_json).collect()),
                 None => api.client()?.get("/api/v1/admin-tokens")?,
             };
             print_rows(&rows, api.output, TOKEN_COLUMNS);
         }
         AdminTokenCommand::Revoke { api, local, name } => {
-            let revoked = match local.data_dir()? {
-                Some(data_dir) => {
-                    let token = open_store(&data_dir)?
+            let revoked = match local.store()? {
+                Some(store) => {
+                    let token = store
                         .revoke_admin_token(&name, &local_user(), unix_now())?
                         .with_context(|| format!("no API token {name:?}"))?;
                     token_json(&token)

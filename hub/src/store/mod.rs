@@ -18,6 +18,7 @@ use crate::git::RefTarget;
 mod auth;
 mod fleet;
 pub mod postgres;
+mod replicas;
 mod retention;
 mod rollouts;
 pub mod sqlite;
@@ -29,6 +30,7 @@ pub use fleet::{
     SessionRead, SignedHeader, StatusOutcome, StatusWrite, StoredStatus,
 };
 pub use postgres::PostgresStore;
+pub use replicas::{Fence, Lease, Notice, ReplicaStore};
 pub use retention::{Pruned, Retention, RetentionStore};
 pub use rollouts::{Created, RolloutHead, RolloutSave, RolloutStore, Saved, StoredRollout};
 pub use sqlite::SqliteStore;
@@ -213,6 +215,17 @@ pub enum StoreError {
     /// password elided).
     #[error("hub store (PostgreSQL): {0}")]
     Postgres(String),
+    /// A leader's write refused: the lease is no longer held at the epoch it was decided under
+    /// (another replica leads now; nothing of the write was kept).
+    #[error(
+        "hub store: not the leader any more (lease epoch {epoch} of {holder} is gone); the write was not made"
+    )]
+    Fenced {
+        /// The replica.
+        holder: String,
+        /// The epoch it held.
+        epoch: i64,
+    },
     /// The transaction holding a write could not be committed (nothing of it was kept).
     #[error("hub store: committing failed: {0}")]
     Commit(String),

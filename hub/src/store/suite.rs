@@ -980,7 +980,9 @@ pub(crate) fn assignments_sessions_and_reports(store: &dyn HubStore) {
     direct.sort();
     assert_eq!(direct, newest);
     assert!(
-        store.session_reads(std::slice::from_ref(&a.id), false).unwrap()[0]
+        store
+            .session_reads(std::slice::from_ref(&a.id), false)
+            .unwrap()[0]
             .bases
             .is_empty()
     );

@@ -15,6 +15,7 @@
 
 mod auth;
 mod fleet;
+mod replicas;
 mod retention;
 mod rollouts;
 mod schema;
@@ -57,6 +58,9 @@ pub struct PostgresCounters {
 struct Inner {
     runtime: Option<tokio::runtime::Runtime>,
     pool: Pool,
+    /// For the connection that listens for other replicas' notices.
+    config: tokio_postgres::Config,
+    notices: std::sync::OnceLock<tokio::sync::broadcast::Sender<super::Notice>>,
     target: String,
     counters: PostgresCounters,
 }
@@ -82,6 +86,8 @@ impl Drop for Inner {
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     inner: Arc<Inner>,
+    /// Writes commit only while this names the leader lease (the leader's loops).
+    fence: Option<Arc<super::Fence>>,
 }
 
 /// Whether `text` names a PostgreSQL store (`postgres://…` or `postgresql://…`).
@@ -145,6 +151,8 @@ impl PostgresStore {
         }
         config.application_name("outpost-hub");
         config.connect_timeout(Duration::from_secs(10));
+        // A database host gone without a word is noticed in about half a minute.
+        config.keepalives_idle(Duration::from_secs(15));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("store-postgres")
@@ -154,7 +162,7 @@ impl PostgresStore {
                 StoreError::Postgres(format!("starting the store's runtime: {error}"))
             })?;
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -174,9 +182,12 @@ impl PostgresStore {
             inner: Arc::new(Inner {
                 runtime: Some(runtime),
                 pool,
+                config,
+                notices: std::sync::OnceLock::new(),
                 target,
                 counters: PostgresCounters::default(),
             }),
+            fence: None,
         };
         store.migrate()?;
         Ok(store)
@@ -256,6 +267,9 @@ impl PostgresStore {
             transaction
                 .execute("SELECT pg_advisory_xact_lock($1)", &[&WRITE_LOCK])
                 .await?;
+            if let Some(fence) = &self.fence {
+                replicas::check_fence(&transaction, fence).await?;
+            }
             let value = work(&transaction).await?;
             transaction
                 .commit()
@@ -419,10 +433,13 @@ async fn agent_exists<C: GenericClient>(client: &C, id: &str) -> Result<bool, St
 
 /// The next value of the change feed's counter (every write that concerns an agent or its
 /// reports stamps its rows with one). Writers hold the write lock, so values commit in order.
+/// Other replicas are notified when the transaction commits (PostgreSQL sends one notice per
+/// transaction however many changes it stamps).
 async fn next_change<C: GenericClient>(client: &C) -> Result<i64, StoreError> {
     Ok(one(
         client,
-        "UPDATE change_counter SET value = value + 1 WHERE id = 1 RETURNING value",
+        "WITH bumped AS (UPDATE change_counter SET value = value + 1 WHERE id = 1 RETURNING value)
+         SELECT value, pg_notify('outpost_changes', '')::text FROM bumped",
         &[],
     )
     .await?

@@ -180,4 +180,12 @@ pub(super) const MIGRATIONS: &[&str] = &[
     );
     CREATE TABLE change_counter (id INTEGER PRIMARY KEY CHECK (id = 1), value BIGINT NOT NULL);
     INSERT INTO change_counter (id, value) VALUES (1, 0);",
+    // 2: replicas: the leader lease (one row; the epoch grows with every change of holder and
+    // fences the writes of a replica that lost it).
+    "CREATE TABLE leader_lease (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        holder TEXT COLLATE \"C\" NOT NULL,
+        epoch BIGINT NOT NULL,
+        expires_at TIMESTAMPTZ NOT NULL
+    );",
 ];

@@ -1,7 +1,7 @@
 //! The store suite on PostgreSQL (a real server, started once for the test process; a new
 //! database per test), and what only this backend does.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use super::testing::TestServer;
 use super::*;
@@ -95,4 +95,97 @@ fn postgres_unreachable_database_is_a_clear_error_with_no_password_in_it() {
         redact("postgres://hub:s3cret@db:5432/outpost?sslmode=disable&password=x"),
         "postgres://hub:***@db:5432/outpost?sslmode=disable&password=***"
     );
+}
+
+#[test]
+fn postgres_lease_is_held_by_one_replica_and_fences_the_one_that_lost_it() {
+    use crate::store::{Fence, Lease, ReplicaStore};
+    use std::time::Duration;
+    let url = server().create_database().unwrap();
+    let (a, b) = (
+        PostgresStore::connect(&url, None).unwrap(),
+        PostgresStore::connect(&url, None).unwrap(),
+    );
+    let short = Duration::from_millis(400);
+    assert_eq!(
+        a.acquire_lease("a", short).unwrap(),
+        Lease::Held { epoch: 1 }
+    );
+    assert!(matches!(
+        b.acquire_lease("b", Duration::from_secs(10)).unwrap(),
+        Lease::Taken { holder, .. } if holder == "a"
+    ));
+    // Renewed: the same epoch.
+    assert_eq!(
+        a.acquire_lease("a", short).unwrap(),
+        Lease::Held { epoch: 1 }
+    );
+    let fence = Arc::new(Fence::new("a"));
+    fence.set_epoch(1);
+    let decisions = a.fenced(fence.clone());
+    assert_eq!(decisions.next_generation("pos").unwrap(), 1);
+    // A stalls past its lease; B takes it with a new epoch; A's decisions are refused and
+    // leave nothing behind.
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        b.acquire_lease("b", Duration::from_secs(10)).unwrap(),
+        Lease::Held { epoch: 2 }
+    );
+    let refused = decisions.next_generation("pos").unwrap_err();
+    assert!(
+        matches!(refused, StoreError::Fenced { epoch: 1, .. }),
+        "{refused}"
+    );
+    assert_eq!(b.next_generation("pos").unwrap(), 2);
+    assert!(matches!(
+        a.acquire_lease("a", short).unwrap(),
+        Lease::Taken { holder, .. } if holder == "b"
+    ));
+    // A fence at epoch 0 (not leading) writes nothing either.
+    fence.set_epoch(0);
+    assert!(decisions.next_generation("pos").is_err());
+    // Given up on stopping: taken over at once.
+    b.release_lease("b").unwrap();
+    assert_eq!(
+        a.acquire_lease("a", short).unwrap(),
+        Lease::Held { epoch: 3 }
+    );
+}
+
+#[test]
+fn postgres_replicas_hear_changes_and_signals_from_each_other() {
+    use crate::store::{Notice, ReplicaStore};
+    use std::time::{Duration, Instant};
+    let url = server().create_database().unwrap();
+    let (a, b) = (
+        PostgresStore::connect(&url, None).unwrap(),
+        PostgresStore::connect(&url, None).unwrap(),
+    );
+    let mut notices = b.notices();
+    let next = |notices: &mut tokio::sync::broadcast::Receiver<Notice>| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match notices.try_recv() {
+                Ok(Notice::Reconnected) => {}
+                Ok(notice) => return notice,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(error) => panic!("no notice in 10 s: {error}"),
+            }
+        }
+    };
+    // The listener connects in the background: wait for it before writing.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(notices.try_recv(), Ok(Notice::Reconnected)) {
+        assert!(Instant::now() < deadline, "the listener did not connect");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let token = outpost_proto::Digest::of(b"t");
+    a.create_token(&token, &Default::default(), "ops", 100, 200)
+        .unwrap();
+    a.enrol(&token, &[3; 32], 150).unwrap().unwrap();
+    assert_eq!(next(&mut notices), Notice::Changes);
+    a.signal("fetch:fleet").unwrap();
+    assert_eq!(next(&mut notices), Notice::Signal("fetch:fleet".to_owned()));
 }
