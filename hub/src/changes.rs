@@ -4,6 +4,10 @@
 //!
 //! Everything waits on it asynchronously, on tokio's clock, so the simulator's paused time
 //! drives the hub's loops like real time does.
+//!
+//! With replicas, what only the leader acts on (fetches, agents to assign, rollouts to step,
+//! a change for the whole fleet) is also relayed to the others as a [`Signal`]; a signal heard
+//! from another replica is [`Changes::apply`]ed here without being relayed again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,9 +44,33 @@ pub struct SourceRecord {
     pub webhook_requests: u64,
 }
 
+/// A change another replica must hear of.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Signal {
+    /// Every source should fetch.
+    FetchAll,
+    /// One source should fetch (its webhook).
+    FetchSource {
+        /// Its name.
+        source: String,
+    },
+    /// Agents to assign (enrolled, relabelled).
+    Assign {
+        /// Their ids.
+        agents: Vec<String>,
+    },
+    /// Rollouts should be stepped.
+    Rollouts,
+    /// Every agent connection should look at its agent again.
+    Fleet,
+}
+
 /// What changed, for whom.
 #[derive(Debug)]
 pub struct Changes {
+    /// Where signals for other replicas go (none: one hub).
+    relay: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Signal>>>,
     requests: Mutex<Requests>,
     requested: Notify,
     rollout_requests: Mutex<u64>,
@@ -69,6 +97,7 @@ pub enum Wake {
 impl Default for Changes {
     fn default() -> Changes {
         Changes {
+            relay: Mutex::default(),
             requests: Mutex::default(),
             requested: Notify::new(),
             rollout_requests: Mutex::default(),
@@ -131,8 +160,35 @@ async fn wait_until(notify: &Notify, until: Instant, mut check: impl FnMut() -> 
 }
 
 impl Changes {
+    /// Sends what other replicas must hear of to `relay` from now on.
+    pub fn relay_to(&self, relay: tokio::sync::mpsc::UnboundedSender<Signal>) {
+        *lock(&self.relay) = Some(relay);
+    }
+
+    fn relay(&self, signal: Signal) {
+        if let Some(relay) = lock(&self.relay).as_ref() {
+            let _ = relay.send(signal);
+        }
+    }
+
+    /// Acts on a signal from another replica (not relayed again).
+    pub fn apply(&self, signal: Signal) {
+        match signal {
+            Signal::FetchAll => self.local_fetch_all(),
+            Signal::FetchSource { source } => self.local_fetch_source(&source),
+            Signal::Assign { agents } => self.local_agents_to_assign(&agents),
+            Signal::Rollouts => self.local_rollouts_changed(),
+            Signal::Fleet => self.local_fleet_changed(),
+        }
+    }
+
     /// Asks every source to fetch now.
     pub fn fetch_all(&self) {
+        self.local_fetch_all();
+        self.relay(Signal::FetchAll);
+    }
+
+    fn local_fetch_all(&self) {
         lock(&self.requests).all += 1;
         self.requested.notify_waiters();
     }
@@ -140,6 +196,13 @@ impl Changes {
     /// Asks one source to fetch now (its webhook): requests arriving close together become one
     /// fetch (see [`Changes::wait_for_fetch`]).
     pub fn fetch_source(&self, source: &str) {
+        self.local_fetch_source(source);
+        self.relay(Signal::FetchSource {
+            source: source.to_owned(),
+        });
+    }
+
+    fn local_fetch_source(&self, source: &str) {
         *lock(&self.requests)
             .per_source
             .entry(source.to_owned())
@@ -221,6 +284,13 @@ impl Changes {
 
     /// Agents to assign again (enrolled, or relabelled): every source's loop hears of them.
     pub fn agents_to_assign(&self, agents: &[String]) {
+        self.local_agents_to_assign(agents);
+        self.relay(Signal::Assign {
+            agents: agents.to_vec(),
+        });
+    }
+
+    fn local_agents_to_assign(&self, agents: &[String]) {
         let mut pending = lock(&self.pending);
         for queue in pending.values_mut() {
             queue.extend(agents.iter().cloned());
@@ -277,6 +347,11 @@ impl Changes {
     /// Tells every agent connection to look at its agent again (after a change that concerns
     /// everyone).
     pub fn fleet_changed(&self) {
+        self.local_fleet_changed();
+        self.relay(Signal::Fleet);
+    }
+
+    fn local_fleet_changed(&self) {
         self.fleet.send_modify(|tick| *tick += 1);
     }
 
@@ -287,6 +362,11 @@ impl Changes {
 
     /// Wakes the rollout loop (a rollout was created or commanded).
     pub fn rollouts_changed(&self) {
+        self.local_rollouts_changed();
+        self.relay(Signal::Rollouts);
+    }
+
+    fn local_rollouts_changed(&self) {
         *lock(&self.rollout_requests) += 1;
         self.rollouts_requested.notify_waiters();
     }

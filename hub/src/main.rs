@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use outpost_hub::config::{Config, StoreConfig};
 use outpost_hub::git::GitSource;
 use outpost_hub::keys::{HubKeys, KeyPolicy};
-use outpost_hub::store::{HubStore, PostgresStore, SqliteStore};
+use outpost_hub::store::{HubStore, PostgresStore, ReplicaStore, SqliteStore};
 use outpost_hub::sync::{SyncReport, sync_source};
 use outpost_proto::{Body, SourceFile};
 
@@ -387,8 +387,16 @@ pub(crate) fn unix_now() -> i64 {
 
 /// The store the configuration names: SQLite in the data dir, or a PostgreSQL database.
 pub(crate) fn open_configured_store(config: &Config) -> Result<Arc<dyn HubStore>> {
+    Ok(open_shared_store(config)?.0)
+}
+
+/// A store, and the same store as replicas share it (PostgreSQL only).
+pub(crate) type OpenedStore = (Arc<dyn HubStore>, Option<Arc<dyn ReplicaStore>>);
+
+/// [`open_configured_store`], and the same store as replicas share it (PostgreSQL).
+pub(crate) fn open_shared_store(config: &Config) -> Result<OpenedStore> {
     match &config.store {
-        StoreConfig::Sqlite => Ok(Arc::new(open_store(&config.data_dir)?)),
+        StoreConfig::Sqlite => Ok((Arc::new(open_store(&config.data_dir)?), None)),
         StoreConfig::Postgres { url, password } => {
             let store = PostgresStore::connect(url, password.as_ref().map(|p| p.0.as_str()))
                 .with_context(|| {
@@ -398,7 +406,7 @@ pub(crate) fn open_configured_store(config: &Config) -> Result<Arc<dyn HubStore>
                     )
                 })?;
             tracing::info!(store = store.target(), "store: PostgreSQL");
-            Ok(Arc::new(store))
+            Ok((Arc::new(store.clone()), Some(Arc::new(store))))
         }
     }
 }

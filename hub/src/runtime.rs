@@ -23,6 +23,9 @@ use crate::changes::{Changes, Wake};
 use crate::config::SourceConfig;
 use crate::git::GitSource;
 use crate::keys::HubKeys;
+use crate::replication::{
+    Leading, Replication, follow_loop, is_leading, leading, lease_loop, relay_loop,
+};
 use crate::resign::refresh_keys;
 use crate::rollout::Driver;
 use crate::store::{HubStore, Retention};
@@ -109,6 +112,8 @@ pub struct HubParts {
     pub admin: Option<HttpListener>,
     /// A listener of its own for webhooks (else they are served on the admin listener).
     pub hooks: Option<HttpListener>,
+    /// One of several replicas on a shared store (none: the only hub, always leading).
+    pub replication: Option<Replication>,
 }
 
 impl std::fmt::Debug for HubParts {
@@ -149,8 +154,44 @@ impl Hub {
             enrolment,
             admin,
             hooks,
+            replication,
         } = parts;
         let changes = Arc::new(Changes::default());
+        let mut tasks = Vec::new();
+        let replica_name = replication.as_ref().map(|r| r.holder.clone());
+        // The leader's loops wait for the lease and write through the fence; the only hub
+        // leads from the start.
+        let (lead, leading_now) = tokio::sync::watch::channel(match replication {
+            Some(_) => 0,
+            None => 1,
+        });
+        let decisions: Arc<dyn HubStore> = match &replication {
+            Some(replication) => {
+                let fence = Arc::new(crate::store::Fence::new(&replication.holder));
+                let (relay, signals) = tokio::sync::mpsc::unbounded_channel();
+                changes.relay_to(relay);
+                tasks.push(tokio::spawn(lease_loop(
+                    replication.clone(),
+                    fence.clone(),
+                    lead,
+                )));
+                tasks.push(tokio::spawn(relay_loop(replication.clone(), signals)));
+                tasks.push(tokio::spawn(follow_loop(
+                    replication.clone(),
+                    store.clone(),
+                    changes.clone(),
+                )));
+                replication.store.fenced(fence)
+            }
+            None => {
+                // Kept so the channel stays open.
+                tasks.push(tokio::spawn(async move {
+                    let _lead = lead;
+                    std::future::pending::<()>().await
+                }));
+                store.clone()
+            }
+        };
         for source in &settings.sources {
             changes.add_source(&source.config.name);
         }
@@ -161,7 +202,6 @@ impl Hub {
             clock,
             settings.service.clone(),
         ));
-        let mut tasks = Vec::new();
         let sources: Vec<(SourceSettings, Arc<tokio::sync::OnceCell<Arc<GitSource>>>)> = settings
             .sources
             .iter()
@@ -173,33 +213,37 @@ impl Hub {
                 opened.clone(),
                 settings.poll_interval,
                 settings.webhook_quiet,
-                store.clone(),
+                decisions.clone(),
                 keys.clone(),
                 changes.clone(),
                 clock,
+                leading_now.clone(),
             )));
         }
         tasks.push(tokio::spawn(rollout_loop(
             sources.clone(),
             settings.rollout_tick,
-            store.clone(),
+            decisions.clone(),
             keys.clone(),
             changes.clone(),
             clock,
+            leading_now.clone(),
         )));
         tasks.push(tokio::spawn(keys_loop(
             settings.keys_tick,
-            store.clone(),
+            decisions.clone(),
             keys.clone(),
             changes.clone(),
             clock,
+            leading_now.clone(),
         )));
         if let Some(every) = settings.retention_every {
             tasks.push(tokio::spawn(retention_loop(
                 every,
                 settings.retention,
-                store.clone(),
+                decisions.clone(),
                 clock,
+                leading_now.clone(),
             )));
         }
         tasks.push(tokio::spawn(crate::transport::serve(
@@ -245,6 +289,10 @@ impl Hub {
                 enrolment: Arc::new(enrolment),
                 keys: keys.clone(),
                 connected: service.connected(),
+                replica: crate::api::ReplicaState {
+                    name: replica_name.clone(),
+                    leading: leading_now.clone(),
+                },
             };
             let app = match hooks {
                 None => crate::api::router(state, Some(hooks_state)),
@@ -375,6 +423,7 @@ async fn source_loop(
     keys: Arc<HubKeys>,
     changes: Arc<Changes>,
     clock: Clock,
+    mut lead: Leading,
 ) {
     let name = settings.config.name.clone();
     let source = opened
@@ -387,7 +436,16 @@ async fn source_loop(
     // The first pass assigns everyone (the hub may have been down while Git moved).
     let mut assign_everyone = true;
     let mut wake = Wake::Fetch;
+    let mut led_at = 0;
     loop {
+        // Only the leader syncs; a new term starts afresh (another replica led meanwhile).
+        let epoch = leading(&mut lead).await;
+        if epoch != led_at {
+            led_at = epoch;
+            assign_everyone = true;
+            memo = Some(RenderMemo::default());
+            wake = Wake::Fetch;
+        }
         let fetched = match wake {
             Wake::Poll | Wake::Fetch => {
                 let started = tokio::time::Instant::now();
@@ -471,8 +529,10 @@ async fn rollout_loop(
     keys: Arc<HubKeys>,
     changes: Arc<Changes>,
     clock: Clock,
+    mut lead: Leading,
 ) {
     let mut driver = Some(Driver::default());
+    let mut led_at = 0;
     let mut seen = 0;
     // A rollout reads its bundle definitions from its source's mirror: give the sources a
     // moment to open after a start, so a restart does not begin with a stalled step.
@@ -483,6 +543,12 @@ async fn rollout_loop(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     loop {
+        // Only the leader steps rollouts; a new term forgets what the driver knew.
+        let epoch = leading(&mut lead).await;
+        if epoch != led_at {
+            led_at = epoch;
+            driver = Some(Driver::default());
+        }
         let mut taken = driver.take().unwrap_or_default();
         let (store, keys, sources) = (store.clone(), keys.clone(), sources.clone());
         let stepped = blocking(move || {
@@ -524,10 +590,18 @@ async fn keys_loop(
     keys: Arc<HubKeys>,
     changes: Arc<Changes>,
     clock: Clock,
+    lead: Leading,
 ) {
     loop {
         tokio::time::sleep(tick).await;
         let (store, keys) = (store.clone(), keys.clone());
+        if !is_leading(&lead) {
+            // Every replica serves with the keys on disk; the leader alone signs again.
+            if let Some(Err(error)) = blocking(move || keys.refresh(clock())).await {
+                tracing::error!(%error, "reading the key dir failed; the keys in use stay");
+            }
+            continue;
+        }
         match blocking(move || refresh_keys(&*store, &keys, clock())).await {
             Some(Ok(refreshed)) if !refreshed.resigned.agents.is_empty() => {
                 tracing::info!(
@@ -552,11 +626,13 @@ async fn retention_loop(
     policy: Retention,
     store: Arc<dyn HubStore>,
     clock: Clock,
+    mut lead: Leading,
 ) {
     let mut wait = every.min(Duration::from_secs(60));
     loop {
         tokio::time::sleep(wait).await;
         wait = every;
+        leading(&mut lead).await;
         let store = store.clone();
         match blocking(move || store.prune(&policy, clock())).await {
             Some(Ok(pruned)) if !pruned.is_empty() => tracing::info!(

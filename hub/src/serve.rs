@@ -7,21 +7,36 @@ use anyhow::{Context, Result};
 use outpost_hub::api::EnrolmentInfo;
 use outpost_hub::api::listener::{HttpListener, tls_config};
 use outpost_hub::config::Config;
+use outpost_hub::replication::Replication;
 use outpost_hub::resign::refresh_keys;
 use outpost_hub::runtime::{Hub, HubParts, HubSettings, SourceSettings};
 use outpost_hub::store::HubStore;
 use outpost_proto::transport::{Tuning, hub_pin, server_config};
 
-use crate::{load_keys, open_configured_store, unix_now};
+use crate::{load_keys, open_shared_store, unix_now};
 
 /// Serves the hub until interrupted.
 pub(crate) fn serve(config: &Config) -> Result<()> {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
-    let store: Arc<dyn HubStore> = open_configured_store(config)?;
+    let (store, shared): (Arc<dyn HubStore>, _) = open_shared_store(config)?;
     let keys = Arc::new(load_keys(&config.key_dir, config.key_policy.clone())?);
-    refresh_keys(&*store, &keys, unix_now()).context("reading the key dir")?;
+    let replication = shared.map(Replication::new);
+    match &replication {
+        // Signing again is the leader's to decide; every replica reads the keys.
+        Some(replication) => {
+            keys.refresh(unix_now()).context("reading the key dir")?;
+            tracing::info!(
+                replica = %replication.holder,
+                lease_seconds = replication.lease.as_secs(),
+                "a replica: the one holding the lease syncs Git and steps rollouts"
+            );
+        }
+        None => {
+            refresh_keys(&*store, &keys, unix_now()).context("reading the key dir")?;
+        }
+    }
     let tls = config
         .tls
         .as_ref()
@@ -88,9 +103,20 @@ pub(crate) fn serve(config: &Config) -> Result<()> {
             enrolment,
             admin: Some(admin),
             hooks,
+            replication: replication.clone(),
         });
         stop_signal().await;
         hub.shutdown().await;
+        if let Some(replication) = replication {
+            // Another replica leads at once instead of when the lease runs out.
+            let released = tokio::task::spawn_blocking(move || {
+                replication.store.release_lease(&replication.holder)
+            })
+            .await;
+            if let Ok(Err(error)) = released {
+                tracing::warn!(%error, "could not give up the lease; another replica takes it when it runs out");
+            }
+        }
         Ok(())
     })
 }

@@ -317,6 +317,7 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
         },
         admin: None,
         hooks: None,
+        replication: None,
     });
     let changes = hub.changes().clone();
 

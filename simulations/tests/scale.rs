@@ -145,6 +145,7 @@ fn a_label_change_on_one_of_a_thousand_agents_reads_for_that_agent_only() {
             },
             admin: Some(HttpListener::new(listener, None).unwrap()),
             hooks: None,
+            replication: None,
         });
         let fleet = Fleet::start(
             FleetOptions {

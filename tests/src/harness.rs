@@ -90,6 +90,7 @@ fn runtime(
         },
         admin: None,
         hooks: None,
+        replication: None,
     });
     (hub, address)
 }

@@ -206,7 +206,54 @@ impl HubProcess {
 
     /// The hub's key dir.
     pub fn key_dir(&self) -> PathBuf {
-        self.config.with_file_name("hub").join("keys")
+        match std::fs::read_to_string(&self.config).ok().and_then(|text| {
+            text.lines().find_map(|line| {
+                line.strip_prefix("key_dir = \"")?
+                    .strip_suffix('"')
+                    .map(PathBuf::from)
+            })
+        }) {
+            Some(dir) => dir,
+            None => self.config.with_file_name("hub").join("keys"),
+        }
+    }
+
+    /// Another replica of this hub under `work`: the same store (`store_line`, e.g.
+    /// `store = "postgres://…"`), the same keys and sources, ports and a data dir (Git mirror)
+    /// of its own. Started.
+    pub fn replica(&self, work: &Path, store_line: &str) -> HubProcess {
+        std::fs::create_dir_all(work).expect("create the replica's folder");
+        let (admin, agents_port) = (free_port(false), free_port(true));
+        let text = std::fs::read_to_string(&self.config).expect("read the first hub's config");
+        let sources = &text[text.find("[[sources]]").expect("a source")..];
+        let config = work.join("hub.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"{}\"\nkey_dir = \"{}\"\npoll_interval_seconds = 3600\n{store_line}\n[listen]\nadmin = \"127.0.0.1:{admin}\"\nagents = \"127.0.0.1:{agents_port}\"\n{sources}",
+                work.join("hub").display(),
+                self.key_dir().display(),
+            ),
+        )
+        .expect("write the replica's config");
+        let mut hub = HubProcess {
+            process: None,
+            url: format!("http://127.0.0.1:{admin}"),
+            agents_port,
+            config,
+            binary: self.binary.clone(),
+            token: self.token.clone(),
+        };
+        hub.restart();
+        hub
+    }
+
+    /// Kills the hub at once (SIGKILL: no shutdown, the lease is not given up).
+    pub fn kill(&mut self) {
+        if let Some(mut process) = self.process.take() {
+            let _ = process.0.kill();
+            let _ = process.0.wait();
+        }
     }
 
     /// Stops the hub as systemd does (SIGTERM), waiting up to 10 s for it to exit.
@@ -229,7 +276,11 @@ impl HubProcess {
             Command::new(&self.binary)
                 .args(["run", "--config", &self.config.display().to_string()])
                 .env("RUST_LOG", "warn")
-                .env("OUTPOST_LOG", "warn")
+                // OUTPOST_TEST_HUB_LOG=info shows what the hubs do (their stderr is the test's).
+                .env(
+                    "OUTPOST_LOG",
+                    std::env::var("OUTPOST_TEST_HUB_LOG").unwrap_or_else(|_| "warn".to_owned()),
+                )
                 .stdout(Stdio::null())
                 .spawn()
                 .expect("start outpost-hub"),

@@ -39,6 +39,18 @@ pub(super) async fn sources(State(state): State<AdminState>, _: Viewer) -> Json<
     Json(Value::Array(rows))
 }
 
+/// `GET /api/v1/replica` (viewer): this replica's name and whether it holds the leader lease
+/// (then it syncs Git and steps rollouts).
+pub(super) async fn replica(State(state): State<AdminState>, _: Viewer) -> Json<Value> {
+    let epoch = *state.replica.leading.borrow();
+    Json(json!({
+        "replicated": state.replica.name.is_some(),
+        "name": state.replica.name,
+        "leading": epoch > 0,
+        "epoch": epoch,
+    }))
+}
+
 /// A token for the API: never its secret.
 pub fn token_json(token: &AdminToken) -> Value {
     json!({

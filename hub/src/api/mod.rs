@@ -110,6 +110,17 @@ pub struct AdminState {
     pub keys: Arc<crate::keys::HubKeys>,
     /// The agents connected now.
     pub connected: Arc<crate::transport::Connected>,
+    /// This replica's name (none: the only hub) and whether it leads.
+    pub replica: ReplicaState,
+}
+
+/// What `GET /api/v1/replica` shows.
+#[derive(Debug, Clone)]
+pub struct ReplicaState {
+    /// The replica's name in the lease (none: the only hub, always leading).
+    pub name: Option<String>,
+    /// The lease epoch held (0: another replica leads).
+    pub leading: crate::replication::Leading,
 }
 
 /// An API error: status and message.
@@ -141,6 +152,7 @@ pub fn router(state: AdminState, hooks: Option<hooks::HooksState>) -> Router {
         .route("/api/v1/bundles", get(bundles))
         .route("/api/v1/releases", get(releases))
         .route("/api/v1/sources", get(admin::sources))
+        .route("/api/v1/replica", get(admin::replica))
         .route("/api/v1/snapshots/{bundle}/{generation}", get(snapshot))
         .route(
             "/api/v1/snapshots/{bundle}/{generation}/objects",
