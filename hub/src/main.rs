@@ -75,6 +75,25 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Copy a stopped hub's SQLite store into an empty PostgreSQL database (to run replicas),
+    /// then check the copy: each table's row count and a SHA-256 of its rows in key order must
+    /// match, and every snapshot body must hash to its digest. The SQLite file is not changed;
+    /// a copy that fails leaves the database empty. Afterwards set `store = "postgres://…"`
+    /// (and `store_password_env` or `store_password_file`) in every replica's config.
+    Migrate {
+        /// The store to copy: sqlite:PATH (a hub's is DATA_DIR/hub.db).
+        #[arg(long)]
+        from: String,
+        /// The empty database: postgres://USER@HOST:PORT/DATABASE.
+        #[arg(long)]
+        to: String,
+        /// The environment variable holding the database password.
+        #[arg(long)]
+        password_env: Option<String>,
+        /// A file holding the database password.
+        #[arg(long, conflicts_with = "password_env")]
+        password_file: Option<PathBuf>,
+    },
     /// Validate a config file (and OUTPOST_HUB_* overrides) and print the result.
     CheckConfig {
         /// The TOML config file.
@@ -233,6 +252,17 @@ fn main() -> Result<()> {
                 false => serve::serve(&config),
             }
         }
+        Command::Migrate {
+            from,
+            to,
+            password_env,
+            password_file,
+        } => migrate(
+            &from,
+            &to,
+            password_env.as_deref(),
+            password_file.as_deref(),
+        ),
         Command::CheckConfig { config } => {
             let config = load_config(&config)?;
             println!("{config:#?}");
@@ -456,6 +486,52 @@ fn run(config: &Config) -> Result<()> {
     if any_failed {
         bail!("a source could not be fetched; what was fetched before is still served");
     }
+    Ok(())
+}
+
+/// `outpost-hub migrate`: SQLite to PostgreSQL, checked.
+fn migrate(
+    from: &str,
+    to: &str,
+    password_env: Option<&str>,
+    password_file: Option<&Path>,
+) -> Result<()> {
+    let path = from.strip_prefix("sqlite:").with_context(|| {
+        format!("--from {from:?}: write sqlite:PATH, e.g. sqlite:/var/lib/outpost-hub/hub.db")
+    })?;
+    if !outpost_hub::store::postgres::is_postgres_url(to) {
+        bail!("--to: write a PostgreSQL URL, postgres://USER@HOST:PORT/DATABASE");
+    }
+    let password = match (password_env, password_file) {
+        (Some(variable), _) => Some(
+            std::env::var(variable)
+                .with_context(|| format!("--password-env names {variable}, which is not set"))?,
+        ),
+        (None, Some(file)) => Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("reading --password-file {}", file.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+        ),
+        (None, None) => None,
+    };
+    let target = outpost_hub::store::postgres::redact(to);
+    let store = PostgresStore::connect(to, password.as_deref())
+        .with_context(|| format!("connecting to {target}"))?;
+    eprintln!("copying {path} into {target} (stop the hub first: later writes are not copied)");
+    let copied =
+        outpost_hub::store::migrate::sqlite_to_postgres(Path::new(path), &store, |table| {
+            eprintln!("  {:<18} {:>10} rows", table.table, table.rows);
+        })
+        .with_context(|| format!("migrating {path} to {target}"))?;
+    let rows: u64 = copied.iter().map(|table| table.rows).sum();
+    println!(
+        "copied and checked {} tables, {rows} rows: counts and row digests match, every body hashes to its digest",
+        copied.len()
+    );
+    println!(
+        "now set store = \"{target}\" in every replica's config (the password through store_password_env or store_password_file)"
+    );
     Ok(())
 }
 

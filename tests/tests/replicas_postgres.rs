@@ -342,3 +342,82 @@ fn postgres_replicas_ride_out_a_non_leader_dying_and_the_database_restarting() {
     });
     let _ = &fleet.work;
 }
+
+#[test]
+fn postgres_migration_moves_a_hub_and_its_fleet_from_sqlite() {
+    let server = TestServer::start().expect("a PostgreSQL server for the test");
+    let url = server.create_database().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    git_init(&repo);
+    std::fs::create_dir_all(repo.join("shop")).unwrap();
+    commit(&repo, "1", None);
+    std::fs::create_dir_all(work.path().join("a")).unwrap();
+    let mut hub = HubProcess::start(&work.path().join("a"), &repo, "main");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let cluster = runtime.block_on(KubeApiServer::start(ServerOptions::default()));
+    let state = work.path().join("site");
+    let agent_bin = binary("outpost-agent");
+    hub.enrol(&agent_bin, &state, &["region=eu"]);
+    let kubeconfig = work.path().join("site.kubeconfig");
+    std::fs::write(&kubeconfig, cluster.kubeconfig()).unwrap();
+    let _agent = run_agent(&agent_bin, &state, &kubeconfig);
+    let site_value = || {
+        cluster
+            .object("v1", "ConfigMap", "default", "shop")
+            .and_then(|object| object["data"]["value"].as_str().map(str::to_owned))
+    };
+    wait_for("the site on 1", 90, || site_value().as_deref() == Some("1"));
+    let before = hub.get("/api/v1/agents");
+
+    // Stopped, copied, checked; the config names the database; started again.
+    hub.stop();
+    let database = work.path().join("a/hub/hub.db");
+    let out = run(
+        &hub.binary,
+        &[
+            "migrate",
+            "--from",
+            &format!("sqlite:{}", database.display()),
+            "--to",
+            &url,
+        ],
+        &[],
+    );
+    assert!(out.contains("copied and checked"), "{out}");
+    // Into a database that holds a hub now: refused, saying why.
+    let again = std::process::Command::new(&hub.binary)
+        .args([
+            "migrate",
+            "--from",
+            &format!("sqlite:{}", database.display()),
+            "--to",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("already holds"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let config = std::fs::read_to_string(&hub.config).unwrap();
+    std::fs::write(&hub.config, format!("store = \"{url}\"\n{config}")).unwrap();
+    hub.restart();
+    assert_eq!(hub.get("/api/v1/replica")["replicated"], true);
+    // The same agents (the API token made before the move works: it was copied too), and the
+    // agent goes on: a new commit reaches it through the hub on PostgreSQL.
+    let after = hub.get("/api/v1/agents");
+    let ids = |list: &Value| -> Vec<String> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|agent| agent["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&after), ids(&before));
+    commit(&repo, "2", None);
+    wait_for("the fetch to be taken", 30, || fetch_now(&hub));
+    wait_for("the site on 2", 90, || site_value().as_deref() == Some("2"));
+}

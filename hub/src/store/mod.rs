@@ -17,6 +17,7 @@ use crate::git::RefTarget;
 
 mod auth;
 mod fleet;
+pub mod migrate;
 pub mod postgres;
 mod replicas;
 mod retention;

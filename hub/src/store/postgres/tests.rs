@@ -189,3 +189,115 @@ fn postgres_replicas_hear_changes_and_signals_from_each_other() {
     a.signal("fetch:fleet").unwrap();
     assert_eq!(next(&mut notices), Notice::Signal("fetch:fleet".to_owned()));
 }
+
+#[test]
+fn postgres_migration_from_sqlite_copies_everything_and_checks_it() {
+    use crate::store::{AuthStore, FleetStore, FleetView, RolloutStore, SqliteStore, suite};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    let sqlite = SqliteStore::open(&path).unwrap();
+    // A store with some of everything: what the suite leaves behind.
+    suite::assignments_sessions_and_reports(&sqlite);
+    suite::rollouts_keep_members_in_rows_and_refuse_lost_updates(&sqlite);
+    suite::tokens_are_found_by_digest_expire_and_revoke(&sqlite);
+    for generation in 1..=3u64 {
+        let body = format!("body {generation}");
+        let snapshot = crate::store::StoredSnapshot {
+            bundle: "pos".to_owned(),
+            generation: sqlite.next_generation("pos").unwrap(),
+            digest: outpost_proto::Digest::of(body.as_bytes()),
+            git_commit: format!("c{generation}"),
+            git_ref: "refs/heads/main".to_owned(),
+            header: vec![generation as u8; 40],
+            signature: vec![7; 64],
+            body: body.into_bytes(),
+            object_count: 1,
+            created_at: 100,
+        };
+        sqlite
+            .insert_snapshot(&snapshot, &format!("tree{generation}"), "")
+            .unwrap();
+    }
+    let url = server().create_database().unwrap();
+    let postgres = PostgresStore::connect(&url, None).unwrap();
+    let mut heard = Vec::new();
+    let copied = crate::store::migrate::sqlite_to_postgres(&path, &postgres, |table| {
+        heard.push(table.table)
+    })
+    .unwrap();
+    assert_eq!(heard.len(), copied.len());
+    let rows = |name: &str| copied.iter().find(|t| t.table == name).unwrap().rows;
+    assert_eq!(rows("agents"), 3);
+    assert_eq!(rows("snapshots"), 3);
+    assert!(rows("status_history") > 0 && rows("rollout_members") > 0);
+    // Read through the traits, both stores say the same.
+    assert_eq!(postgres.agents().unwrap(), sqlite.agents().unwrap());
+    assert_eq!(postgres.releases().unwrap(), sqlite.releases().unwrap());
+    assert_eq!(
+        postgres.snapshot("pos", 2).unwrap(),
+        sqlite.snapshot("pos", 2).unwrap()
+    );
+    assert!(postgres.snapshot("pos", 2).unwrap().is_some());
+    assert_eq!(postgres.tokens().unwrap(), sqlite.tokens().unwrap());
+    assert_eq!(postgres.events(1000).unwrap(), sqlite.events(1000).unwrap());
+    assert_eq!(
+        postgres.statuses(None).unwrap(),
+        sqlite.statuses(None).unwrap()
+    );
+    assert_eq!(
+        postgres.bundle_assignments(None).unwrap(),
+        sqlite.bundle_assignments(None).unwrap()
+    );
+    assert_eq!(
+        postgres.admin_tokens().unwrap(),
+        sqlite.admin_tokens().unwrap()
+    );
+    assert_eq!(
+        postgres.fleet_summary().unwrap(),
+        sqlite.fleet_summary().unwrap()
+    );
+    assert_eq!(
+        postgres.change_cursor().unwrap(),
+        sqlite.change_cursor().unwrap()
+    );
+    let ids: Vec<u64> = sqlite
+        .rollouts()
+        .unwrap()
+        .iter()
+        .map(|h| h.rollout.id)
+        .collect();
+    for id in ids {
+        assert_eq!(postgres.rollout(id).unwrap(), sqlite.rollout(id).unwrap());
+    }
+    for agent in sqlite.agents().unwrap() {
+        assert_eq!(
+            postgres.delta_bases(&agent.id).unwrap().len(),
+            sqlite.delta_bases(&agent.id).unwrap().len()
+        );
+        assert_eq!(
+            postgres.status_history_len(&agent.id).unwrap(),
+            sqlite.status_history_len(&agent.id).unwrap()
+        );
+    }
+    // Counters and ids go on where they were.
+    assert_eq!(
+        postgres.next_generation("pos").unwrap(),
+        sqlite.next_generation("pos").unwrap()
+    );
+    postgres.add_event(1, "after", "copy", "").unwrap();
+    sqlite.add_event(1, "after", "copy", "").unwrap();
+    assert_eq!(postgres.events(1).unwrap(), sqlite.events(1).unwrap());
+    // A second copy into a database that holds a hub is refused, and changes nothing.
+    let refused = crate::store::migrate::sqlite_to_postgres(&path, &postgres, |_| {}).unwrap_err();
+    assert!(refused.to_string().contains("already holds"), "{refused}");
+    let missing = crate::store::migrate::sqlite_to_postgres(
+        &dir.path().join("nothing.db"),
+        &postgres,
+        |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        missing.to_string().contains("no such SQLite store"),
+        "{missing}"
+    );
+}

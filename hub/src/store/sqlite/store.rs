@@ -422,7 +422,7 @@ impl Store for SqliteStore {
     fn tokens(&self) -> Result<Vec<EnrolmentToken>, StoreError> {
         self.read(|connection| {
             let mut statement = connection.prepare_cached(
-                "SELECT digest, labels, created_at, created_by, expires_at, used_at, used_by FROM enrolment_tokens ORDER BY created_at DESC",
+                "SELECT digest, labels, created_at, created_by, expires_at, used_at, used_by FROM enrolment_tokens ORDER BY created_at DESC, digest",
             )?;
             let rows = statement.query_map([], |row| {
                 let digest: Vec<u8> = row.get(0)?;
