@@ -2,6 +2,7 @@
 //! virtual time, over a simulated lossy network (docs/simulations.md); and a load generator
 //! against a real hub process ([`load`]).
 
+pub mod failover;
 pub mod fleet;
 pub mod load;
 pub mod net;

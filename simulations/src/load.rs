@@ -53,6 +53,10 @@ pub struct LoadOptions {
     pub hub_binary: Option<PathBuf>,
     /// How long to wait for a phase before giving up.
     pub timeout: Duration,
+    /// Start the hub on a PostgreSQL store (a server started for the run).
+    pub postgres: bool,
+    /// Replicas on that store (1 or 2; with 2 the agents are served by the one not leading).
+    pub replicas: usize,
 }
 
 /// The hub's process figures.
@@ -101,19 +105,27 @@ struct HubUnderTest {
     repo: PathBuf,
     pid: u32,
     child: Option<Child>,
+    /// The leader, when the agents are served by another replica.
+    leader: Option<(Child, u32)>,
     _work: Option<tempfile::TempDir>,
+    /// Dropped last: the hubs stop before their database.
+    _database: Option<outpost_hub::store::postgres::testing::TestServer>,
 }
 
 impl Drop for HubUnderTest {
     fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
+        for child in self
+            .child
+            .iter_mut()
+            .chain(self.leader.iter_mut().map(|(child, _)| child))
+        {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 }
 
-fn git(dir: &Path, args: &[&str]) -> Result<()> {
+pub(crate) fn git(dir: &Path, args: &[&str]) -> Result<()> {
     let status = Command::new("git")
         .args(args)
         .current_dir(dir)
@@ -137,14 +149,14 @@ fn bundle(objects: usize, edit: u64) -> String {
         .collect()
 }
 
-fn write_commit(repo: &Path, objects: usize, edit: u64) -> Result<()> {
+pub(crate) fn write_commit(repo: &Path, objects: usize, edit: u64) -> Result<()> {
     std::fs::create_dir_all(repo.join("shop"))?;
     std::fs::write(repo.join("shop/config.yaml"), bundle(objects, edit))?;
     git(repo, &["add", "-A"])?;
     git(repo, &["commit", "-qm", &format!("edit {edit}")])
 }
 
-fn free_port(udp: bool) -> Result<u16> {
+pub(crate) fn free_port(udp: bool) -> Result<u16> {
     Ok(match udp {
         true => std::net::UdpSocket::bind("127.0.0.1:0")?
             .local_addr()?
@@ -157,7 +169,7 @@ fn free_port(udp: bool) -> Result<u16> {
 
 /// The `outpost-hub` binary beside this one; built with cargo when missing (or older than the
 /// hub's sources would warrant: cargo decides).
-fn hub_binary(given: Option<&Path>) -> Result<PathBuf> {
+pub(crate) fn hub_binary(given: Option<&Path>) -> Result<PathBuf> {
     if let Some(path) = given {
         return Ok(path.to_owned());
     }
@@ -209,17 +221,35 @@ fn start_hub(options: &LoadOptions) -> Result<HubUnderTest> {
     git(&repo, &["config", "user.email", "load@outpost.invalid"])?;
     git(&repo, &["config", "user.name", "Load"])?;
     write_commit(&repo, options.objects, 0)?;
-    let (admin_port, agents_port) = (free_port(false)?, free_port(true)?);
-    let config = work.path().join("hub.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\npoll_interval_seconds = 3600\napi_writes_per_second = 1000\n[listen]\nadmin = \"127.0.0.1:{admin_port}\"\nagents = \"127.0.0.1:{agents_port}\"\n[[sources]]\nname = \"fleet\"\nurl = \"file://{}\"\n",
-            work.path().join("hub").display(),
-            repo.display()
-        ),
-    )?;
-    let config = config.display().to_string();
+    let database = match options.postgres {
+        true => {
+            let server = outpost_hub::store::postgres::testing::TestServer::start()
+                .map_err(anyhow::Error::msg)
+                .context("starting a PostgreSQL server for the run")?;
+            let url = server.create_database().map_err(anyhow::Error::msg)?;
+            eprintln!("load: store on PostgreSQL ({url})");
+            Some((server, url))
+        }
+        false => None,
+    };
+    let store_line = database
+        .as_ref()
+        .map(|(_, url)| format!("store = \"{url}\"\n"))
+        .unwrap_or_default();
+    let hub_config = |name: &str, key_dir: &str| -> Result<(String, u16, u16)> {
+        let (admin_port, agents_port) = (free_port(false)?, free_port(true)?);
+        let config = work.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"{}\"\n{key_dir}{store_line}poll_interval_seconds = 3600\napi_writes_per_second = 1000\n[listen]\nadmin = \"127.0.0.1:{admin_port}\"\nagents = \"127.0.0.1:{agents_port}\"\n[[sources]]\nname = \"fleet\"\nurl = \"file://{}\"\n",
+                work.path().join(name).display(),
+                repo.display()
+            ),
+        )?;
+        Ok((config.display().to_string(), admin_port, agents_port))
+    };
+    let (config, admin_port, agents_port) = hub_config("hub", "")?;
     let run = |args: &[&str]| -> Result<String> {
         let output = Command::new(&binary).args(args).output()?;
         if !output.status.success() {
@@ -244,44 +274,71 @@ fn start_hub(options: &LoadOptions) -> Result<HubUnderTest> {
     // The hub logs warnings only, unless OUTPOST_LOAD_HUB_LOG asks for more (say "info", to see
     // when it rendered and assigned relative to the load generator's lines).
     let level = std::env::var("OUTPOST_LOAD_HUB_LOG").unwrap_or_else(|_| "warn".to_owned());
-    let child = Command::new(&binary)
-        .args(["run", "--config", &config])
-        .env("OUTPOST_LOG", &level)
-        .env("RUST_LOG", &level)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .context("starting outpost-hub run")?;
-    let pid = child.id();
-    let admin = format!("http://127.0.0.1:{admin_port}");
-    let hub = HubUnderTest {
-        admin,
+    let start = |config: &str, admin_port: u16| -> Result<Child> {
+        let child = Command::new(&binary)
+            .args(["run", "--config", config])
+            .env("OUTPOST_LOG", &level)
+            .env("RUST_LOG", &level)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting outpost-hub run")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", admin_port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("the hub did not open its admin API within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(child)
+    };
+    let first = start(&config, admin_port)?;
+    let (child, leader, admin_port, agents_port) = match options.replicas {
+        1 => (first, None, admin_port, agents_port),
+        _ => {
+            // The first leads before the second starts; the second serves every agent.
+            let admin = Admin::new(&format!("http://127.0.0.1:{admin_port}"), &token);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while admin.get("/api/v1/replica")?["leading"] != true {
+                if Instant::now() > deadline {
+                    bail!("the first replica did not take the lease within 60 s");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let keys = work.path().join("hub").join("keys");
+            let (second, admin_2, agents_2) =
+                hub_config("replica", &format!("key_dir = \"{}\"\n", keys.display()))?;
+            let pid = first.id();
+            let child = start(&second, admin_2)?;
+            eprintln!(
+                "load: two replicas: the leader (pid {pid}) syncs and assigns; the agents are served by the other (pid {})",
+                child.id()
+            );
+            (child, Some((first, pid)), admin_2, agents_2)
+        }
+    };
+    Ok(HubUnderTest {
+        admin: format!("http://127.0.0.1:{admin_port}"),
         token,
         agents: SocketAddr::from(([127, 0, 0, 1], agents_port)),
         repo,
-        pid,
+        pid: child.id(),
         child: Some(child),
+        leader,
         _work: Some(work),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", admin_port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("the hub did not open its admin API within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(hub)
+        _database: database.map(|(server, _)| server),
+    })
 }
 
 /// A blocking admin API client.
-struct Admin {
+pub(crate) struct Admin {
     base: String,
     token: String,
     agent: ureq::Agent,
 }
 
 impl Admin {
-    fn new(base: &str, token: &str) -> Admin {
+    pub(crate) fn new(base: &str, token: &str) -> Admin {
         Admin {
             base: base.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
@@ -308,7 +365,7 @@ impl Admin {
         Ok(value)
     }
 
-    fn get(&self, path: &str) -> Result<Value> {
+    pub(crate) fn get(&self, path: &str) -> Result<Value> {
         let response = self
             .agent
             .get(&format!("{}{path}", self.base))
@@ -317,7 +374,7 @@ impl Admin {
         Admin::answer(response)
     }
 
-    fn post(&self, path: &str, body: Value) -> Result<Value> {
+    pub(crate) fn post(&self, path: &str, body: Value) -> Result<Value> {
         let response = self
             .agent
             .post(&format!("{}{path}", self.base))
@@ -800,7 +857,7 @@ fn unix_now() -> i64 {
 }
 
 /// The digest every agent should end up holding: the bundle's release at the tracked branch.
-fn current_digest(admin: &Admin) -> Result<Option<(u64, Digest)>> {
+pub(crate) fn current_digest(admin: &Admin) -> Result<Option<(u64, Digest)>> {
     let releases = admin.get("/api/v1/releases")?;
     let Some(generation) = releases
         .as_array()
@@ -909,7 +966,9 @@ pub fn run(options: &LoadOptions) -> Result<LoadReport> {
                 .pid
                 .context("with --admin, give --pid (the hub's process id)")?,
             child: None,
+            leader: None,
             _work: None,
+            _database: None,
         },
         None => start_hub(options)?,
     };
@@ -1056,6 +1115,15 @@ pub fn run(options: &LoadOptions) -> Result<LoadReport> {
         shared.failures.load(Ordering::Relaxed),
         shared.payload_bytes.load(Ordering::Relaxed),
     );
+    if let Some((_, pid)) = &hub.leader
+        && let Ok(leader) = process_figures(*pid)
+    {
+        eprintln!(
+            "load: the leader (serving no agent): RSS {:.1} MB, CPU {:.1} s over the run",
+            leader.rss_kb as f64 / 1024.0,
+            leader.cpu_seconds
+        );
+    }
     drop(fleet);
     runtime.shutdown_timeout(Duration::from_secs(1));
     let per_agent_kb = (idle.rss_kb.saturating_sub(before.rss_kb)) as f64 / total.max(1) as f64;

@@ -42,6 +42,18 @@ enum Command {
     /// The last line: `hub: N agents, RSS X MB (Y KB per agent), enrol Z s, propagate W s, hub
     /// CPU C s`.
     Load(LoadArgs),
+    /// Replace a leader killed with SIGKILL, N times: two `outpost-hub run` replicas on a
+    /// PostgreSQL server started for the run; each run commits, kills the leader, and times
+    /// until the other replica leads and until it released the commit (its first decision).
+    /// Prints each run, then minimum, median and maximum.
+    Failover {
+        /// How many failovers.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// The outpost-hub binary [default: beside this one, built with cargo when run by cargo].
+        #[arg(long)]
+        hub_binary: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -77,6 +89,15 @@ struct LoadArgs {
     /// Give up on a phase after this many seconds.
     #[arg(long, default_value_t = 1800)]
     timeout_seconds: u64,
+    /// The started hub's store: sqlite (its data dir) or postgres (a PostgreSQL server started
+    /// for the run, as the tests do).
+    #[arg(long, default_value = "sqlite", value_parser = ["sqlite", "postgres"])]
+    store: String,
+    /// Hub replicas on the PostgreSQL store: with 2, the first leads (syncs Git, assigns) and
+    /// the agents are all served by the second, so the run measures what one replica serving
+    /// agents costs and how fast a decision on the leader reaches agents on another replica.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    replicas: u8,
 }
 
 #[derive(Debug, Args)]
@@ -137,6 +158,20 @@ fn main() -> Result<()> {
             simulate(parsed, args)
         }
         Command::Pipeline => pipeline::pipeline(),
+        Command::Failover { runs, hub_binary } => {
+            let runs = outpost_sim::failover::run(runs, hub_binary.as_deref())?;
+            let (lease, decision): (Vec<f64>, Vec<f64>) = runs
+                .iter()
+                .map(|run| (run.lease.as_secs_f64(), run.decision.as_secs_f64()))
+                .unzip();
+            let (a, b, c) = outpost_sim::failover::spread(lease);
+            let (d, e, f) = outpost_sim::failover::spread(decision);
+            println!(
+                "failover over {} runs: lease taken min {a:.2} s, median {b:.2} s, max {c:.2} s; first decision min {d:.2} s, median {e:.2} s, max {f:.2} s",
+                runs.len()
+            );
+            Ok(())
+        }
         Command::Load(args) => {
             let report = outpost_sim::load::run(&outpost_sim::load::LoadOptions {
                 agents: args.agents,
@@ -149,6 +184,8 @@ fn main() -> Result<()> {
                 objects: args.objects,
                 hub_binary: args.hub_binary,
                 timeout: std::time::Duration::from_secs(args.timeout_seconds),
+                postgres: args.store == "postgres" || args.replicas > 1,
+                replicas: args.replicas as usize,
             })?;
             println!(
                 "hub CPU: enrol {:.1} s ({:.2} ms per agent), propagate {:.1} s ({:.2} ms per agent); fleet page data {:.2} s, every agent listed {:.2} s; {} threads; {} busy answers, {} sessions retried",
