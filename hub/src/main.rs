@@ -235,13 +235,7 @@ enum TokensCommand {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    outpost_proto::logging::init("info");
     match Cli::parse().command {
         Command::Render { folder, body_out } => render(&folder, body_out.as_deref()),
         Command::Sync { data_dir, source } => sync(&data_dir, &source),

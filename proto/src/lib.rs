@@ -21,6 +21,8 @@ pub mod body;
 pub mod compress;
 pub mod digest;
 pub mod header;
+#[cfg(feature = "logging")]
+pub mod logging;
 pub mod manifest;
 pub mod selector;
 pub mod signing;

@@ -151,6 +151,8 @@ pub struct HubProcess {
     pub binary: PathBuf,
     /// An admin API token (named [`OPERATOR`]).
     pub token: String,
+    /// When set, the hub logs JSON lines at info into this file instead of the test's stderr.
+    pub json_log: Option<PathBuf>,
 }
 
 impl HubProcess {
@@ -199,6 +201,7 @@ impl HubProcess {
             config,
             binary,
             token,
+            json_log: None,
         };
         hub.restart();
         hub
@@ -243,6 +246,7 @@ impl HubProcess {
             config,
             binary: self.binary.clone(),
             token: self.token.clone(),
+            json_log: None,
         };
         hub.restart();
         hub
@@ -272,19 +276,28 @@ impl HubProcess {
     /// Starts the hub again (stopping it first if it runs) and waits for its admin API.
     pub fn restart(&mut self) {
         self.stop();
-        self.process = Some(Process(
-            Command::new(&self.binary)
-                .args(["run", "--config", &self.config.display().to_string()])
-                .env("RUST_LOG", "warn")
-                // OUTPOST_TEST_HUB_LOG=info shows what the hubs do (their stderr is the test's).
-                .env(
-                    "OUTPOST_LOG",
-                    std::env::var("OUTPOST_TEST_HUB_LOG").unwrap_or_else(|_| "warn".to_owned()),
-                )
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("start outpost-hub"),
-        ));
+        let mut command = Command::new(&self.binary);
+        command
+            .args(["run", "--config", &self.config.display().to_string()])
+            .env("RUST_LOG", "warn")
+            // OUTPOST_TEST_HUB_LOG=info shows what the hubs do (their stderr is the test's).
+            .env(
+                "OUTPOST_LOG",
+                std::env::var("OUTPOST_TEST_HUB_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
+            .stdout(Stdio::null());
+        if let Some(path) = &self.json_log {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("open the hub's log file");
+            command
+                .env("OUTPOST_LOG", "info")
+                .env("OUTPOST_LOG_FORMAT", "json")
+                .stderr(file);
+        }
+        self.process = Some(Process(command.spawn().expect("start outpost-hub")));
         let admin = self
             .url
             .rsplit(':')

@@ -254,6 +254,7 @@ fn rotation_revocation_and_expiry_with_real_processes() {
         config: rogue_config,
         binary: hub.binary.clone(),
         token: hub.token.clone(),
+        json_log: None,
     };
     rogue.restart();
     assert!(

@@ -25,7 +25,11 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
     git(&repo, &["add", "-A"]);
     git(&repo, &["commit", "-qm", "first"]);
 
-    let hub = HubProcess::start(work.path(), &repo, "main");
+    let mut hub = HubProcess::start(work.path(), &repo, "main");
+    // The hub logs JSON lines (OUTPOST_LOG_FORMAT=json) into a file this test reads at the end.
+    let log = work.path().join("hub.log.json");
+    hub.json_log = Some(log.clone());
+    hub.restart();
     let (url, agents) = (hub.url.clone(), hub.agents_port);
 
     // The operator makes an enrolment bundle; the device enrols with it.
@@ -55,7 +59,10 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
         0o600
     );
     let state = work.path().join("agent");
-    let env = [("OUTPOST_AGENT_STATE_DIR", state.display().to_string())];
+    let env = [
+        ("OUTPOST_AGENT_STATE_DIR", state.display().to_string()),
+        ("OUTPOST_LOG_FORMAT", "json".to_owned()),
+    ];
     let enrolled = run(
         &agent_bin,
         &[
@@ -141,4 +148,17 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
         body.as_array()
             .is_some_and(|rows| rows.iter().any(|row| row["bundle"] == "shop"))
     });
+    // Every line of the hub's log is a JSON object; what a session logs carries its agent.
+    let id = status()["agent_id"].as_str().unwrap_or_default().to_owned();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|error| panic!("{error}: {line}")))
+        .collect();
+    let connected = lines
+        .iter()
+        .find(|line| line["fields"]["message"] == "agent connected")
+        .unwrap_or_else(|| panic!("no \"agent connected\" line in {text}"));
+    assert_eq!(connected["span"]["agent"], id.as_str(), "{connected}");
+    assert!(connected["level"].is_string() && connected["timestamp"].is_string());
 }

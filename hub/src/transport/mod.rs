@@ -25,6 +25,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tracing::Instrument as _;
+
 use outpost_proto::transport::{
     MessageReader, StreamError, allow_identified, peer_public_key, send_message,
 };
@@ -633,9 +635,9 @@ async fn run_session(
         old.close(close::REPLACED.into(), b"replaced by a newer connection");
     }
     let span = tracing::info_span!("agent", agent = %id);
-    let _entered = span.enter();
+    // Everything the session does, its fetches too, is logged inside the agent span.
+    async {
     tracing::info!(remote = %connection.remote_address(), "agent connected");
-    drop(_entered);
     let mut trust_changes = service.keys.trust_changes();
     trust_changes.borrow_and_update();
     send_message(&mut send, &Message::Trust(service.keys.trust())).await?;
@@ -729,10 +731,13 @@ async fn run_session(
                     if let Err(error) = serve_fetch(&service, &agent, &view, stream_send, stream_recv).await {
                         tracing::debug!(%agent, %error, "fetch ended");
                     }
-                });
+                }.instrument(tracing::Span::current()));
             }
         }
     }
+    }
+    .instrument(span)
+    .await
 }
 
 /// Re-reads the agent: refuses it if it was revoked or removed (returns false), else sends its
