@@ -159,6 +159,11 @@ impl GitSource {
             url: self.url.clone(),
             message,
         };
+        if self.url.starts_with("https://") && !curl::Version::get().feature_ssl() {
+            return Err(fetch_error(
+                "this hub was built with a libcurl without TLS, so https sources cannot be fetched: install libcurl4-openssl-dev and pkg-config (bash scripts/setup.sh), run `cargo clean -p curl-sys`, and build the hub again".to_owned(),
+            ));
+        }
         let repo = self.repo();
         let remote = repo
             .remote_at(self.url.as_str())
