@@ -41,14 +41,20 @@ pub(super) async fn check_fence<C: GenericClient>(
     }
 }
 
+impl PostgresStore {
+    /// This store without a fence: the lease itself is taken and given up through it.
+    fn unfenced(&self) -> PostgresStore {
+        PostgresStore {
+            inner: self.inner.clone(),
+            fence: None,
+        }
+    }
+}
+
 impl ReplicaStore for PostgresStore {
     fn acquire_lease(&self, holder: &str, ttl: Duration) -> Result<Lease, StoreError> {
         let ttl_ms = ttl.as_millis().min(i64::MAX as u128) as f64;
-        let unfenced = PostgresStore {
-            inner: self.inner.clone(),
-            fence: None,
-        };
-        unfenced.write(async |transaction| {
+        self.unfenced().write(async |transaction| {
             let taken = optional(
                 transaction,
                 "INSERT INTO leader_lease (id, holder, epoch, expires_at)
@@ -83,11 +89,7 @@ impl ReplicaStore for PostgresStore {
     }
 
     fn release_lease(&self, holder: &str) -> Result<(), StoreError> {
-        let unfenced = PostgresStore {
-            inner: self.inner.clone(),
-            fence: None,
-        };
-        unfenced.write(async |transaction| {
+        self.unfenced().write(async |transaction| {
             super::execute(
                 transaction,
                 "UPDATE leader_lease SET expires_at = clock_timestamp() WHERE id = 1 AND holder = $1",
@@ -100,8 +102,8 @@ impl ReplicaStore for PostgresStore {
 
     fn fenced(&self, fence: Arc<Fence>) -> Arc<dyn HubStore> {
         Arc::new(PostgresStore {
-            inner: self.inner.clone(),
             fence: Some(fence),
+            ..self.unfenced()
         })
     }
 
