@@ -134,6 +134,8 @@ pub struct Hub {
     endpoint: quinn::Endpoint,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     clock: Clock,
+    /// The only hub's leadership, kept so its loops never see it end.
+    _always_leading: Option<tokio::sync::watch::Sender<i64>>,
 }
 
 /// The wait after `failures` consecutive failed fetches: the interval doubled per failure, at
@@ -165,6 +167,7 @@ impl Hub {
             Some(_) => 0,
             None => 1,
         });
+        let mut always_leading = None;
         let decisions: Arc<dyn HubStore> = match &replication {
             Some(replication) => {
                 let fence = Arc::new(crate::store::Fence::new(&replication.holder));
@@ -184,11 +187,7 @@ impl Hub {
                 replication.store.fenced(fence)
             }
             None => {
-                // Kept so the channel stays open.
-                tasks.push(tokio::spawn(async move {
-                    let _lead = lead;
-                    std::future::pending::<()>().await
-                }));
+                always_leading = Some(lead);
                 store.clone()
             }
         };
@@ -320,6 +319,7 @@ impl Hub {
             endpoint: agents,
             tasks,
             clock,
+            _always_leading: always_leading,
         }
     }
 
