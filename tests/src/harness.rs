@@ -102,14 +102,22 @@ fn runtime(
 pub struct Replica {
     /// Its QUIC address.
     pub address: SocketAddr,
-    _hub: Hub,
+    hub: Hub,
+}
+
+impl Replica {
+    /// Wakes this replica's connections of `agents` (in-process replicas on one SQLite file
+    /// share no change bus: what `TestHub::assign` writes, only the first hub hears of).
+    pub fn wake(&self, agents: &[String]) {
+        self.hub.changes().agents_changed(agents);
+    }
 }
 
 impl TestHub {
     /// A replica of this hub (same store, same keys), listening on an address of its own.
     pub fn replica(&self, options: ServiceOptions, tuning: &Tuning) -> Replica {
         let (hub, address) = runtime(&self.store, &self.keys, options, tuning);
-        Replica { address, _hub: hub }
+        Replica { address, hub }
     }
 
     /// Stops this hub's runtime: its agent listener closes, its connections end. The store
