@@ -162,3 +162,67 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
     assert_eq!(connected["span"]["agent"], id.as_str(), "{connected}");
     assert!(connected["level"].is_string() && connected["timestamp"].is_string());
 }
+
+/// `GET /ready` without a token, as a probe calls it: the status and the answer.
+fn ready(hub: &HubProcess) -> (u16, serde_json::Value) {
+    let mut response = ureq::get(&format!("{}/ready", hub.url))
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.body_mut().read_json().unwrap())
+}
+
+#[test]
+fn the_hub_is_ready_only_once_every_source_was_fetched() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    git_init(&repo);
+    std::fs::create_dir_all(repo.join("shop")).unwrap();
+    std::fs::write(
+        repo.join("shop/app.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: shop\n  namespace: default\n",
+    )
+    .unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "first"]);
+    let mut hub = HubProcess::start(work.path(), &repo, "main");
+    wait_for("ready with one source fetched", 30, || ready(&hub).0 == 200);
+    assert_eq!(ready(&hub).1["ready"], true);
+    // A second source whose Git server accepts the connection and never answers: the hub
+    // serves, but is not ready, and says what it waits for.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in silent.incoming().flatten() {
+            held.push(stream);
+        }
+    });
+    let mut config = std::fs::read_to_string(&hub.config).unwrap();
+    config.push_str(&format!(
+        "[[sources]]\nname = \"silent\"\nurl = \"git://127.0.0.1:{port}/fleet.git\"\n"
+    ));
+    std::fs::write(&hub.config, config).unwrap();
+    hub.restart();
+    wait_for("the first source fetched again", 30, || {
+        hub.get("/api/v1/sources")
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|source| source["name"] == "fleet" && source["fetches"].as_u64() > Some(0))
+    });
+    let (status, answer) = ready(&hub);
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["ready"], false);
+    let waiting = answer["waiting_for"].to_string();
+    assert!(
+        waiting.contains("source silent") && !waiting.contains("source fleet"),
+        "{answer}"
+    );
+    // Alive all the same, and serving its API.
+    let live = ureq::get(&format!("{}/live", hub.url)).call().unwrap();
+    assert_eq!(live.status().as_u16(), 200);
+}

@@ -79,6 +79,7 @@ fn routes(agent: &str) -> Vec<(&'static str, String, Option<&'static str>, Value
         "/api/v1/bundles",
         "/api/v1/releases",
         "/api/v1/sources",
+        "/api/v1/replica",
         "/api/v1/snapshots/shop/1",
         "/api/v1/snapshots/shop/1/objects",
         "/api/v1/events",

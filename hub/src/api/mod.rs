@@ -147,7 +147,7 @@ type ApiResult = Result<Json<Value>, ApiError>;
 pub fn router(state: AdminState, hooks: Option<hooks::HooksState>) -> Router {
     let api = Router::new()
         .route("/live", get(|| async { "ok" }))
-        .route("/ready", get(|| async { "ok" }))
+        .route("/ready", get(ready))
         .route("/api/v1/whoami", get(admin::whoami))
         .route("/api/v1/bundles", get(bundles))
         .route("/api/v1/releases", get(releases))
@@ -223,6 +223,36 @@ async fn with_store<T: Send + 'static>(
     tokio::task::spawn_blocking(move || work(&*store))
         .await
         .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
+}
+
+/// `GET /ready` (public, for probes): 200 once this hub can do its work — its store answers
+/// and, on the replica that leads (the only hub always does), every source was fetched once
+/// since the start (a fetch that failed counts: what was fetched before is served) — else 503
+/// naming what it waits for. The keys are loaded before any listener opens.
+async fn ready(State(state): State<AdminState>) -> Response {
+    let mut waiting = Vec::new();
+    if let Err(error) = with_store(&state, |store| Ok(store.change_cursor()?)).await {
+        waiting.push(format!("the store: {}", error.1));
+    }
+    if *state.replica.leading.borrow() > 0 {
+        let records = state.changes.records();
+        for source in state.sources.iter() {
+            if records
+                .get(&source.name)
+                .is_none_or(|record| record.fetches == 0)
+            {
+                waiting.push(format!("the first fetch of source {}", source.name));
+            }
+        }
+    }
+    match waiting.is_empty() {
+        true => Json(json!({"ready": true})).into_response(),
+        false => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "waiting_for": waiting})),
+        )
+            .into_response(),
+    }
 }
 
 fn not_found(message: String) -> ApiError {
