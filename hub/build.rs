@@ -2,10 +2,12 @@
 //! without it curl-sys quietly builds a libcurl without TLS, so https Git sources would fail
 //! only at run time ("Curl operation failed: [48] An unknown option was passed in to libcurl").
 //! `OUTPOST_ALLOW_CURL_WITHOUT_PKG_CONFIG=1` skips the check (a libcurl found another way).
+//! Also names the Git commit for `outpost-hub --version`.
 
 use std::process::Command;
 
 fn main() {
+    git_commit();
     println!("cargo:rerun-if-env-changed=OUTPOST_ALLOW_CURL_WITHOUT_PKG_CONFIG");
     println!("cargo:rerun-if-env-changed=PKG_CONFIG_PATH");
     println!("cargo:rerun-if-env-changed=PKG_CONFIG_LIBDIR");
@@ -27,3 +29,6 @@ fn main() {
         std::process::exit(1);
     }
 }
+
+// `git_commit()`: shared with the agent's build script.
+include!("../build/git_commit.rs");

@@ -13,6 +13,14 @@ use outpost_agent::{
     open_state, paths, write_enrolment_record,
 };
 
+/// The version and the Git commit built from (`--version`, `version`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("OUTPOST_GIT_COMMIT"),
+    ")"
+);
+
 /// Outpost edge agent: keeps verified snapshots of its bundles from the hub and reconciles the
 /// local Kubernetes cluster against them, also while the hub is unreachable.
 ///
@@ -21,7 +29,7 @@ use outpost_agent::{
 /// Settings come from the config file (default /etc/outpost-agent/agent.toml, if present), then
 /// OUTPOST_AGENT_* variables, then flags; see docs/agent-config.md.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version = VERSION, about)]
 struct Cli {
     /// Config file (TOML). Default: /etc/outpost-agent/agent.toml if it exists.
     #[arg(long, global = true, env = "OUTPOST_AGENT_CONFIG")]
@@ -36,6 +44,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Print the version and the Git commit this binary was built from.
+    Version,
     /// Enrol with the hub using an enrolment bundle (hub address, hub key pin, root key,
     /// single-use token), and wait until the hub confirms.
     Enrol {
@@ -109,6 +119,10 @@ fn load_config(cli: &Cli, overrides: &[(&str, Option<String>)]) -> Result<AgentC
 
 fn run(cli: Cli) -> Result<()> {
     match &cli.command {
+        Command::Version => {
+            println!("outpost-agent {VERSION}");
+            Ok(())
+        }
         Command::Enrol {
             bundle,
             timeout_seconds,

@@ -21,9 +21,17 @@ use outpost_proto::{Body, SourceFile};
 
 use crate::cli::client::{ApiArgs, label_changes, print_rows};
 
+/// The version and the Git commit built from (`--version`, `version`).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("OUTPOST_GIT_COMMIT"),
+    ")"
+);
+
 /// Outpost hub: reads Git, renders signed snapshots, serves edge agents.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version = VERSION, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -94,6 +102,8 @@ enum Command {
         #[arg(long, conflicts_with = "password_env")]
         password_file: Option<PathBuf>,
     },
+    /// Print the version and the Git commit this binary was built from.
+    Version,
     /// Validate a config file (and OUTPOST_HUB_* overrides) and print the result.
     CheckConfig {
         /// The TOML config file.
@@ -245,6 +255,10 @@ fn main() -> Result<()> {
                 true => run(&config),
                 false => serve::serve(&config),
             }
+        }
+        Command::Version => {
+            println!("outpost-hub {VERSION}");
+            Ok(())
         }
         Command::Migrate {
             from,

@@ -25,6 +25,15 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
     git(&repo, &["add", "-A"]);
     git(&repo, &["commit", "-qm", "first"]);
 
+    // Both binaries name the commit they were built from.
+    for (binary, name) in [(&hub_bin, "outpost-hub"), (&agent_bin, "outpost-agent")] {
+        let version = run(binary, &["version"], &[]);
+        assert!(
+            version.starts_with(&format!("{name} {} (commit ", env!("CARGO_PKG_VERSION"))),
+            "{version}"
+        );
+        assert_eq!(run(binary, &["--version"], &[]).trim(), version.trim());
+    }
     let mut hub = HubProcess::start(work.path(), &repo, "main");
     // The hub logs JSON lines (OUTPOST_LOG_FORMAT=json) into a file this test reads at the end.
     let log = work.path().join("hub.log.json");
