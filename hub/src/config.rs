@@ -46,6 +46,8 @@
 //! username = "outpost"                     # http(s) only, optional
 //! password_env = "FLEET_GIT_TOKEN"         # or password_file = "/run/secrets/fleet-token"
 //! track = "main"                           # branch (or full ref) agents run until a rollout
+//!                                          # says otherwise; default: the remote's default
+//!                                          # branch (its HEAD)
 //!                                          # says otherwise; default main
 //! webhook_secret_env = "FLEET_HOOK_SECRET" # or webhook_secret_file: enables
 //!                                          # POST /hooks/git/fleet (GitHub, GitLab, Gitea)
@@ -145,10 +147,29 @@ pub struct SourceConfig {
     pub url: String,
     /// For http(s): user and password or token, read from the environment or a file at start.
     pub credentials: Option<Credentials>,
-    /// The full ref agents run by default (`refs/heads/main` unless configured).
-    pub track: String,
+    /// The full ref agents run by default; `None`: the remote's default branch (its HEAD, as
+    /// last fetched; see [`SourceConfig::track_in`]).
+    pub track: Option<String>,
     /// The webhook secret: `POST /hooks/git/<name>` is served only when one is set.
     pub webhook_secret: Option<Secret>,
+}
+
+impl SourceConfig {
+    /// The full ref agents run by default: the configured one, else the default branch of the
+    /// remote as `git` last saw it (`refs/heads/main` before anything was fetched).
+    pub fn track_in(&self, git: &GitSource) -> String {
+        self.track
+            .clone()
+            .or_else(|| git.default_branch())
+            .unwrap_or_else(|| "refs/heads/main".to_owned())
+    }
+
+    /// The tracked ref as configured, for people (`HEAD` when it follows the remote's default).
+    pub fn track_label(&self) -> String {
+        self.track
+            .clone()
+            .unwrap_or_else(|| "HEAD (the remote's default branch)".to_owned())
+    }
 }
 
 /// Every problem found in a configuration, one per line.
@@ -499,10 +520,10 @@ impl Config {
                     None
                 }
             };
-            let track = match source.track.as_deref().unwrap_or("main") {
+            let track = source.track.as_deref().map(|track| match track {
                 full if full.starts_with("refs/") => full.to_owned(),
                 branch => format!("refs/heads/{branch}"),
-            };
+            });
             let webhook_secret = match secret(
                 "webhook_secret",
                 source.webhook_secret_env.as_deref(),

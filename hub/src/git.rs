@@ -191,8 +191,16 @@ impl GitSource {
                 _ => Ok(None),
             });
         }
+        // HEAD too, to learn which branch the remote calls its default.
+        let head = gix::refspec::parse("HEAD".into(), gix::refspec::parse::Operation::Fetch)
+            .map_err(|error| fetch_error(describe(&error)))?
+            .to_owned();
+        let options = gix::remote::ref_map::Options {
+            extra_refspecs: vec![head],
+            ..Default::default()
+        };
         let outcome = connection
-            .prepare_fetch(gix::progress::Discard, Default::default())
+            .prepare_fetch(gix::progress::Discard, options)
             .map_err(|error| fetch_error(describe(&error)))?
             .receive(gix::progress::Discard, &interrupt)
             .map_err(|error| fetch_error(describe(&error)))?;
@@ -202,6 +210,22 @@ impl GitSource {
             .iter()
             .map(|reference| reference.unpack().0.to_str_lossy().into_owned())
             .collect();
+        let remote_head =
+            outcome
+                .ref_map
+                .remote_refs
+                .iter()
+                .find_map(|reference| match reference {
+                    gix::protocol::handshake::Ref::Symbolic {
+                        full_ref_name,
+                        target,
+                        ..
+                    } if full_ref_name == "HEAD" => Some(target.to_str_lossy().into_owned()),
+                    _ => None,
+                });
+        if let Some(target) = remote_head.filter(|target| target.starts_with("refs/heads/")) {
+            self.set_head(&repo, &target)?;
+        }
         let mut summary = FetchSummary::default();
         for local in self.refs()? {
             if !remote_names.contains(&local.name) {
@@ -381,6 +405,57 @@ impl GitSource {
             return Ok(None);
         }
         Ok(Some(entry.object().map_err(|error| read_error(&error))?))
+    }
+
+    /// The remote's default branch as last fetched (the mirror's HEAD, kept pointing where the
+    /// remote's points), if the mirror has that branch.
+    pub fn default_branch(&self) -> Option<String> {
+        let repo = self.repo();
+        let name = repo.head_name().ok().flatten()?;
+        let name = name.as_bstr().to_str_lossy().into_owned();
+        repo.find_reference(name.as_str()).ok().map(|_| name)
+    }
+
+    /// Points the mirror's HEAD at `target` (a branch), as the remote's does.
+    fn set_head(&self, repo: &gix::Repository, target: &str) -> Result<(), GitError> {
+        use gix::refs::transaction::{Change, LogChange, PreviousValue, RefEdit, RefLog};
+        let write_error = |message: String| GitError::Read {
+            url: self.url.clone(),
+            what: "HEAD".to_owned(),
+            message,
+        };
+        let current = repo.head_name().ok().flatten();
+        if current
+            .as_ref()
+            .is_some_and(|name| name.as_bstr() == target)
+        {
+            return Ok(());
+        }
+        let target: gix::refs::FullName =
+            target
+                .try_into()
+                .map_err(|error: gix::validate::reference::name::Error| {
+                    write_error(error.to_string())
+                })?;
+        repo.edit_reference(RefEdit {
+            change: Change::Update {
+                log: LogChange {
+                    mode: RefLog::AndReference,
+                    force_create_reflog: false,
+                    message: "outpost: the remote's default branch".into(),
+                },
+                expected: PreviousValue::Any,
+                new: gix::refs::Target::Symbolic(target),
+            },
+            name: "HEAD"
+                .try_into()
+                .map_err(|error: gix::validate::reference::name::Error| {
+                    write_error(error.to_string())
+                })?,
+            deref: false,
+        })
+        .map_err(|error| write_error(describe(&error)))?;
+        Ok(())
     }
 
     fn delete_ref(&self, repo: &gix::Repository, name: &str) -> Result<(), GitError> {

@@ -279,7 +279,7 @@ impl Hub {
                         .map(|source| SourceSummary {
                             name: source.config.name.clone(),
                             url: source.config.url.clone(),
-                            track: source.config.track.clone(),
+                            track: source.config.track_label(),
                             webhook: source.config.webhook_secret.is_some(),
                         })
                         .collect(),
@@ -437,6 +437,8 @@ async fn source_loop(
     let mut assign_everyone = true;
     let mut wake = Wake::Fetch;
     let mut led_at = 0;
+    // The ref last assigned to everyone (the remote's default branch may move).
+    let mut tracked: Option<String> = None;
     loop {
         // Only the leader syncs; a new term starts afresh (another replica led meanwhile).
         let epoch = leading(&mut lead).await;
@@ -475,31 +477,37 @@ async fn source_loop(
             Wake::Agents => Ok(()),
         };
         let agents = changes.take_agents(&name);
-        let (store, keys, syncing, track, mut taken) = (
+        let (store, keys, syncing, config, mut taken) = (
             store.clone(),
             keys.clone(),
             source.clone(),
-            settings.config.track.clone(),
+            settings.config.clone(),
             memo.take().unwrap_or_default(),
         );
-        let everyone = assign_everyone;
+        let (everyone, tracked_before) = (assign_everyone, tracked.clone());
         let synced = blocking(move || {
             let now = clock();
+            // The configured ref, or the remote's default branch as just fetched.
+            let track = config.track_in(&syncing);
             let result = render_remembering(&*store, &keys, &syncing, fetched, now, &mut taken)
                 .inspect(print_report)
                 .and_then(|report| {
-                    if everyone || report.changed_refs.contains(&track) {
+                    let moved = tracked_before.as_deref() != Some(track.as_str());
+                    if everyone || moved || report.changed_refs.contains(&track) {
                         assign_tracked(&*store, &syncing, &track, now)
                     } else {
                         assign_agents(&*store, &syncing, &track, &agents, now)
                     }
                 });
-            (taken, result)
+            (taken, track, result)
         })
         .await;
         match synced {
-            Some((returned, result)) => {
+            Some((returned, track, result)) => {
                 memo = Some(returned);
+                if result.is_ok() {
+                    tracked = Some(track);
+                }
                 match result {
                     Ok(changed) => {
                         assign_everyone = false;

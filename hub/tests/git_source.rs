@@ -103,3 +103,37 @@ fn unreachable_remote_is_a_fetch_error_and_keeps_what_was_fetched() {
         "what was fetched before stays"
     );
 }
+
+#[test]
+fn the_remote_default_branch_is_learned_and_followed_when_it_moves() {
+    let upstream = Upstream::new();
+    upstream.write("pos/app.yaml", &config_map("pos", "1"));
+    upstream.commit("first");
+    let data = tempfile::tempdir().unwrap();
+    let source = GitSource::open_or_init(&upstream.url(), &data.path().join("mirror")).unwrap();
+    assert_eq!(source.default_branch(), None, "nothing fetched yet");
+    source.fetch().unwrap();
+    assert_eq!(source.default_branch().as_deref(), Some("refs/heads/main"));
+    // The remote's default becomes another branch: the next fetch says so.
+    upstream.git(&["branch", "master"]);
+    upstream.git(&["symbolic-ref", "HEAD", "refs/heads/master"]);
+    source.fetch().unwrap();
+    assert_eq!(
+        source.default_branch().as_deref(),
+        Some("refs/heads/master")
+    );
+    // A source that names its branch keeps it; one that does not follows the remote.
+    let named = outpost_hub::config::SourceConfig {
+        name: "fleet".to_owned(),
+        url: upstream.url(),
+        credentials: None,
+        track: Some("refs/heads/main".to_owned()),
+        webhook_secret: None,
+    };
+    assert_eq!(named.track_in(&source), "refs/heads/main");
+    let following = outpost_hub::config::SourceConfig {
+        track: None,
+        ..named
+    };
+    assert_eq!(following.track_in(&source), "refs/heads/master");
+}

@@ -296,7 +296,7 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
             name: "fleet".to_owned(),
             url,
             credentials: None,
-            track: "refs/heads/stable".to_owned(),
+            track: Some("refs/heads/stable".to_owned()),
             webhook_secret: None,
         },
         mirror: work.path().join("mirror"),

@@ -125,7 +125,7 @@ fn a_label_change_on_one_of_a_thousand_agents_reads_for_that_agent_only() {
                 name: "fleet".to_owned(),
                 url: repo.display().to_string(),
                 credentials: None,
-                track: "refs/heads/main".to_owned(),
+                track: Some("refs/heads/main".to_owned()),
                 webhook_secret: None,
             },
             mirror: data.join("mirrors/fleet.git"),

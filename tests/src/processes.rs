@@ -156,7 +156,8 @@ pub struct HubProcess {
 }
 
 impl HubProcess {
-    /// Writes a config under `work` for `repo` (tracking `track`), makes the keys and an
+    /// Writes a config under `work` for `repo` (tracking `track`; `""`: the repository's default
+    /// branch, as a config without `track` does), makes the keys and an
     /// admin token as an operator would (`keys init`, `admin-token create`), and starts the hub.
     pub fn start(work: &Path, repo: &Path, track: &str) -> HubProcess {
         HubProcess::start_with(work, repo, track, "")
@@ -165,11 +166,16 @@ impl HubProcess {
     /// [`HubProcess::start`] with more top-level config lines (`extra`, TOML).
     pub fn start_with(work: &Path, repo: &Path, track: &str, extra: &str) -> HubProcess {
         let (admin, agents_port) = (free_port(false), free_port(true));
+        // No track: the source follows the remote's default branch.
+        let track_line = match track {
+            "" => String::new(),
+            track => format!("track = \"{track}\"\n"),
+        };
         let config = work.join("hub.toml");
         std::fs::write(
             &config,
             format!(
-                "data_dir = \"{}\"\npoll_interval_seconds = 3600\n{extra}\n[listen]\nadmin = \"127.0.0.1:{admin}\"\nagents = \"127.0.0.1:{agents_port}\"\n[[sources]]\nname = \"fleet\"\nurl = \"file://{}\"\ntrack = \"{track}\"\n",
+                "data_dir = \"{}\"\npoll_interval_seconds = 3600\n{extra}\n[listen]\nadmin = \"127.0.0.1:{admin}\"\nagents = \"127.0.0.1:{agents_port}\"\n[[sources]]\nname = \"fleet\"\nurl = \"file://{}\"\n{track_line}",
                 work.join("hub").display(),
                 repo.display()
             ),

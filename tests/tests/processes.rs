@@ -15,6 +15,9 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
     let work = tempfile::tempdir().unwrap();
     let repo = work.path().join("repo");
     git_init(&repo);
+    // A repository whose default branch is not `main`, and a config that names no branch: the
+    // hub follows the remote's default.
+    git(&repo, &["symbolic-ref", "HEAD", "refs/heads/master"]);
     std::fs::create_dir_all(repo.join("shop")).unwrap();
     let config_map = |value: &str| {
         format!(
@@ -34,7 +37,7 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
         );
         assert_eq!(run(binary, &["--version"], &[]).trim(), version.trim());
     }
-    let mut hub = HubProcess::start(work.path(), &repo, "main");
+    let mut hub = HubProcess::start(work.path(), &repo, "");
     // The hub logs JSON lines (OUTPOST_LOG_FORMAT=json) into a file this test reads at the end.
     let log = work.path().join("hub.log.json");
     hub.json_log = Some(log.clone());
