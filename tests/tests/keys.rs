@@ -140,14 +140,17 @@ fn rotation_revocation_and_expiry_with_real_processes() {
         &[],
     );
     let next_key = rotated.split_whitespace().nth(2).unwrap().to_owned();
-    hub.cli(&["keys", "reload"]);
-    std::thread::sleep(Duration::from_millis(1500));
-    hub.cli(&["keys", "reload"]);
+    // The new key signs once its grace (1 s, counted in whole seconds) has passed.
+    wait_for("the rotated key to become the active one", 15, || {
+        hub.cli(&["keys", "reload"]);
+        hub.get("/api/v1/keys")["active"]["key"]
+            .as_str()
+            .is_some_and(|active| active.starts_with(&next_key))
+    });
     let active = hub.get("/api/v1/keys")["active"]["key"]
         .as_str()
         .unwrap()
         .to_owned();
-    assert!(active.starts_with(&next_key), "{active} is {next_key}");
     wait_for("the agent to trust the new key", 30, || {
         agent_status(&agent_bin, &state)["signing_keys"]
             .as_array()
