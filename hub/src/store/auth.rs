@@ -84,6 +84,20 @@ pub enum TokenCheck {
     Revoked(AdminToken),
 }
 
+impl TokenCheck {
+    /// What the token found for a secret (if any) is at `now`.
+    pub(crate) fn of(token: Option<AdminToken>, now: i64) -> TokenCheck {
+        match token {
+            None => TokenCheck::Unknown,
+            Some(token) if token.revoked.is_some() => TokenCheck::Revoked(token),
+            Some(token) if token.expires_at.is_some_and(|at| now > at) => {
+                TokenCheck::Expired(token)
+            }
+            Some(token) => TokenCheck::Valid(token),
+        }
+    }
+}
+
 /// What authentication needs of the store.
 pub trait AuthStore {
     /// Stores a new token under its secret's digest; `Err` (inside) if the name was ever used.

@@ -4,6 +4,21 @@
 //! a restart resumes exactly where it stopped and a step costs what it changed.
 
 use super::{AssignmentChange, StoreError};
+
+/// A stored rollout that does not decode.
+pub(crate) fn corrupt(id: i64, what: &str, error: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("rollout {id}: {what}: {error}"))
+}
+
+/// A rollout's head from its stored JSON.
+pub(crate) fn decode_head(id: i64, text: &str) -> Result<Rollout, StoreError> {
+    serde_json::from_str(text).map_err(|error| corrupt(id, "head", error))
+}
+
+/// A member or progress as the stores keep it (JSON).
+pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|error| StoreError::Corrupt(error.to_string()))
+}
 use crate::rollout::machine::{Progress, Rollout};
 
 /// The answer to creating a rollout.

@@ -58,6 +58,39 @@ pub struct FleetSummary {
     pub labels: Vec<(String, String, u64)>,
 }
 
+impl FleetSummary {
+    /// The phases and the snapshots assigned from one scan of the assignments: rows of (bundle,
+    /// digest, phase or `Unknown`, agents).
+    pub(crate) fn from_assignments(
+        (agents, revoked, stale): (u64, u64, u64),
+        rows: Vec<(String, Digest, String, u64)>,
+        labels: Vec<(String, String, u64)>,
+    ) -> FleetSummary {
+        let mut phases: std::collections::BTreeMap<(String, String), u64> = Default::default();
+        let mut assigned: std::collections::BTreeMap<(String, Digest), u64> = Default::default();
+        for (bundle, digest, phase, count) in rows {
+            *phases.entry((bundle.clone(), phase)).or_default() += count;
+            *assigned.entry((bundle, digest)).or_default() += count;
+        }
+        let mut assigned: Vec<(String, Digest, u64)> = assigned
+            .into_iter()
+            .map(|((bundle, digest), count)| (bundle, digest, count))
+            .collect();
+        assigned.sort_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)));
+        FleetSummary {
+            agents,
+            revoked,
+            stale,
+            phases: phases
+                .into_iter()
+                .map(|((bundle, phase), count)| (bundle, phase, count))
+                .collect(),
+            assigned,
+            labels,
+        }
+    }
+}
+
 /// One page of a filtered list.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FleetPage {

@@ -131,14 +131,7 @@ impl AuthStore for PostgresStore {
             .map(|row| token_from_row(&row))
             .transpose()
         })?;
-        Ok(match token {
-            None => TokenCheck::Unknown,
-            Some(token) if token.revoked.is_some() => TokenCheck::Revoked(token),
-            Some(token) if token.expires_at.is_some_and(|at| now > at) => {
-                TokenCheck::Expired(token)
-            }
-            Some(token) => TokenCheck::Valid(token),
-        })
+        Ok(TokenCheck::of(token, now))
     }
 
     fn revoke_admin_token(

@@ -8,21 +8,10 @@ use deadpool_postgres::GenericClient;
 use super::fleet::write_changes;
 use super::{PostgresStore, execute, one, optional, query};
 use crate::rollout::machine::{Member, Progress, Record, Rollout};
+use crate::store::rollouts::{corrupt, decode_head, encode};
 use crate::store::{
     Created, RolloutHead, RolloutSave, RolloutStore, Saved, StoreError, StoredRollout,
 };
-
-fn corrupt(id: i64, what: &str, error: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(format!("rollout {id}: {what}: {error}"))
-}
-
-fn decode_head(id: i64, text: &str) -> Result<Rollout, StoreError> {
-    serde_json::from_str(text).map_err(|error| corrupt(id, "head", error))
-}
-
-fn encode<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|error| StoreError::Corrupt(error.to_string()))
-}
 
 /// Reads a rollout's members and history into `rollout`.
 async fn fill<C: GenericClient>(client: &C, rollout: &mut Rollout) -> Result<(), StoreError> {

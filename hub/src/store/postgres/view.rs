@@ -2,8 +2,6 @@
 //! value, assignments by bundle and phase), counts are `GROUP BY`s, and a page's details are
 //! read with the page's ids as one array parameter.
 
-use std::collections::BTreeMap;
-
 use outpost_proto::Digest;
 use tokio_postgres::types::ToSql;
 
@@ -223,21 +221,6 @@ impl FleetView for PostgresStore {
                 ))
             })
             .collect::<Result<_, StoreError>>()?;
-            let mut phases: BTreeMap<(String, String), u64> = BTreeMap::new();
-            let mut assigned: BTreeMap<(String, Digest), u64> = BTreeMap::new();
-            for (bundle, digest, phase, count) in rows {
-                *phases.entry((bundle.clone(), phase)).or_default() += count;
-                *assigned.entry((bundle, digest)).or_default() += count;
-            }
-            let phases = phases
-                .into_iter()
-                .map(|((bundle, phase), count)| (bundle, phase, count))
-                .collect();
-            let mut assigned: Vec<(String, Digest, u64)> = assigned
-                .into_iter()
-                .map(|((bundle, digest), count)| (bundle, digest, count))
-                .collect();
-            assigned.sort_by(|a, b| a.0.cmp(&b.0).then(b.2.cmp(&a.2)));
             let labels = query(
                 transaction,
                 &format!(
@@ -256,14 +239,11 @@ impl FleetView for PostgresStore {
                 ))
             })
             .collect::<Result<_, StoreError>>()?;
-            Ok(FleetSummary {
-                agents: agents as u64,
-                revoked: revoked as u64,
-                stale: stale as u64,
-                phases,
-                assigned,
+            Ok(FleetSummary::from_assignments(
+                (agents as u64, revoked as u64, stale as u64),
+                rows,
                 labels,
-            })
+            ))
         })
     }
 }
