@@ -58,6 +58,109 @@ pub struct FleetSummary {
     pub labels: Vec<(String, String, u64)>,
 }
 
+/// A parameter of a fleet filter's WHERE clause, before a backend types it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FilterValue {
+    /// A text (label key or value, bundle, phase, search).
+    Text(String),
+    /// A set of snapshot digests.
+    Digests(Vec<Digest>),
+}
+
+/// What differs between the backends' SQL for a fleet filter.
+#[derive(Debug)]
+pub(crate) struct FilterDialect {
+    /// The placeholder of the n-th parameter (1-based).
+    pub placeholder: fn(usize) -> String,
+    /// `assignments.digest` is one of a [`FilterValue::Digests`] parameter.
+    pub digest_in: fn(&str) -> String,
+    /// `a.id` contains a text parameter.
+    pub id_contains: fn(&str) -> String,
+    /// A `bundle_status` row is stale.
+    pub stale: &'static str,
+    /// Always true.
+    pub truth: &'static str,
+}
+
+/// The WHERE clause (over `agents a`) and its parameters for `filter`. Each condition is an
+/// `IN` over an index (labels by key and value, assignments by bundle and phase), so the most
+/// selective one can drive the query.
+pub(crate) fn filter_clause(
+    filter: &FleetFilter,
+    dialect: &FilterDialect,
+) -> (String, Vec<FilterValue>) {
+    let mut clauses: Vec<String> = Vec::new();
+    let mut values: Vec<FilterValue> = Vec::new();
+    let mut bind = |value: FilterValue| {
+        values.push(value);
+        (dialect.placeholder)(values.len())
+    };
+    let text = |text: &str| FilterValue::Text(text.to_owned());
+    for (key, value) in &filter.labels {
+        let (key, value) = (bind(text(key)), bind(text(value)));
+        clauses.push(format!(
+            "a.id IN (SELECT agent FROM agent_labels WHERE key = {key} AND value = {value})"
+        ));
+    }
+    for key in &filter.without {
+        let key = bind(text(key));
+        clauses.push(format!(
+            "a.id NOT IN (SELECT agent FROM agent_labels WHERE key = {key})"
+        ));
+    }
+    let bundle = filter.bundle.as_deref().map(|bundle| bind(text(bundle)));
+    let of_bundle = match &bundle {
+        Some(bundle) => format!("bundle = {bundle}"),
+        None => dialect.truth.to_owned(),
+    };
+    match filter.phase.as_deref() {
+        Some("Unknown") => clauses.push(format!(
+            "a.id IN (SELECT agent FROM assignments WHERE {of_bundle} AND phase IS NULL)"
+        )),
+        Some(phase) => {
+            let phase = bind(text(phase));
+            clauses.push(format!(
+                "a.id IN (SELECT agent FROM assignments WHERE {of_bundle} AND phase = {phase})"
+            ));
+        }
+        None if bundle.is_some() => clauses.push(format!(
+            "a.id IN (SELECT agent FROM assignments WHERE {of_bundle})"
+        )),
+        None => {}
+    }
+    if let Some(digests) = &filter.digests {
+        let list = bind(FilterValue::Digests(digests.clone()));
+        clauses.push(format!(
+            "a.id IN (SELECT agent FROM assignments WHERE {of_bundle} AND {})",
+            (dialect.digest_in)(&list)
+        ));
+    }
+    if let Some(search) = &filter.search {
+        let search = bind(text(search));
+        clauses.push((dialect.id_contains)(&search));
+    }
+    if let Some(stale) = filter.stale {
+        let stale_ones = format!(
+            "a.id IN (SELECT agent FROM bundle_status WHERE {})",
+            dialect.stale
+        );
+        clauses.push(match stale {
+            true => stale_ones,
+            false => format!("NOT {stale_ones}"),
+        });
+    }
+    match filter.revoked {
+        Some(true) => clauses.push("a.revoked_at IS NOT NULL".to_owned()),
+        Some(false) => clauses.push("a.revoked_at IS NULL".to_owned()),
+        None => {}
+    }
+    let clause = match clauses.is_empty() {
+        true => String::new(),
+        false => format!("WHERE {}", clauses.join(" AND ")),
+    };
+    (clause, values)
+}
+
 impl FleetSummary {
     /// The phases and the snapshots assigned from one scan of the assignments: rows of (bundle,
     /// digest, phase or `Unknown`, agents).

@@ -8,6 +8,7 @@ use tokio_postgres::types::ToSql;
 use super::fleet::{STATUS_COLUMNS, assignment_from_row, status_from_row};
 use super::store::agents_where;
 use super::{PostgresStore, digest_at, one, query};
+use crate::store::view::{FilterDialect, FilterValue, filter_clause};
 use crate::store::{FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView, StoreError};
 
 /// The agents not revoked (the revoked are few, and indexed).
@@ -15,79 +16,32 @@ const NOT_REVOKED: &str = "NOT IN (SELECT id FROM agents WHERE revoked_at IS NOT
 
 type Value = Box<dyn ToSql + Sync + Send>;
 
-/// The WHERE clause (over `agents a`) and its parameters for `filter`.
+/// PostgreSQL's fleet filters: digests as one bytea array.
+const DIALECT: FilterDialect = FilterDialect {
+    placeholder: |n| format!("${n}"),
+    digest_in: |list| format!("digest = ANY({list}::bytea[])"),
+    id_contains: |text| format!("strpos(a.id, {text}) > 0"),
+    stale: "stale",
+    truth: "TRUE",
+};
+
+/// The WHERE clause and its parameters for `filter`, typed for PostgreSQL.
 fn conditions(filter: &FleetFilter) -> (String, Vec<Value>) {
-    let mut clauses: Vec<String> = Vec::new();
-    let mut values: Vec<Value> = Vec::new();
-    let bind = |value: Value, values: &mut Vec<Value>| {
-        values.push(value);
-        format!("${}", values.len())
-    };
-    for (key, value) in &filter.labels {
-        let (key, value) = (
-            bind(Box::new(key.clone()), &mut values),
-            bind(Box::new(value.clone()), &mut values),
-        );
-        clauses.push(format!(
-            "a.id IN (SELECT agent FROM agent_labels WHERE key = {key} AND value = {value})"
-        ));
-    }
-    for key in &filter.without {
-        let key = bind(Box::new(key.clone()), &mut values);
-        clauses.push(format!(
-            "a.id NOT IN (SELECT agent FROM agent_labels WHERE key = {key})"
-        ));
-    }
-    let bundle = filter
-        .bundle
-        .as_ref()
-        .map(|bundle| bind(Box::new(bundle.clone()), &mut values));
-    let of_bundle = match &bundle {
-        Some(bundle) => format!("bundle = {bundle}"),
-        None => "TRUE".to_owned(),
-    };
-    match filter.phase.as_deref() {
-        Some("Unknown") => clauses.push(format!(
-            "a.id IN (SELECT agent FROM assignments WHERE {of_bundle} AND phase IS NULL)"
-        )),
-        Some(phase) => {
-            let phase = bind(Box::new(phase.to_owned()), &mut values);
-            clauses.push(format!(
-                "a.id IN (SELECT agent FROM assignments WHERE {of_bundle} AND phase = {phase})"
-            ));
-        }
-        None if bundle.is_some() => clauses.push(format!(
-            "a.id IN (SELECT agent FROM assignments WHERE {of_bundle})"
-        )),
-        None => {}
-    }
-    if let Some(digests) = &filter.digests {
-        let list: Vec<Vec<u8>> = digests.iter().map(|digest| digest.0.to_vec()).collect();
-        let list = bind(Box::new(list), &mut values);
-        clauses.push(format!(
-            "a.id IN (SELECT agent FROM assignments WHERE {of_bundle} AND digest = ANY({list}::bytea[]))"
-        ));
-    }
-    if let Some(search) = &filter.search {
-        let search = bind(Box::new(search.clone()), &mut values);
-        clauses.push(format!("strpos(a.id, {search}) > 0"));
-    }
-    if let Some(stale) = filter.stale {
-        let stale_ones = "a.id IN (SELECT agent FROM bundle_status WHERE stale)";
-        clauses.push(match stale {
-            true => stale_ones.to_owned(),
-            false => format!("NOT {stale_ones}"),
-        });
-    }
-    match filter.revoked {
-        Some(true) => clauses.push("a.revoked_at IS NOT NULL".to_owned()),
-        Some(false) => clauses.push("a.revoked_at IS NULL".to_owned()),
-        None => {}
-    }
-    let clause = match clauses.is_empty() {
-        true => String::new(),
-        false => format!("WHERE {}", clauses.join(" AND ")),
-    };
+    let (clause, values) = filter_clause(filter, &DIALECT);
+    let values = values
+        .into_iter()
+        .map(|value| -> Value {
+            match value {
+                FilterValue::Text(text) => Box::new(text),
+                FilterValue::Digests(digests) => Box::new(
+                    digests
+                        .iter()
+                        .map(|digest| digest.0.to_vec())
+                        .collect::<Vec<Vec<u8>>>(),
+                ),
+            }
+        })
+        .collect();
     (clause, values)
 }
 

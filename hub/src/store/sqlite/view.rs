@@ -10,6 +10,7 @@ use super::fleet::{STATUS_COLUMNS, assignment_from_row, status_from_row};
 use super::store::{AGENT_COLUMNS, agent_from_row};
 use super::{SqliteStore, digest_at};
 use crate::store::labels_from_json;
+use crate::store::view::{FilterDialect, FilterValue, filter_clause};
 use crate::store::{
     Agent, FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView, StoreError,
 };
@@ -17,87 +18,33 @@ use crate::store::{
 /// The agents not revoked (the revoked are few, and indexed).
 const NOT_REVOKED: &str = "NOT IN (SELECT id FROM agents WHERE revoked_at IS NOT NULL)";
 
-/// The WHERE clause (over `agents a`) and its parameters for `filter`. Each condition is an
-/// `IN` over an index (labels by key and value, assignments by bundle and phase), so the most
-/// selective one can drive the query.
+/// SQLite's fleet filters: digests as one JSON array of hex texts.
+const DIALECT: FilterDialect = FilterDialect {
+    placeholder: |n| format!("?{n}"),
+    digest_in: |list| format!("lower(hex(digest)) IN (SELECT value FROM json_each({list}))"),
+    id_contains: |text| format!("instr(a.id, {text}) > 0"),
+    stale: "stale = 1",
+    truth: "1",
+};
+
+/// The WHERE clause and its parameters for `filter`, typed for SQLite.
 fn conditions(filter: &FleetFilter) -> (String, Vec<Value>) {
-    let mut clauses: Vec<String> = Vec::new();
-    let mut values: Vec<Value> = Vec::new();
-    let bind = |value: Value, values: &mut Vec<Value>| {
-        values.push(value);
-        format!("?{}", values.len())
-    };
-    for (key, value) in &filter.labels {
-        let (key, value) = (
-            bind(Value::Text(key.clone()), &mut values),
-            bind(Value::Text(value.clone()), &mut values),
-        );
-        clauses.push(format!(
-            "a.id IN (SELECT agent FROM agent_labels WHERE key = {key} AND value = {value})"
-        ));
-    }
-    for key in &filter.without {
-        let key = bind(Value::Text(key.clone()), &mut values);
-        clauses.push(format!(
-            "a.id NOT IN (SELECT agent FROM agent_labels WHERE key = {key})"
-        ));
-    }
-    let bundle = filter
-        .bundle
-        .as_ref()
-        .map(|bundle| bind(Value::Text(bundle.clone()), &mut values));
-    let of_bundle = match &bundle {
-        Some(bundle) => format!("bundle = {bundle}"),
-        None => "1".to_owned(),
-    };
-    match filter.phase.as_deref() {
-        Some("Unknown") => clauses.push(format!(
-            "a.id IN (SELECT agent FROM assignments WHERE {of_bundle} AND phase IS NULL)"
-        )),
-        Some(phase) => {
-            let phase = bind(Value::Text(phase.to_owned()), &mut values);
-            clauses.push(format!(
-                "a.id IN (SELECT agent FROM assignments WHERE {of_bundle} AND phase = {phase})"
-            ));
-        }
-        None if bundle.is_some() => clauses.push(format!(
-            "a.id IN (SELECT agent FROM assignments WHERE {of_bundle})"
-        )),
-        None => {}
-    }
-    if let Some(digests) = &filter.digests {
-        let list = serde_json::Value::Array(
-            digests
-                .iter()
-                .map(|digest| serde_json::Value::String(digest.to_hex()))
-                .collect(),
-        )
-        .to_string();
-        let list = bind(Value::Text(list), &mut values);
-        clauses.push(format!(
-            "a.id IN (SELECT agent FROM assignments WHERE {of_bundle} AND lower(hex(digest)) IN (SELECT value FROM json_each({list})))"
-        ));
-    }
-    if let Some(search) = &filter.search {
-        let search = bind(Value::Text(search.clone()), &mut values);
-        clauses.push(format!("instr(a.id, {search}) > 0"));
-    }
-    if let Some(stale) = filter.stale {
-        let stale_ones = "a.id IN (SELECT agent FROM bundle_status WHERE stale = 1)";
-        clauses.push(match stale {
-            true => stale_ones.to_owned(),
-            false => format!("NOT {stale_ones}"),
-        });
-    }
-    match filter.revoked {
-        Some(true) => clauses.push("a.revoked_at IS NOT NULL".to_owned()),
-        Some(false) => clauses.push("a.revoked_at IS NULL".to_owned()),
-        None => {}
-    }
-    let clause = match clauses.is_empty() {
-        true => String::new(),
-        false => format!("WHERE {}", clauses.join(" AND ")),
-    };
+    let (clause, values) = filter_clause(filter, &DIALECT);
+    let values = values
+        .into_iter()
+        .map(|value| match value {
+            FilterValue::Text(text) => Value::Text(text),
+            FilterValue::Digests(digests) => Value::Text(
+                serde_json::Value::Array(
+                    digests
+                        .iter()
+                        .map(|digest| serde_json::Value::String(digest.to_hex()))
+                        .collect(),
+                )
+                .to_string(),
+            ),
+        })
+        .collect();
     (clause, values)
 }
 
