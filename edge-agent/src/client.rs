@@ -80,6 +80,8 @@ pub struct Counters {
     pub rejected: AtomicU64,
     /// Status reports acknowledged.
     pub acknowledged: AtomicU64,
+    /// Whether a connection to the hub is up now.
+    pub hub_connected: std::sync::atomic::AtomicBool,
 }
 
 /// Why the agent stopped.
@@ -327,11 +329,12 @@ impl Client {
         loop {
             let mut connected = false;
             let mut at_least = Duration::ZERO;
-            match self
-                .session(&endpoint, &mut connected)
-                .await
-                .map_err(SessionError::into_fatal)
-            {
+            let ended = self.session(&endpoint, &mut connected).await;
+            self.inner
+                .counters
+                .hub_connected
+                .store(false, Ordering::Relaxed);
+            match ended.map_err(SessionError::into_fatal) {
                 Ok(()) => tracing::info!("the hub closed the connection; reconnecting"),
                 Err(Ok(fatal)) => return fatal,
                 Err(Err(SessionError::Busy(message, wait))) => {
@@ -457,6 +460,10 @@ impl Client {
             .counters
             .connections
             .fetch_add(1, Ordering::Relaxed);
+        self.inner
+            .counters
+            .hub_connected
+            .store(true, Ordering::Relaxed);
         tracing::info!(hub = %connection.remote_address(), "connected to the hub");
         let (mut send, recv) = connection.open_bi().await?;
         let mut reader = MessageReader::new(recv);

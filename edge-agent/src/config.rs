@@ -6,6 +6,7 @@
 //! enrolment_bundle = "/etc/outpost-agent/enrol.toml"  # `run` enrols with it if not enrolled yet
 //! hub = "hub.example.com:7443"                  # overrides the address from enrolment (hub moved);
 //!                                               # several (replicas): "hub-a:7443,hub-b:7443"
+//! metrics_address = "127.0.0.1:9464"  # /metrics, /live, /ready over plain HTTP; default: none
 //!
 //! [cluster]
 //! target = "auto"        # auto | kubeconfig | in-cluster | none (cache snapshots only)
@@ -25,7 +26,7 @@
 //! (`KUBERNETES_SERVICE_HOST`), k3s's `/etc/rancher/k3s/k3s.yaml`, `~/.kube/config`.
 //!
 //! Environment overrides: `OUTPOST_AGENT_STATE_DIR`, `OUTPOST_AGENT_ENROLMENT_BUNDLE`,
-//! `OUTPOST_AGENT_HUB`, `OUTPOST_AGENT_CLUSTER`, `OUTPOST_AGENT_KUBECONFIG`,
+//! `OUTPOST_AGENT_HUB`, `OUTPOST_AGENT_METRICS_ADDRESS`, `OUTPOST_AGENT_CLUSTER`, `OUTPOST_AGENT_KUBECONFIG`,
 //! `OUTPOST_AGENT_KUBE_CONTEXT`, `OUTPOST_AGENT_FORCE_CONFLICTS`, `OUTPOST_AGENT_DRIFT_SECONDS`,
 //! `OUTPOST_AGENT_HEALTH_TIMEOUT_SECONDS`.
 
@@ -55,6 +56,9 @@ pub struct AgentConfig {
     pub enrolment_bundle: Option<PathBuf>,
     /// Hub address overriding the enrolled one.
     pub hub: Option<String>,
+    /// Where to serve `/metrics`, `/live` and `/ready` (none: nowhere). Unauthenticated plain
+    /// HTTP: keep it on loopback, or on a pod address only Prometheus reaches.
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// The cluster.
     pub cluster: ClusterChoice,
     /// Reconcile loop settings.
@@ -75,6 +79,7 @@ struct RawConfig {
     state_dir: Option<PathBuf>,
     enrolment_bundle: Option<PathBuf>,
     hub: Option<String>,
+    metrics_address: Option<String>,
     #[serde(default)]
     cluster: RawCluster,
     #[serde(default)]
@@ -149,6 +154,21 @@ impl AgentConfig {
         if let Some(hub) = env("OUTPOST_AGENT_HUB") {
             raw.hub = Some(hub);
         }
+        if let Some(address) = env("OUTPOST_AGENT_METRICS_ADDRESS") {
+            raw.metrics_address = Some(address);
+        }
+        let metrics_address = match raw.metrics_address.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(text) => match text.parse::<std::net::SocketAddr>() {
+                Ok(address) => Some(address),
+                Err(_) => {
+                    problems.push(format!(
+                        "metrics_address {text:?} is not an IP address and port (e.g. \"127.0.0.1:9464\")"
+                    ));
+                    None
+                }
+            },
+        };
         if let Some(target) = env("OUTPOST_AGENT_CLUSTER") {
             raw.cluster.target = Some(target);
         }
@@ -256,6 +276,7 @@ impl AgentConfig {
                 .unwrap_or_else(|| PathBuf::from("/var/lib/outpost-agent")),
             enrolment_bundle: raw.enrolment_bundle,
             hub: raw.hub,
+            metrics_address,
             cluster,
             reconcile,
         })
@@ -279,6 +300,7 @@ mod tests {
             ClusterChoice::Kubernetes(ClusterSource::Auto)
         );
         assert!(config.reconcile.force_conflicts);
+        assert_eq!(config.metrics_address, None);
     }
 
     #[test]
@@ -287,7 +309,7 @@ mod tests {
         let path = dir.path().join("agent.toml");
         std::fs::write(
             &path,
-            "state_dir = \"/srv/agent\"\n[cluster]\nkubeconfig = \"/etc/rancher/k3s/k3s.yaml\"\n[reconcile]\ndrift_seconds = 60\n",
+            "state_dir = \"/srv/agent\"\nmetrics_address = \"127.0.0.1:9464\"\n[cluster]\nkubeconfig = \"/etc/rancher/k3s/k3s.yaml\"\n[reconcile]\ndrift_seconds = 60\n",
         )
         .unwrap();
         let env =
@@ -303,6 +325,10 @@ mod tests {
         );
         assert_eq!(config.reconcile.drift_interval, Duration::from_secs(60));
         assert!(!config.reconcile.force_conflicts);
+        assert_eq!(
+            config.metrics_address,
+            Some("127.0.0.1:9464".parse().unwrap())
+        );
     }
 
     #[test]
@@ -314,7 +340,11 @@ mod tests {
             "hub = \"nowhere\"\n[cluster]\ntarget = \"k8s\"\n[reconcile]\ndrift_seconds = 0\n",
         )
         .unwrap();
-        let env = |name: &str| (name == "OUTPOST_AGENT_DRIFT_SECONDS").then(|| "soon".to_owned());
+        let env = |name: &str| match name {
+            "OUTPOST_AGENT_DRIFT_SECONDS" => Some("soon".to_owned()),
+            "OUTPOST_AGENT_METRICS_ADDRESS" => Some("localhost".to_owned()),
+            _ => None,
+        };
         let error = AgentConfig::load(Some(&path), &env)
             .unwrap_err()
             .to_string();
@@ -322,6 +352,7 @@ mod tests {
             "needs a port",
             "\"k8s\" is not one of",
             "not a whole number",
+            "metrics_address \"localhost\" is not an IP address and port",
         ] {
             assert!(error.contains(expected), "{expected:?} missing in {error}");
         }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod files;
 pub mod health;
 pub mod identity;
+pub mod metrics;
 pub mod reconcile;
 pub mod state;
 pub mod target;

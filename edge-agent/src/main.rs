@@ -285,6 +285,19 @@ fn serve(config: &AgentConfig, seed: Option<u64>) -> Result<()> {
     let client = Client::new(key, state, options);
     let runtime = runtime()?;
     runtime.block_on(async {
+        let observed = outpost_agent::metrics::Observed::new(
+            client.clone(),
+            config.cluster != ClusterChoice::None,
+        );
+        if let Some(address) = config.metrics_address {
+            let listener = outpost_agent::metrics::bind(address)
+                .await
+                .with_context(|| {
+                    format!("binding the metrics listener on {address} (metrics_address)")
+                })?;
+            tracing::info!(%address, "serving /metrics, /live and /ready");
+            tokio::spawn(outpost_agent::metrics::serve(listener, observed.clone()));
+        }
         let reconciling = async {
             match &config.cluster {
                 ClusterChoice::None => {
@@ -296,9 +309,9 @@ fn serve(config: &AgentConfig, seed: Option<u64>) -> Result<()> {
                         .await
                         .context("connecting to the cluster")?;
                     tracing::info!(?source, "reconciling the cluster");
-                    let error = Reconciler::new(client.clone(), Arc::new(target), reconcile)
-                        .run()
-                        .await;
+                    let reconciler = Reconciler::new(client.clone(), Arc::new(target), reconcile);
+                    observed.reconciling(reconciler.counters());
+                    let error = reconciler.run().await;
                     Err(anyhow::Error::new(error).context("the reconcile loop stopped"))
                 }
             }

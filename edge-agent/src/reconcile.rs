@@ -89,6 +89,14 @@ pub struct ReconcileCounters {
     pub pruned: AtomicU64,
     /// Status reports queued.
     pub reports: AtomicU64,
+    /// Re-applies of the same snapshot that changed the object: someone else had changed a
+    /// field the agent manages (or deleted the object), and the apply put it back. Counted by
+    /// the object's `metadata.generation`, or its `resourceVersion` for kinds without one.
+    pub drift_corrected: AtomicU64,
+    /// Unix seconds of the last full apply of a bundle that applied every object (0: none yet).
+    pub last_success: std::sync::atomic::AtomicI64,
+    /// Whether the last call to the cluster found it unreachable.
+    pub cluster_unreachable: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +104,8 @@ struct ObjectState {
     reference: Option<ObjectRef>,
     health: Health,
     error: Option<String>,
+    /// What the last apply of this snapshot left: (generation, resourceVersion).
+    applied: Option<(Option<i64>, String)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -133,6 +143,7 @@ impl BundleRun {
                 reference: None,
                 health: Health::Progressing("not applied yet".to_owned()),
                 error: None,
+                applied: None,
             })
             .collect();
         let header = snapshot.header();
@@ -453,6 +464,9 @@ impl<T: ClusterTarget> Reconciler<T> {
     }
 
     fn cluster_down(&mut self) -> Instant {
+        self.counters
+            .cluster_unreachable
+            .store(true, Ordering::Relaxed);
         self.cluster_failures = self.cluster_failures.saturating_add(1);
         let delay = backoff_delay(
             self.options.retry_min,
@@ -516,6 +530,14 @@ impl<T: ClusterTarget> Reconciler<T> {
         self.cluster_failures = 0;
         self.cluster_retry_at = None;
         run.cluster_error = None;
+        self.counters
+            .cluster_unreachable
+            .store(false, Ordering::Relaxed);
+        if full_due && run.all_applied() {
+            self.counters
+                .last_success
+                .store(unix_now(), Ordering::Relaxed);
+        }
         let mut next = run
             .last_full
             .map_or(now, |at| at + self.options.drift_interval);
@@ -610,6 +632,25 @@ impl<T: ClusterTarget> Reconciler<T> {
             {
                 Ok(live) => {
                     self.counters.applied.fetch_add(1, Ordering::Relaxed);
+                    let version = (
+                        live["metadata"]["generation"].as_i64(),
+                        live["metadata"]["resourceVersion"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned(),
+                    );
+                    if let Some(before) = run.states[index].applied.replace(version.clone()) {
+                        let changed = match (before.0, version.0) {
+                            (Some(was), Some(now)) => was != now,
+                            _ => before.1 != version.1,
+                        };
+                        if changed {
+                            self.counters
+                                .drift_corrected
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(%bundle, object = %run.name(index), "drift corrected: the object had been changed and was applied again");
+                        }
+                    }
                     run.backoff.remove(&index);
                     run.states[index].error = None;
                     run.states[index].health = assess(&live);

@@ -12,6 +12,7 @@ pub mod files;
 pub mod git;
 pub mod keys;
 pub mod limits;
+pub mod metrics;
 pub mod replication;
 pub mod resign;
 pub mod rollout;

@@ -23,6 +23,7 @@ use crate::changes::{Changes, Wake};
 use crate::config::SourceConfig;
 use crate::git::GitSource;
 use crate::keys::HubKeys;
+use crate::metrics::HubMetrics;
 use crate::replication::{
     Leading, Replication, follow_loop, is_leading, leading, lease_loop, relay_loop,
 };
@@ -159,6 +160,7 @@ impl Hub {
             replication,
         } = parts;
         let changes = Arc::new(Changes::default());
+        let metrics = Arc::new(HubMetrics::new());
         let mut tasks = Vec::new();
         let replica_name = replication.as_ref().map(|r| r.holder.clone());
         // The leader's loops wait for the lease and write through the fence; the only hub
@@ -200,6 +202,7 @@ impl Hub {
             changes.clone(),
             clock,
             settings.service.clone(),
+            metrics.clone(),
         ));
         let sources: Vec<(SourceSettings, Arc<tokio::sync::OnceCell<Arc<GitSource>>>)> = settings
             .sources
@@ -215,6 +218,7 @@ impl Hub {
                 decisions.clone(),
                 keys.clone(),
                 changes.clone(),
+                metrics.clone(),
                 clock,
                 leading_now.clone(),
             )));
@@ -225,6 +229,7 @@ impl Hub {
             decisions.clone(),
             keys.clone(),
             changes.clone(),
+            metrics.clone(),
             clock,
             leading_now.clone(),
         )));
@@ -233,6 +238,7 @@ impl Hub {
             decisions.clone(),
             keys.clone(),
             changes.clone(),
+            metrics.clone(),
             clock,
             leading_now.clone(),
         )));
@@ -288,6 +294,7 @@ impl Hub {
                 enrolment: Arc::new(enrolment),
                 keys: keys.clone(),
                 connected: service.connected(),
+                service: service.clone(),
                 replica: crate::api::ReplicaState {
                     name: replica_name.clone(),
                     leading: leading_now.clone(),
@@ -336,6 +343,11 @@ impl Hub {
     /// The bus of changes (fetch now, fleet changed, rollouts changed).
     pub fn changes(&self) -> &Arc<Changes> {
         &self.changes
+    }
+
+    /// The hub's metrics (what `GET /metrics` shows besides the fleet's gauges).
+    pub fn metrics(&self) -> &Arc<HubMetrics> {
+        self.service.metrics()
     }
 
     /// The agent service (connections, counters, payload cache).
@@ -422,6 +434,7 @@ async fn source_loop(
     store: Arc<dyn HubStore>,
     keys: Arc<HubKeys>,
     changes: Arc<Changes>,
+    metrics: Arc<HubMetrics>,
     clock: Clock,
     mut lead: Leading,
 ) {
@@ -471,33 +484,43 @@ async fn source_loop(
                     started.elapsed(),
                     fetched.as_ref().err().cloned(),
                 );
+                metrics.synced(&name, started.elapsed(), fetched.is_ok());
                 fetched
             }
             // Nothing new in Git: render what new label sets need from the mirror as it is.
             Wake::Agents => Ok(()),
         };
         let agents = changes.take_agents(&name);
-        let (store, keys, syncing, config, mut taken) = (
+        let (store, keys, syncing, config, mut taken, timing) = (
             store.clone(),
             keys.clone(),
             source.clone(),
             settings.config.clone(),
             memo.take().unwrap_or_default(),
+            metrics.clone(),
         );
         let (everyone, tracked_before) = (assign_everyone, tracked.clone());
         let synced = blocking(move || {
             let now = clock();
             // The configured ref, or the remote's default branch as just fetched.
             let track = config.track_in(&syncing);
-            let result = render_remembering(&*store, &keys, &syncing, fetched, now, &mut taken)
+            let result = timing
+                .time("render", || {
+                    render_remembering(&*store, &keys, &syncing, fetched, now, &mut taken)
+                })
                 .inspect(print_report)
+                .inspect(|report| {
+                    timing.rendered(&config.name, report.rendered.len(), report.failed.len())
+                })
                 .and_then(|report| {
                     let moved = tracked_before.as_deref() != Some(track.as_str());
-                    if everyone || moved || report.changed_refs.contains(&track) {
-                        assign_tracked(&*store, &syncing, &track, now)
-                    } else {
-                        assign_agents(&*store, &syncing, &track, &agents, now)
-                    }
+                    timing.time("assign", || {
+                        if everyone || moved || report.changed_refs.contains(&track) {
+                            assign_tracked(&*store, &syncing, &track, now)
+                        } else {
+                            assign_agents(&*store, &syncing, &track, &agents, now)
+                        }
+                    })
                 });
             (taken, track, result)
         })
@@ -512,6 +535,7 @@ async fn source_loop(
                     Ok(changed) => {
                         assign_everyone = false;
                         if !changed.is_empty() {
+                            metrics.assignments_changed("sync", changed.len());
                             tracing::info!(source = %name, agents = changed.len(), "assignments changed");
                             changes.agents_changed(&changed);
                         }
@@ -530,12 +554,14 @@ async fn source_loop(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn rollout_loop(
     sources: Vec<(SourceSettings, Arc<tokio::sync::OnceCell<Arc<GitSource>>>)>,
     tick: Duration,
     store: Arc<dyn HubStore>,
     keys: Arc<HubKeys>,
     changes: Arc<Changes>,
+    metrics: Arc<HubMetrics>,
     clock: Clock,
     mut lead: Leading,
 ) {
@@ -558,7 +584,12 @@ async fn rollout_loop(
             driver = Some(Driver::default());
         }
         let mut taken = driver.take().unwrap_or_default();
-        let (store, keys, sources) = (store.clone(), keys.clone(), sources.clone());
+        let (store, keys, sources, timing) = (
+            store.clone(),
+            keys.clone(),
+            sources.clone(),
+            metrics.clone(),
+        );
         let stepped = blocking(move || {
             let mut definitions_at = |url: &str, commit: &str| -> Result<_, String> {
                 let source = sources
@@ -568,7 +599,9 @@ async fn rollout_loop(
                     .ok_or_else(|| format!("source {url} is not configured or not opened yet"))?;
                 bundles::bundles_at(&source, commit).map_err(|error| error.to_string())
             };
-            let result = taken.tick(&*store, &keys, &mut definitions_at, clock());
+            let result = timing.time("rollout_step", || {
+                taken.tick(&*store, &keys, &mut definitions_at, clock())
+            });
             (taken, result)
         })
         .await;
@@ -576,6 +609,7 @@ async fn rollout_loop(
             driver = Some(returned);
             match result {
                 Ok(stepped) if !stepped.changed.is_empty() => {
+                    metrics.assignments_changed("rollout", stepped.changed.len());
                     tracing::info!(
                         agents = stepped.changed.len(),
                         "rollouts changed assignments"
@@ -597,6 +631,7 @@ async fn keys_loop(
     store: Arc<dyn HubStore>,
     keys: Arc<HubKeys>,
     changes: Arc<Changes>,
+    metrics: Arc<HubMetrics>,
     clock: Clock,
     lead: Leading,
 ) {
@@ -612,6 +647,7 @@ async fn keys_loop(
         }
         match blocking(move || refresh_keys(&*store, &keys, clock())).await {
             Some(Ok(refreshed)) if !refreshed.resigned.agents.is_empty() => {
+                metrics.assignments_changed("keys", refreshed.resigned.agents.len());
                 tracing::info!(
                     agents = refreshed.resigned.agents.len(),
                     snapshots = refreshed.resigned.resigned.len(),

@@ -90,14 +90,110 @@ pub fn enrol_agent(
 
 /// Starts `outpost-agent run` on `state_dir`, reconciling the cluster `kubeconfig` names.
 pub fn run_agent(agent: &Path, state_dir: &Path, kubeconfig: &Path) -> Process {
+    run_agent_with(agent, state_dir, kubeconfig, &[])
+}
+
+/// [`run_agent`] with more environment (`OUTPOST_AGENT_METRICS_ADDRESS`, say).
+pub fn run_agent_with(
+    agent: &Path,
+    state_dir: &Path,
+    kubeconfig: &Path,
+    env: &[(&str, String)],
+) -> Process {
     Process(
         Command::new(agent)
             .args(["run", "--kubeconfig", &kubeconfig.display().to_string()])
             .env("OUTPOST_AGENT_STATE_DIR", state_dir)
             .env("OUTPOST_LOG", "warn")
+            .envs(env.iter().map(|(name, value)| (*name, value)))
             .spawn()
             .expect("start outpost-agent"),
     )
+}
+
+/// One scrape of a Prometheus text exposition: every sample, parsed.
+#[derive(Debug, Clone)]
+pub struct Scrape {
+    /// (metric name, labels, value).
+    pub samples: Vec<(String, std::collections::BTreeMap<String, String>, f64)>,
+    /// The text as served.
+    pub text: String,
+}
+
+impl Scrape {
+    /// GETs `url` and parses it; panics when it does not answer 200 or a line does not parse
+    /// (so a malformed exposition fails the test that scrapes it).
+    pub fn get(url: &str) -> Scrape {
+        let text = ureq::get(url)
+            .call()
+            .unwrap_or_else(|error| panic!("GET {url}: {error}"))
+            .body_mut()
+            .read_to_string()
+            .expect("a text body");
+        Scrape::parse(&text)
+    }
+
+    /// Parses the text format (`# HELP`/`# TYPE`/`# EOF` lines, then `name{k="v",...} value`).
+    pub fn parse(text: &str) -> Scrape {
+        let mut samples = Vec::new();
+        for line in text.lines() {
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("no value in {line:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("not a number in {line:?}"));
+            let (name, labels) = match series.split_once('{') {
+                None => (series.to_owned(), Default::default()),
+                Some((name, rest)) => {
+                    let inner = rest
+                        .strip_suffix('}')
+                        .unwrap_or_else(|| panic!("unclosed labels in {line:?}"));
+                    let mut labels = std::collections::BTreeMap::new();
+                    // Values here never hold `",` (bundle, source and phase names).
+                    for pair in inner.split("\",").filter(|pair| !pair.is_empty()) {
+                        let (key, value) = pair
+                            .split_once("=\"")
+                            .unwrap_or_else(|| panic!("bad label {pair:?} in {line:?}"));
+                        labels.insert(key.to_owned(), value.trim_end_matches('"').to_owned());
+                    }
+                    (name.to_owned(), labels)
+                }
+            };
+            assert!(
+                name.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+                "bad metric name in {line:?}"
+            );
+            samples.push((name, labels, value));
+        }
+        Scrape {
+            samples,
+            text: text.to_owned(),
+        }
+    }
+
+    /// The value of the sample `name` whose labels include `labels` (the first match).
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|(sample, have, _)| {
+                sample == name
+                    && labels
+                        .iter()
+                        .all(|(key, value)| have.get(*key).map(String::as_str) == Some(*value))
+            })
+            .map(|(_, _, value)| *value)
+    }
+
+    /// [`Scrape::value`], or a panic showing the scrape.
+    pub fn must(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(name, labels)
+            .unwrap_or_else(|| panic!("no {name} {labels:?} in\n{}", self.text))
+    }
 }
 
 /// Runs `git` in `dir`; panics if it fails.

@@ -3,7 +3,8 @@
 //! own Kubernetes API test server, and the operator's CLI: `rollout create --watch`, `show`,
 //! `pause`, a hub restart mid-rollout, `resume`, a group whose nodes cannot pull the new image,
 //! and the automatic roll back. Then the fleet page in headless Chromium: its DOM and a
-//! screenshot.
+//! screenshot. Along the way the hub's and the agents' `/metrics` are scraped and must move
+//! with what happens (agents connected, phases, generations, rollout phases).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -11,7 +12,8 @@ use std::process::{Command, Stdio};
 use outpost_e2e::harness::unix_now;
 use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
 use outpost_e2e::processes::{
-    HubProcess, OPERATOR, Process, binary, git, git_init, run, run_agent, wait_for,
+    HubProcess, OPERATOR, Process, Scrape, binary, free_port, git, git_init, run, run_agent_with,
+    wait_for,
 };
 use serde_json::{Value, json};
 
@@ -32,9 +34,15 @@ struct Site {
     id: String,
     cluster: KubeApiServer,
     _agent: Process,
+    /// The agent's metrics listener.
+    metrics: String,
 }
 
 impl Site {
+    fn scrape(&self) -> Scrape {
+        Scrape::get(&format!("{}/metrics", self.metrics))
+    }
+
     fn image(&self) -> Option<String> {
         self.cluster
             .object("apps/v1", "Deployment", "default", "shop")
@@ -103,11 +111,18 @@ fn a_tag_rolls_out_in_waves_survives_a_restart_and_rolls_back_on_failure() {
         let id = hub.enrol(&agent_bin, &state, labels);
         let kubeconfig = work.path().join(format!("{name}.kubeconfig"));
         std::fs::write(&kubeconfig, cluster.kubeconfig()).unwrap();
-        let agent = run_agent(&agent_bin, &state, &kubeconfig);
+        let metrics = format!("127.0.0.1:{}", free_port(false));
+        let agent = run_agent_with(
+            &agent_bin,
+            &state,
+            &kubeconfig,
+            &[("OUTPOST_AGENT_METRICS_ADDRESS", metrics.clone())],
+        );
         sites.push(Site {
             id,
             cluster,
             _agent: agent,
+            metrics: format!("http://{metrics}"),
         });
     }
     // Enrolments ask the hub to sync: everyone gets the tracked branch.
@@ -116,6 +131,77 @@ fn a_tag_rolls_out_in_waves_survives_a_restart_and_rolls_back_on_failure() {
             .iter()
             .all(|site| shown(&hub, &site.id) == ("stable, v1".to_owned(), "Healthy".to_owned()))
     });
+
+    // The hub's metrics (public, like the probes) and each agent's.
+    let scraped = Scrape::get(&format!("{}/metrics", hub.url));
+    assert_eq!(scraped.must("outpost_hub_agents_connected", &[]), 4.0);
+    assert_eq!(scraped.must("outpost_hub_agents_enrolled", &[]), 4.0);
+    assert_eq!(scraped.must("outpost_hub_store_up", &[]), 1.0);
+    assert_eq!(scraped.must("outpost_hub_leader", &[]), 1.0);
+    assert_eq!(
+        scraped.must(
+            "outpost_hub_bundle_agents",
+            &[("bundle", "shop"), ("phase", "Healthy")]
+        ),
+        4.0
+    );
+    assert!(scraped.must("outpost_hub_syncs_total", &[("result", "ok")]) >= 1.0);
+    assert!(scraped.must("outpost_hub_renders_total", &[]) >= 1.0);
+    assert!(scraped.must("outpost_hub_status_reports_total", &[]) >= 4.0);
+    assert!(scraped.must("outpost_hub_sessions_total", &[]) >= 4.0);
+    assert!(
+        scraped.must(
+            "outpost_hub_payload_sent_bytes_total",
+            &[("encoding", "whole")]
+        ) > 0.0
+    );
+    assert!(
+        scraped.must(
+            "outpost_hub_store_operation_duration_seconds_count",
+            &[("operation", "record_statuses")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        scraped.must("outpost_hub_rollouts", &[("phase", "running")]),
+        0.0
+    );
+    let canary_before = sites[0].scrape();
+    assert_eq!(canary_before.must("outpost_agent_hub_connected", &[]), 1.0);
+    assert_eq!(canary_before.must("outpost_agent_state_up", &[]), 1.0);
+    assert_eq!(
+        canary_before.must("outpost_agent_cluster_reachable", &[]),
+        1.0
+    );
+    assert_eq!(
+        canary_before.must(
+            "outpost_agent_bundle_phase",
+            &[("bundle", "shop"), ("phase", "Healthy")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        canary_before.must(
+            "outpost_agent_bundle_phase",
+            &[("bundle", "shop"), ("phase", "Failed")]
+        ),
+        0.0
+    );
+    assert!(canary_before.must("outpost_agent_objects_applied_total", &[]) >= 1.0);
+    assert!(canary_before.must("outpost_agent_payload_received_bytes_total", &[]) > 0.0);
+    assert!(
+        canary_before.must(
+            "outpost_agent_last_reconcile_success_timestamp_seconds",
+            &[]
+        ) >= (unix_now() - 120) as f64
+    );
+    let generation_before =
+        canary_before.must("outpost_agent_bundle_generation", &[("bundle", "shop")]);
+    for probe in ["live", "ready"] {
+        let status = ureq::get(&format!("{}/{probe}", sites[0].metrics))
+            .call()
+            .map(|response| response.status().as_u16());
+        assert_eq!(status.ok(), Some(200), "agent /{probe}");
+    }
 
     let fleet = hub.get("/api/v1/fleet");
     assert!(
@@ -233,6 +319,31 @@ fn a_tag_rolls_out_in_waves_survives_a_restart_and_rolls_back_on_failure() {
             .all(|site| site.image().as_deref() == Some("registry.example/shop:2"))
             && sites[3].image().as_deref() == Some("registry.example/shop:1")
     });
+    wait_for(
+        "the canary's metrics to show the new generation, healthy",
+        30,
+        || {
+            let scraped = sites[0].scrape();
+            scraped.value("outpost_agent_bundle_generation", &[("bundle", "shop")])
+                > Some(generation_before)
+                && scraped.value(
+                    "outpost_agent_bundle_phase",
+                    &[("bundle", "shop"), ("phase", "Healthy")],
+                ) == Some(1.0)
+        },
+    );
+    let scraped = Scrape::get(&format!("{}/metrics", hub.url));
+    assert_eq!(
+        scraped.must("outpost_hub_rollouts", &[("phase", "succeeded")]),
+        1.0
+    );
+    assert!(
+        scraped.must(
+            "outpost_hub_assignment_changes_total",
+            &[("cause", "rollout")]
+        ) >= 3.0,
+        "three agents were released"
+    );
     let history = &first["log"][0];
     assert_eq!(
         (&history["who"], &history["why"]),
@@ -288,6 +399,27 @@ fn a_tag_rolls_out_in_waves_survives_a_restart_and_rolls_back_on_failure() {
     });
     let paused = rollout(&hub, 2);
     assert_eq!(paused["phase"], "paused", "{paused}");
+    let scraped = Scrape::get(&format!("{}/metrics", hub.url));
+    let paused_scrape = scraped.clone();
+    assert_eq!(
+        scraped.must("outpost_hub_rollouts", &[("phase", "paused")]),
+        1.0
+    );
+    assert_eq!(
+        scraped.must(
+            "outpost_hub_rollout_open_wave",
+            &[("rollout", "2"), ("bundle", "shop"), ("phase", "paused")]
+        ),
+        paused["wave"].as_f64().unwrap_or(0.0)
+    );
+    assert_eq!(
+        scraped.must(
+            "outpost_hub_rollout_wave_members",
+            &[("rollout", "2"), ("wave", "1"), ("state", "planned")]
+        ),
+        1.0,
+        "the first wave is the canary"
+    );
     assert!(paused["reason"].as_str().unwrap().contains("change freeze"));
     std::thread::sleep(std::time::Duration::from_secs(3));
     assert_eq!(
@@ -339,6 +471,17 @@ fn a_tag_rolls_out_in_waves_survives_a_restart_and_rolls_back_on_failure() {
     assert!(log.contains(&("pause".to_owned(), "change freeze".to_owned())));
     assert!(log.contains(&("resume".to_owned(), "freeze over".to_owned())));
     assert!(log.iter().any(|(action, _)| action == "rolled back"));
+    let scraped = Scrape::get(&format!("{}/metrics", hub.url));
+    assert_eq!(
+        scraped.must("outpost_hub_rollouts", &[("phase", "rolled-back")]),
+        1.0
+    );
+    assert!(
+        scraped
+            .value("outpost_hub_rollout_open_wave", &[("rollout", "2")])
+            .is_none(),
+        "a finished rollout has no open wave"
+    );
     wait_for("Europe back on v2, healthy", 90, || {
         sites[..3].iter().all(|site| {
             site.image().as_deref() == Some("registry.example/shop:2")
@@ -346,11 +489,52 @@ fn a_tag_rolls_out_in_waves_survives_a_restart_and_rolls_back_on_failure() {
         })
     });
 
+    // Every series the Grafana dashboard asks for exists in what the hub and agents serve.
+    let served = [
+        paused_scrape,
+        Scrape::get(&format!("{}/metrics", hub.url)),
+        sites[2].scrape(),
+    ];
+    dashboard_queries_exist(&served);
+
     fleet_page(
         &hub,
         work.path(),
         &sites.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
     );
+}
+
+/// Each metric name in `deploy/grafana/outpost.json`'s queries is served by someone.
+fn dashboard_queries_exist(served: &[Scrape]) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana/outpost.json"
+    );
+    let dashboard: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("outpost_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                names.insert(name);
+            }
+        }
+    }
+    assert!(names.len() > 20, "{names:?}");
+    for name in names {
+        assert!(
+            served
+                .iter()
+                .any(|scrape| scrape.value(&name, &[]).is_some()),
+            "the dashboard asks for {name}, which no scrape holds"
+        );
+    }
 }
 
 /// The fleet page in headless Chromium (Debian's `chromium`; `.ci/run` installs it): the DOM

@@ -110,6 +110,8 @@ pub struct AdminState {
     pub keys: Arc<crate::keys::HubKeys>,
     /// The agents connected now.
     pub connected: Arc<crate::transport::Connected>,
+    /// The agent service (its metrics and counters, for `/metrics`).
+    pub service: Arc<crate::transport::AgentService>,
     /// This replica's name (none: the only hub) and whether it leads.
     pub replica: ReplicaState,
 }
@@ -148,6 +150,7 @@ pub fn router(state: AdminState, hooks: Option<hooks::HooksState>) -> Router {
     let api = Router::new()
         .route("/live", get(|| async { "ok" }))
         .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
         .route("/api/v1/whoami", get(admin::whoami))
         .route("/api/v1/bundles", get(bundles))
         .route("/api/v1/releases", get(releases))
@@ -253,6 +256,46 @@ async fn ready(State(state): State<AdminState>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// `GET /metrics` (public, for Prometheus): the hub's counters and, read from the store now,
+/// the fleet's gauges (see [`crate::metrics`]). A store that does not answer gives
+/// `outpost_hub_store_up 0` and no fleet gauges, not an error: the scrape still says so.
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let timing = state.service.metrics().clone();
+    let read = with_store(&state, move |store| {
+        let summary = timing.time("fleet_summary", || store.fleet_summary());
+        let rollouts = timing.time("rollouts", || store.rollouts());
+        Ok((summary, rollouts))
+    })
+    .await;
+    let (summary, rollouts) = match read {
+        Ok((summary, rollouts)) => (
+            summary
+                .inspect_err(|error| tracing::warn!(%error, "metrics: the fleet summary failed"))
+                .ok(),
+            rollouts
+                .inspect_err(|error| tracing::warn!(%error, "metrics: reading rollouts failed"))
+                .ok(),
+        ),
+        Err(_) => (None, None),
+    };
+    let gauges = crate::metrics::FleetGauges::read(&crate::metrics::FleetReading {
+        summary: summary.as_ref(),
+        rollouts: rollouts.as_deref(),
+        connected: state.connected.len(),
+        leading: *state.replica.leading.borrow() > 0,
+        service: state.service.counters(),
+        compressions: state.service.payloads().compressions(),
+    });
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.service.metrics().encode(&gauges),
+    )
+        .into_response()
 }
 
 fn not_found(message: String) -> ApiError {

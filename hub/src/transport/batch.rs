@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{Notify, oneshot};
 
+use crate::metrics::HubMetrics;
 use crate::store::{HubStore, StoreError};
 
 /// The most requests in one batch.
@@ -23,14 +24,23 @@ pub(super) struct Batcher<Q, A> {
     waiting: Mutex<Vec<(Q, Reply<A>)>>,
     wake: Notify,
     call: BulkCall<Q, A>,
+    /// The operation's name in the store latency metric.
+    name: &'static str,
+    metrics: Arc<HubMetrics>,
 }
 
 impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
-    pub(super) fn new(call: BulkCall<Q, A>) -> Arc<Batcher<Q, A>> {
+    pub(super) fn new(
+        name: &'static str,
+        metrics: Arc<HubMetrics>,
+        call: BulkCall<Q, A>,
+    ) -> Arc<Batcher<Q, A>> {
         Arc::new(Batcher {
             waiting: Mutex::new(Vec::new()),
             wake: Notify::new(),
             call,
+            name,
+            metrics,
         })
     }
 
@@ -64,10 +74,13 @@ impl<Q: Send + 'static, A: Send + 'static> Batcher<Q, A> {
                 }
                 let (requests, replies): (Vec<Q>, Vec<Reply<A>>) = batch.into_iter().unzip();
                 let (store, call, asked) = (store.clone(), self.call, replies.len());
-                let answered = tokio::task::spawn_blocking(move || call(&*store, requests))
-                    .await
-                    .map_err(|error| format!("a store task failed: {error}"))
-                    .and_then(|result| result.map_err(|error| error.to_string()));
+                let (metrics, name) = (self.metrics.clone(), self.name);
+                let answered = tokio::task::spawn_blocking(move || {
+                    metrics.time(name, || call(&*store, requests))
+                })
+                .await
+                .map_err(|error| format!("a store task failed: {error}"))
+                .and_then(|result| result.map_err(|error| error.to_string()));
                 match answered {
                     Ok(answers) if answers.len() == asked => {
                         for (reply, answer) in replies.into_iter().zip(answers) {

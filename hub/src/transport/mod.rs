@@ -39,6 +39,7 @@ use outpost_proto::{Digest, PublicKey};
 use crate::changes::Changes;
 use crate::keys::HubKeys;
 use crate::limits::TokenBucket;
+use crate::metrics::HubMetrics;
 use crate::store::{
     Agent, HubStore, SessionRead, StatusOutcome, StatusWrite, StoreError, agent_id,
 };
@@ -233,6 +234,7 @@ pub struct AgentService {
     connected: Arc<Connected>,
     unidentified: Arc<AtomicUsize>,
     counters: ServiceCounters,
+    metrics: Arc<HubMetrics>,
     store: Arc<dyn HubStore>,
     keys: Arc<HubKeys>,
     payloads: PayloadCache,
@@ -279,16 +281,19 @@ impl AgentService {
         changes: Arc<Changes>,
         now: fn() -> i64,
         options: ServiceOptions,
+        metrics: Arc<HubMetrics>,
     ) -> AgentService {
         AgentService {
             headers: Mutex::default(),
-            reads: Batcher::new(|store, asked| {
+            reads: Batcher::new("session_reads", metrics.clone(), |store, asked| {
                 let with_bases = asked.iter().any(|(_, bases)| *bases);
                 let ids: Vec<String> = asked.into_iter().map(|(id, _)| id).collect();
                 store.session_reads(&ids, with_bases)
             }),
-            statuses: Batcher::new(|store, reports| store.record_statuses(&reports)),
-            connections: Batcher::new(|store, connections| {
+            statuses: Batcher::new("record_statuses", metrics.clone(), |store, reports| {
+                store.record_statuses(&reports)
+            }),
+            connections: Batcher::new("agents_connected", metrics.clone(), |store, connections| {
                 let count = connections.len();
                 store.agents_connected(&connections)?;
                 Ok(vec![(); count])
@@ -297,6 +302,7 @@ impl AgentService {
             connected: Arc::default(),
             unidentified: Arc::default(),
             counters: ServiceCounters::default(),
+            metrics,
             store,
             keys,
             payloads: PayloadCache::new(options.compression_level, options.cache_bytes),
@@ -319,6 +325,11 @@ impl AgentService {
     /// What was refused or throttled.
     pub fn counters(&self) -> &ServiceCounters {
         &self.counters
+    }
+
+    /// The hub's metrics this service adds to.
+    pub fn metrics(&self) -> &Arc<HubMetrics> {
+        &self.metrics
     }
 
     /// A generation's signed header (cached: every agent of a release asks for the same).
@@ -629,6 +640,7 @@ async fn run_session(
     service.connections.call((id.clone(), version, now)).await?;
     allow_identified(&connection);
     let (_connected, replaced) = service.connected.enter(&id, &connection);
+    service.metrics.session_started();
     if let Some(old) = replaced {
         service.counters.replaced.fetch_add(1, Ordering::Relaxed);
         tracing::info!(agent = %id, old = %old.remote_address(), new = %connection.remote_address(), "a newer connection replaces the agent's old one");
@@ -706,6 +718,7 @@ async fn run_session(
                         })
                         .await?
                         .map_err(StoreError::Batch)?;
+                    service.metrics.status_reports(1);
                     tracing::debug!(agent = %id, sequence, new, "status report stored");
                     send_message(&mut send, &Message::Ack(outpost_proto::wire::Ack { sequence })).await?;
                 }
@@ -862,7 +875,7 @@ async fn serve_fetch(
     let bundle = row.bundle.clone();
     let store = service.store.clone();
     let load_bundle = bundle.clone();
-    let payload = service
+    let (payload, compressed) = service
         .payloads
         .get(wanted, base, move || {
             let body = |digest: &Digest| -> Result<Option<Vec<u8>>, String> {
@@ -881,6 +894,12 @@ async fn serve_fetch(
             })
         })
         .await?;
+    let encoding = match payload.encoding {
+        outpost_proto::wire::PayloadEncoding::Whole => "whole",
+        outpost_proto::wire::PayloadEncoding::Delta { .. } => "delta",
+    };
+    service.metrics.payload_lookup(encoding, compressed);
+    service.metrics.transfer(encoding);
     let size = payload.bytes.len() as u64;
     let offset = match fetch.resume {
         Some(resume) if resume.payload_digest == payload.digest && resume.offset <= size => {
@@ -918,6 +937,7 @@ async fn serve_fetch(
             }),
         )
         .await?;
+        service.metrics.sent(encoding, end - position);
         position = end;
     }
     let _ = send.finish();

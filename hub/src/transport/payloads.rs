@@ -84,30 +84,35 @@ impl PayloadCache {
     }
 
     /// The payload of `target` (as a delta against `base` when given), computed on a miss from
-    /// the bodies `load` returns (called only then, on a blocking thread).
+    /// the bodies `load` returns (called only then, on a blocking thread). With it, how long
+    /// this call spent compressing (none: a hit, or another call's compression waited for).
     pub async fn get(
         &self,
         target: Digest,
         base: Option<Digest>,
         load: impl FnOnce() -> Result<Bodies, String> + Send + 'static,
-    ) -> Result<Arc<Payload>, PayloadError> {
+    ) -> Result<(Arc<Payload>, Option<std::time::Duration>), PayloadError> {
         let key = (target, base);
         let slot = {
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
             inner.slots.entry(key).or_default().clone()
         };
         let level = self.level;
+        let mut compressed = None;
         let payload = slot
-            .get_or_try_init(|| async move {
+            .get_or_try_init(|| async {
                 self.compressions.fetch_add(1, Ordering::Relaxed);
-                tokio::task::spawn_blocking(move || compute(level, base, load))
+                let started = std::time::Instant::now();
+                let payload = tokio::task::spawn_blocking(move || compute(level, base, load))
                     .await
-                    .map_err(|error| PayloadError::Task(error.to_string()))?
+                    .map_err(|error| PayloadError::Task(error.to_string()))?;
+                compressed = Some(started.elapsed());
+                payload
             })
             .await?
             .clone();
         self.account(key, payload.bytes.len());
-        Ok(payload)
+        Ok((payload, compressed))
     }
 
     fn account(&self, key: Key, size: usize) {
