@@ -4,7 +4,7 @@
 # OpenSSL's headers (gix's https transport links the system libcurl; without them curl-sys would
 # quietly build a libcurl without TLS), and for the tests git, python3, openssl, tar, headless
 # Chromium (the fleet page test takes a screenshot with it) and a PostgreSQL server (the store
-# tests start their own, on a temporary directory). Needs root, or sudo, to install.
+# tests start their own, on a temporary directory); it checks that kubectl is there. Needs root, or sudo, to install.
 # Usage: bash scripts/setup.sh [build|tests]
 set -euo pipefail
 what="${1:-build}"
@@ -41,6 +41,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   "${as_root[@]}" apt-get update -qq
   "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+# kubectl is no Debian package: the install-manifest tests render with `kubectl kustomize` and
+# (later) check the API test server against the real client. It is on this project's machines.
+if [ "$what" = tests ] && ! command -v kubectl >/dev/null; then
+  echo "setup: kubectl is missing: install kubectl v1.32 or newer (it bundles kustomize v5) from https://kubernetes.io/releases/download/ and put it on PATH; tests/tests/install.rs needs it" >&2
+  exit 1
 fi
 
 if ! command -v cargo >/dev/null; then
