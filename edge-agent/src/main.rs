@@ -46,6 +46,13 @@ struct Cli {
 enum Command {
     /// Print the version and the Git commit this binary was built from.
     Version,
+    /// Print a shell completion script: `outpost-agent completions bash >
+    /// /etc/bash_completion.d/outpost-agent` (or zsh into a folder on $fpath as `_outpost-agent`, fish into
+    /// ~/.config/fish/completions/outpost-agent.fish).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Enrol with the hub using an enrolment bundle (hub address, hub key pin, root key,
     /// single-use token), and wait until the hub confirms.
     Enrol {
@@ -119,6 +126,16 @@ fn load_config(cli: &Cli, overrides: &[(&str, Option<String>)]) -> Result<AgentC
 
 fn run(cli: Cli) -> Result<()> {
     match &cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "outpost-agent",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         Command::Version => {
             println!("outpost-agent {VERSION}");
             Ok(())
@@ -407,11 +424,16 @@ fn status(state_dir: &Path, output: Output) -> Result<()> {
                 None => println!("not enrolled"),
             }
             for key in &signing_keys {
+                let date = |field: &str| {
+                    key[field]
+                        .as_i64()
+                        .map_or("?".to_owned(), outpost_proto::time::rfc3339)
+                };
                 println!(
-                    "trusts     signing key {} valid {}..{}{}",
+                    "trusts     signing key {} valid {} .. {}{}",
                     &key["key"].as_str().unwrap_or_default()[..16],
-                    key["not_before"],
-                    key["not_after"],
+                    date("not_before"),
+                    date("not_after"),
                     if key["revoked"] == true {
                         " REVOKED"
                     } else {
@@ -452,14 +474,18 @@ fn status(state_dir: &Path, output: Output) -> Result<()> {
                 );
             }
             println!("applied    {inventory} object(s) in the inventory");
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| elapsed.as_secs() as i64);
             for s in &statuses {
                 println!(
-                    "  {:<24} generation {:<6} {:<9} {}/{} ready{}{}",
+                    "  {:<24} generation {:<6} {:<9} {}/{} ready, {}{}{}",
                     s.bundle,
                     s.generation,
                     format!("{:?}", s.phase),
                     s.objects_ready,
                     s.objects_total,
+                    outpost_proto::time::age(s.observed_at, now),
                     if s.stale { " (stale)" } else { "" },
                     if s.message.is_empty() {
                         String::new()

@@ -19,7 +19,7 @@ use outpost_hub::store::{HubStore, PostgresStore, ReplicaStore, SqliteStore};
 use outpost_hub::sync::{SyncReport, sync_source};
 use outpost_proto::{Body, SourceFile};
 
-use crate::cli::client::{ApiArgs, label_changes, print_rows};
+use crate::cli::client::{ApiArgs, label_changes, print_document, print_rows, select_rows};
 
 /// The version and the Git commit built from (`--version`, `version`).
 const VERSION: &str = concat!(
@@ -39,10 +39,14 @@ struct Cli {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub(crate) enum Output {
-    /// Aligned columns for people.
+    /// Aligned columns for people; times as ages (`5m ago`), labels as `k=v`.
     Table,
-    /// JSON for scripts.
+    /// The table with more columns, and times as dates.
+    Wide,
+    /// JSON for scripts; times as RFC 3339 dates.
     Json,
+    /// YAML; times as RFC 3339 dates.
+    Yaml,
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +108,13 @@ enum Command {
     },
     /// Print the version and the Git commit this binary was built from.
     Version,
+    /// Print a shell completion script: `outpost-hub completions bash >
+    /// /etc/bash_completion.d/outpost-hub` (or zsh into a folder on $fpath as `_outpost-hub`, fish into
+    /// ~/.config/fish/completions/outpost-hub.fish).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Validate a config file (and OUTPOST_HUB_* overrides) and print the result.
     CheckConfig {
         /// The TOML config file.
@@ -187,13 +198,27 @@ enum Command {
         /// Only this agent.
         #[arg(long)]
         agent: Option<String>,
+        /// Only agents whose labels match this selector (e.g. `region=eu,!canary`).
+        #[arg(long, short = 'l')]
+        selector: Option<String>,
     },
+}
+
+/// A list command: the API, and which rows.
+#[derive(Debug, Clone, clap::Args)]
+struct ListArgs {
+    #[command(flatten)]
+    api: ApiArgs,
+    /// Only rows whose labels match this Kubernetes-style selector: `k=v`, `k!=v`,
+    /// `k in (a,b)`, `k notin (a)`, `k`, `!k`, joined by commas (all must hold).
+    #[arg(long, short = 'l')]
+    selector: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
 enum AgentsCommand {
     /// List agents with labels and state.
-    List(ApiArgs),
+    List(ListArgs),
     /// Show one agent.
     Show {
         #[command(flatten)]
@@ -241,7 +266,7 @@ enum TokensCommand {
         bundle_file: Option<PathBuf>,
     },
     /// List tokens (their digests) and whether they were used.
-    List(ApiArgs),
+    List(ListArgs),
 }
 
 fn main() -> Result<()> {
@@ -255,6 +280,16 @@ fn main() -> Result<()> {
                 true => run(&config),
                 false => serve::serve(&config),
             }
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "outpost-hub",
+                &mut std::io::stdout(),
+            );
+            Ok(())
         }
         Command::Version => {
             println!("outpost-hub {VERSION}");
@@ -333,16 +368,15 @@ fn main() -> Result<()> {
             let objects = api.client()?.get(&format!(
                 "/api/v1/snapshots/{bundle}/{generation}/objects{query}"
             ))?;
-            match api.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&objects)?),
-                Output::Table => print_objects(
+            if !print_document(&objects, api.output) {
+                print_objects(
                     objects
                         .as_array()
                         .cloned()
                         .unwrap_or_default()
                         .into_iter()
                         .map(Ok),
-                )?,
+                )?;
             }
             Ok(())
         }
@@ -392,12 +426,34 @@ fn main() -> Result<()> {
         Command::AdminToken { command } => cli::tokens::admin_token(command),
         Command::Login(api) => cli::tokens::login(&api),
         Command::Logout(api) => cli::tokens::logout(&api),
-        Command::Status { api, agent } => {
+        Command::Status {
+            api,
+            agent,
+            selector,
+        } => {
             let path = match agent {
                 Some(agent) => format!("/api/v1/status?agent={agent}"),
                 None => "/api/v1/status".to_owned(),
             };
-            let rows = api.client()?.get(&path)?;
+            let client = api.client()?;
+            let mut rows = client.get(&path)?;
+            if selector.is_some() {
+                let chosen: std::collections::BTreeSet<String> =
+                    select_rows(client.get("/api/v1/agents")?, selector.as_deref())?
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|agent| agent["id"].as_str().map(str::to_owned))
+                        .collect();
+                rows = serde_json::Value::Array(
+                    rows.as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|row| row["agent"].as_str().is_some_and(|id| chosen.contains(id)))
+                        .cloned()
+                        .collect(),
+                );
+            }
             print_rows(
                 &rows,
                 api.output,
@@ -409,6 +465,8 @@ fn main() -> Result<()> {
                     ("stale", "STALE"),
                     ("objects_ready", "READY"),
                     ("objects_total", "TOTAL"),
+                    ("observed_at", "+OBSERVED"),
+                    ("received_at", "+RECEIVED"),
                     ("message", "MESSAGE"),
                 ],
             );
@@ -583,13 +641,16 @@ const AGENT_COLUMNS: &[(&str, &str)] = &[
     ("labels", "LABELS"),
     ("enrolled_at", "ENROLLED"),
     ("last_seen", "LAST SEEN"),
-    ("revoked", "REVOKED"),
+    ("revoked.at", "REVOKED"),
+    ("revoked.by", "+REVOKED BY"),
+    ("revoked.why", "+WHY"),
+    ("public_key", "+PUBLIC KEY"),
 ];
 
 fn agents(command: AgentsCommand) -> Result<()> {
     match command {
-        AgentsCommand::List(api) => {
-            let rows = api.client()?.get("/api/v1/agents")?;
+        AgentsCommand::List(ListArgs { api, selector }) => {
+            let rows = select_rows(api.client()?.get("/api/v1/agents")?, selector.as_deref())?;
             print_rows(&rows, api.output, AGENT_COLUMNS);
         }
         AgentsCommand::Show { api, id } => {
@@ -638,19 +699,18 @@ fn tokens(command: TokensCommand) -> Result<()> {
                     path.display()
                 );
             }
-            match api.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&token)?),
-                Output::Table => {
-                    println!("{}", token["token"].as_str().unwrap_or_default());
-                    eprintln!(
-                        "single-use enrolment token, expires at {}; it is not shown again",
-                        token["expires_at"]
-                    );
-                }
+            if !print_document(&token, api.output) {
+                println!("{}", token["token"].as_str().unwrap_or_default());
+                eprintln!(
+                    "single-use enrolment token, expires {}; it is not shown again",
+                    token["expires_at"]
+                        .as_i64()
+                        .map_or("never".to_owned(), outpost_proto::time::rfc3339)
+                );
             }
         }
-        TokensCommand::List(api) => {
-            let rows = api.client()?.get("/api/v1/tokens")?;
+        TokensCommand::List(ListArgs { api, selector }) => {
+            let rows = select_rows(api.client()?.get("/api/v1/tokens")?, selector.as_deref())?;
             print_rows(
                 &rows,
                 api.output,

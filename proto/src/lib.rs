@@ -8,6 +8,7 @@
 //! - [`verify`]: the only way to obtain a [`VerifiedSnapshot`].
 //! - [`compress`]: zstd whole and delta (patch-from) payloads with bounded decompression.
 //! - [`wire`]: protocol messages and framing.
+//! - [`time`]: Unix seconds as RFC 3339 dates and ages, for people.
 //! - `transport` (feature `transport`): TLS with raw ed25519 keys and QUIC tuning, shared by hub
 //!   and agents.
 //!
@@ -26,6 +27,7 @@ pub mod logging;
 pub mod manifest;
 pub mod selector;
 pub mod signing;
+pub mod time;
 #[cfg(feature = "transport")]
 pub mod transport;
 pub mod verify;

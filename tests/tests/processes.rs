@@ -160,8 +160,9 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
         body.as_array()
             .is_some_and(|rows| rows.iter().any(|row| row["bundle"] == "shop"))
     });
-    // Every line of the hub's log is a JSON object; what a session logs carries its agent.
     let id = status()["agent_id"].as_str().unwrap_or_default().to_owned();
+    cli_for_people(&hub, &id);
+    // Every line of the hub's log is a JSON object; what a session logs carries its agent.
     let text = std::fs::read_to_string(&log).unwrap();
     let lines: Vec<serde_json::Value> = text
         .lines()
@@ -173,6 +174,83 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
         .unwrap_or_else(|| panic!("no \"agent connected\" line in {text}"));
     assert_eq!(connected["span"]["agent"], id.as_str(), "{connected}");
     assert!(connected["level"].is_string() && connected["timestamp"].is_string());
+}
+
+/// The CLI's formats: a table with ages and `k=v` labels, wide with more columns and dates,
+/// JSON and YAML with RFC 3339 dates, `--selector`, completions.
+fn cli_for_people(hub: &HubProcess, id: &str) {
+    let table = hub.cli(&["agents", "list"]);
+    let row = table
+        .lines()
+        .find(|line| line.starts_with(id))
+        .unwrap_or_else(|| panic!("{id} not in\n{table}"));
+    assert!(row.contains("role=store"), "labels as k=v: {row}");
+    assert!(
+        row.contains(" ago") || row.contains("now"),
+        "times as ages: {row}"
+    );
+    assert!(table.starts_with("ID"), "{table}");
+    assert!(!table.contains("PUBLIC KEY"), "{table}");
+    let wide = hub.cli(&["agents", "list", "-o", "wide"]);
+    assert!(
+        wide.lines().next().unwrap().contains("PUBLIC KEY"),
+        "{wide}"
+    );
+    assert!(wide.contains("Z "), "dates in wide: {wide}");
+    let json: serde_json::Value =
+        serde_json::from_str(&hub.cli(&["agents", "list", "--output", "json"])).unwrap();
+    let enrolled = json[0]["enrolled_at"]
+        .as_str()
+        .expect("a date, not seconds");
+    assert!(
+        enrolled.len() == 20 && enrolled.ends_with('Z') && enrolled.as_bytes()[10] == b'T',
+        "RFC 3339: {enrolled}"
+    );
+    let yaml = hub.cli(&["agents", "list", "-o", "yaml"]);
+    let parsed: Vec<serde_json::Value> =
+        serde_saphyr::from_str(&yaml).unwrap_or_else(|error| panic!("{error}: {yaml}"));
+    assert_eq!(parsed[0]["id"], id, "{yaml}");
+    assert_eq!(parsed[0]["enrolled_at"], enrolled, "{yaml}");
+    // Selectors filter list commands; a bad one is refused saying why.
+    assert!(
+        hub.cli(&["agents", "list", "-l", "role=store"])
+            .contains(id)
+    );
+    assert!(
+        !hub.cli(&["agents", "list", "--selector", "role!=store"])
+            .contains(id)
+    );
+    assert!(hub.cli(&["status", "-l", "role=store"]).contains("shop"));
+    assert!(!hub.cli(&["status", "-l", "role=kiosk"]).contains("shop"));
+    assert!(
+        hub.cli(&["tokens", "list", "-l", "role"])
+            .contains("role=store")
+    );
+    let refused = Command::new(&hub.binary)
+        .args([
+            "agents",
+            "list",
+            "--selector",
+            "role in (",
+            "--hub",
+            &hub.url,
+        ])
+        .envs(hub.cli_env())
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--selector"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let script = run(&hub.binary, &["completions", shell], &[]);
+        assert!(script.contains("rollout"), "{shell}: {script}");
+    }
+    let script = run(&binary("outpost-agent"), &["completions", "bash"], &[]);
+    assert!(script.contains("enrol"), "{script}");
 }
 
 /// `GET /ready` without a token, as a probe calls it: the status and the answer.

@@ -25,8 +25,9 @@ pub(crate) struct ApiArgs {
     /// certificate, when it is not a public one.
     #[arg(long, env = "OUTPOST_HUB_CA")]
     pub(crate) ca_file: Option<PathBuf>,
-    /// Output format.
-    #[arg(long, value_enum, default_value = "table")]
+    /// Output format: table (times as ages), wide (more columns, dates), json or yaml (times
+    /// as RFC 3339 dates).
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub(crate) output: Output,
 }
 
@@ -210,23 +211,134 @@ impl Client {
     }
 }
 
-/// Prints `rows` as JSON, or as a table with `columns` (JSON field, heading).
+/// Whether a JSON field holds a time (Unix seconds): `at`, `*_at`, `last_seen`, `not_before`,
+/// `not_after`.
+fn is_time_field(field: &str) -> bool {
+    field == "at"
+        || field.ends_with("_at")
+        || matches!(field, "last_seen" | "not_before" | "not_after")
+}
+
+/// `value` with every time field (see [`is_time_field`]) an RFC 3339 date instead of Unix
+/// seconds (0 stays 0: "never").
+pub(crate) fn dated(value: &Value) -> Value {
+    match value {
+        Value::Array(items) => Value::Array(items.iter().map(dated).collect()),
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .map(|(key, value)| {
+                    let value = match value.as_i64() {
+                        Some(seconds) if is_time_field(key) && seconds != 0 => {
+                            json!(outpost_proto::time::rfc3339(seconds))
+                        }
+                        _ => dated(value),
+                    };
+                    (key.clone(), value)
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Prints `value` for scripts: JSON or YAML, times as RFC 3339 dates. `false` for the formats
+/// for people (the caller prints those).
+pub(crate) fn print_document(value: &Value, output: Output) -> bool {
+    match output {
+        Output::Json => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&dated(value)).unwrap_or_default()
+            );
+            true
+        }
+        Output::Yaml => {
+            match serde_saphyr::to_string(&dated(value)) {
+                Ok(text) => print!("{text}"),
+                // A JSON value always serializes; say so rather than print nothing.
+                Err(error) => eprintln!("cannot write YAML: {error}"),
+            }
+            true
+        }
+        Output::Table | Output::Wide => false,
+    }
+}
+
+/// One cell for people: times as ages (dates in `wide`), labels as `k=v,k=v`, lists joined.
+fn cell(value: &Value, field: &str, wide: bool, now: i64) -> String {
+    match value {
+        Value::Null => "-".to_owned(),
+        Value::String(text) if text.is_empty() => "-".to_owned(),
+        Value::String(text) => text.clone(),
+        Value::Number(number) if is_time_field(field) => match number.as_i64() {
+            Some(0) => "never".to_owned(),
+            Some(seconds) if wide => outpost_proto::time::rfc3339(seconds),
+            Some(seconds) => outpost_proto::time::age(seconds, now),
+            None => number.to_string(),
+        },
+        Value::Object(map) if map.values().all(|v| v.is_string()) => {
+            if map.is_empty() {
+                return "-".to_owned();
+            }
+            map.iter()
+                .map(|(key, value)| format!("{key}={}", value.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+        Value::Array(items) if items.iter().all(|v| !v.is_object() && !v.is_array()) => {
+            if items.is_empty() {
+                return "-".to_owned();
+            }
+            items
+                .iter()
+                .map(|item| cell(item, "", wide, now))
+                .collect::<Vec<_>>()
+                .join(",")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Prints `rows` as JSON or YAML (times as RFC 3339 dates), or as a table with `columns`
+/// (JSON field, `a.b` for a field of an object, and heading): times as ages, labels as `k=v`
+/// lists. A heading starting with `+` is a column shown only with `-o wide` (which also shows
+/// dates instead of ages).
 pub(crate) fn print_rows(rows: &Value, output: Output, columns: &[(&str, &str)]) {
-    if let Output::Json = output {
-        println!("{}", serde_json::to_string_pretty(rows).unwrap_or_default());
+    if print_document(rows, output) {
         return;
     }
+    let wide = matches!(output, Output::Wide);
+    let columns: Vec<(&str, &str)> = columns
+        .iter()
+        .filter_map(|(field, heading)| match heading.strip_prefix('+') {
+            Some(heading) => wide.then_some((*field, heading)),
+            None => Some((*field, *heading)),
+        })
+        .collect();
+    let now = crate::unix_now();
     let rows = rows.as_array().cloned().unwrap_or_default();
-    let cell = |row: &Value, field: &str| match &row[field] {
-        Value::Null => "-".to_owned(),
-        Value::String(text) => text.clone(),
-        other => other.to_string(),
-    };
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| {
+            columns
+                .iter()
+                .map(|(field, _)| {
+                    // A dotted field reaches into objects: `revoked.at`.
+                    let value = field.split('.').fold(row, |value, key| &value[key]);
+                    let last = field.rsplit('.').next().unwrap_or(field);
+                    cell(value, last, wide, now)
+                })
+                .collect()
+        })
+        .collect();
     let widths: Vec<usize> = columns
         .iter()
-        .map(|(field, heading)| {
-            rows.iter()
-                .map(|row| cell(row, field).len())
+        .enumerate()
+        .map(|(index, (_, heading))| {
+            cells
+                .iter()
+                .map(|row| row[index].chars().count())
                 .max()
                 .unwrap_or(0)
                 .max(heading.len())
@@ -246,9 +358,37 @@ pub(crate) fn print_rows(rows: &Value, output: Output, columns: &[(&str, &str)])
             .map(|(_, heading)| heading.to_string())
             .collect(),
     );
-    for row in &rows {
-        line(columns.iter().map(|(field, _)| cell(row, field)).collect());
+    for row in cells {
+        line(row);
     }
+}
+
+/// Keeps the rows (a JSON array) whose `labels` match `selector` (Kubernetes syntax, e.g.
+/// `region=eu,ring!=canary,!beta`); all rows without one.
+pub(crate) fn select_rows(rows: Value, selector: Option<&str>) -> Result<Value> {
+    let Some(text) = selector else {
+        return Ok(rows);
+    };
+    let selector = outpost_proto::LabelSelector::parse(text)
+        .map_err(|error| anyhow::anyhow!("--selector {text:?}: {error}"))?;
+    let kept = rows
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|row| {
+            let labels: BTreeMap<String, String> = row["labels"]
+                .as_object()
+                .map(|map| {
+                    map.iter()
+                        .filter_map(|(key, value)| Some((key.clone(), value.as_str()?.to_owned())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            selector.matches(&labels)
+        })
+        .collect();
+    Ok(Value::Array(kept))
 }
 
 /// `k=v` sets a label, `k-` removes it.

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use serde_json::Value;
 
-use super::client::ApiArgs;
+use super::client::{ApiArgs, print_document};
 use crate::{Output, load_config, unix_now};
 use outpost_hub::keys::{self, DAY};
 
@@ -162,8 +162,7 @@ pub(crate) fn keys(command: KeysCommand) -> Result<()> {
 }
 
 fn print_status(status: &Value, output: Output) -> Result<()> {
-    if let Output::Json = output {
-        println!("{}", serde_json::to_string_pretty(status)?);
+    if print_document(status, output) {
         return Ok(());
     }
     let short = |value: &Value| {

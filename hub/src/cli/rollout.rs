@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use super::client::{ApiArgs, Client, print_rows};
+use super::client::{ApiArgs, Client, print_document, print_rows};
 use crate::Output;
 
 #[derive(Debug, Subcommand)]
@@ -148,9 +148,8 @@ pub(crate) fn rollout(command: RolloutCommand) -> Result<()> {
             let id = created["id"]
                 .as_u64()
                 .context("the hub's answer has no id")?;
-            match api.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&created)?),
-                Output::Table => println!(
+            if !print_document(&created, api.output) {
+                println!(
                     "rollout {id} created: {bundle} at {} to {}; follow it with `outpost-hub rollout watch {id}`",
                     created["ref"].as_str().unwrap_or(&tag),
                     if selector.is_empty() {
@@ -158,7 +157,7 @@ pub(crate) fn rollout(command: RolloutCommand) -> Result<()> {
                     } else {
                         &selector
                     }
-                ),
+                );
             }
             if then_watch {
                 return watch(&client, id, Duration::from_secs(1));
@@ -187,15 +186,16 @@ pub(crate) fn rollout(command: RolloutCommand) -> Result<()> {
                     ("wave", "WAVE"),
                     ("progress", "PROGRESS"),
                     ("created_by", "BY"),
+                    ("created_at", "+CREATED"),
+                    ("updated_at", "+UPDATED"),
                 ],
             );
             Ok(())
         }
         RolloutCommand::Show { api, id } => {
             let rollout = api.client()?.get(&format!("/api/v1/rollouts/{id}"))?;
-            match api.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&rollout)?),
-                Output::Table => print_rollout(&rollout),
+            if !print_document(&rollout, api.output) {
+                print_rollout(&rollout);
             }
             Ok(())
         }
@@ -215,13 +215,12 @@ fn send(args: CommandArgs, command: &str) -> Result<()> {
         &format!("/api/v1/rollouts/{}/{command}", args.id),
         json!({"why": args.why}),
     )?;
-    match args.api.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&rollout)?),
-        Output::Table => println!(
+    if !print_document(&rollout, args.api.output) {
+        println!(
             "rollout {} is now {}",
             args.id,
             rollout["phase"].as_str().unwrap_or("?")
-        ),
+        );
     }
     Ok(())
 }

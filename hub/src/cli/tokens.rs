@@ -8,9 +8,9 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use serde_json::{Value, json};
 
-use super::client::{ApiArgs, Client, Credentials, HubLogin, print_rows};
+use super::client::{ApiArgs, Client, Credentials, HubLogin, print_document, print_rows};
 use super::rollout::parse_duration;
-use crate::{Output, load_config, open_configured_store, open_store, unix_now};
+use crate::{load_config, open_configured_store, open_store, unix_now};
 use outpost_hub::api::admin::{new_token, token_json};
 use outpost_hub::api::auth::new_secret;
 
@@ -116,16 +116,13 @@ pub(crate) fn admin_token(command: AdminTokenCommand) -> Result<()> {
                     json!({"name": name, "role": role, "ttl_seconds": ttl}),
                 )?,
             };
-            match api.output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&created)?),
-                Output::Table => {
-                    println!("{}", created["token"].as_str().unwrap_or_default());
-                    eprintln!(
-                        "API token {:?} ({}) made; it is not shown again. Use it with `outpost-hub login` or OUTPOST_TOKEN.",
-                        created["name"].as_str().unwrap_or_default(),
-                        created["role"].as_str().unwrap_or_default()
-                    );
-                }
+            if !print_document(&created, api.output) {
+                println!("{}", created["token"].as_str().unwrap_or_default());
+                eprintln!(
+                    "API token {:?} ({}) made; it is not shown again. Use it with `outpost-hub login` or OUTPOST_TOKEN.",
+                    created["name"].as_str().unwrap_or_default(),
+                    created["role"].as_str().unwrap_or_default()
+                );
             }
         }
         AdminTokenCommand::List { api, local } => {
