@@ -36,7 +36,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::reconcile::ReconcileOptions;
-use crate::target::kubernetes::ClusterSource;
+use crate::target::ClusterSource;
 
 /// Where the agent applies snapshots.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,22 +13,7 @@ use tokio::sync::RwLock;
 
 use super::{ClusterTarget, ObjectRef, TargetError};
 
-/// Where the cluster's credentials come from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClusterSource {
-    /// `KUBECONFIG`, then the in-cluster service account, then k3s's kubeconfig, then
-    /// `~/.kube/config`.
-    Auto,
-    /// A kubeconfig file (and optionally one of its contexts).
-    Kubeconfig {
-        /// The file.
-        path: PathBuf,
-        /// The context; the file's current context when `None`.
-        context: Option<String>,
-    },
-    /// The pod's service account (`KUBERNETES_SERVICE_HOST`, the mounted token and CA).
-    InCluster,
-}
+pub use super::ClusterSource;
 
 /// k3s writes its admin kubeconfig here.
 pub const K3S_KUBECONFIG: &str = "/etc/rancher/k3s/k3s.yaml";

@@ -1,10 +1,28 @@
 //! Cluster targets: where the agent applies its snapshots. One trait, two implementations:
-//! [`kubernetes::KubernetesTarget`] (a Kubernetes API through kube-rs: kubeconfig, in-cluster
+//! `kubernetes::KubernetesTarget` (feature `kubernetes`: a Kubernetes API through kube-rs: kubeconfig, in-cluster
 //! service account, or k3s's `/etc/rancher/k3s/k3s.yaml`) and [`memory::MemoryTarget`] (a map,
 //! for simulations of whole fleets).
 
+#[cfg(feature = "kubernetes")]
 pub mod kubernetes;
 pub mod memory;
+
+/// Where the cluster's credentials come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterSource {
+    /// `KUBECONFIG`, then the in-cluster service account, then k3s's kubeconfig, then
+    /// `~/.kube/config`.
+    Auto,
+    /// A kubeconfig file (and optionally one of its contexts).
+    Kubeconfig {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The context; the file's current context when `None`.
+        context: Option<String>,
+    },
+    /// The pod's service account (`KUBERNETES_SERVICE_HOST`, the mounted token and CA).
+    InCluster,
+}
 
 use std::future::Future;
 
