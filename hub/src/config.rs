@@ -15,6 +15,8 @@
 //! signing_certificate_days = 90            # lifetime of a signing key's certificate
 //! key_rotation_grace_seconds = 300         # a new signing key is offered this long first
 //! api_writes_per_second = 10               # per API token (bursts of five times that)
+//! kustomize = "/usr/local/bin/kustomize"   # builds kustomize bundles; default: kustomize, else
+//!                                          # kubectl, on PATH
 //!
 //! [listen]                                 # optional
 //! admin = "127.0.0.1:7070"                 # admin API (default shown)
@@ -152,6 +154,9 @@ pub struct SourceConfig {
     pub track: Option<String>,
     /// The webhook secret: `POST /hooks/git/<name>` is served only when one is set.
     pub webhook_secret: Option<Secret>,
+    /// The program that builds kustomize bundles (the config's `kustomize`; none: `kustomize`,
+    /// else `kubectl`, on `PATH`).
+    pub kustomize: Option<PathBuf>,
 }
 
 impl SourceConfig {
@@ -194,6 +199,7 @@ struct RawConfig {
     signing_certificate_days: Option<u64>,
     key_rotation_grace_seconds: Option<u64>,
     api_writes_per_second: Option<f64>,
+    kustomize: Option<PathBuf>,
     #[serde(default)]
     listen: RawListen,
     tls: Option<RawTls>,
@@ -549,6 +555,7 @@ impl Config {
                 credentials,
                 track,
                 webhook_secret,
+                kustomize: raw.kustomize.clone(),
             });
         }
         if !problems.is_empty() {
@@ -673,7 +680,8 @@ impl Config {
     pub fn open_source(&self, source: &SourceConfig) -> Result<GitSource, GitError> {
         Ok(
             GitSource::open_or_init(&source.url, &self.mirror_path(source))?
-                .with_credentials(source.credentials.clone()),
+                .with_credentials(source.credentials.clone())
+                .with_kustomize(source.kustomize.clone()),
         )
     }
 }

@@ -21,6 +21,8 @@ pub struct GitSource {
     path: PathBuf,
     repo: std::sync::RwLock<gix::ThreadSafeRepository>,
     credentials: Option<Credentials>,
+    /// The program that builds its kustomize bundles (none: found on `PATH` when needed).
+    kustomize: Option<std::path::PathBuf>,
 }
 
 /// A username and password (or token) for http(s) remotes. `Debug` never shows the password.
@@ -130,6 +132,7 @@ impl GitSource {
             path: path.to_owned(),
             repo: std::sync::RwLock::new(repo.into_sync()),
             credentials: None,
+            kustomize: None,
         })
     }
 
@@ -137,6 +140,18 @@ impl GitSource {
     pub fn with_credentials(mut self, credentials: Option<Credentials>) -> GitSource {
         self.credentials = credentials;
         self
+    }
+
+    /// Builds kustomize bundles with this program (`kustomize`, or `kubectl`) instead of the
+    /// first of them found on `PATH`.
+    pub fn with_kustomize(mut self, program: Option<std::path::PathBuf>) -> GitSource {
+        self.kustomize = program;
+        self
+    }
+
+    /// The configured kustomize program, if any.
+    pub fn kustomize(&self) -> Option<&Path> {
+        self.kustomize.as_deref()
     }
 
     /// The remote URL.

@@ -11,6 +11,7 @@ pub mod config;
 pub mod files;
 pub mod git;
 pub mod keys;
+pub mod kustomize;
 pub mod limits;
 pub mod metrics;
 pub mod replication;

@@ -51,9 +51,10 @@ pub(crate) enum Output {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Render a bundle folder (its *.yaml, *.yml and *.json files, recursively) into the canonical
-    /// snapshot body and print its objects in apply order and its digest. Exits non-zero, naming
-    /// the file, document and line, if any manifest is invalid.
+    /// Render a bundle folder (its *.yaml, *.yml and *.json files, recursively; or, if it holds a
+    /// kustomization.yaml, what `kustomize build` makes of it, under the hub's restrictions) into
+    /// the canonical snapshot body and print its objects in apply order and its digest. Exits
+    /// non-zero, naming the file, document and line, if any manifest is invalid.
     Render {
         /// The bundle folder.
         folder: PathBuf,
@@ -747,6 +748,21 @@ fn print_objects(
 }
 
 fn render(folder: &Path, body_out: Option<&Path>) -> Result<()> {
+    if outpost_hub::kustomize::KUSTOMIZATION_FILES
+        .iter()
+        .any(|name| folder.join(name).is_file())
+    {
+        // A kustomization: built as the hub builds it (same restrictions), then read alike.
+        let kustomize = outpost_hub::kustomize::Kustomize::find(None)?;
+        let text = kustomize.build_local(folder)?;
+        let path = format!("kustomize build {}", folder.display());
+        let body = Body::render(&[SourceFile {
+            path: &path,
+            text: &text,
+        }])
+        .context("rendering the kustomize output")?;
+        return print_body(&body, 1, body_out);
+    }
     let mut paths = Vec::new();
     collect_manifests(folder, &mut paths)
         .with_context(|| format!("reading bundle folder {}", folder.display()))?;
@@ -773,11 +789,14 @@ fn render(folder: &Path, body_out: Option<&Path>) -> Result<()> {
         .map(|(path, text)| SourceFile { path, text })
         .collect();
     let body = Body::render(&files).context("rendering the bundle")?;
+    print_body(&body, files.len(), body_out)
+}
+
+fn print_body(body: &Body, files: usize, body_out: Option<&Path>) -> Result<()> {
     print_objects(body.objects())?;
     println!(
-        "{} objects from {} files, {} bytes, digest {}",
+        "{} objects from {files} files, {} bytes, digest {}",
         body.object_count(),
-        files.len(),
         body.as_bytes().len(),
         body.digest()
     );

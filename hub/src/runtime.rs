@@ -398,8 +398,11 @@ async fn open_source(settings: &SourceSettings, interval: Duration) -> Arc<GitSo
     loop {
         let (config, mirror) = (settings.config.clone(), settings.mirror.clone());
         let opened = blocking(move || {
-            GitSource::open_or_init(&config.url, &mirror)
-                .map(|source| source.with_credentials(config.credentials.clone()))
+            GitSource::open_or_init(&config.url, &mirror).map(|source| {
+                source
+                    .with_credentials(config.credentials.clone())
+                    .with_kustomize(config.kustomize.clone())
+            })
         })
         .await;
         match opened {

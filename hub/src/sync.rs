@@ -74,6 +74,8 @@ enum ReleaseError {
     Header(#[from] outpost_proto::header::HeaderError),
     #[error(transparent)]
     Sign(#[from] crate::keys::SignError),
+    #[error(transparent)]
+    Kustomize(#[from] crate::kustomize::KustomizeError),
 }
 
 /// Fetches `source` and renders what changed. `now` is Unix seconds.
@@ -298,12 +300,30 @@ fn release(
             .ok_or_else(|| ReleaseError::MissingFolder(folder.clone()))?;
         tree_ids.push(tree_id);
     }
+    // A kustomization may read any folder of its commit (`../base`): its render is keyed by
+    // the commit's whole tree.
+    let kustomized = crate::kustomize::kustomization_in(source, &target.commit, &definition.path)
+        .map_err(ReleaseError::from)?
+        .is_some();
+    if kustomized {
+        let root = source
+            .tree_id(&target.commit, "")
+            .map_err(ReleaseError::from)?
+            .unwrap_or_default();
+        tree_ids[0] = format!("kustomize:{root}");
+    }
     let tree_key = tree_ids.join("+");
     if let Some(generation) = store.rendered(&definition.name, &tree_key, &render_key)? {
         report.unchanged += 1;
         return Ok(generation);
     }
-    let body = render(source, &target.commit, &folders, &variant.labels)?;
+    let body = render(
+        source,
+        &target.commit,
+        &folders,
+        kustomized,
+        &variant.labels,
+    )?;
     let digest = body.digest();
     if let Some(existing) = same_snapshot(store, keys, &definition.name, &digest, &selector, now)? {
         store.insert_render(&definition.name, &tree_key, &render_key, existing)?;
@@ -379,25 +399,41 @@ fn same_snapshot(
 
 /// Reads the manifests of `folders` (the bundle's, then its overlays'), lets later folders'
 /// objects replace earlier ones with the same key, substitutes labels, and builds the body.
+/// With `kustomized`, the bundle's own folder is a kustomization: its objects are what
+/// `kustomize build` makes of it (see [`crate::kustomize`]).
 fn render(
     source: &GitSource,
     commit: &str,
     folders: &[String],
+    kustomized: bool,
     labels: &BTreeMap<String, String>,
 ) -> Result<Body, ReleaseError> {
     let mut objects: BTreeMap<ObjectKey, Object> = BTreeMap::new();
-    for folder in folders {
+    for (index, folder) in folders.iter().enumerate() {
         let mut in_this_folder: BTreeMap<ObjectKey, String> = BTreeMap::new();
-        for file in source.files(commit, folder)? {
-            if !bundles::is_manifest(&file.path) {
-                continue;
+        // (where the text came from, the text): the kustomize build's output, or each
+        // manifest file of the folder.
+        let texts: Vec<(String, String)> = if index == 0 && kustomized {
+            let program = crate::kustomize::Kustomize::find(source.kustomize())?;
+            let built = program.build_commit(source, commit, folder)?;
+            vec![(format!("kustomize build {folder}"), built)]
+        } else {
+            let mut texts = Vec::new();
+            for file in source.files(commit, folder)? {
+                if !bundles::is_manifest(&file.path) {
+                    continue;
+                }
+                let path = match folder.is_empty() {
+                    true => file.path,
+                    false => format!("{folder}/{}", file.path),
+                };
+                let text = String::from_utf8(file.bytes)
+                    .map_err(|_| ReleaseError::NotUtf8(path.clone()))?;
+                texts.push((path, text));
             }
-            let path = match folder.is_empty() {
-                true => file.path,
-                false => format!("{folder}/{}", file.path),
-            };
-            let text =
-                String::from_utf8(file.bytes).map_err(|_| ReleaseError::NotUtf8(path.clone()))?;
+            texts
+        };
+        for (path, text) in texts {
             for object in manifest::parse_file(SourceFile {
                 path: &path,
                 text: &text,

@@ -298,6 +298,7 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
             credentials: None,
             track: Some("refs/heads/stable".to_owned()),
             webhook_secret: None,
+            kustomize: None,
         },
         mirror: work.path().join("mirror"),
     };

@@ -127,6 +127,7 @@ fn a_label_change_on_one_of_a_thousand_agents_reads_for_that_agent_only() {
                 credentials: None,
                 track: Some("refs/heads/main".to_owned()),
                 webhook_secret: None,
+                kustomize: None,
             },
             mirror: data.join("mirrors/fleet.git"),
         };
