@@ -8,6 +8,7 @@ pub mod assign;
 pub mod bundles;
 pub mod changes;
 pub mod config;
+pub mod diff;
 pub mod files;
 pub mod git;
 pub mod keys;

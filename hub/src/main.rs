@@ -122,6 +122,22 @@ enum Command {
         #[arg(long, env = "OUTPOST_HUB_CONFIG")]
         config: PathBuf,
     },
+    /// What a rollout of a bundle's release at a tag would change, before it is created: which
+    /// agents, in how many render variants, and per variant and current release the objects
+    /// added (+), changed (~, field by field; Secret values redacted) and removed (-).
+    Diff {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The bundle.
+        #[arg(long)]
+        bundle: String,
+        /// The Git tag (v1.2) or full ref.
+        #[arg(long)]
+        tag: String,
+        /// Which agents, as a label selector (default: every agent the bundle selects).
+        #[arg(long, short = 'l', default_value = "")]
+        selector: String,
+    },
     /// List bundles with their newest generation (admin API).
     Bundles(ApiArgs),
     /// List releases: each bundle at each branch and tag, with its generation or its error.
@@ -312,6 +328,25 @@ fn main() -> Result<()> {
             println!("{config:#?}");
             for warning in config.warnings() {
                 eprintln!("warning: {warning}");
+            }
+            Ok(())
+        }
+        Command::Diff {
+            api,
+            bundle,
+            tag,
+            selector,
+        } => {
+            let preview = cli::rollout::preview(
+                &api.client()?,
+                &bundle,
+                &tag,
+                &selector,
+                "1,10%,50%,100%",
+                "0",
+            )?;
+            if !print_document(&preview, api.output) {
+                cli::rollout::print_diff(&preview);
             }
             Ok(())
         }

@@ -295,6 +295,12 @@ impl Hub {
                 keys: keys.clone(),
                 connected: service.connected(),
                 service: service.clone(),
+                mirrors: Arc::new(
+                    sources
+                        .iter()
+                        .map(|(source, opened)| (source.config.url.clone(), opened.clone()))
+                        .collect(),
+                ),
                 replica: crate::api::ReplicaState {
                     name: replica_name.clone(),
                     leading: leading_now.clone(),

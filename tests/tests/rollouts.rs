@@ -273,6 +273,44 @@ fn a_tag_rolls_out_in_waves_survives_a_restart_and_rolls_back_on_failure() {
         4
     );
 
+    // Before: what a rollout of v2 to Europe would change, and its waves (nothing created).
+    let diff = hub.cli(&["diff", "--bundle", "shop", "--tag", "v2", "-l", "region=eu"]);
+    assert!(diff.contains("3 agent(s)"), "{diff}");
+    assert!(diff.contains("~ Deployment default/shop"), "{diff}");
+    assert!(
+        diff.contains(
+            "spec.template.spec.containers[0].image: \"registry.example/shop:1\" → \"registry.example/shop:2\""
+        ),
+        "{diff}"
+    );
+    let dry = hub.cli(&[
+        "rollout",
+        "create",
+        "--bundle",
+        "shop",
+        "--tag",
+        "v2",
+        "--selector",
+        "region=eu",
+        "--waves",
+        "1,50%,100%",
+        "--dry-run",
+    ]);
+    assert!(dry.contains("nothing created"), "{dry}");
+    assert!(
+        dry.contains(&format!("wave 1 (up to 1): 1 agent(s): {}", sites[0].id)),
+        "the canary alone in the first wave: {dry}"
+    );
+    assert!(
+        !dry.contains(&sites[3].id),
+        "the US site is not selected: {dry}"
+    );
+    assert_eq!(
+        hub.get("/api/v1/rollouts"),
+        json!([]),
+        "a dry run creates nothing"
+    );
+
     // Roll v2 out to Europe: the canary first, then the rest; the US site stays on stable.
     let watched = hub.cli(&[
         "rollout",

@@ -73,6 +73,7 @@ fn routes(agent: &str) -> Vec<(&'static str, String, Option<&'static str>, Value
         ("GET", "/".to_owned(), None, no_body.clone()),
         ("GET", "/fleet".to_owned(), None, no_body.clone()),
         ("GET", "/fleet.js".to_owned(), None, no_body.clone()),
+        ("GET", "/metrics".to_owned(), None, no_body.clone()),
     ];
     for path in [
         "/api/v1/whoami",
@@ -90,6 +91,7 @@ fn routes(agent: &str) -> Vec<(&'static str, String, Option<&'static str>, Value
         "/api/v1/fleet/summary",
         "/api/v1/rollouts",
         "/api/v1/rollouts/99",
+        "/api/v1/preview?bundle=shop&tag=v1",
     ] {
         routes.push(("GET", path.to_owned(), Some("viewer"), no_body.clone()));
     }

@@ -11,7 +11,8 @@
 //!   `GET /api/v1/agents/{id}`, `GET /api/v1/tokens` (enrolment tokens, by digest),
 //!   `GET /api/v1/status` (`?agent=ID`), `GET /api/v1/fleet` (a filtered page) and
 //!   `GET /api/v1/fleet/summary` (counts; see [`fleet`]), `GET /api/v1/rollouts`,
-//!   `GET /api/v1/rollouts/{id}`
+//!   `GET /api/v1/rollouts/{id}`, `GET /api/v1/preview?bundle=B&tag=T&selector=S` (what a
+//!   rollout would do; see [`rollouts`])
 //! - operator: `POST /api/v1/fetch`, `POST /api/v1/agents/{id}/labels`
 //!   (`{"labels": {"k": "v" | null}}`), `POST /api/v1/rollouts`,
 //!   `POST /api/v1/rollouts/{id}/{pause|resume|abort|rollback}` (see [`rollouts`])
@@ -112,9 +113,14 @@ pub struct AdminState {
     pub connected: Arc<crate::transport::Connected>,
     /// The agent service (its metrics and counters, for `/metrics`).
     pub service: Arc<crate::transport::AgentService>,
+    /// Each source's URL and its mirror once opened (previews read bundle definitions).
+    pub mirrors: Arc<Vec<(String, Mirror)>>,
     /// This replica's name (none: the only hub) and whether it leads.
     pub replica: ReplicaState,
 }
+
+/// A source's mirror, set once the runtime opened it.
+pub type Mirror = Arc<tokio::sync::OnceCell<Arc<crate::git::GitSource>>>;
 
 /// What `GET /api/v1/replica` shows.
 #[derive(Debug, Clone)]
@@ -186,6 +192,7 @@ pub fn router(state: AdminState, hooks: Option<hooks::HooksState>) -> Router {
             get(rollouts::list).post(rollouts::create),
         )
         .route("/api/v1/rollouts/{id}", get(rollouts::show))
+        .route("/api/v1/preview", get(rollouts::preview))
         .route("/api/v1/rollouts/{id}/{command}", post(rollouts::command))
         .route("/", get(fleet::fleet_page))
         .route("/fleet", get(fleet::fleet_page))

@@ -7,7 +7,7 @@
 //! - `POST /api/v1/rollouts/{id}/{pause|resume|abort|rollback}` — `{"why": "..."}`
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -175,6 +175,66 @@ pub(super) async fn create(
     tracing::info!(rollout = created.id, bundle = %created.plan.bundle, git_ref = %created.plan.git_ref, "rollout created");
     state.changes.rollouts_changed();
     Ok((StatusCode::CREATED, Json(rollout_json(&created))))
+}
+
+/// `GET /api/v1/preview?bundle=B&tag=T[&selector=S][&waves=…][&max_failures=…]` (viewer):
+/// what a rollout with these settings would do now — its agents, its waves, per render
+/// variant and current release the objects added, changed (field paths, old and new values;
+/// Secret values redacted) and removed. Nothing is written.
+pub(super) async fn preview(
+    State(state): State<AdminState>,
+    Query(request): Query<PreviewQuery>,
+) -> ApiResult {
+    if request.selector.len() > 4096 || request.waves.len() > 256 {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "selector or waves is too long".to_owned(),
+        ));
+    }
+    let now = (state.now)();
+    let mirrors = state.mirrors.clone();
+    let preview = with_store(&state, move |store| {
+        let asked = Request {
+            bundle: request.bundle,
+            tag: request.tag,
+            selector: request.selector,
+            waves: request.waves,
+            health_timeout: default_timeout(),
+            max_failures: request.max_failures,
+            on_failure: default_on_failure(),
+        };
+        let mut definitions_at = |url: &str, commit: &str| -> Result<_, String> {
+            let source = mirrors
+                .iter()
+                .find(|(source_url, _)| source_url == url)
+                .and_then(|(_, opened)| opened.get().cloned())
+                .ok_or_else(|| format!("source {url} is not configured or not opened yet"))?;
+            crate::bundles::bundles_at(&source, commit).map_err(|error| error.to_string())
+        };
+        rollout::preview::preview(store, &mut definitions_at, &asked, now).map_err(|error| {
+            let status = match error {
+                CreateError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            ApiError(status, error.to_string())
+        })
+    })
+    .await?;
+    Ok(Json(serde_json::to_value(&preview).map_err(|error| {
+        ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+    })?))
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct PreviewQuery {
+    bundle: String,
+    tag: String,
+    #[serde(default)]
+    selector: String,
+    #[serde(default = "default_waves")]
+    waves: String,
+    #[serde(default = "default_failures")]
+    max_failures: String,
 }
 
 #[derive(Debug, Deserialize)]

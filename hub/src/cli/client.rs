@@ -391,6 +391,29 @@ pub(crate) fn select_rows(rows: Value, selector: Option<&str>) -> Result<Value> 
     Ok(Value::Array(kept))
 }
 
+/// A query string (`?a=1&b=x%3Dy`) of `pairs`, values percent-encoded; empty values left out.
+pub(crate) fn query(pairs: &[(&str, &str)]) -> String {
+    let encode = |text: &str| -> String {
+        text.bytes()
+            .map(|byte| match byte {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (byte as char).to_string()
+                }
+                other => format!("%{other:02X}"),
+            })
+            .collect()
+    };
+    let parts: Vec<String> = pairs
+        .iter()
+        .filter(|(_, value)| !value.is_empty())
+        .map(|(key, value)| format!("{key}={}", encode(value)))
+        .collect();
+    match parts.is_empty() {
+        true => String::new(),
+        false => format!("?{}", parts.join("&")),
+    }
+}
+
 /// `k=v` sets a label, `k-` removes it.
 pub(crate) fn label_changes(changes: &[String]) -> Result<Value> {
     let mut labels = serde_json::Map::new();

@@ -47,6 +47,10 @@ pub(crate) enum RolloutCommand {
         /// Watch it until it finishes.
         #[arg(long)]
         watch: bool,
+        /// Create nothing: print the waves with the agents each would release, now (every
+        /// agent assumed to turn healthy). `outpost-hub diff` shows what would change in them.
+        #[arg(long, conflicts_with = "watch")]
+        dry_run: bool,
     },
     /// List rollouts, newest first.
     List(ApiArgs),
@@ -97,6 +101,170 @@ pub(crate) enum OnFailureArg {
     Rollback,
 }
 
+/// What a rollout would do (`GET /api/v1/preview`).
+pub(crate) fn preview(
+    client: &Client,
+    bundle: &str,
+    tag: &str,
+    selector: &str,
+    waves: &str,
+    max_failures: &str,
+) -> Result<Value> {
+    client.get(&format!(
+        "/api/v1/preview{}",
+        super::client::query(&[
+            ("bundle", bundle),
+            ("tag", tag),
+            ("selector", selector),
+            ("waves", waves),
+            ("max_failures", max_failures),
+        ])
+    ))
+}
+
+fn headline_of(preview: &Value) -> String {
+    let commit = preview["git_commit"].as_str().unwrap_or_default();
+    format!(
+        "{} at {} (commit {}), {}: {} agent(s)",
+        preview["bundle"].as_str().unwrap_or("?"),
+        preview["git_ref"].as_str().unwrap_or("?"),
+        &commit[..commit.len().min(12)],
+        match preview["selector"].as_str().unwrap_or_default() {
+            "" => "every agent the bundle selects".to_owned(),
+            selector => format!("selector {selector}"),
+        },
+        preview["agents"]
+    )
+}
+
+/// The waves of a preview, for people.
+pub(crate) fn print_waves(preview: &Value) {
+    println!("dry run, nothing created: {}", headline_of(preview));
+    for (index, wave) in preview["waves"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let agents: Vec<&str> = wave["agents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        println!(
+            "wave {} (up to {}): {} agent(s){}{}",
+            index + 1,
+            wave["size"].as_str().unwrap_or("?"),
+            agents.len(),
+            if agents.is_empty() { "" } else { ": " },
+            agents.join(", ")
+        );
+    }
+    print_left_out(preview);
+}
+
+fn print_left_out(preview: &Value) {
+    for row in preview["left_out"].as_array().into_iter().flatten() {
+        println!(
+            "left out  {}: {}",
+            row[0].as_str().unwrap_or("?"),
+            row[1].as_str().unwrap_or("?")
+        );
+    }
+}
+
+/// What a preview changes, for people: per variant and current release, the objects added
+/// (+), changed (~, with each field's old and new value) and removed (-).
+pub(crate) fn print_diff(preview: &Value) {
+    let variants = preview["variants"].as_array().cloned().unwrap_or_default();
+    println!("{} in {} variant(s)", headline_of(preview), variants.len());
+    let short = |value: &Value| -> String {
+        let text = match value {
+            Value::Null => "(absent)".to_owned(),
+            other => other.to_string(),
+        };
+        match text.chars().count() > 80 {
+            true => format!("{}…", text.chars().take(79).collect::<String>()),
+            false => text,
+        }
+    };
+    for variant in &variants {
+        let name = match variant["variant"].as_str().unwrap_or_default() {
+            "" => "the bundle as is".to_owned(),
+            key => format!("variant {key}"),
+        };
+        println!("\n{name} → generation {}", variant["generation"]);
+        for group in variant["groups"].as_array().into_iter().flatten() {
+            let agents: Vec<&str> = group["agents"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            let from = match &group["current"] {
+                Value::Array(pair) => format!(
+                    "on generation {} ({})",
+                    pair[0],
+                    &pair[1].as_str().unwrap_or_default()
+                        [..12.min(pair[1].as_str().unwrap_or_default().len())]
+                ),
+                _ => "running nothing of the bundle".to_owned(),
+            };
+            let shown: Vec<&str> = agents.iter().take(5).copied().collect();
+            println!(
+                "  {} agent(s) {from}: {}{}",
+                agents.len(),
+                shown.join(", "),
+                if agents.len() > shown.len() {
+                    ", …"
+                } else {
+                    ""
+                }
+            );
+            let diff = &group["diff"];
+            let id = |object: &Value| -> String {
+                let namespace = object["namespace"].as_str().unwrap_or_default();
+                let name = object["name"].as_str().unwrap_or_default();
+                match namespace {
+                    "" => format!("{} {name}", object["kind"].as_str().unwrap_or("?")),
+                    namespace => format!(
+                        "{} {namespace}/{name}",
+                        object["kind"].as_str().unwrap_or("?")
+                    ),
+                }
+            };
+            for object in diff["added"].as_array().into_iter().flatten() {
+                println!("    + {}", id(object));
+            }
+            for changed in diff["changed"].as_array().into_iter().flatten() {
+                println!("    ~ {}", id(&changed[0]));
+                for field in changed[1].as_array().into_iter().flatten() {
+                    println!(
+                        "        {}: {} → {}",
+                        field["path"].as_str().unwrap_or("?"),
+                        short(&field["from"]),
+                        short(&field["to"])
+                    );
+                }
+            }
+            for object in diff["removed"].as_array().into_iter().flatten() {
+                println!("    - {}", id(object));
+            }
+            let untouched = diff["unchanged"].as_u64().unwrap_or(0);
+            let nothing = diff["added"].as_array().is_none_or(Vec::is_empty)
+                && diff["changed"].as_array().is_none_or(Vec::is_empty)
+                && diff["removed"].as_array().is_none_or(Vec::is_empty);
+            if nothing {
+                println!("    no change ({untouched} object(s) as they are)");
+            } else if untouched > 0 {
+                println!("    ({untouched} object(s) unchanged)");
+            }
+        }
+    }
+    print_left_out(preview);
+}
+
 /// `30`, `30s`, `10m`, `2h`, `1d` → seconds.
 pub(crate) fn parse_duration(text: &str) -> Result<i64, String> {
     let text = text.trim();
@@ -133,8 +301,16 @@ pub(crate) fn rollout(command: RolloutCommand) -> Result<()> {
             on_failure,
             why,
             watch: then_watch,
+            dry_run,
         } => {
             let client = api.client()?;
+            if dry_run {
+                let preview = preview(&client, &bundle, &tag, &selector, &waves, &max_failures)?;
+                if !print_document(&preview, api.output) {
+                    print_waves(&preview);
+                }
+                return Ok(());
+            }
             let on_failure = match on_failure {
                 OnFailureArg::Pause => "pause",
                 OnFailureArg::Rollback => "rollback",

@@ -5,6 +5,7 @@
 //! be given a snapshot older than the one it has (agents refuse to go back in generations).
 
 pub mod machine;
+pub mod preview;
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -117,6 +118,9 @@ pub enum CreateError {
         "rollout {0} of this bundle is still running or paused; wait for it, or abort it first (one rollout per bundle at a time)"
     )]
     Busy(u64),
+    /// The bundle definitions at the commit could not be read.
+    #[error("reading the bundle definitions at the tag's commit: {0}")]
+    Definitions(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -131,14 +135,9 @@ pub fn full_ref(tag: &str) -> String {
     }
 }
 
-/// Creates a rollout (it releases at the driver's next step).
-pub fn create(
-    store: &dyn HubStore,
-    request: &Request,
-    who: &str,
-    why: &str,
-    now: i64,
-) -> Result<Rollout, CreateError> {
+/// What `request` plans: its waves and budget parsed, its selector checked, the tag's commit
+/// pinned (the release must exist and have rendered for some variant).
+pub fn plan(store: &dyn HubStore, request: &Request) -> Result<Plan, CreateError> {
     let waves = request
         .waves
         .split(',')
@@ -179,7 +178,7 @@ pub fn create(
             error: first.error.clone().unwrap_or_default(),
         });
     }
-    let plan = Plan {
+    Ok(Plan {
         bundle: request.bundle.clone(),
         source: first.source.clone(),
         git_ref,
@@ -189,8 +188,18 @@ pub fn create(
         health_timeout: request.health_timeout,
         max_failures,
         on_failure: request.on_failure,
-    };
-    let mut rollout = Rollout::new(0, plan, who, why, now)?;
+    })
+}
+
+/// Creates a rollout (it releases at the driver's next step).
+pub fn create(
+    store: &dyn HubStore,
+    request: &Request,
+    who: &str,
+    why: &str,
+    now: i64,
+) -> Result<Rollout, CreateError> {
+    let mut rollout = Rollout::new(0, plan(store, request)?, who, why, now)?;
     match store.create_rollout(&mut rollout)? {
         Created::Created(_) => Ok(rollout),
         Created::Busy(id) => Err(CreateError::Busy(id)),
@@ -451,7 +460,7 @@ fn health(phase: Reported) -> Health {
 }
 
 /// The release of the rollout's bundle at its pinned commit, for each render variant.
-fn targets(
+pub(crate) fn targets(
     store: &dyn HubStore,
     rollout: &Rollout,
 ) -> Result<HashMap<String, Assigned>, StoreError> {
