@@ -11,6 +11,7 @@ pub mod config;
 pub mod diff;
 pub mod files;
 pub mod git;
+pub mod history;
 pub mod keys;
 pub mod kustomize;
 pub mod limits;

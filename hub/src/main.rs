@@ -138,6 +138,20 @@ enum Command {
         #[arg(long, short = 'l', default_value = "")]
         selector: String,
     },
+    /// One agent's time line, oldest first: enrolment, labels, revocation, API writes naming it
+    /// (who), the rollouts that released to it or rolled it back (who and why), the status
+    /// reports it sent (what it installed and applied, how it went), and what it runs now.
+    History {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The agent's id.
+        #[arg(long)]
+        agent: String,
+        /// Only what happened since: a duration back from now (30m, 2h, 7d) or an RFC 3339
+        /// date (2026-12-01T00:00:00Z).
+        #[arg(long)]
+        since: Option<String>,
+    },
     /// List bundles with their newest generation (admin API).
     Bundles(ApiArgs),
     /// List releases: each bundle at each branch and tag, with its generation or its error.
@@ -348,6 +362,34 @@ fn main() -> Result<()> {
             if !print_document(&preview, api.output) {
                 cli::rollout::print_diff(&preview);
             }
+            Ok(())
+        }
+        Command::History { api, agent, since } => {
+            let since = match since.as_deref() {
+                None => 0,
+                Some(text) => match outpost_proto::time::parse_rfc3339(text) {
+                    Some(at) => at,
+                    None => unix_now() - cli::rollout::parse_duration(text).map_err(|error| {
+                        anyhow::anyhow!(
+                            "--since {error}; or give an RFC 3339 date such as 2026-12-01T00:00:00Z"
+                        )
+                    })?,
+                },
+            };
+            let rows = api
+                .client()?
+                .get(&format!("/api/v1/agents/{agent}/history?since={since}"))?;
+            print_rows(
+                &rows,
+                api.output,
+                &[
+                    ("at", "AT"),
+                    ("kind", "KIND"),
+                    ("bundle", "BUNDLE"),
+                    ("who", "WHO"),
+                    ("what", "WHAT"),
+                ],
+            );
             Ok(())
         }
         Command::Bundles(api) => {

@@ -33,6 +33,49 @@ pub fn age(unix: i64, now: i64) -> String {
     }
 }
 
+/// Unix seconds of an RFC 3339 date in UTC (`2026-12-01T18:05:00Z`; fractions of a second
+/// dropped, `+00:00` accepted); `None` if it is not one.
+pub fn parse_rfc3339(text: &str) -> Option<i64> {
+    let text = text.trim();
+    let text = text
+        .strip_suffix('Z')
+        .or_else(|| text.strip_suffix("+00:00"))?;
+    let (date, time) = text.split_once(['T', ' '])?;
+    let mut date = date.splitn(3, '-');
+    let year: i64 = date.next()?.parse().ok()?;
+    let month: u32 = date.next()?.parse().ok()?;
+    let day: u32 = date.next()?.parse().ok()?;
+    let time = time.split('.').next()?;
+    let mut time = time.splitn(3, ':');
+    let hour: i64 = time.next()?.parse().ok()?;
+    let minute: i64 = time.next()?.parse().ok()?;
+    let second: i64 = time.next()?.parse().ok()?;
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    // A day the month lacks (February 30) does not round-trip.
+    (civil_from_days(days) == (year, month, day))
+        .then(|| days * 86_400 + hour * 3_600 + minute * 60 + second)
+}
+
+/// Days from 1970-01-01 to (year, month, day) (H. Hinnant's algorithm).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = year - i64::from(month <= 2);
+    let era = year.div_euclid(400);
+    let year_of_era = year.rem_euclid(400);
+    let month = i64::from(month);
+    let day_of_year =
+        (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
 /// (year, month, day) of the day `days` after 1970-01-01 (proleptic Gregorian; H. Hinnant's
 /// algorithm).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
@@ -80,6 +123,26 @@ mod tests {
                 "{last:?} → {year}-{month}-{day}"
             );
             last = (year, month, day);
+        }
+    }
+
+    #[test]
+    fn dates_parse_back() {
+        for unix in [0, 951_782_400, 1_796_148_300, -1, 4_107_542_399] {
+            assert_eq!(parse_rfc3339(&rfc3339(unix)), Some(unix));
+        }
+        assert_eq!(
+            parse_rfc3339("2026-12-01T18:05:00.25+00:00"),
+            Some(1_796_148_300)
+        );
+        for bad in [
+            "2026-02-30T00:00:00Z",
+            "2026-12-01",
+            "yesterday",
+            "2026-13-01T00:00:00Z",
+            "2026-12-01T18:05:00+02:00",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
     }
 

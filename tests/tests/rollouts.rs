@@ -527,6 +527,47 @@ fn a_tag_rolls_out_in_waves_survives_a_restart_and_rolls_back_on_failure() {
         })
     });
 
+    // Berlin's time line: enrolled, released by both rollouts (who and why), failed on v3,
+    // given back v2, and what it reported along the way.
+    let history: Value =
+        serde_json::from_str(&hub.cli(&["history", "--agent", &sites[2].id, "-o", "json"]))
+            .unwrap();
+    let rows = history.as_array().unwrap();
+    let has = |kind: &str, text: &str| {
+        rows.iter().any(|row| {
+            row["kind"] == kind && row["what"].as_str().unwrap_or_default().contains(text)
+        })
+    };
+    assert!(has("agent-enrolled", "token"), "{history:#}");
+    assert!(has("rollout-released", "rollout 1 released"), "{history:#}");
+    assert!(has("rollout-released", "rollout 2 released"), "{history:#}");
+    assert!(
+        has("rollout-restored", "rollout 2 gave back"),
+        "{history:#}"
+    );
+    assert!(has("rollout", "pause; why: change freeze"), "{history:#}");
+    assert!(has("report", "Healthy"), "{history:#}");
+    assert!(has("assigned", "now assigned"), "{history:#}");
+    assert!(
+        rows.iter()
+            .any(|row| row["kind"] == "rollout" && row["who"] == OPERATOR),
+        "who did it: {history:#}"
+    );
+    let times: Vec<&str> = rows.iter().filter_map(|row| row["at"].as_str()).collect();
+    let mut sorted = times.clone();
+    sorted.sort();
+    assert_eq!(times, sorted, "oldest first (RFC 3339 dates sort as text)");
+    let table = hub.cli(&["history", "--agent", &sites[2].id, "--since", "1h"]);
+    assert!(table.contains("rollout-restored"), "{table}");
+    let recent = hub.cli(&[
+        "history",
+        "--agent",
+        &sites[2].id,
+        "--since",
+        "2100-01-01T00:00:00Z",
+    ]);
+    assert_eq!(recent.lines().count(), 1, "only the heading: {recent}");
+
     // Every series the Grafana dashboard asks for exists in what the hub and agents serve.
     let served = [
         paused_scrape,

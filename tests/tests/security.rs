@@ -101,6 +101,12 @@ fn routes(agent: &str) -> Vec<(&'static str, String, Option<&'static str>, Value
         Some("viewer"),
         no_body.clone(),
     ));
+    routes.push((
+        "GET",
+        format!("/api/v1/agents/{agent}/history"),
+        Some("viewer"),
+        no_body.clone(),
+    ));
     routes.extend([
         (
             "POST",

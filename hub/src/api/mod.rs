@@ -8,7 +8,8 @@
 //! - viewer: `GET /api/v1/whoami`, `GET /api/v1/bundles`, `GET /api/v1/releases`,
 //!   `GET /api/v1/sources`, `GET /api/v1/snapshots/{bundle}/{generation}` and `…/objects`
 //!   (Secret values redacted), `GET /api/v1/events?limit=N`, `GET /api/v1/agents`,
-//!   `GET /api/v1/agents/{id}`, `GET /api/v1/tokens` (enrolment tokens, by digest),
+//!   `GET /api/v1/agents/{id}`, `GET /api/v1/agents/{id}/history?since=T` (its time line),
+//!   `GET /api/v1/tokens` (enrolment tokens, by digest),
 //!   `GET /api/v1/status` (`?agent=ID`), `GET /api/v1/fleet` (a filtered page) and
 //!   `GET /api/v1/fleet/summary` (counts; see [`fleet`]), `GET /api/v1/rollouts`,
 //!   `GET /api/v1/rollouts/{id}`, `GET /api/v1/preview?bundle=B&tag=T&selector=S` (what a
@@ -171,6 +172,7 @@ pub fn router(state: AdminState, hooks: Option<hooks::HooksState>) -> Router {
         .route("/api/v1/events", get(events))
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/agents/{id}", get(agent))
+        .route("/api/v1/agents/{id}/history", get(history))
         .route("/api/v1/agents/{id}/labels", post(label_agent))
         .route("/api/v1/agents/{id}/revoke", post(revoke_agent))
         .route("/api/v1/tokens", get(tokens).post(create_token))
@@ -483,6 +485,31 @@ fn agent_json(agent: &Agent) -> Value {
         "enrolled_at": agent.enrolled_at, "last_seen": agent.last_seen,
         "revoked": agent.revoked.as_ref().map(|(at, who, why)| json!({"at": at, "by": who, "why": why})),
     })
+}
+
+#[derive(Debug, Deserialize)]
+struct HistoryQuery {
+    /// Unix seconds; entries before are left out.
+    #[serde(default)]
+    since: i64,
+}
+
+/// `GET /api/v1/agents/{id}/history` (viewer): the agent's time line, oldest first (see
+/// [`crate::history`]).
+async fn history(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    Query(query): Query<HistoryQuery>,
+) -> ApiResult {
+    let now = (state.now)();
+    with_store(&state, move |store| {
+        let entries = crate::history::agent_history(store, &id, query.since, now)?
+            .ok_or_else(|| not_found(format!("no agent {id:?}; see GET /api/v1/agents")))?;
+        Ok(Json(serde_json::to_value(entries).map_err(|error| {
+            ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+        })?))
+    })
+    .await
 }
 
 async fn agents(State(state): State<AdminState>) -> ApiResult {

@@ -35,7 +35,7 @@ pub use replicas::{Fence, Lease, Notice, ReplicaStore};
 pub use retention::{Pruned, Retention, RetentionStore};
 pub use rollouts::{Created, RolloutHead, RolloutSave, RolloutStore, Saved, StoredRollout};
 pub use sqlite::SqliteStore;
-pub use view::{FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView};
+pub use view::{FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView, HistoricStatus};
 
 #[cfg(test)]
 pub(crate) mod suite;

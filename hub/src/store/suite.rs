@@ -1130,6 +1130,113 @@ pub(crate) fn many_tokens_are_created_at_once(store: &dyn HubStore) {
 
 /// Generates one `#[test]` per suite function, each on a store made by `$make` (an
 /// expression evaluated per test that yields something holding a store as `.store`).
+pub(crate) fn an_agents_history_is_found_by_its_id(store: &dyn HubStore) {
+    use crate::rollout::machine::{Input, Rollout};
+    let a = enrolled(store, 31, &[("region", "eu")]);
+    let b = enrolled(store, 32, &[("region", "us")]);
+    store
+        .label_agent(
+            &a.id,
+            &[("ring".to_owned(), Some("canary".to_owned()))].into(),
+            "ops",
+            130,
+        )
+        .unwrap();
+    for agent in [&a.id, &b.id] {
+        store
+            .add_event(
+                131,
+                "api-write",
+                "ops",
+                &format!("POST /api/v1/agents/{agent}/labels → 200 (role operator)"),
+            )
+            .unwrap();
+    }
+    let events = store.agent_events(&a.id, 100).unwrap();
+    let kinds: Vec<&str> = events.iter().map(|event| event.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["api-write", "agent-labelled", "agent-enrolled"],
+        "newest first"
+    );
+    assert!(
+        events
+            .iter()
+            .all(|event| event.subject == a.id || event.message.contains(&a.id))
+    );
+    assert_eq!(store.agent_events(&a.id, 1).unwrap().len(), 1);
+    // Reports count only for assigned bundles.
+    for agent in [&a, &b] {
+        store
+            .change_assignments(
+                &[AssignmentChange {
+                    agent: agent.id.clone(),
+                    bundle: "pos".to_owned(),
+                    to: Some((1, Digest::of(b"v1"))),
+                    origin: "track:repo".to_owned(),
+                }],
+                135,
+            )
+            .unwrap();
+    }
+    for (sequence, phase, at) in [
+        (1, outpost_proto::wire::Phase::Applying, 140),
+        (2, outpost_proto::wire::Phase::Healthy, 150),
+    ] {
+        let report = status("pos", Digest::of(b"v1"), phase, false);
+        store.record_status(&a.id, sequence, &[report], at).unwrap();
+    }
+    let report = status(
+        "pos",
+        Digest::of(b"v1"),
+        outpost_proto::wire::Phase::Failed,
+        false,
+    );
+    store.record_status(&b.id, 1, &[report], 150).unwrap();
+    let history = store.status_history(&a.id, 10).unwrap();
+    assert_eq!(
+        history
+            .iter()
+            .map(|row| (row.phase.as_str(), row.received_at))
+            .collect::<Vec<_>>(),
+        [("Healthy", 150), ("Applying", 140)]
+    );
+    assert_eq!(history[0].bundle, "pos");
+    assert_eq!(history[0].observed_at, 120);
+    // Rollouts: a is a member of one, b of none.
+    let mut rollout = Rollout::new(0, two_wave_plan(), "alice", "ship it", 100).unwrap();
+    store.create_rollout(&mut rollout).unwrap();
+    let target = crate::rollout::machine::Assigned {
+        generation: 2,
+        digest: Digest::of(b"v2"),
+        origin: String::new(),
+    };
+    let log_from = rollout.log.len();
+    rollout.step(
+        &[Input::Agent {
+            id: a.id.clone(),
+            matches: true,
+            canary: true,
+            target: Some(target),
+            current: None,
+        }],
+        160,
+    );
+    let touched = rollout.take_touched();
+    store
+        .save_rollout(&RolloutSave {
+            rollout: &rollout,
+            version: 1,
+            members: &touched,
+            log_from,
+            changes: &[],
+            now: 160,
+        })
+        .unwrap();
+    assert_eq!(store.rollouts_of(&a.id).unwrap(), vec![rollout.id]);
+    assert!(store.rollouts_of(&b.id).unwrap().is_empty());
+}
+
 macro_rules! store_suite {
     ($make:expr) => {
         crate::store::suite::store_suite!(@tests $make;
@@ -1145,7 +1252,8 @@ macro_rules! store_suite {
             retention_never_deletes_what_is_referenced,
             snapshots_renders_and_releases_round_trip,
             assignments_sessions_and_reports,
-            many_tokens_are_created_at_once
+            many_tokens_are_created_at_once,
+            an_agents_history_is_found_by_its_id
         );
     };
     (@tests $make:expr; $($name:ident),*) => {

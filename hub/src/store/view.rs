@@ -4,7 +4,7 @@
 
 use outpost_proto::Digest;
 
-use super::{Agent, AssignmentRow, StoreError, StoredStatus};
+use super::{Agent, AssignmentRow, Event, StoreError, StoredStatus};
 
 /// Which agents a list shows. Every condition given must hold.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -221,4 +221,33 @@ pub trait FleetView {
     fn fleet_details(&self, ids: &[String]) -> Result<FleetDetails, StoreError>;
     /// Counts over the fleet.
     fn fleet_summary(&self) -> Result<FleetSummary, StoreError>;
+    /// Events about `agent` — its enrolment, labels, revocation, staleness, and API writes
+    /// naming it — newest first, at most `limit`.
+    fn agent_events(&self, agent: &str, limit: usize) -> Result<Vec<Event>, StoreError>;
+    /// `agent`'s status reports kept as history, newest first, at most `limit`.
+    fn status_history(&self, agent: &str, limit: usize) -> Result<Vec<HistoricStatus>, StoreError>;
+    /// The rollouts `agent` is or was a member of, newest first.
+    fn rollouts_of(&self, agent: &str) -> Result<Vec<u64>, StoreError>;
+}
+
+/// One status report as history keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoricStatus {
+    /// Bundle.
+    pub bundle: String,
+    /// The generation reported on.
+    pub generation: u64,
+    /// `Applying`, `Healthy`, `Degraded`, `Failed`.
+    pub phase: String,
+    /// The first problem, if any.
+    pub message: String,
+    /// When the agent observed it (its clock).
+    pub observed_at: i64,
+    /// When the hub received it.
+    pub received_at: i64,
+}
+
+/// The API-write events naming an agent carry this in their message.
+pub(crate) fn agent_path(agent: &str) -> String {
+    format!("/agents/{agent}")
 }

@@ -8,8 +8,11 @@ use tokio_postgres::types::ToSql;
 use super::fleet::{STATUS_COLUMNS, assignment_from_row, status_from_row};
 use super::store::agents_where;
 use super::{PostgresStore, digest_at, one, query};
-use crate::store::view::{FilterDialect, FilterValue, filter_clause};
-use crate::store::{FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView, StoreError};
+use crate::store::view::{FilterDialect, FilterValue, agent_path, filter_clause};
+use crate::store::{
+    Event, FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView, HistoricStatus,
+    StoreError,
+};
 
 /// The agents not revoked (the revoked are few, and indexed).
 const NOT_REVOKED: &str = "NOT IN (SELECT id FROM agents WHERE revoked_at IS NOT NULL)";
@@ -134,6 +137,68 @@ impl FleetView for PostgresStore {
                 assignments,
                 statuses,
             })
+        })
+    }
+
+    fn agent_events(&self, agent: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let path = agent_path(agent);
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.read(async |client| {
+            query(
+                client,
+                "SELECT id, at, kind, subject, message FROM events WHERE subject = $1 OR (kind = 'api-write' AND strpos(message, $2) > 0) ORDER BY id DESC LIMIT $3",
+                &[&agent, &path, &limit],
+            )
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(Event {
+                    id: row.try_get(0)?,
+                    at: row.try_get(1)?,
+                    kind: row.try_get(2)?,
+                    subject: row.try_get(3)?,
+                    message: row.try_get(4)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn status_history(&self, agent: &str, limit: usize) -> Result<Vec<HistoricStatus>, StoreError> {
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.read(async |client| {
+            query(
+                client,
+                "SELECT bundle, generation, phase, message, observed_at, received_at FROM status_history WHERE agent = $1 ORDER BY id DESC LIMIT $2",
+                &[&agent, &limit],
+            )
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(HistoricStatus {
+                    bundle: row.try_get(0)?,
+                    generation: row.try_get::<_, i64>(1)? as u64,
+                    phase: row.try_get(2)?,
+                    message: row.try_get(3)?,
+                    observed_at: row.try_get(4)?,
+                    received_at: row.try_get(5)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn rollouts_of(&self, agent: &str) -> Result<Vec<u64>, StoreError> {
+        self.read(async |client| {
+            query(
+                client,
+                "SELECT rollout FROM rollout_members WHERE agent = $1 ORDER BY rollout DESC",
+                &[&agent],
+            )
+            .await?
+            .iter()
+            .map(|row| Ok(row.try_get::<_, i64>(0)? as u64))
+            .collect()
         })
     }
 

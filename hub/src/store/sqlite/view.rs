@@ -4,15 +4,16 @@
 
 use outpost_proto::Digest;
 use rusqlite::types::Value;
-use rusqlite::{Connection, params_from_iter};
+use rusqlite::{Connection, params, params_from_iter};
 
 use super::fleet::{STATUS_COLUMNS, assignment_from_row, status_from_row};
 use super::store::{AGENT_COLUMNS, agent_from_row};
 use super::{SqliteStore, digest_at};
 use crate::store::labels_from_json;
-use crate::store::view::{FilterDialect, FilterValue, filter_clause};
+use crate::store::view::{FilterDialect, FilterValue, agent_path, filter_clause};
 use crate::store::{
-    Agent, FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView, StoreError,
+    Agent, Event, FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView, HistoricStatus,
+    StoreError,
 };
 
 /// The agents not revoked (the revoked are few, and indexed).
@@ -140,6 +141,59 @@ impl FleetView for SqliteStore {
                 assignments,
                 statuses,
             })
+        })
+    }
+
+    fn agent_events(&self, agent: &str, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.read(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT id, at, kind, subject, message FROM events WHERE subject = ?1 OR (kind = 'api-write' AND instr(message, ?2) > 0) ORDER BY id DESC LIMIT ?3",
+            )?;
+            let rows = statement.query_map(
+                params![agent, agent_path(agent), limit.min(i64::MAX as usize) as i64],
+                |row| {
+                    Ok(Event {
+                        id: row.get(0)?,
+                        at: row.get(1)?,
+                        kind: row.get(2)?,
+                        subject: row.get(3)?,
+                        message: row.get(4)?,
+                    })
+                },
+            )?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn status_history(&self, agent: &str, limit: usize) -> Result<Vec<HistoricStatus>, StoreError> {
+        self.read(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT bundle, generation, phase, message, observed_at, received_at FROM status_history WHERE agent = ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = statement.query_map(
+                params![agent, limit.min(i64::MAX as usize) as i64],
+                |row| {
+                    Ok(HistoricStatus {
+                        bundle: row.get(0)?,
+                        generation: row.get::<_, i64>(1)? as u64,
+                        phase: row.get(2)?,
+                        message: row.get(3)?,
+                        observed_at: row.get(4)?,
+                        received_at: row.get(5)?,
+                    })
+                },
+            )?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn rollouts_of(&self, agent: &str) -> Result<Vec<u64>, StoreError> {
+        self.read(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT rollout FROM rollout_members WHERE agent = ?1 ORDER BY rollout DESC",
+            )?;
+            let rows = statement.query_map([agent], |row| Ok(row.get::<_, i64>(0)? as u64))?;
+            Ok(rows.collect::<Result<_, _>>()?)
         })
     }
 
