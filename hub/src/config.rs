@@ -103,6 +103,8 @@ pub struct Config {
     pub retention: Retention,
     /// How often retention runs.
     pub retention_every: Duration,
+    /// Where events are sent (`[[notify]]`).
+    pub notify: Vec<crate::notify::Receiver>,
     /// Git sources.
     pub sources: Vec<SourceConfig>,
 }
@@ -207,6 +209,21 @@ struct RawConfig {
     retention: RawRetention,
     #[serde(default)]
     sources: Vec<RawSource>,
+    #[serde(default)]
+    notify: Vec<RawNotify>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    name: String,
+    kind: String,
+    url: Option<String>,
+    url_env: Option<String>,
+    url_file: Option<PathBuf>,
+    secret_env: Option<String>,
+    secret_file: Option<PathBuf>,
+    events: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -558,6 +575,7 @@ impl Config {
                 kustomize: raw.kustomize.clone(),
             });
         }
+        let notify = receivers(&raw.notify, &env, &mut problems);
         if !problems.is_empty() {
             return Err(ConfigError { problems });
         }
@@ -578,6 +596,7 @@ impl Config {
             retention,
             retention_every: Duration::from_secs(retention_every as u64),
             sources,
+            notify,
         })
     }
 
@@ -605,6 +624,117 @@ impl Config {
         }
         warnings
     }
+}
+
+/// The `[[notify]]` receivers; problems go to `problems`, never quoting a URL or secret.
+fn receivers(
+    raw: &[RawNotify],
+    env: &impl Fn(&str) -> Option<String>,
+    problems: &mut Vec<String>,
+) -> Vec<crate::notify::Receiver> {
+    use crate::notify::{DEFAULT_EVENTS, Receiver, ReceiverKind};
+    let mut names = std::collections::BTreeSet::new();
+    let mut receivers = Vec::new();
+    for (index, entry) in raw.iter().enumerate() {
+        let at = format!("notify[{index}] ({})", entry.name);
+        if entry.name.is_empty()
+            || !entry
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            problems.push(format!("{at}: name must be letters, digits, '-' or '_'"));
+        }
+        if !names.insert(entry.name.clone()) {
+            problems.push(format!("{at}: another receiver has this name"));
+        }
+        let url = match (&entry.url, &entry.url_env, &entry.url_file) {
+            (Some(url), None, None) => Some(url.clone()),
+            (None, variable, file) if variable.is_some() || file.is_some() => {
+                match secret("url", variable.as_deref(), file.as_deref(), env) {
+                    Ok(url) => url,
+                    Err(problem) => {
+                        problems.push(format!("{at}: {problem}"));
+                        None
+                    }
+                }
+            }
+            (None, None, None) => {
+                problems.push(format!(
+                    "{at}: give url (or url_env / url_file: a Slack URL is a secret)"
+                ));
+                None
+            }
+            _ => {
+                problems.push(format!("{at}: give one of url, url_env, url_file"));
+                None
+            }
+        };
+        if let Some(url) = &url
+            && !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            problems.push(format!("{at}: the URL must start with https:// or http://"));
+        }
+        let secret_value = match secret(
+            "secret",
+            entry.secret_env.as_deref(),
+            entry.secret_file.as_deref(),
+            env,
+        ) {
+            Ok(value) => value,
+            Err(problem) => {
+                problems.push(format!("{at}: {problem}"));
+                None
+            }
+        };
+        let kind = match entry.kind.as_str() {
+            "webhook" => Some(ReceiverKind::Webhook {
+                secret: secret_value,
+            }),
+            "slack" | "alertmanager" if secret_value.is_some() => {
+                problems.push(format!(
+                    "{at}: secret_env / secret_file sign webhook bodies; a {} receiver takes none",
+                    entry.kind
+                ));
+                None
+            }
+            "slack" => Some(ReceiverKind::Slack),
+            "alertmanager" => Some(ReceiverKind::Alertmanager),
+            other => {
+                problems.push(format!(
+                    "{at}: kind {other:?} is not one of webhook, slack, alertmanager"
+                ));
+                None
+            }
+        };
+        let events = match &entry.events {
+            None => DEFAULT_EVENTS
+                .iter()
+                .map(|kind| (*kind).to_owned())
+                .collect(),
+            Some(events) => {
+                for event in events {
+                    if event.is_empty()
+                        || !event.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+                    {
+                        problems.push(format!(
+                            "{at}: event {event:?} is not an event kind (e.g. rollout-paused)"
+                        ));
+                    }
+                }
+                events.clone()
+            }
+        };
+        if let (Some(kind), Some(url)) = (kind, url) {
+            receivers.push(Receiver {
+                name: entry.name.clone(),
+                kind,
+                url,
+                events,
+            });
+        }
+    }
+    receivers
 }
 
 /// Reads the secret `{field}_env` or `{field}_file` names (one of them). Problems never quote
@@ -721,6 +851,55 @@ mod tests {
         assert_eq!(config.sources[0].name, "fleet");
         assert_eq!(config.retention, Retention::default());
         assert_eq!(config.retention_every, Duration::from_secs(3_600));
+    }
+
+    #[test]
+    fn receivers_read_their_secrets_and_every_mistake_is_named() {
+        let base = "data_dir = \"/d\"\n[[sources]]\nname = \"fleet\"\nurl = \"/git\"\n";
+        let env = |name: &str| match name {
+            "HOOK" => Some("s3cret".to_owned()),
+            "SLACK" => Some("https://hooks.slack.example/T000/B000/XXXX".to_owned()),
+            _ => None,
+        };
+        let config = Config::parse(
+            &format!("{base}[[notify]]\nname = \"ops\"\nkind = \"webhook\"\nurl = \"https://ops.example/hook\"\nsecret_env = \"HOOK\"\n[[notify]]\nname = \"chat\"\nkind = \"slack\"\nurl_env = \"SLACK\"\nevents = [\"rollout-paused\"]\n"),
+            env,
+        )
+        .unwrap();
+        assert_eq!(config.notify.len(), 2);
+        assert_eq!(
+            config.notify[0].kind,
+            crate::notify::ReceiverKind::Webhook {
+                secret: Some("s3cret".to_owned())
+            }
+        );
+        assert_eq!(
+            config.notify[0].events.len(),
+            crate::notify::DEFAULT_EVENTS.len()
+        );
+        assert_eq!(config.notify[1].events, ["rollout-paused"]);
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("XXXX"),
+            "{shown}"
+        );
+        let error = Config::parse(
+            &format!("{base}[[notify]]\nname = \"a\"\nkind = \"pager\"\nurl = \"ftp://x\"\n[[notify]]\nname = \"a\"\nkind = \"slack\"\nsecret_env = \"HOOK\"\n[[notify]]\nname = \"b\"\nkind = \"webhook\"\nurl_env = \"NOPE\"\nevents = [\"Rollout Paused\"]\n"),
+            env,
+        )
+        .unwrap_err()
+        .to_string();
+        for expected in [
+            "kind \"pager\" is not one of",
+            "must start with https://",
+            "another receiver has this name",
+            "give url",
+            "a slack receiver takes none",
+            "NOPE, which is not set",
+            "\"Rollout Paused\" is not an event kind",
+        ] {
+            assert!(error.contains(expected), "{expected:?} missing in {error}");
+        }
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod keys;
 pub mod kustomize;
 pub mod limits;
 pub mod metrics;
+pub mod notify;
 pub mod replication;
 pub mod resign;
 pub mod rollout;

@@ -68,6 +68,8 @@ pub struct HubSettings {
     pub retention: Retention,
     /// How often retention runs (`None`: never, as in short simulations).
     pub retention_every: Option<Duration>,
+    /// Where events are sent (none: nowhere).
+    pub notify: Vec<crate::notify::Receiver>,
 }
 
 impl HubSettings {
@@ -91,6 +93,7 @@ impl HubSettings {
             api_writes_per_second: 10.0,
             retention: Retention::default(),
             retention_every: Some(Duration::from_secs(3_600)),
+            notify: Vec::new(),
         }
     }
 }
@@ -248,6 +251,13 @@ impl Hub {
                 settings.retention,
                 decisions.clone(),
                 clock,
+                leading_now.clone(),
+            )));
+        }
+        if !settings.notify.is_empty() {
+            tasks.push(tokio::spawn(crate::notify::notify_loop(
+                settings.notify.clone(),
+                decisions.clone(),
                 leading_now.clone(),
             )));
         }

@@ -57,6 +57,7 @@ pub(crate) fn serve(config: &Config) -> Result<()> {
     settings.api_writes_per_second = config.api_writes_per_second;
     settings.retention = config.retention;
     settings.retention_every = Some(config.retention_every);
+    settings.notify = config.notify.clone();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let quic = server_config(keys.transport(), &Tuning::default())

@@ -225,6 +225,16 @@ pub fn render_remembering(
                 };
                 if store.upsert_release(&release)? {
                     report.changed_refs.insert(target.name.clone());
+                    // A release newly refused (or refused for a new reason) is an event: the
+                    // log, and the notifications that follow it, say so once.
+                    if let Some(error) = &release.error {
+                        store.add_event(
+                            now,
+                            "release-refused",
+                            &format!("{} at {}", release.bundle, release.git_ref),
+                            error,
+                        )?;
+                    }
                 }
             }
         }

@@ -257,6 +257,12 @@ const TABLES: &[Table] = &[
         order: "rollout, seq",
     },
     Table {
+        name: "notify_cursors",
+        columns: &[("receiver", Text), ("last_event", Int)],
+        sqlite: &[],
+        order: "receiver",
+    },
+    Table {
         name: "admin_tokens",
         columns: &[
             ("name", Text),

@@ -329,6 +329,12 @@ pub trait Store {
     ) -> Result<(), StoreError>;
     /// The newest `limit` events, newest first.
     fn events(&self, limit: usize) -> Result<Vec<Event>, StoreError>;
+    /// Events with ids above `after`, oldest first, at most `limit` (notifications read on).
+    fn events_after(&self, after: i64, limit: usize) -> Result<Vec<Event>, StoreError>;
+    /// The last event `receiver` was sent (none: it was never sent any).
+    fn notify_cursor(&self, receiver: &str) -> Result<Option<i64>, StoreError>;
+    /// Records that `receiver` was sent every event up to `last_event`.
+    fn set_notify_cursor(&self, receiver: &str, last_event: i64) -> Result<(), StoreError>;
     /// Stores a new enrolment token (by its digest) granting `labels`.
     fn create_token(
         &self,

@@ -19,7 +19,25 @@ pub(crate) fn decode_head(id: i64, text: &str) -> Result<Rollout, StoreError> {
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|error| StoreError::Corrupt(error.to_string()))
 }
-use crate::rollout::machine::{Progress, Rollout};
+use crate::rollout::machine::{Progress, Record, Rollout};
+
+/// The event a rollout log record also is, for the event log (and so for notifications): its
+/// pauses, roll backs, aborts and success, by an operator or by the rollout itself. (kind,
+/// subject, message).
+pub(crate) fn rollout_event(id: i64, record: &Record) -> Option<(&'static str, String, String)> {
+    let kind = match record.action.as_str() {
+        "paused" | "pause" => "rollout-paused",
+        "rolled back" | "rollback" => "rollout-rolled-back",
+        "succeeded" => "rollout-succeeded",
+        "abort" | "aborted" => "rollout-aborted",
+        _ => return None,
+    };
+    let message = match record.why.is_empty() {
+        true => format!("{} by {}", record.action, record.who),
+        false => format!("{} by {}: {}", record.action, record.who, record.why),
+    };
+    Some((kind, format!("rollout {id}"), message))
+}
 
 /// The answer to creating a rollout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use deadpool_postgres::GenericClient;
 use super::fleet::write_changes;
 use super::{PostgresStore, execute, one, optional, query};
 use crate::rollout::machine::{Member, Progress, Record, Rollout};
-use crate::store::rollouts::{corrupt, decode_head, encode};
+use crate::store::rollouts::{corrupt, decode_head, encode, rollout_event};
 use crate::store::{
     Created, RolloutHead, RolloutSave, RolloutStore, Saved, StoreError, StoredRollout,
 };
@@ -67,6 +67,9 @@ async fn insert_log<C: GenericClient>(
             ],
         )
         .await?;
+        if let Some((kind, subject, message)) = rollout_event(id, record) {
+            super::add_event(client, record.at, kind, &subject, &message).await?;
+        }
     }
     Ok(())
 }

@@ -188,4 +188,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
         epoch BIGINT NOT NULL,
         expires_at TIMESTAMPTZ NOT NULL
     );",
+    // 3: notifications: how far each receiver has been sent the event log (SQLite's 12).
+    "CREATE TABLE notify_cursors (
+        receiver TEXT COLLATE \"C\" PRIMARY KEY,
+        last_event BIGINT NOT NULL
+    );",
 ];

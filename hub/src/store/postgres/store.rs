@@ -344,6 +344,58 @@ impl Store for PostgresStore {
         })
     }
 
+    fn events_after(&self, after: i64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.read(async |client| {
+            query(
+                client,
+                "SELECT id, at, kind, subject, message FROM events WHERE id > $1 ORDER BY id LIMIT $2",
+                &[&after, &limit],
+            )
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(Event {
+                    id: row.try_get(0)?,
+                    at: row.try_get(1)?,
+                    kind: row.try_get(2)?,
+                    subject: row.try_get(3)?,
+                    message: row.try_get(4)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn notify_cursor(&self, receiver: &str) -> Result<Option<i64>, StoreError> {
+        self.read(async |client| {
+            let rows = query(
+                client,
+                "SELECT last_event FROM notify_cursors WHERE receiver = $1",
+                &[&receiver],
+            )
+            .await?;
+            match rows.first() {
+                Some(row) => Ok(Some(row.try_get(0)?)),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn set_notify_cursor(&self, receiver: &str, last_event: i64) -> Result<(), StoreError> {
+        let receiver = receiver.to_owned();
+        self.write(async move |transaction| {
+            transaction
+                .execute(
+                    "INSERT INTO notify_cursors (receiver, last_event) VALUES ($1, $2)
+                     ON CONFLICT (receiver) DO UPDATE SET last_event = $2",
+                    &[&receiver, &last_event],
+                )
+                .await?;
+            Ok(())
+        })
+    }
+
     fn create_token(
         &self,
         token_digest: &Digest,

@@ -245,4 +245,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
     CREATE INDEX agents_revoked ON agents (revoked_at) WHERE revoked_at IS NOT NULL;
     DROP INDEX agent_labels_by_key_value;
     CREATE INDEX agent_labels_by_key_value ON agent_labels (key, value, agent);",
+    // 12: notifications: how far each receiver has been sent the event log.
+    "CREATE TABLE notify_cursors (
+        receiver TEXT PRIMARY KEY,
+        last_event INTEGER NOT NULL
+    );",
 ];

@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::SqliteStore;
 use super::fleet::write_changes;
 use crate::rollout::machine::{Member, Progress, Record, Rollout};
-use crate::store::rollouts::{corrupt, decode_head, encode};
+use crate::store::rollouts::{corrupt, decode_head, encode, rollout_event};
 use crate::store::{
     Created, RolloutHead, RolloutSave, RolloutStore, Saved, StoreError, StoredRollout,
 };
@@ -59,6 +59,9 @@ fn insert_log(
             record.action,
             record.why
         ])?;
+        if let Some((kind, subject, message)) = rollout_event(id, record) {
+            super::add_event(connection, record.at, kind, &subject, &message)?;
+        }
     }
     Ok(())
 }

@@ -364,6 +364,48 @@ impl Store for SqliteStore {
         })
     }
 
+    fn events_after(&self, after: i64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.read(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT id, at, kind, subject, message FROM events WHERE id > ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = statement.query_map(
+                params![after, limit.min(i64::MAX as usize) as i64],
+                |row| {
+                    Ok(Event {
+                        id: row.get(0)?,
+                        at: row.get(1)?,
+                        kind: row.get(2)?,
+                        subject: row.get(3)?,
+                        message: row.get(4)?,
+                    })
+                },
+            )?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn notify_cursor(&self, receiver: &str) -> Result<Option<i64>, StoreError> {
+        self.read(|connection| {
+            Ok(connection
+                .prepare_cached("SELECT last_event FROM notify_cursors WHERE receiver = ?1")?
+                .query_row([receiver], |row| row.get(0))
+                .optional()?)
+        })
+    }
+
+    fn set_notify_cursor(&self, receiver: &str, last_event: i64) -> Result<(), StoreError> {
+        let receiver = receiver.to_owned();
+        self.write(move |connection| {
+            connection.execute(
+                "INSERT INTO notify_cursors (receiver, last_event) VALUES (?1, ?2)
+                 ON CONFLICT (receiver) DO UPDATE SET last_event = ?2",
+                params![receiver, last_event],
+            )?;
+            Ok(())
+        })
+    }
+
     fn create_token(
         &self,
         token_digest: &Digest,
