@@ -835,7 +835,9 @@ impl<T: ClusterTarget> Reconciler<T> {
             match live {
                 None => forgotten.push(reference),
                 Some(live) if live["metadata"]["labels"][BUNDLE_LABEL] == bundle => {
-                    match self.target.delete(&reference).await {
+                    // Only the object just read: one re-created or changed since is looked
+                    // at again at the next pass.
+                    match self.target.delete(&reference, &live).await {
                         Ok(_) => {
                             tracing::info!(%bundle, object = %reference, "pruned");
                             self.counters.pruned.fetch_add(1, Ordering::Relaxed);
@@ -847,7 +849,14 @@ impl<T: ClusterTarget> Reconciler<T> {
                                 outcome = Err(error);
                                 break;
                             }
-                            tracing::warn!(object = %reference, %error, "prune failed; retrying at the next pass");
+                            match error {
+                                TargetError::Conflict(_) => {
+                                    tracing::info!(object = %reference, %error, "not pruned: it changed (or was re-created) since it was read; looked at again at the next pass")
+                                }
+                                _ => {
+                                    tracing::warn!(object = %reference, %error, "prune failed; retrying at the next pass")
+                                }
+                            }
                         }
                     }
                 }

@@ -728,3 +728,67 @@ async fn a_damaged_snapshot_is_never_applied_and_is_fetched_again() {
     let history = f.hub.store.status_history_len(&f.id).unwrap();
     assert!(history > 0);
 }
+
+/// Pruning deletes only the object it read: one deleted and re-created since (a new uid) or
+/// changed since (a new resourceVersion) is refused with a conflict by the API's
+/// preconditions, and stays; a fresh read deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_names_the_object_it_read_by_uid_and_resource_version() {
+    use outpost_agent::target::{ClusterTarget, ObjectRef, TargetError};
+    let server = KubeApiServer::start(ServerOptions::default()).await;
+    let target = server.target().await;
+    let config = |value: &str| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "shop", "namespace": "default",
+                            "labels": {"outpost.io/bundle": "shop"}},
+               "data": {"value": value}})
+    };
+    let reference = ObjectRef {
+        api_version: "v1".to_owned(),
+        kind: "ConfigMap".to_owned(),
+        namespace: "default".to_owned(),
+        name: "shop".to_owned(),
+    };
+    target
+        .apply(&config("1"), "outpost-agent", true)
+        .await
+        .unwrap();
+    let read = target.get(&reference).await.unwrap().unwrap();
+    // Someone deletes it and creates it again (same name, new uid).
+    assert!(
+        server
+            .kubectl_delete("v1", "ConfigMap", "default", "shop")
+            .await
+    );
+    target
+        .apply(&config("1"), "someone-else", true)
+        .await
+        .unwrap();
+    let error = target.delete(&reference, &read).await.unwrap_err();
+    assert!(
+        matches!(&error, TargetError::Conflict(message) if message.contains("UID in precondition")),
+        "{error}"
+    );
+    assert!(
+        server
+            .object("v1", "ConfigMap", "default", "shop")
+            .is_some(),
+        "still there"
+    );
+    // Changed since it was read: the resourceVersion no longer holds either.
+    let read = target.get(&reference).await.unwrap().unwrap();
+    target
+        .apply(&config("2"), "someone-else", true)
+        .await
+        .unwrap();
+    let error = target.delete(&reference, &read).await.unwrap_err();
+    assert!(matches!(error, TargetError::Conflict(_)), "{error}");
+    // Read again: deleted.
+    let read = target.get(&reference).await.unwrap().unwrap();
+    assert!(target.delete(&reference, &read).await.unwrap());
+    assert!(
+        server
+            .object("v1", "ConfigMap", "default", "shop")
+            .is_none()
+    );
+}

@@ -280,10 +280,18 @@ impl ClusterTarget for KubernetesTarget {
             .collect())
     }
 
-    async fn delete(&self, object: &ObjectRef) -> Result<bool, TargetError> {
+    async fn delete(&self, object: &ObjectRef, read: &Value) -> Result<bool, TargetError> {
         let (request, resolved) = self.request_for(object).await?;
+        let text = |field: &str| read["metadata"][field].as_str().map(str::to_owned);
+        let params = DeleteParams {
+            preconditions: Some(kube::core::params::Preconditions {
+                uid: text("uid"),
+                resource_version: text("resourceVersion"),
+            }),
+            ..DeleteParams::background()
+        };
         Ok(self
-            .send(request.delete(&resolved.name, &DeleteParams::background()))
+            .send(request.delete(&resolved.name, &params))
             .await?
             .is_some())
     }

@@ -241,10 +241,21 @@ impl ClusterTarget for MemoryTarget {
             .collect())
     }
 
-    async fn delete(&self, object: &ObjectRef) -> Result<bool, TargetError> {
+    async fn delete(&self, object: &ObjectRef, read: &Value) -> Result<bool, TargetError> {
         self.check()?;
         let reference = resolved(object);
         let mut objects = self.objects.lock().unwrap_or_else(|e| e.into_inner());
+        // The same preconditions as the API: the object must be the one that was read.
+        if let Some(stored) = objects.get(&reference.identity()) {
+            for field in ["uid", "resourceVersion"] {
+                let wanted = &read["metadata"][field];
+                if !wanted.is_null() && *wanted != stored["metadata"][field] {
+                    return Err(TargetError::Conflict(format!(
+                        "{reference}: precondition failed: {field} changed since it was read"
+                    )));
+                }
+            }
+        }
         let removed = objects.remove(&reference.identity()).is_some();
         if removed && reference.kind == "Namespace" && reference.group().is_empty() {
             objects.retain(|(_, _, namespace, _), _| *namespace != reference.name);

@@ -158,8 +158,15 @@ pub trait ClusterTarget: Send + Sync + 'static {
         selector: &str,
     ) -> impl Future<Output = Result<Vec<Value>, TargetError>> + Send;
 
-    /// Deletes the object; `false` if it was already gone.
-    fn delete(&self, object: &ObjectRef) -> impl Future<Output = Result<bool, TargetError>> + Send;
+    /// Deletes the object if it is still the one `read` describes (its uid and
+    /// resourceVersion, as a `get` returned it: someone may have deleted and re-created it, or
+    /// changed it, since); `false` if it was already gone, [`TargetError::Conflict`] if it is
+    /// no longer that object.
+    fn delete(
+        &self,
+        object: &ObjectRef,
+        read: &Value,
+    ) -> impl Future<Output = Result<bool, TargetError>> + Send;
 
     /// Forgets cached API discovery (after a CRD was established).
     fn refresh(&self) -> impl Future<Output = Result<(), TargetError>> + Send;

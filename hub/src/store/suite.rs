@@ -1203,6 +1203,30 @@ pub(crate) fn an_agents_history_is_found_by_its_id(store: &dyn HubStore) {
     );
     assert_eq!(history[0].bundle, "pos");
     assert_eq!(history[0].observed_at, 120);
+    // Order is the agent's outbox sequence, never its clock: a device that booted in 1970
+    // is heard, and an old report with a clock far ahead is not.
+    let mut from_1970 = status(
+        "pos",
+        Digest::of(b"v1"),
+        outpost_proto::wire::Phase::Degraded,
+        false,
+    );
+    from_1970.observed_at = 0;
+    assert!(store.record_status(&a.id, 3, &[from_1970], 170).unwrap());
+    let mut replayed = status(
+        "pos",
+        Digest::of(b"v1"),
+        outpost_proto::wire::Phase::Healthy,
+        false,
+    );
+    replayed.observed_at = 4_000_000_000;
+    assert!(!store.record_status(&a.id, 2, &[replayed], 171).unwrap());
+    let last = store.statuses(Some(&a.id)).unwrap();
+    assert_eq!(last[0].status.phase, outpost_proto::wire::Phase::Degraded);
+    assert_eq!(
+        last[0].received_at, 170,
+        "the hub's clock says when it arrived"
+    );
     // Rollouts: a is a member of one, b of none.
     let mut rollout = Rollout::new(0, two_wave_plan(), "alice", "ship it", 100).unwrap();
     store.create_rollout(&mut rollout).unwrap();

@@ -11,7 +11,8 @@
 //!   with field ownership in `managedFields` and 409 conflicts (see [`fields`]); merge patches
 //!   and `PUT` as updates (optimistic concurrency on `resourceVersion`); `POST` create (409 when
 //!   it exists); the `status` subresource; `dryRun=All`;
-//! - `GET`, `LIST` with `labelSelector` (namespaced or across namespaces), `DELETE`;
+//! - `GET`, `LIST` with `labelSelector` (namespaced or across namespaces), `DELETE` (with
+//!   `DeleteOptions.preconditions` on uid and resourceVersion: 409 when they no longer hold);
 //! - `metadata.resourceVersion` (one counter for the cluster, bumped only by real changes),
 //!   `generation` (bumped when anything but metadata and status changes), `uid`,
 //!   `creationTimestamp`;
@@ -906,8 +907,34 @@ impl Shared {
                 None => Err(ApiError::not_found(&kind, &name)),
             },
             (&Method::DELETE, false) => {
-                if !cluster.objects.contains_key(&key) {
+                let Some(stored) = cluster.objects.get(&key) else {
                     return Err(ApiError::not_found(&kind, &name));
+                };
+                // DeleteOptions.preconditions: the object must still be the one the client
+                // read (a uid and/or resourceVersion), else 409 as the real API answers.
+                let options = match request.body.is_empty() {
+                    true => Value::Null,
+                    false => parse_body(request)?,
+                };
+                for (field, label) in [("uid", "UID"), ("resourceVersion", "ResourceVersion")] {
+                    if let Some(wanted) = options["preconditions"][field].as_str() {
+                        let actual = stored.object["metadata"][field]
+                            .as_str()
+                            .unwrap_or_default();
+                        if wanted != actual {
+                            let mut error = ApiError::new(
+                                StatusCode::CONFLICT,
+                                "Conflict",
+                                format!(
+                                    "Operation cannot be fulfilled on {} \"{name}\": Precondition failed: {label} in precondition: {wanted}, {label} in object meta: {actual}",
+                                    kind.qualified()
+                                ),
+                            );
+                            error.details =
+                                json!({"name": name, "group": kind.group, "kind": kind.plural});
+                            return Err(error);
+                        }
+                    }
                 }
                 if !dry_run {
                     cluster.remove(&key, &kind);
