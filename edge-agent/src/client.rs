@@ -834,9 +834,15 @@ impl Client {
                 .fetch_add(length, Ordering::Relaxed);
         }
         let payload = self.with_state(move |state| state.payload(&wanted)).await?;
-        let snapshot = header
-            .accept_payload(&payload, start.payload_digest, reference.as_ref())
-            .map_err(|error| TransferError::Rejected(error.to_string()))?;
+        // Hashing and decompressing up to 256 MiB: off the runtime thread, so the link (acks,
+        // keep-alives) and the reconcile loop go on meanwhile.
+        let payload_digest = start.payload_digest;
+        let snapshot = tokio::task::spawn_blocking(move || {
+            header.accept_payload(&payload, payload_digest, reference.as_ref())
+        })
+        .await
+        .map_err(|error| TransferError::Rejected(format!("the verifying task failed: {error}")))?
+        .map_err(|error| TransferError::Rejected(error.to_string()))?;
         let generation = snapshot.header().generation;
         let objects = snapshot.header().object_count;
         self.with_state(move |state| state.install(&snapshot, unix_now()))
