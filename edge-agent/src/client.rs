@@ -541,6 +541,8 @@ impl Client {
                                     .revocations
                                     .as_ref()
                                     .map(|wire| state.apply_revocations(wire));
+                                // The hub admits the agent (again): no refusal stands.
+                                state.set_link_refusal(None)?;
                                 Ok((added, revocations))
                             })
                             .await?;

@@ -338,12 +338,44 @@ fn serve(config: &AgentConfig, seed: Option<u64>) -> Result<()> {
             std::future::pending::<Result<()>>().await
         };
         tokio::select! {
-            error = client.run() => Err(anyhow::Error::new(error)),
+            () = keep_linking(&client) => Ok(()),
             result = reconciling => result,
             result = recorded => result,
             result = terminated() => result,
         }
     })
+}
+
+/// The link to the hub, for as long as the agent runs: whatever ends a session — the hub
+/// refusing this agent (revoked, unknown key), its state failing for a while — the reconcile
+/// loop goes on enforcing the snapshots it verified, and the link tries again later. A refusal
+/// is recorded (`status` shows it) and tried again every hour, in case the hub was restored or
+/// the agent re-admitted; nothing new is fetched meanwhile.
+async fn keep_linking(client: &Client) {
+    let mut failures = 0u32;
+    loop {
+        let error = client.run().await;
+        let wait = match &error {
+            outpost_agent::client::AgentError::Refused { .. } => {
+                let text = error.to_string();
+                tracing::error!(error = %text, "the hub refused this agent: it keeps enforcing what it verified and fetches nothing new; trying again in an hour");
+                let recorded = client
+                    .with_state(move |state| state.set_link_refusal(Some(&text)))
+                    .await;
+                if let Err(error) = recorded {
+                    tracing::warn!(%error, "cannot record the refusal in the state");
+                }
+                Duration::from_secs(3_600)
+            }
+            _ => {
+                failures = failures.saturating_add(1);
+                let wait = Duration::from_secs(5 * 2u64.pow(failures.min(6)));
+                tracing::error!(%error, ?wait, "the link to the hub stopped; enforcing goes on, the link tries again");
+                wait
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
 }
 
 fn status(state_dir: &Path, output: Output) -> Result<()> {
@@ -385,6 +417,7 @@ fn status(state_dir: &Path, output: Output) -> Result<()> {
     let revocations = trust
         .as_ref()
         .map_or(0, |trust| trust.revocations_version());
+    let refused = state.link_refusal()?;
     let value = serde_json::json!({
         "hub": enrolment.as_ref().map(|e| e.hub.clone()),
         "agent_id": enrolment.as_ref().and_then(|e| e.agent_id.clone()),
@@ -401,6 +434,7 @@ fn status(state_dir: &Path, output: Output) -> Result<()> {
             "bundle": d.bundle, "snapshot": d.snapshot.to_hex(), "received": d.received, "size": d.payload_size,
         })).collect::<Vec<_>>(),
         "outbox": outbox,
+        "refused_by_hub": refused,
         "applied_objects": inventory,
         "signing_keys": signing_keys,
         "revocations_version": revocations,
@@ -439,6 +473,11 @@ fn status(state_dir: &Path, output: Output) -> Result<()> {
                     } else {
                         ""
                     }
+                );
+            }
+            if let Some(refused) = &refused {
+                println!(
+                    "REFUSED    {refused}\n           enforcing what it verified; fetching nothing new until the hub admits it again"
                 );
             }
             if revocations > 0 {

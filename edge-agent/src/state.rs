@@ -256,6 +256,25 @@ impl State {
         Ok(())
     }
 
+    /// Records why the hub refused this agent (revoked, unknown), or clears it (`None`) once a
+    /// session works again: `status` shows it.
+    pub fn set_link_refusal(&mut self, refusal: Option<&str>) -> Result<(), StateError> {
+        match refusal {
+            Some(text) => write_meta(&self.connection, "link_refusal", text.as_bytes())?,
+            None => {
+                self.connection
+                    .execute("DELETE FROM meta WHERE key = 'link_refusal'", [])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Why the hub last refused this agent, if it does.
+    pub fn link_refusal(&self) -> Result<Option<String>, StateError> {
+        Ok(read_meta(&self.connection, "link_refusal")?
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
+    }
+
     /// Whether an error means the file is damaged (as opposed to busy, full or too new).
     pub fn is_damage(error: &StateError) -> bool {
         match error {

@@ -316,3 +316,88 @@ fn the_hub_is_ready_only_once_every_source_was_fetched() {
     let live = ureq::get(&format!("{}/live", hub.url)).call().unwrap();
     assert_eq!(live.status().as_u16(), 200);
 }
+
+/// A revoked agent keeps enforcing what it verified: the process goes on, drift is still
+/// corrected, nothing new is fetched, and `status` says the hub refused it.
+#[test]
+fn a_revoked_agent_keeps_enforcing_what_it_verified() {
+    let agent_bin = binary("outpost-agent");
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    git_init(&repo);
+    std::fs::create_dir_all(repo.join("shop")).unwrap();
+    let config_map = |value: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: shop\n  namespace: default\ndata:\n  value: \"{value}\"\n"
+        )
+    };
+    std::fs::write(repo.join("shop/app.yaml"), config_map("1")).unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "first"]);
+    let hub = HubProcess::start(work.path(), &repo, "main");
+    let state = work.path().join("agent");
+    let id = hub.enrol(&agent_bin, &state, &["role=store"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let cluster = runtime.block_on(KubeApiServer::start(ServerOptions::default()));
+    let kubeconfig = work.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, cluster.kubeconfig()).unwrap();
+    let mut agent = outpost_e2e::processes::run_agent_with(
+        &agent_bin,
+        &state,
+        &kubeconfig,
+        &[("OUTPOST_AGENT_DRIFT_SECONDS", "1".to_owned())],
+    );
+    let value = || {
+        cluster
+            .object("v1", "ConfigMap", "default", "shop")
+            .map(|object| {
+                object["data"]["value"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+    };
+    wait_for("the agent to apply its bundle", 60, || {
+        value().as_deref() == Some("1")
+    });
+
+    hub.cli(&["agents", "revoke", &id, "--why", "device stolen"]);
+    let env = [("OUTPOST_AGENT_STATE_DIR", state.display().to_string())];
+    let status = || -> serde_json::Value {
+        serde_json::from_str(&run(&agent_bin, &["status", "--output", "json"], &env)).unwrap()
+    };
+    wait_for("the agent to record the refusal", 60, || {
+        status()["refused_by_hub"].is_string()
+    });
+    assert!(
+        status()["refused_by_hub"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{}",
+        status()
+    );
+    let table = run(&agent_bin, &["status"], &env);
+    assert!(table.contains("REFUSED"), "{table}");
+    // Still running, still enforcing: someone deletes the object; the agent puts it back.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert!(
+        agent.0.try_wait().unwrap().is_none(),
+        "the agent process goes on after the hub refused it"
+    );
+    assert!(runtime.block_on(cluster.kubectl_delete("v1", "ConfigMap", "default", "shop")));
+    wait_for("the agent to correct the drift", 30, || {
+        value().as_deref() == Some("1")
+    });
+    // Nothing new reaches it.
+    std::fs::write(repo.join("shop/app.yaml"), config_map("2")).unwrap();
+    git(&repo, &["commit", "-qam", "second"]);
+    hub.cli(&["fetch-now"]);
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(
+        value().as_deref(),
+        Some("1"),
+        "a revoked agent fetches nothing new"
+    );
+    assert!(agent.0.try_wait().unwrap().is_none());
+}
