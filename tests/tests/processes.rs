@@ -401,3 +401,96 @@ fn a_revoked_agent_keeps_enforcing_what_it_verified() {
     );
     assert!(agent.0.try_wait().unwrap().is_none());
 }
+
+/// A hub restored from a backup never hands an agent a generation or a sequence it has seen:
+/// the agent held generation 3; the hub's store goes back to a copy taken at generation 1; on
+/// the agent's return the hub moves past what the agent reports holding, and the next commit
+/// reaches the agent (before, it was rendered as generation 3 again and ignored for good).
+#[test]
+fn a_hub_restored_from_a_backup_moves_past_what_its_agents_hold() {
+    let agent_bin = binary("outpost-agent");
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    git_init(&repo);
+    std::fs::create_dir_all(repo.join("shop")).unwrap();
+    let commit = |value: &str| {
+        std::fs::write(
+            repo.join("shop/app.yaml"),
+            format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: shop\n  namespace: default\ndata:\n  value: \"{value}\"\n"
+            ),
+        )
+        .unwrap();
+        git(&repo, &["add", "-A"]);
+        git(&repo, &["commit", "-qm", value]);
+    };
+    commit("1");
+    let mut hub = HubProcess::start(work.path(), &repo, "main");
+    let state = work.path().join("agent");
+    hub.enrol(&agent_bin, &state, &["role=store"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let cluster = runtime.block_on(KubeApiServer::start(ServerOptions::default()));
+    let kubeconfig = work.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, cluster.kubeconfig()).unwrap();
+    let _agent = run_agent(&agent_bin, &state, &kubeconfig);
+    let value = || {
+        cluster
+            .object("v1", "ConfigMap", "default", "shop")
+            .map(|object| {
+                object["data"]["value"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+    };
+    wait_for("generation 1 applied", 60, || {
+        value().as_deref() == Some("1")
+    });
+
+    // The backup: the hub's store as it is now (stopped, so the file is whole).
+    let data = work.path().join("hub");
+    let backup = work.path().join("backup");
+    std::fs::create_dir_all(&backup).unwrap();
+    hub.stop();
+    for file in ["hub.db", "hub.db-wal", "hub.db-shm"] {
+        if data.join(file).exists() {
+            std::fs::copy(data.join(file), backup.join(file)).unwrap();
+        }
+    }
+    hub.restart();
+    for value_now in ["2", "3"] {
+        commit(value_now);
+        hub.cli(&["fetch-now"]);
+        wait_for("the agent to apply the new generation", 60, || {
+            value().as_deref() == Some(value_now)
+        });
+    }
+    let env = [("OUTPOST_AGENT_STATE_DIR", state.display().to_string())];
+    let held = || -> u64 {
+        let status: serde_json::Value =
+            serde_json::from_str(&run(&agent_bin, &["status", "--output", "json"], &env)).unwrap();
+        status["assignments"][0]["generation"].as_u64().unwrap_or(0)
+    };
+    let before = held();
+    assert!(before >= 3, "the agent runs generation {before}");
+
+    // Restore the backup, start the hub, commit again.
+    hub.stop();
+    for file in ["hub.db", "hub.db-wal", "hub.db-shm"] {
+        let _ = std::fs::remove_file(data.join(file));
+        if backup.join(file).exists() {
+            std::fs::copy(backup.join(file), data.join(file)).unwrap();
+        }
+    }
+    hub.restart();
+    commit("4");
+    hub.cli(&["fetch-now"]);
+    wait_for(
+        "the commit after the restore to reach the agent",
+        90,
+        || value().as_deref() == Some("4"),
+    );
+    assert!(held() > before, "a generation above any the agent held");
+    let events = hub.cli(&["events", "--limit", "200"]);
+    assert!(events.contains("hub-behind-agent"), "{events}");
+}

@@ -214,6 +214,17 @@ pub trait FleetStore {
         unassign: &[String],
         now: i64,
     ) -> Result<Vec<String>, StoreError>;
+    /// Moves this hub past what `agent` has seen (a hub restored from a backup is behind its
+    /// agents): its assignment sequence above `sequence` if it is not already, and each
+    /// bundle's generation counter to at least the generation given, so none is handed out
+    /// again. One transaction; returns whether anything moved.
+    fn advance_past(
+        &self,
+        agent: &str,
+        sequence: u64,
+        generations: &[(String, u64)],
+        now: i64,
+    ) -> Result<bool, StoreError>;
     /// Points every release, render and assignment of `bundle` at generation `old` to `new` (the
     /// same body signed again), in one transaction; returns the agents whose assignments changed.
     fn replace_generation(

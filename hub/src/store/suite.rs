@@ -1261,6 +1261,44 @@ pub(crate) fn an_agents_history_is_found_by_its_id(store: &dyn HubStore) {
     assert!(store.rollouts_of(&b.id).unwrap().is_empty());
 }
 
+pub(crate) fn a_hub_behind_its_agent_moves_past_it(store: &dyn HubStore) {
+    let a = enrolled(store, 41, &[]);
+    assert_eq!(store.assignments(&a.id).unwrap().sequence, 0);
+    assert_eq!(store.next_generation("pos").unwrap(), 1);
+    // The agent saw sequence 5 and holds generation 7 of pos, and 2 of a bundle new here.
+    let moved = store
+        .advance_past(
+            &a.id,
+            5,
+            &[("pos".to_owned(), 7), ("kiosk".to_owned(), 2)],
+            300,
+        )
+        .unwrap();
+    assert!(moved);
+    assert_eq!(store.assignments(&a.id).unwrap().sequence, 6);
+    assert_eq!(
+        store.next_generation("pos").unwrap(),
+        8,
+        "never 2..=7 again"
+    );
+    assert_eq!(store.next_generation("kiosk").unwrap(), 3);
+    assert!(
+        store
+            .agent_events(&a.id, 10)
+            .unwrap()
+            .iter()
+            .any(|event| event.kind == "hub-behind-agent")
+    );
+    // Already past: nothing moves, nothing is recorded.
+    assert!(
+        !store
+            .advance_past(&a.id, 3, &[("pos".to_owned(), 4)], 301)
+            .unwrap()
+    );
+    assert_eq!(store.assignments(&a.id).unwrap().sequence, 6);
+    assert_eq!(store.next_generation("pos").unwrap(), 9);
+}
+
 macro_rules! store_suite {
     ($make:expr) => {
         crate::store::suite::store_suite!(@tests $make;
@@ -1277,7 +1315,8 @@ macro_rules! store_suite {
             snapshots_renders_and_releases_round_trip,
             assignments_sessions_and_reports,
             many_tokens_are_created_at_once,
-            an_agents_history_is_found_by_its_id
+            an_agents_history_is_found_by_its_id,
+            a_hub_behind_its_agent_moves_past_it
         );
     };
     (@tests $make:expr; $($name:ident),*) => {

@@ -41,7 +41,8 @@ use crate::keys::HubKeys;
 use crate::limits::TokenBucket;
 use crate::metrics::HubMetrics;
 use crate::store::{
-    Agent, HubStore, SessionRead, StatusOutcome, StatusWrite, StoreError, agent_id,
+    Agent, AgentAssignments, HubStore, SessionRead, StatusOutcome, StatusWrite, StoreError,
+    agent_id,
 };
 use batch::Batcher;
 
@@ -635,6 +636,10 @@ async fn run_session(
             }
         }
     }
+    // What the agent says it has seen: checked against this hub's state at the first read.
+    let mut seen = hello
+        .as_ref()
+        .map(|hello| (hello.assignment_sequence, hello.have.clone()));
     let version = hello.map(|hello| hello.agent_version).unwrap_or_default();
     let now = (service.now)();
     service.connections.call((id.clone(), version, now)).await?;
@@ -680,6 +685,7 @@ async fn run_session(
                 &view,
                 &mut sent_sequence,
                 std::mem::take(&mut first),
+                seen.take(),
             )
             .await?
         {
@@ -754,7 +760,10 @@ async fn run_session(
 }
 
 /// Re-reads the agent: refuses it if it was revoked or removed (returns false), else sends its
-/// assignments if their sequence is not the one sent last.
+/// assignments if their sequence is not the one sent last. With `seen` (the agent's Hello: the
+/// sequence it accepted last, the snapshots it holds), a hub that is behind the agent first
+/// moves past it (see [`catch_up`]) and the push waits for the re-read that follows.
+#[allow(clippy::too_many_arguments)]
 async fn push_assignments(
     service: &Arc<AgentService>,
     connection: &quinn::Connection,
@@ -763,6 +772,7 @@ async fn push_assignments(
     view: &Mutex<SessionView>,
     sent_sequence: &mut Option<u64>,
     with_bases: bool,
+    seen: Option<(u64, Vec<outpost_proto::wire::HeldSnapshot>)>,
 ) -> Result<bool, ServeError> {
     service
         .counters
@@ -796,6 +806,24 @@ async fn push_assignments(
             return Ok(false);
         }
     }
+    if let Some((sequence, held)) = seen
+        && behind(&assignments, sequence, &held)
+    {
+        let (store, keys, agent, now) = (
+            service.store.clone(),
+            service.keys.clone(),
+            id.to_owned(),
+            (service.now)(),
+        );
+        let changed = tokio::task::spawn_blocking(move || {
+            catch_up(&*store, &keys, &agent, &assignments, sequence, &held, now)
+        })
+        .await
+        .map_err(|error| ServeError::Protocol(format!("catching up failed: {error}")))??;
+        // This session among them: it reads again and sends what is right.
+        service.changes.agents_changed(&changed);
+        return Ok(true);
+    }
     if *sent_sequence != Some(assignments.sequence) {
         *sent_sequence = Some(assignments.sequence);
         {
@@ -820,6 +848,75 @@ async fn push_assignments(
         send_message(send, &Message::Assign(assign)).await?;
     }
     Ok(true)
+}
+
+/// Whether this hub is behind what the agent has seen — the sign of a hub restored from a
+/// backup: the agent accepted a higher sequence than the one the hub would send, or it holds a
+/// generation of an assigned bundle at least as new as the assigned one with another body (the
+/// hub handed that number out again). Cheap: no store access.
+fn behind(
+    assignments: &AgentAssignments,
+    sequence: u64,
+    held: &[outpost_proto::wire::HeldSnapshot],
+) -> bool {
+    let sequence_seen = sequence > assignments.sequence;
+    sequence_seen
+        || assignments.entries.iter().any(|row| {
+            held.iter().any(|have| {
+                have.bundle == row.bundle
+                    && have.generation >= row.generation
+                    && have.digest != row.digest
+            })
+        })
+}
+
+/// Moves the hub past what the agent has seen: its sequence and the generation counters of
+/// the bundles it holds ([`crate::store::FleetStore::advance_past`]), then every assigned
+/// snapshot whose generation the agent holds with another body (or holds newer) is signed
+/// again under a fresh generation and put in its place everywhere. The agent then accepts
+/// what it is sent: a higher sequence, a newer generation. Returns the agents to wake.
+fn catch_up(
+    store: &dyn HubStore,
+    keys: &HubKeys,
+    agent: &str,
+    assignments: &AgentAssignments,
+    sequence: u64,
+    held: &[outpost_proto::wire::HeldSnapshot],
+    now: i64,
+) -> Result<Vec<String>, ServeError> {
+    let mut newest: HashMap<&str, u64> = HashMap::new();
+    for have in held {
+        let entry = newest.entry(have.bundle.as_str()).or_default();
+        *entry = (*entry).max(have.generation);
+    }
+    let generations: Vec<(String, u64)> = newest
+        .iter()
+        .map(|(bundle, generation)| ((*bundle).to_owned(), *generation))
+        .collect();
+    store.advance_past(agent, sequence, &generations, now)?;
+    let mut changed = vec![agent.to_owned()];
+    for row in &assignments.entries {
+        let outdated = held.iter().any(|have| {
+            have.bundle == row.bundle
+                && have.generation >= row.generation
+                && have.digest != row.digest
+        });
+        if !outdated {
+            continue;
+        }
+        let Some(snapshot) = store.snapshot(&row.bundle, row.generation)? else {
+            continue;
+        };
+        let generation =
+            crate::resign::sign_again(store, keys, snapshot, now).map_err(|error| {
+                ServeError::Protocol(format!("signing {} again: {error}", row.bundle))
+            })?;
+        tracing::warn!(%agent, bundle = %row.bundle, from = row.generation, to = generation, "the agent holds this generation with another body (a hub restored from a backup?); the assigned snapshot is signed again under a new generation");
+        changed.extend(store.replace_generation(&row.bundle, row.generation, generation, now)?);
+    }
+    changed.sort();
+    changed.dedup();
+    Ok(changed)
 }
 
 /// One fetch: check the snapshot is assigned, choose whole or delta, send from the resume point.

@@ -678,6 +678,65 @@ impl FleetStore for PostgresStore {
         })
     }
 
+    fn advance_past(
+        &self,
+        agent: &str,
+        sequence: u64,
+        generations: &[(String, u64)],
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let sequence = sequence as i64;
+        self.write(async |transaction| {
+            let behind = optional(
+                transaction,
+                "SELECT assignment_sequence <= $2 FROM agents WHERE id = $1",
+                &[&agent, &sequence],
+            )
+            .await?
+            .map(|row| row.try_get::<_, bool>(0))
+            .transpose()?
+            .unwrap_or(false);
+            let mut moved = Vec::new();
+            if behind {
+                let change = next_change(transaction).await?;
+                execute(
+                    transaction,
+                    "UPDATE agents SET assignment_sequence = $2, change_seq = $3 WHERE id = $1",
+                    &[&agent, &(sequence + 1), &change],
+                )
+                .await?;
+                moved.push(format!("assignment sequence to {}", sequence + 1));
+            }
+            for (bundle, generation) in generations {
+                let generation = *generation as i64;
+                let changed = execute(
+                    transaction,
+                    "INSERT INTO generations (bundle, last) VALUES ($1, $2)
+                     ON CONFLICT (bundle) DO UPDATE SET last = EXCLUDED.last WHERE generations.last < EXCLUDED.last",
+                    &[bundle, &generation],
+                )
+                .await?;
+                if changed > 0 {
+                    moved.push(format!("{bundle} generations past {generation}"));
+                }
+            }
+            if !moved.is_empty() {
+                add_event(
+                    transaction,
+                    now,
+                    "hub-behind-agent",
+                    agent,
+                    &format!(
+                        "the agent has seen more than this hub knows (restored from a backup?); moved {}",
+                        moved.join(", ")
+                    ),
+                )
+                .await?;
+            }
+            Ok(!moved.is_empty())
+        })
+    }
+
     fn replace_generation(
         &self,
         bundle: &str,

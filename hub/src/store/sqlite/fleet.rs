@@ -634,6 +634,57 @@ impl FleetStore for SqliteStore {
         })
     }
 
+    fn advance_past(
+        &self,
+        agent: &str,
+        sequence: u64,
+        generations: &[(String, u64)],
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let (agent, generations) = (agent.to_owned(), generations.to_vec());
+        self.write(move |connection| {
+            let behind: bool = connection
+                .query_row(
+                    "SELECT assignment_sequence <= ?2 FROM agents WHERE id = ?1",
+                    params![agent, sequence as i64],
+                    |row| row.get(0),
+                )
+                .optional()?
+                .unwrap_or(false);
+            let mut moved = Vec::new();
+            if behind {
+                connection.execute(
+                    "UPDATE agents SET assignment_sequence = ?2, change_seq = ?3 WHERE id = ?1",
+                    params![agent, sequence as i64 + 1, next_change(connection)?],
+                )?;
+                moved.push(format!("assignment sequence to {}", sequence + 1));
+            }
+            for (bundle, generation) in &generations {
+                let changed = connection.execute(
+                    "INSERT INTO generations (bundle, last) VALUES (?1, ?2)
+                     ON CONFLICT (bundle) DO UPDATE SET last = ?2 WHERE last < ?2",
+                    params![bundle, *generation as i64],
+                )?;
+                if changed > 0 {
+                    moved.push(format!("{bundle} generations past {generation}"));
+                }
+            }
+            if !moved.is_empty() {
+                add_event(
+                    connection,
+                    now,
+                    "hub-behind-agent",
+                    &agent,
+                    &format!(
+                        "the agent has seen more than this hub knows (restored from a backup?); moved {}",
+                        moved.join(", ")
+                    ),
+                )?;
+            }
+            Ok(!moved.is_empty())
+        })
+    }
+
     fn replace_generation(
         &self,
         bundle: &str,
