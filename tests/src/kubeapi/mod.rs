@@ -78,6 +78,8 @@ struct ResourceType {
     status: bool,
     /// The CRD that defines it.
     crd: Option<String>,
+    /// A CRD's `spec.names.shortNames`.
+    short_names: Vec<String>,
 }
 
 impl ResourceType {
@@ -420,6 +422,8 @@ struct Request {
     segments: Vec<String>,
     query: HashMap<String, String>,
     content_type: String,
+    /// The client asks for a `meta.k8s.io` Table (as `kubectl get` does).
+    wants_table: bool,
     body: Bytes,
 }
 
@@ -469,6 +473,7 @@ impl Cluster {
                     namespaced,
                     status,
                     crd: None,
+                    short_names: Vec::new(),
                 },
             )
             .collect();
@@ -573,6 +578,7 @@ impl Cluster {
             namespaced,
             status,
             crd: None,
+            short_names: Vec::new(),
         }
     }
 
@@ -597,6 +603,12 @@ impl Cluster {
                 namespaced: spec["scope"] == json!("Namespaced"),
                 status: version["subresources"]["status"].is_object(),
                 crd: Some(name.to_owned()),
+                short_names: names["shortNames"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|name| name.as_str().map(str::to_owned))
+                    .collect(),
             });
         }
         let before = stored.object.clone();
@@ -734,9 +746,18 @@ fn discovery_resources(cluster: &Cluster, group: &str, version: &str) -> Value {
         .iter()
         .filter(|t| t.group == group && t.version == version)
     {
+        // A CRD's short names are its own (spec.names.shortNames); built-ins get kubectl's.
+        let short: Vec<String> = match &t.crd {
+            Some(_) => t.short_names.clone(),
+            None => short_names(&t.kind)
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+        };
         resources.push(json!({
             "name": t.plural, "singularName": t.kind.to_lowercase(), "namespaced": t.namespaced, "kind": t.kind,
             "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
+            "shortNames": short,
         }));
         if t.status {
             resources.push(json!({"name": format!("{}/status", t.plural), "singularName": "", "namespaced": t.namespaced, "kind": t.kind, "verbs": ["get", "patch", "update"]}));
@@ -748,6 +769,195 @@ fn discovery_resources(cluster: &Cluster, group: &str, version: &str) -> Value {
         format!("{group}/{version}")
     };
     json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version, "resources": resources})
+}
+
+/// The OpenAPI v3 document of one group version (see the route).
+fn openapi_v3(cluster: &Cluster, group: &str, version: &str) -> Value {
+    let mut schemas = serde_json::Map::new();
+    for t in cluster
+        .types
+        .iter()
+        .filter(|t| t.group == group && t.version == version)
+    {
+        let name = match group {
+            "" => format!("io.k8s.api.core.{version}.{}", t.kind),
+            group => format!("io.outpost.test.{group}.{version}.{}", t.kind),
+        };
+        schemas.insert(
+            name,
+            json!({
+                "type": "object",
+                "x-kubernetes-group-version-kind": [{"group": group, "version": version, "kind": t.kind}],
+                "x-kubernetes-preserve-unknown-fields": true,
+            }),
+        );
+    }
+    // The write operations of each resource, declaring `fieldValidation`: kubectl then leaves
+    // validation to the server (`?fieldValidation=Strict`) instead of downloading schemas.
+    let mut paths = serde_json::Map::new();
+    let field_validation = json!([{"name": "fieldValidation", "in": "query", "schema": {"type": "string"}, "uniqueItems": true}]);
+    for t in cluster
+        .types
+        .iter()
+        .filter(|t| t.group == group && t.version == version)
+    {
+        let prefix = match group {
+            "" => format!("/api/{version}"),
+            group => format!("/apis/{group}/{version}"),
+        };
+        let scoped = match t.namespaced {
+            true => format!("{prefix}/namespaces/{{namespace}}/{}", t.plural),
+            false => format!("{prefix}/{}", t.plural),
+        };
+        let gvk = json!({"group": group, "version": version, "kind": t.kind});
+        let operation = |verb: &str| {
+            json!({"operationId": format!("{verb}{}", t.kind), "x-kubernetes-action": verb,
+                   "x-kubernetes-group-version-kind": gvk, "parameters": field_validation,
+                   "responses": {"200": {"description": "OK"}}})
+        };
+        paths.insert(
+            format!("{scoped}/{{name}}"),
+            json!({"patch": operation("patch"), "put": operation("put")}),
+        );
+        paths.insert(scoped, json!({"post": operation("post")}));
+    }
+    json!({"openapi": "3.0.0", "info": {"title": "Outpost API test server", "version": "v1.33.0"},
+           "paths": paths, "components": {"schemas": schemas}})
+}
+
+/// A `meta.k8s.io/v1` Table of `objects`, as `kubectl get` asks for: the columns the real API
+/// server prints for the common kinds (Deployment, ConfigMap, Secret, Namespace, Service), a
+/// name and an age for the rest; each row carries the object's metadata.
+fn table(kind: &ResourceType, objects: &[Value], revision: u64) -> Value {
+    let now = crate::harness::unix_now();
+    let age = |object: &Value| -> String {
+        let created = object["metadata"]["creationTimestamp"]
+            .as_str()
+            .and_then(outpost_proto::time::parse_rfc3339)
+            .unwrap_or(now);
+        let seconds = (now - created).max(0);
+        match seconds {
+            0..120 => format!("{seconds}s"),
+            120..7_200 => format!("{}m", seconds / 60),
+            7_200..172_800 => format!("{}h", seconds / 3_600),
+            _ => format!("{}d", seconds / 86_400),
+        }
+    };
+    type Cells = fn(&Value) -> Vec<Value>;
+    let (columns, cells): (&[(&str, &str)], Cells) = match kind.kind.as_str() {
+        "Deployment" if kind.crd.is_none() => (
+            &[
+                ("Ready", "string"),
+                ("Up-to-date", "integer"),
+                ("Available", "integer"),
+            ],
+            |object| {
+                let status = &object["status"];
+                vec![
+                    json!(format!(
+                        "{}/{}",
+                        status["readyReplicas"].as_u64().unwrap_or(0),
+                        object["spec"]["replicas"].as_u64().unwrap_or(1)
+                    )),
+                    json!(status["updatedReplicas"].as_u64().unwrap_or(0)),
+                    json!(status["availableReplicas"].as_u64().unwrap_or(0)),
+                ]
+            },
+        ),
+        "ConfigMap" if kind.crd.is_none() => (&[("Data", "integer")], |object| {
+            let data = object["data"].as_object().map_or(0, |map| map.len())
+                + object["binaryData"].as_object().map_or(0, |map| map.len());
+            vec![json!(data)]
+        }),
+        "Secret" if kind.crd.is_none() => (&[("Type", "string"), ("Data", "integer")], |object| {
+            let data = object["data"].as_object().map_or(0, |map| map.len());
+            vec![
+                json!(object["type"].as_str().unwrap_or("Opaque")),
+                json!(data),
+            ]
+        }),
+        "Namespace" if kind.crd.is_none() => (&[("Status", "string")], |object| {
+            vec![json!(
+                object["status"]["phase"].as_str().unwrap_or("Active")
+            )]
+        }),
+        "Service" if kind.crd.is_none() => (
+            &[
+                ("Type", "string"),
+                ("Cluster-IP", "string"),
+                ("Port(s)", "string"),
+            ],
+            |object| {
+                let ports: Vec<String> = object["spec"]["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|port| {
+                        format!(
+                            "{}/{}",
+                            port["port"],
+                            port["protocol"].as_str().unwrap_or("TCP")
+                        )
+                    })
+                    .collect();
+                vec![
+                    json!(object["spec"]["type"].as_str().unwrap_or("ClusterIP")),
+                    json!(object["spec"]["clusterIP"].as_str().unwrap_or("<none>")),
+                    json!(if ports.is_empty() {
+                        "<none>".to_owned()
+                    } else {
+                        ports.join(",")
+                    }),
+                ]
+            },
+        ),
+        _ => (&[], |_| Vec::new()),
+    };
+    let mut definitions = vec![json!({"name": "Name", "type": "string", "format": "name",
+        "description": "Name must be unique within a namespace.", "priority": 0})];
+    for (name, kind) in columns {
+        definitions.push(
+            json!({"name": name, "type": kind, "format": "", "description": "", "priority": 0}),
+        );
+    }
+    definitions.push(json!({"name": "Age", "type": "string", "format": "",
+        "description": "CreationTimestamp is a timestamp representing the server time when this object was created.", "priority": 0}));
+    let rows: Vec<Value> = objects
+        .iter()
+        .map(|object| {
+            let mut row = vec![json!(object["metadata"]["name"])];
+            row.extend(cells(object));
+            row.push(json!(age(object)));
+            json!({"cells": row, "object": {"kind": "PartialObjectMetadata",
+                "apiVersion": "meta.k8s.io/v1", "metadata": object["metadata"]}})
+        })
+        .collect();
+    json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1",
+           "metadata": {"resourceVersion": revision.to_string()},
+           "columnDefinitions": definitions, "rows": rows})
+}
+
+/// kubectl's short names for the built-in kinds (`kubectl get deploy`).
+fn short_names(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "ConfigMap" => &["cm"],
+        "Namespace" => &["ns"],
+        "Pod" => &["po"],
+        "Service" => &["svc"],
+        "ServiceAccount" => &["sa"],
+        "PersistentVolumeClaim" => &["pvc"],
+        "PersistentVolume" => &["pv"],
+        "Deployment" => &["deploy"],
+        "StatefulSet" => &["sts"],
+        "DaemonSet" => &["ds"],
+        "ReplicaSet" => &["rs"],
+        "CronJob" => &["cj"],
+        "Ingress" => &["ing"],
+        "CustomResourceDefinition" => &["crd", "crds"],
+        "Node" => &["no"],
+        "Endpoints" => &["ep"],
+        _ => &[],
+    }
 }
 
 fn api_group(cluster: &Cluster, group: &str) -> Option<Value> {
@@ -799,6 +1009,37 @@ impl Shared {
                     .filter_map(|g| api_group(&cluster, g))
                     .collect();
                 ok(json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}))
+            }
+            // Minimal OpenAPI v3: one document per group version, a schema per kind that
+            // names its group, version and kind and accepts any fields (kubectl validates
+            // against it; the server keeps its own rules).
+            (&Method::GET, ["openapi", "v3"]) => {
+                let mut paths = serde_json::Map::new();
+                for t in &cluster.types {
+                    let path = match t.group.as_str() {
+                        "" => format!("api/{}", t.version),
+                        group => format!("apis/{group}/{}", t.version),
+                    };
+                    paths.insert(
+                        path.clone(),
+                        json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash=outpost-test")}),
+                    );
+                }
+                ok(json!({"paths": paths}))
+            }
+            (&Method::GET, ["openapi", "v3", rest @ ..]) => {
+                let (group, version) = match rest {
+                    ["api", version] => ("", *version),
+                    ["apis", group, version] => (*group, *version),
+                    _ => {
+                        return Err(ApiError::new(
+                            StatusCode::NOT_FOUND,
+                            "NotFound",
+                            "the server could not find the requested resource",
+                        ));
+                    }
+                };
+                ok(openapi_v3(&cluster, group, version))
             }
             (&Method::GET, ["apis", group]) => {
                 api_group(&cluster, group).map(ok).unwrap_or_else(|| {
@@ -872,6 +1113,9 @@ impl Shared {
                             item
                         })
                         .collect();
+                    if request.wants_table {
+                        return ok(table(&kind, &items, cluster.revision));
+                    }
                     ok(
                         json!({"kind": format!("{}List", kind.kind), "apiVersion": kind.api_version(),
                         "metadata": {"resourceVersion": cluster.revision.to_string()}, "items": items}),
@@ -903,6 +1147,11 @@ impl Shared {
         let key = Cluster::key(&kind, &namespace, &name);
         match (&request.method, target.status) {
             (&Method::GET, _) => match cluster.objects.get(&key) {
+                Some(stored) if request.wants_table => ok(table(
+                    &kind,
+                    &[cluster.render(&kind, stored)],
+                    cluster.revision,
+                )),
                 Some(stored) => ok(cluster.render(&kind, stored)),
                 None => Err(ApiError::not_found(&kind, &name)),
             },
@@ -1217,6 +1466,13 @@ fn without_status(body: &Value) -> Value {
 }
 
 fn parse_body(request: &Request) -> Result<Value, ApiError> {
+    if request.content_type.contains("protobuf") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            "this test server reads JSON bodies only, not protobuf (kubectl create sends protobuf; use kubectl apply)",
+        ));
+    }
     let value: Value = serde_json::from_slice(&request.body).map_err(|error| {
         ApiError::bad_request(format!(
             "the request body is not JSON (this test server reads YAML only in its JSON form): {error}"
@@ -1652,8 +1908,13 @@ fn respond(
             .unwrap_or_default()
             .trim()
             .to_owned();
+        let wants_table = headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|accept| accept.contains("as=Table"));
         let request = Request {
             method,
+            wants_table,
             segments: uri
                 .path()
                 .split('/')
