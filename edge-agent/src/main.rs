@@ -232,17 +232,19 @@ fn enrol(state_dir: &Path, bundle: &Path, timeout: Duration) -> Result<()> {
     let client = Client::new(key, state, options);
     let runtime = runtime()?;
     runtime.block_on(async {
-        tokio::select! {
+        let result = tokio::select! {
             id = enrolled(&client, state_dir) => {
                 println!("enrolled as agent {}; now run `outpost-agent run`", id?);
                 Ok(())
             }
             error = client.run() => Err(anyhow::Error::new(error).context("enrolment failed")),
-            () = tokio::time::sleep(timeout) => bail!(
+            () = tokio::time::sleep(timeout) => Err(anyhow::anyhow!(
                 "the hub at {} did not confirm within {}s; the enrolment is kept and completes on `outpost-agent run`",
                 bundle.hub, timeout.as_secs()
-            ),
-        }
+            )),
+        };
+        client.shutdown().await;
+        result
     })
 }
 
@@ -262,15 +264,21 @@ async fn enrolled(client: &Client, state_dir: &Path) -> Result<String> {
     }
 }
 
-async fn terminated() -> Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("listening for SIGTERM")?;
+/// Waits for SIGTERM or Ctrl-C on `terminate` (made with [`stop_signal`] before anything else
+/// runs, so a signal that comes early is not missed).
+async fn terminated(mut terminate: tokio::signal::unix::Signal) -> Result<()> {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
     tracing::info!("stopping");
     Ok(())
+}
+
+/// Listens for SIGTERM (within the runtime).
+fn stop_signal() -> Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listening for SIGTERM")
 }
 
 fn serve(config: &AgentConfig, seed: Option<u64>) -> Result<()> {
@@ -302,6 +310,7 @@ fn serve(config: &AgentConfig, seed: Option<u64>) -> Result<()> {
     let client = Client::new(key, state, options);
     let runtime = runtime()?;
     runtime.block_on(async {
+        let terminate = stop_signal()?;
         let observed = outpost_agent::metrics::Observed::new(
             client.clone(),
             config.cluster != ClusterChoice::None,
@@ -337,12 +346,15 @@ fn serve(config: &AgentConfig, seed: Option<u64>) -> Result<()> {
             enrolled(&client, state_dir).await?;
             std::future::pending::<Result<()>>().await
         };
-        tokio::select! {
+        let result = tokio::select! {
             () = keep_linking(&client) => Ok(()),
             result = reconciling => result,
             result = recorded => result,
-            result = terminated() => result,
-        }
+            result = terminated(terminate) => result,
+        };
+        // Tell the hub (it counts the agent gone at once, not at the idle timeout).
+        client.shutdown().await;
+        result
     })
 }
 

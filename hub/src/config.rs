@@ -15,6 +15,7 @@
 //! signing_certificate_days = 90            # lifetime of a signing key's certificate
 //! key_rotation_grace_seconds = 300         # a new signing key is offered this long first
 //! api_writes_per_second = 10               # per API token (bursts of five times that)
+//! offline_after = "30m"                    # an agent not heard of this long: agent-offline event
 //! kustomize = "/usr/local/bin/kustomize"   # builds kustomize bundles; default: kustomize, else
 //!                                          # kubectl, on PATH
 //!
@@ -105,6 +106,8 @@ pub struct Config {
     pub retention_every: Duration,
     /// Where events are sent (`[[notify]]`).
     pub notify: Vec<crate::notify::Receiver>,
+    /// An agent not heard of for this long is recorded as offline (`agent-offline`); none: never.
+    pub offline_after: Option<Duration>,
     /// Git sources.
     pub sources: Vec<SourceConfig>,
 }
@@ -198,6 +201,7 @@ struct RawConfig {
     poll_interval_seconds: Option<u64>,
     insecure_admin: Option<bool>,
     snapshot_lifetime: Option<String>,
+    offline_after: Option<String>,
     signing_certificate_days: Option<u64>,
     key_rotation_grace_seconds: Option<u64>,
     api_writes_per_second: Option<f64>,
@@ -576,6 +580,18 @@ impl Config {
             });
         }
         let notify = receivers(&raw.notify, &env, &mut problems);
+        let offline_after = match raw.offline_after.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(text) => match parse_duration(text) {
+                Some(seconds) if seconds >= 2 => Some(Duration::from_secs(seconds as u64)),
+                _ => {
+                    problems.push(format!(
+                        "offline_after = {text:?}: write a duration of at least 2s, such as \"30m\" or \"2h\""
+                    ));
+                    None
+                }
+            },
+        };
         if !problems.is_empty() {
             return Err(ConfigError { problems });
         }
@@ -597,6 +613,7 @@ impl Config {
             retention_every: Duration::from_secs(retention_every as u64),
             sources,
             notify,
+            offline_after,
         })
     }
 

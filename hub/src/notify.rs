@@ -29,6 +29,7 @@ pub const DEFAULT_EVENTS: &[&str] = &[
     "release-refused",
     "definitions-invalid",
     "agent-stale",
+    "agent-offline",
     "agent-revoked",
 ];
 

@@ -70,6 +70,8 @@ pub struct HubSettings {
     pub retention_every: Option<Duration>,
     /// Where events are sent (none: nowhere).
     pub notify: Vec<crate::notify::Receiver>,
+    /// An agent not heard of for this long is recorded as offline; none: never.
+    pub offline_after: Option<Duration>,
 }
 
 impl HubSettings {
@@ -94,6 +96,7 @@ impl HubSettings {
             retention: Retention::default(),
             retention_every: Some(Duration::from_secs(3_600)),
             notify: Vec::new(),
+            offline_after: None,
         }
     }
 }
@@ -249,6 +252,20 @@ impl Hub {
             tasks.push(tokio::spawn(retention_loop(
                 every,
                 settings.retention,
+                decisions.clone(),
+                clock,
+                leading_now.clone(),
+            )));
+        }
+        if let Some(after) = settings.offline_after {
+            tasks.push(tokio::spawn(heartbeat_loop(
+                after,
+                service.connected(),
+                store.clone(),
+                clock,
+            )));
+            tasks.push(tokio::spawn(offline_loop(
+                after,
                 decisions.clone(),
                 clock,
                 leading_now.clone(),
@@ -678,6 +695,73 @@ async fn keys_loop(
             Some(Err(error)) => {
                 tracing::error!(%error, "reading the key dir failed; the keys in use stay")
             }
+        }
+    }
+}
+
+/// Every replica: records every quarter of `after` that the agents connected to it are there
+/// (the store otherwise knows only when each connected), so the leader can tell who is gone.
+async fn heartbeat_loop(
+    after: Duration,
+    connected: Arc<crate::transport::Connected>,
+    store: Arc<dyn HubStore>,
+    clock: Clock,
+) {
+    let every = (after / 4).max(Duration::from_secs(1));
+    loop {
+        tokio::time::sleep(every).await;
+        let (ids, store) = (connected.ids(), store.clone());
+        if ids.is_empty() {
+            continue;
+        }
+        if let Some(Err(error)) = blocking(move || store.agents_seen(&ids, clock())).await {
+            tracing::warn!(%error, "recording connected agents failed; trying again");
+        }
+    }
+}
+
+/// The leader: every quarter of `after`, records as `agent-offline` each agent last heard of
+/// more than `after` ago that crossed that line since the last look — once per absence.
+async fn offline_loop(after: Duration, store: Arc<dyn HubStore>, clock: Clock, mut lead: Leading) {
+    let every = (after / 4).max(Duration::from_secs(1));
+    let after = after.as_secs() as i64;
+    // The first look covers one more period back: an absence that began while no hub led.
+    let mut looked = clock() - after - every.as_secs() as i64 * 4;
+    // Heartbeats first: a connected agent's last look must be recorded before the first check.
+    tokio::time::sleep(every).await;
+    loop {
+        tokio::time::sleep(every).await;
+        leading(&mut lead).await;
+        let now = clock();
+        let (from, to, store) = (looked, now - after, store.clone());
+        let recorded = blocking(move || -> Result<usize, crate::store::StoreError> {
+            let gone = store.last_seen_between(from, to)?;
+            for (agent, seen) in &gone {
+                store.add_event(
+                    now,
+                    "agent-offline",
+                    agent,
+                    &format!(
+                        "not heard of for {} (last seen {})",
+                        outpost_proto::time::age(*seen, now).trim_end_matches(" ago"),
+                        outpost_proto::time::rfc3339(*seen)
+                    ),
+                )?;
+            }
+            Ok(gone.len())
+        })
+        .await;
+        match recorded {
+            Some(Ok(count)) => {
+                if count > 0 {
+                    tracing::warn!(agents = count, "agents offline");
+                }
+                looked = to;
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%error, "looking for offline agents failed; trying again")
+            }
+            None => {}
         }
     }
 }

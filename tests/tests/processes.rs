@@ -494,3 +494,81 @@ fn a_hub_restored_from_a_backup_moves_past_what_its_agents_hold() {
     let events = hub.cli(&["events", "--limit", "200"]);
     assert!(events.contains("hub-behind-agent"), "{events}");
 }
+
+/// With `offline_after`, an agent gone longer than that is recorded once as `agent-offline`
+/// (an event, so notifications carry it); one that stays connected is not.
+#[test]
+fn an_agent_gone_longer_than_offline_after_is_recorded_once() {
+    let agent_bin = binary("outpost-agent");
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    git_init(&repo);
+    std::fs::create_dir_all(repo.join("shop")).unwrap();
+    std::fs::write(
+        repo.join("shop/app.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: shop\n  namespace: default\n",
+    )
+    .unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "first"]);
+    let hub = HubProcess::start_with(work.path(), &repo, "main", "offline_after = \"2s\"");
+    let start = |name: &str| {
+        let state = work.path().join(name);
+        let id = hub.enrol(&agent_bin, &state, &["role=store"]);
+        let process = outpost_e2e::processes::Process(
+            Command::new(&agent_bin)
+                .args(["run", "--cluster", "none"])
+                .env("OUTPOST_AGENT_STATE_DIR", &state)
+                .env("OUTPOST_LOG", "warn")
+                .spawn()
+                .unwrap(),
+        );
+        (id, process)
+    };
+    let (staying, _stays) = start("staying");
+    let (leaving, leaves) = start("leaving");
+    // Running (not only enrolled): each holds its assignment.
+    for name in ["staying", "leaving"] {
+        let env = [(
+            "OUTPOST_AGENT_STATE_DIR",
+            work.path().join(name).display().to_string(),
+        )];
+        wait_for("the agent to hold its assignment", 60, || {
+            let status: serde_json::Value =
+                serde_json::from_str(&run(&agent_bin, &["status", "--output", "json"], &env))
+                    .unwrap();
+            status["assignments"][0]["held"] == true
+        });
+    }
+    // Stopped as systemd stops it: SIGTERM, and the agent closes its connection (one that just
+    // vanishes counts from the QUIC idle timeout, a minute).
+    let _ = Command::new("kill")
+        .args(["-TERM", &leaves.0.id().to_string()])
+        .status();
+    let offline = || -> Vec<String> {
+        hub.get("/api/v1/events?limit=500")
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|event| event["kind"] == "agent-offline")
+            .map(|event| event["subject"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    wait_for("the hub to hear the agent leave", 10, || {
+        hub.get("/api/v1/fleet/summary")["connected"] == 1
+    });
+    wait_for("the leaving agent recorded offline", 30, || {
+        offline().contains(&leaving)
+    });
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let recorded = offline();
+    assert_eq!(
+        recorded.iter().filter(|id| **id == leaving).count(),
+        1,
+        "once per absence: {recorded:?}"
+    );
+    assert!(
+        !recorded.contains(&staying),
+        "a connected agent is not offline: {recorded:?}"
+    );
+}

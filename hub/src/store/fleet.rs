@@ -214,6 +214,12 @@ pub trait FleetStore {
         unassign: &[String],
         now: i64,
     ) -> Result<Vec<String>, StoreError>;
+    /// Records that the agents `ids` are connected at `now` (a heartbeat: `last_seen` only
+    /// moves forward), in one transaction.
+    fn agents_seen(&self, ids: &[String], now: i64) -> Result<(), StoreError>;
+    /// The agents not revoked whose `last_seen` is after `after` and at most `up_to`: those
+    /// last heard of in that window, (id, last seen), by id.
+    fn last_seen_between(&self, after: i64, up_to: i64) -> Result<Vec<(String, i64)>, StoreError>;
     /// Moves this hub past what `agent` has seen (a hub restored from a backup is behind its
     /// agents): its assignment sequence above `sequence` if it is not already, and each
     /// bundle's generation counter to at least the generation given, so none is handed out

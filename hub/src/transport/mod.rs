@@ -150,6 +150,14 @@ impl Connected {
         }
     }
 
+    /// The ids of the agents connected now.
+    pub fn ids(&self) -> Vec<String> {
+        self.connections
+            .lock()
+            .map(|connected| connected.keys().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// How many agents are connected.
     pub fn len(&self) -> usize {
         self.connections

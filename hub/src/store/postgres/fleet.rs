@@ -678,6 +678,35 @@ impl FleetStore for PostgresStore {
         })
     }
 
+    fn agents_seen(&self, ids: &[String], now: i64) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.write(async |transaction| {
+            execute(
+                transaction,
+                "UPDATE agents SET last_seen = $2 WHERE id = ANY($1) AND last_seen < $2",
+                &[&ids, &now],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn last_seen_between(&self, after: i64, up_to: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        self.read(async |client| {
+            query(
+                client,
+                "SELECT id, last_seen FROM agents WHERE revoked_at IS NULL AND last_seen > $1 AND last_seen <= $2 ORDER BY id",
+                &[&after, &up_to],
+            )
+            .await?
+            .iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
+        })
+    }
+
     fn advance_past(
         &self,
         agent: &str,

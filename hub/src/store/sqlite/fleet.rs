@@ -634,6 +634,29 @@ impl FleetStore for SqliteStore {
         })
     }
 
+    fn agents_seen(&self, ids: &[String], now: i64) -> Result<(), StoreError> {
+        let ids = ids.to_vec();
+        self.write(move |connection| {
+            let mut statement = connection.prepare_cached(
+                "UPDATE agents SET last_seen = ?2 WHERE id = ?1 AND last_seen < ?2",
+            )?;
+            for id in &ids {
+                statement.execute(params![id, now])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn last_seen_between(&self, after: i64, up_to: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        self.read(|connection| {
+            let mut statement = connection.prepare_cached(
+                "SELECT id, last_seen FROM agents WHERE revoked_at IS NULL AND last_seen > ?1 AND last_seen <= ?2 ORDER BY id",
+            )?;
+            let rows = statement.query_map(params![after, up_to], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
     fn advance_past(
         &self,
         agent: &str,
