@@ -174,6 +174,18 @@ impl GitSource {
             url: self.url.clone(),
             message,
         };
+        // One fetch of this mirror at a time, across processes (the hub, `outpost-hub sync`):
+        // an advisory lock the kernel drops when its holder dies. Holding it, any lock file Git
+        // left in the mirror is from a fetch that was killed, and is removed — else every fetch
+        // after a crash mid-update fails on it ("the lock … could not be obtained").
+        let _guard = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.path.join("outpost-fetch.lock"))
+            .and_then(|file| file.lock().map(|()| file))
+            .map_err(|error| fetch_error(format!("locking the mirror: {error}")))?;
+        remove_stale_locks(&self.path);
         if self.url.starts_with("https://") && !curl::Version::get().feature_ssl() {
             return Err(fetch_error(
                 "this hub was built with a libcurl without TLS, so https sources cannot be fetched: install libcurl4-openssl-dev and pkg-config (bash scripts/setup.sh), run `cargo clean -p curl-sys`, and build the hub again".to_owned(),
@@ -485,5 +497,46 @@ impl GitSource {
         reference
             .delete()
             .map_err(|error| read_error(describe(&error)))
+    }
+}
+
+/// Removes Git's lock files (`*.lock`) under `mirror`'s refs and at its top: called only while
+/// holding the mirror's fetch lock, when no other fetch can be writing them.
+fn remove_stale_locks(mirror: &Path) {
+    fn walk(dir: &Path, depth: usize) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() && depth < 16 {
+                walk(&path, depth + 1);
+            } else if path
+                .extension()
+                .is_some_and(|extension| extension == "lock")
+            {
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {
+                        tracing::warn!(path = %path.display(), "removed a lock file a killed fetch left behind")
+                    }
+                    Err(error) => {
+                        tracing::warn!(path = %path.display(), %error, "cannot remove a stale lock file")
+                    }
+                }
+            }
+        }
+    }
+    walk(&mirror.join("refs"), 0);
+    for name in [
+        "packed-refs.lock",
+        "HEAD.lock",
+        "config.lock",
+        "shallow.lock",
+    ] {
+        let path = mirror.join(name);
+        if path.exists() {
+            let _ = std::fs::remove_file(&path);
+            tracing::warn!(path = %path.display(), "removed a lock file a killed fetch left behind");
+        }
     }
 }

@@ -70,8 +70,18 @@ fn killed_mid_sync_loses_nothing_committed_and_mixes_nothing() {
         let _ = child.wait();
         check_consistent(data.path());
     }
-    let finished = sync().wait().unwrap();
-    assert!(finished.success());
+    let finished = Command::new(env!("CARGO_BIN_EXE_outpost-hub"))
+        .args(["sync", "--data-dir", &data_dir, "--source", &upstream.url()])
+        .env("RUST_LOG", "off")
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(
+        finished.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&finished.stdout),
+        String::from_utf8_lossy(&finished.stderr)
+    );
     let store = check_consistent(data.path());
     let releases = store.releases().unwrap();
     for tag in ["refs/tags/v1", "refs/tags/v2"] {
