@@ -21,6 +21,8 @@ mod codec;
 pub mod body;
 pub mod compress;
 pub mod digest;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod header;
 #[cfg(feature = "logging")]
 pub mod logging;
