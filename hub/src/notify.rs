@@ -30,6 +30,7 @@ pub const DEFAULT_EVENTS: &[&str] = &[
     "definitions-invalid",
     "agent-stale",
     "agent-offline",
+    "agents-offline",
     "agent-revoked",
 ];
 

@@ -720,6 +720,49 @@ async fn heartbeat_loop(
     }
 }
 
+/// Records the agents `gone` (id, last seen) as offline: one `agent-offline` event each, or,
+/// when a site loses its link and more than [`OFFLINE_ONE_BY_ONE`] go at once, one
+/// `agents-offline` event for them all, so a receiver (a chat channel) gets one message.
+fn record_offline(
+    store: &dyn HubStore,
+    gone: &[(String, i64)],
+    after: i64,
+    now: i64,
+) -> Result<(), crate::store::StoreError> {
+    if gone.len() > OFFLINE_ONE_BY_ONE {
+        let named: Vec<&str> = gone
+            .iter()
+            .take(OFFLINE_ONE_BY_ONE)
+            .map(|(agent, _)| agent.as_str())
+            .collect();
+        return store.add_event(
+            now,
+            "agents-offline",
+            &format!("{} agents", gone.len()),
+            &format!(
+                "not heard of for more than {after} s: {}, …",
+                named.join(", ")
+            ),
+        );
+    }
+    for (agent, seen) in gone {
+        store.add_event(
+            now,
+            "agent-offline",
+            agent,
+            &format!(
+                "not heard of for {} (last seen {})",
+                outpost_proto::time::age(*seen, now).trim_end_matches(" ago"),
+                outpost_proto::time::rfc3339(*seen)
+            ),
+        )?;
+    }
+    Ok(())
+}
+
+/// More agents gone in one look than this are recorded as one `agents-offline` event.
+const OFFLINE_ONE_BY_ONE: usize = 20;
+
 /// The leader: every quarter of `after`, records as `agent-offline` each agent last heard of
 /// more than `after` ago that crossed that line since the last look — once per absence.
 async fn offline_loop(after: Duration, store: Arc<dyn HubStore>, clock: Clock, mut lead: Leading) {
@@ -736,18 +779,7 @@ async fn offline_loop(after: Duration, store: Arc<dyn HubStore>, clock: Clock, m
         let (from, to, store) = (looked, now - after, store.clone());
         let recorded = blocking(move || -> Result<usize, crate::store::StoreError> {
             let gone = store.last_seen_between(from, to)?;
-            for (agent, seen) in &gone {
-                store.add_event(
-                    now,
-                    "agent-offline",
-                    agent,
-                    &format!(
-                        "not heard of for {} (last seen {})",
-                        outpost_proto::time::age(*seen, now).trim_end_matches(" ago"),
-                        outpost_proto::time::rfc3339(*seen)
-                    ),
-                )?;
-            }
+            record_offline(&*store, &gone, after, now)?;
             Ok(gone.len())
         })
         .await;
@@ -794,5 +826,32 @@ async fn retention_loop(
             Some(Ok(_)) | None => {}
             Some(Err(error)) => tracing::error!(%error, "retention failed; trying again later"),
         }
+    }
+}
+
+#[cfg(test)]
+mod offline_tests {
+    use super::*;
+    use crate::store::Store as _;
+
+    #[test]
+    fn a_few_agents_gone_are_named_each_many_are_one_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+        let few: Vec<(String, i64)> = (0..3).map(|i| (format!("agent-{i}"), 100)).collect();
+        record_offline(&store, &few, 60, 1_000).unwrap();
+        let events = store.events(100).unwrap();
+        assert_eq!(events.len(), 3);
+        assert!(events.iter().all(|event| event.kind == "agent-offline"));
+        assert!(events[0].message.contains("15m"), "{}", events[0].message);
+        let many: Vec<(String, i64)> = (0..500).map(|i| (format!("agent-{i:03}"), 100)).collect();
+        record_offline(&store, &many, 60, 2_000).unwrap();
+        let events = store.events(100).unwrap();
+        assert_eq!(events.len(), 4, "one more event, not 500");
+        assert_eq!(events[0].kind, "agents-offline");
+        assert_eq!(events[0].subject, "500 agents");
+        assert!(
+            events[0].message.contains("agent-019") && !events[0].message.contains("agent-020")
+        );
     }
 }
