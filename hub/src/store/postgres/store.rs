@@ -331,15 +331,7 @@ impl Store for PostgresStore {
             )
             .await?
             .iter()
-            .map(|row| {
-                Ok(Event {
-                    id: row.try_get(0)?,
-                    at: row.try_get(1)?,
-                    kind: row.try_get(2)?,
-                    subject: row.try_get(3)?,
-                    message: row.try_get(4)?,
-                })
-            })
+            .map(event_from)
             .collect()
         })
     }
@@ -354,15 +346,7 @@ impl Store for PostgresStore {
             )
             .await?
             .iter()
-            .map(|row| {
-                Ok(Event {
-                    id: row.try_get(0)?,
-                    at: row.try_get(1)?,
-                    kind: row.try_get(2)?,
-                    subject: row.try_get(3)?,
-                    message: row.try_get(4)?,
-                })
-            })
+            .map(event_from)
             .collect()
         })
     }
@@ -666,4 +650,15 @@ async fn enrol<C: GenericClient>(
         last_seen: None,
         revoked: None,
     }))
+}
+
+/// An `events` row (id, at, kind, subject, message).
+pub(super) fn event_from(row: &tokio_postgres::Row) -> Result<Event, StoreError> {
+    Ok(Event {
+        id: row.try_get(0)?,
+        at: row.try_get(1)?,
+        kind: row.try_get(2)?,
+        subject: row.try_get(3)?,
+        message: row.try_get(4)?,
+    })
 }

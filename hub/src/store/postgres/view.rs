@@ -151,15 +151,7 @@ impl FleetView for PostgresStore {
             )
             .await?
             .iter()
-            .map(|row| {
-                Ok(Event {
-                    id: row.try_get(0)?,
-                    at: row.try_get(1)?,
-                    kind: row.try_get(2)?,
-                    subject: row.try_get(3)?,
-                    message: row.try_get(4)?,
-                })
-            })
+            .map(super::store::event_from)
             .collect()
         })
     }

@@ -351,15 +351,7 @@ impl Store for SqliteStore {
             let mut statement = connection.prepare_cached(
                 "SELECT id, at, kind, subject, message FROM events ORDER BY id DESC LIMIT ?1",
             )?;
-            let rows = statement.query_map([limit as i64], |row| {
-                Ok(Event {
-                    id: row.get(0)?,
-                    at: row.get(1)?,
-                    kind: row.get(2)?,
-                    subject: row.get(3)?,
-                    message: row.get(4)?,
-                })
-            })?;
+            let rows = statement.query_map([limit as i64], event_from_row)?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
     }
@@ -371,15 +363,7 @@ impl Store for SqliteStore {
             )?;
             let rows = statement.query_map(
                 params![after, limit.min(i64::MAX as usize) as i64],
-                |row| {
-                    Ok(Event {
-                        id: row.get(0)?,
-                        at: row.get(1)?,
-                        kind: row.get(2)?,
-                        subject: row.get(3)?,
-                        message: row.get(4)?,
-                    })
-                },
+                event_from_row,
             )?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
@@ -638,4 +622,15 @@ fn enrol(
         last_seen: None,
         revoked: None,
     }))
+}
+
+/// An `events` row (id, at, kind, subject, message).
+pub(super) fn event_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    Ok(Event {
+        id: row.get(0)?,
+        at: row.get(1)?,
+        kind: row.get(2)?,
+        subject: row.get(3)?,
+        message: row.get(4)?,
+    })
 }

@@ -151,15 +151,7 @@ impl FleetView for SqliteStore {
             )?;
             let rows = statement.query_map(
                 params![agent, agent_path(agent), limit.min(i64::MAX as usize) as i64],
-                |row| {
-                    Ok(Event {
-                        id: row.get(0)?,
-                        at: row.get(1)?,
-                        kind: row.get(2)?,
-                        subject: row.get(3)?,
-                        message: row.get(4)?,
-                    })
-                },
+                super::store::event_from_row,
             )?;
             Ok(rows.collect::<Result<_, _>>()?)
         })
