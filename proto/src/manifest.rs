@@ -156,7 +156,9 @@ impl Place<'_> {
 fn yaml_options() -> serde_saphyr::Options {
     serde_saphyr::options! {
         budget: serde_saphyr::budget! {
-            max_depth: 256,
+            // Kubernetes objects nest a few dozen levels at most; deeper input is refused before
+            // it can exhaust a thread's stack in the recursive steps after parsing.
+            max_depth: 64,
             max_documents: 100_000,
             max_nodes: 20_000_000,
         },
