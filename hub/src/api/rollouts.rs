@@ -162,14 +162,7 @@ pub(super) async fn create(
             max_failures: request.max_failures,
             on_failure: request.on_failure,
         };
-        rollout::create(store, &asked, &who, &request.why, now).map_err(|error| {
-            let status = match error {
-                CreateError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-                CreateError::Busy(_) => StatusCode::CONFLICT,
-                _ => StatusCode::BAD_REQUEST,
-            };
-            ApiError(status, error.to_string())
-        })
+        rollout::create(store, &asked, &who, &request.why, now).map_err(create_error)
     })
     .await?;
     tracing::info!(rollout = created.id, bundle = %created.plan.bundle, git_ref = %created.plan.git_ref, "rollout created");
@@ -211,13 +204,7 @@ pub(super) async fn preview(
                 .ok_or_else(|| format!("source {url} is not configured or not opened yet"))?;
             crate::bundles::bundles_at(&source, commit).map_err(|error| error.to_string())
         };
-        rollout::preview::preview(store, &mut definitions_at, &asked, now).map_err(|error| {
-            let status = match error {
-                CreateError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
-                _ => StatusCode::BAD_REQUEST,
-            };
-            ApiError(status, error.to_string())
-        })
+        rollout::preview::preview(store, &mut definitions_at, &asked, now).map_err(create_error)
     })
     .await?;
     Ok(Json(serde_json::to_value(&preview).map_err(|error| {
@@ -235,6 +222,17 @@ pub(super) struct PreviewQuery {
     waves: String,
     #[serde(default = "default_failures")]
     max_failures: String,
+}
+
+/// A rollout that cannot be created (or previewed), as an answer: the store's failure is the
+/// hub's (500), another rollout running is a conflict (409), the rest is the request's (400).
+fn create_error(error: CreateError) -> ApiError {
+    let status = match error {
+        CreateError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        CreateError::Busy(_) => StatusCode::CONFLICT,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    ApiError(status, error.to_string())
 }
 
 #[derive(Debug, Deserialize)]

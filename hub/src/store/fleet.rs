@@ -15,6 +15,14 @@ use outpost_proto::wire::{BundleStatus, Phase};
 pub(crate) const DELTA_BASES_KEPT: i64 = 4;
 
 /// A phase as the stores write it.
+/// The `hub-behind-agent` event's message for what [`FleetStore::advance_past`] moved.
+pub(crate) fn behind_message(moved: &[String]) -> String {
+    format!(
+        "the agent has seen more than this hub knows (restored from a backup?); moved {}",
+        moved.join(", ")
+    )
+}
+
 pub(crate) fn phase_name(phase: Phase) -> &'static str {
     match phase {
         Phase::Applying => "Applying",

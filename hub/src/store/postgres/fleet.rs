@@ -13,7 +13,7 @@ use tokio_postgres::Row;
 
 use super::store::{AGENT_COLUMNS, agent_from_row};
 use super::{PostgresStore, add_event, digest_at, execute, next_change, one, optional, query};
-use crate::store::fleet::{DELTA_BASES_KEPT, phase_from, phase_name};
+use crate::store::fleet::{DELTA_BASES_KEPT, behind_message, phase_from, phase_name};
 use crate::store::{
     AgentAssignments, AssignmentChange, AssignmentRow, FleetChanges, FleetStore, SessionRead,
     SignedHeader, StatusOutcome, StatusWrite, StoreError, StoredStatus, labels_from_json,
@@ -755,10 +755,7 @@ impl FleetStore for PostgresStore {
                     now,
                     "hub-behind-agent",
                     agent,
-                    &format!(
-                        "the agent has seen more than this hub knows (restored from a backup?); moved {}",
-                        moved.join(", ")
-                    ),
+                    &behind_message(&moved),
                 )
                 .await?;
             }

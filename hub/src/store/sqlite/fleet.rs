@@ -8,7 +8,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::store::{AGENT_COLUMNS, agent_from_row};
 use super::{SqliteStore, add_event, digest_at, next_change};
-use crate::store::fleet::{DELTA_BASES_KEPT, phase_from, phase_name};
+use crate::store::fleet::{DELTA_BASES_KEPT, behind_message, phase_from, phase_name};
 use crate::store::labels_from_json;
 use crate::store::{
     AgentAssignments, AssignmentChange, AssignmentRow, FleetChanges, FleetStore, SessionRead,
@@ -698,10 +698,7 @@ impl FleetStore for SqliteStore {
                     now,
                     "hub-behind-agent",
                     &agent,
-                    &format!(
-                        "the agent has seen more than this hub knows (restored from a backup?); moved {}",
-                        moved.join(", ")
-                    ),
+                    &behind_message(&moved),
                 )?;
             }
             Ok(!moved.is_empty())
