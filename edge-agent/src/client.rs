@@ -22,7 +22,7 @@ use outpost_proto::wire::{
     Assignment, BundleStatus, Enrol, ErrorCode, ErrorMessage, Fetch, Hello, Message,
     PayloadEncoding, Phase, Resume,
 };
-use outpost_proto::{Expectation, SigningKey};
+use outpost_proto::{Digest, Expectation, SigningKey};
 use tokio::sync::{Notify, watch};
 
 use crate::state::{Download, State, StateError};
@@ -331,6 +331,19 @@ impl Client {
         Ok(sequence)
     }
 
+    /// Queues drift reports for the hub (see [`State::queue_drift`]).
+    pub async fn report_drift(
+        &self,
+        bundles: Vec<outpost_proto::wire::BundleDrift>,
+        left: Vec<(String, Option<Digest>)>,
+    ) -> Result<u64, StateError> {
+        let sequence = self
+            .with_state(move |state| state.queue_drift(bundles, &left, unix_now()))
+            .await?;
+        self.inner.outbox_ready.notify_one();
+        Ok(sequence)
+    }
+
     /// Stays connected to the hub until refused. Returns only with the reason it stopped.
     pub async fn run(&self) -> AgentError {
         let bind = self.inner.options.bind;
@@ -543,10 +556,10 @@ impl Client {
                 let reports = self
                     .with_state(move |state| state.outbox(sent_upto, room))
                     .await?;
-                for report in reports {
-                    sent_upto = report.sequence;
-                    in_flight.push_back(report.sequence);
-                    send_message(&mut send, &Message::StatusReport(report)).await?;
+                for (sequence, report) in reports {
+                    sent_upto = sequence;
+                    in_flight.push_back(sequence);
+                    send_message(&mut send, &report).await?;
                 }
             }
             tokio::select! {

@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod config;
+pub mod drift;
 pub mod files;
 pub mod health;
 pub mod identity;

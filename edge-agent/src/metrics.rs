@@ -278,6 +278,16 @@ impl Observed {
                 counter(counters.drift_corrected.load(Relaxed)),
             );
             registry.register(
+                "drift_left_objects",
+                "Objects found drifted and left in place (drift: report), counted when reported",
+                counter(counters.drift_left.load(Relaxed)),
+            );
+            registry.register(
+                "drift_reports",
+                "Drift reports queued for the hub",
+                counter(counters.drift_reports.load(Relaxed)),
+            );
+            registry.register(
                 "last_reconcile_success_timestamp_seconds",
                 "Unix time of the last full apply of a bundle that applied every object",
                 gauge(counters.last_success.load(Relaxed)),

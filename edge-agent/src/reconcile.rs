@@ -21,18 +21,28 @@
 //!
 //! Everything is re-applied every `drift_interval` (server-side apply of an unchanged object
 //! writes nothing), which corrects drift. Bundles no longer assigned are pruned entirely.
+//!
+//! Drift is also reported (see [`crate::drift`]): once an object was applied (in this run, or
+//! the bundle's last status says its snapshot was), each full pass reads it before applying
+//! and compares. Objects whose drift mode is `correct` are applied and the difference is
+//! queued as a `Corrected` drift report; objects in `report` mode get a dry-run apply instead,
+//! the live change stays, and the set of such differences is queued as `Left` whenever it
+//! changes (an empty set once Git or the cluster made it go away).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use outpost_proto::wire::{BundleStatus, HeldSnapshot, Phase};
+use outpost_proto::wire::{
+    BundleDrift, BundleStatus, DriftAction, HeldSnapshot, ObjectDrift, Phase,
+};
 use outpost_proto::{Digest, VerifiedSnapshot};
 use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::client::{Client, backoff_delay, next_random, unix_now};
+use crate::drift::{self, Mode};
 use crate::health::{Health, assess};
 use crate::state::StateError;
 use crate::target::{BUNDLE_LABEL, ClusterTarget, ObjectRef, TargetError};
@@ -93,6 +103,10 @@ pub struct ReconcileCounters {
     /// field the agent manages (or deleted the object), and the apply put it back. Counted by
     /// the object's `metadata.generation`, or its `resourceVersion` for kinds without one.
     pub drift_corrected: AtomicU64,
+    /// Objects found drifted and left in place (`drift: report`), counted when reported.
+    pub drift_left: AtomicU64,
+    /// Drift reports queued.
+    pub drift_reports: AtomicU64,
     /// Unix seconds of the last full apply of a bundle that applied every object (0: none yet).
     pub last_success: std::sync::atomic::AtomicI64,
     /// Whether the last call to the cluster found it unreachable.
@@ -132,6 +146,12 @@ struct BundleRun {
     body_error: Option<String>,
     /// What was reported last: digest, generation, phase, ready, message, stale.
     reported: Option<(Digest, u64, Phase, u64, String, bool)>,
+    /// The bundle's last status says this snapshot was applied before (an earlier run of the
+    /// agent): the first pass already looks for drift.
+    applied_before: bool,
+    /// Drift found by the last full pass, to be reported: per object, its mode and drift; and
+    /// whether the pass visited every object.
+    drift: Option<(Vec<(Mode, ObjectDrift)>, bool)>,
 }
 
 impl BundleRun {
@@ -160,6 +180,8 @@ impl BundleRun {
             cluster_error: None,
             body_error: None,
             reported: None,
+            applied_before: false,
+            drift: None,
         }
     }
 
@@ -388,8 +410,19 @@ impl<T: ClusterTarget> Reconciler<T> {
                 {
                     Ok(Some(snapshot)) => {
                         tracing::info!(%bundle, generation = snapshot.header().generation, snapshot = %digest.short(), "enforcing snapshot");
-                        self.bundles
-                            .insert(bundle.clone(), BundleRun::new(&snapshot));
+                        let mut run = BundleRun::new(&snapshot);
+                        let name = bundle.clone();
+                        run.applied_before = self
+                            .client
+                            .with_state(move |state| state.last_statuses())
+                            .await?
+                            .iter()
+                            .any(|status| {
+                                status.bundle == name
+                                    && status.digest == digest
+                                    && matches!(status.phase, Phase::Healthy | Phase::Degraded)
+                            });
+                        self.bundles.insert(bundle.clone(), run);
                     }
                     Ok(None) => continue,
                     Err(StateError::Corrupt(reason)) => {
@@ -484,8 +517,10 @@ impl<T: ClusterTarget> Reconciler<T> {
             return Ok(Instant::now() + self.options.drift_interval);
         };
         let outcome = self.reconcile_run(bundle, &mut run).await;
+        let drift = self.report_drift(bundle, &mut run).await;
         let report = self.report_if_changed(bundle, &mut run).await;
         self.bundles.insert(bundle.to_owned(), run);
+        drift?;
         report?;
         Ok(outcome)
     }
@@ -594,8 +629,12 @@ impl<T: ClusterTarget> Reconciler<T> {
         let count = objects.len();
         let mut refreshed = false;
         let now = Instant::now();
+        let mut drifted = Vec::new();
+        let mut complete = true;
+        run.drift = None;
         for index in 0..count {
             if run.backoff.get(&index).is_some_and(|b| b.retry_at > now) {
+                complete = false;
                 continue;
             }
             // An object with a reference is in the inventory already (recorded earlier in this
@@ -621,12 +660,41 @@ impl<T: ClusterTarget> Reconciler<T> {
                     continue;
                 }
             }
+            // Once applied, an object is read first: what the apply changes back is drift.
+            let mode = drift::mode_of(&objects[index]);
+            let before = match &run.states[index].reference {
+                Some(reference) if run.states[index].applied.is_some() || run.applied_before => {
+                    match self.target.get(reference).await {
+                        Ok(live) => Some(live),
+                        Err(TargetError::Unreachable(message)) => {
+                            return Err(TargetError::Unreachable(message));
+                        }
+                        Err(error) => {
+                            tracing::debug!(object = %reference, %error, "reading an object before applying it; its drift is not looked at");
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            };
+            if mode == Mode::Report
+                && let Some(live) = &before
+                && let Some(found) = self
+                    .left_in_place(&objects[index], live.as_ref(), run, index)
+                    .await?
+            {
+                if let Some(found) = found {
+                    drifted.push((Mode::Report, found));
+                }
+                continue;
+            }
             match self
                 .target
                 .apply(
                     &objects[index],
                     &self.options.field_manager,
                     self.options.force_conflicts,
+                    false,
                 )
                 .await
             {
@@ -639,17 +707,20 @@ impl<T: ClusterTarget> Reconciler<T> {
                             .unwrap_or_default()
                             .to_owned(),
                     );
-                    if let Some(before) = run.states[index].applied.replace(version.clone()) {
-                        let changed = match (before.0, version.0) {
-                            (Some(was), Some(now)) => was != now,
-                            _ => before.1 != version.1,
-                        };
-                        if changed {
-                            self.counters
-                                .drift_corrected
-                                .fetch_add(1, Ordering::Relaxed);
-                            tracing::info!(%bundle, object = %run.name(index), "drift corrected: the object had been changed and was applied again");
-                        }
+                    run.states[index].applied = Some(version);
+                    if let (Some(before), Some(reference)) = (&before, &run.states[index].reference)
+                        && let Some(found) = drift::object_drift(
+                            reference,
+                            before.as_ref(),
+                            &live,
+                            &self.options.field_manager,
+                        )
+                    {
+                        self.counters
+                            .drift_corrected
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(%bundle, object = %run.name(index), fields = %drift_paths(&found), "drift corrected: the object had been changed and was applied again");
+                        drifted.push((Mode::Correct, found));
                     }
                     run.backoff.remove(&index);
                     run.states[index].error = None;
@@ -678,6 +749,7 @@ impl<T: ClusterTarget> Reconciler<T> {
         }
         run.last_full = Some(now);
         run.last_poll = Some(Instant::now());
+        run.drift = Some((drifted, complete));
         if run.all_applied() {
             let desired: HashSet<_> = run
                 .states
@@ -686,6 +758,123 @@ impl<T: ClusterTarget> Reconciler<T> {
                 .collect();
             self.prune(bundle, &desired).await?;
         }
+        Ok(())
+    }
+
+    /// An object in `report` mode on a drift pass: compares `live` with a dry-run apply.
+    /// `Some(drift)` when the apply is not to be made: the drift found (`None`: none, and then
+    /// there is nothing to write either); `None` when the dry run failed and the real apply is
+    /// to be tried (its error is recorded as any other).
+    async fn left_in_place(
+        &mut self,
+        desired: &Value,
+        live: Option<&Value>,
+        run: &mut BundleRun,
+        index: usize,
+    ) -> Result<Option<Option<ObjectDrift>>, TargetError> {
+        let Some(reference) = run.states[index].reference.clone() else {
+            return Ok(None);
+        };
+        let Some(live) = live else {
+            run.states[index].health =
+                Health::Failed("deleted from the cluster; left so (drift: report)".to_owned());
+            run.states[index].error = None;
+            run.backoff.remove(&index);
+            return Ok(Some(drift::object_drift(&reference, None, desired, "")));
+        };
+        let would = match self
+            .target
+            .apply(
+                desired,
+                &self.options.field_manager,
+                self.options.force_conflicts,
+                true,
+            )
+            .await
+        {
+            Ok(would) => would,
+            Err(TargetError::Unreachable(message)) => {
+                return Err(TargetError::Unreachable(message));
+            }
+            Err(_) => return Ok(None),
+        };
+        run.states[index].health = assess(live);
+        run.states[index].error = None;
+        run.backoff.remove(&index);
+        Ok(Some(drift::object_drift(
+            &reference,
+            Some(live),
+            &would,
+            &self.options.field_manager,
+        )))
+    }
+
+    /// Queues what the last full pass found: corrected drift each time, drift left in place
+    /// when it differs from what was reported last (an empty report once it is gone).
+    async fn report_drift(&mut self, bundle: &str, run: &mut BundleRun) -> Result<(), StateError> {
+        let Some((found, complete)) = run.drift.take() else {
+            return Ok(());
+        };
+        let (left, corrected): (Vec<_>, Vec<_>) = found
+            .into_iter()
+            .partition(|(mode, _)| *mode == Mode::Report);
+        let report = |action, mut objects: Vec<ObjectDrift>| {
+            let more_objects = drift::cap_objects(&mut objects);
+            BundleDrift {
+                bundle: bundle.to_owned(),
+                digest: run.digest,
+                generation: run.generation,
+                action,
+                objects,
+                more_objects,
+                observed_at: unix_now(),
+            }
+        };
+        let mut reports = Vec::new();
+        if !corrected.is_empty() {
+            reports.push(report(
+                DriftAction::Corrected,
+                corrected.into_iter().map(|(_, d)| d).collect(),
+            ));
+        }
+        let mut updates = Vec::new();
+        if complete {
+            let left = report(
+                DriftAction::Left,
+                left.into_iter().map(|(_, d)| d).collect(),
+            );
+            let now = (!left.objects.is_empty())
+                .then(|| drift::fingerprint(&left.objects, left.more_objects));
+            let name = bundle.to_owned();
+            let before = self
+                .client
+                .with_state(move |state| state.drift_left(&name))
+                .await?;
+            if before != now {
+                match left.objects.is_empty() {
+                    true => tracing::info!(%bundle, "drift left in place is gone"),
+                    false => {
+                        let objects: Vec<String> = left
+                            .objects
+                            .iter()
+                            .map(|o| format!("{} {}: {}", o.kind, o.name, drift_paths(o)))
+                            .collect();
+                        tracing::warn!(%bundle, objects = %objects.join("; "), "drift found and left in place (drift: report)");
+                    }
+                }
+                self.counters.drift_left.fetch_add(
+                    left.objects.len() as u64 + u64::from(left.more_objects),
+                    Ordering::Relaxed,
+                );
+                reports.push(left);
+                updates.push((bundle.to_owned(), now));
+            }
+        }
+        if reports.is_empty() {
+            return Ok(());
+        }
+        self.client.report_drift(reports, updates).await?;
+        self.counters.drift_reports.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -910,6 +1099,15 @@ impl<T: ClusterTarget> Reconciler<T> {
         run.reported = Some(key);
         Ok(())
     }
+}
+
+/// The paths of an object's drift, for logs: `deleted` or `data.a, spec.replicas`.
+fn drift_paths(drift: &ObjectDrift) -> String {
+    if drift.deleted {
+        return "deleted".to_owned();
+    }
+    let paths: Vec<&str> = drift.fields.iter().map(|f| f.path.as_str()).collect();
+    paths.join(", ")
 }
 
 /// The snapshot to enforce for `bundle`: the assigned one once held, else the newest held; its

@@ -60,7 +60,13 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE meta (key TEXT PRIMARY KEY, value BL
         api_version TEXT NOT NULL,
         PRIMARY KEY (bundle, grp, kind, namespace, name)
     );
-    CREATE TABLE last_status (bundle TEXT PRIMARY KEY, status TEXT NOT NULL);"];
+    CREATE TABLE last_status (bundle TEXT PRIMARY KEY, status TEXT NOT NULL);",
+    // 3: protocol 3 (drift reports). Queued frames keep their message bytes (a StatusReport
+    // encodes the same in protocol 3) and take the new version; the drift left in place and
+    // reported last, per bundle, so it is reported again only when it changes.
+    "UPDATE outbox SET frame = substr(frame, 1, 4) || X'0003' || substr(frame, 7)
+        WHERE substr(frame, 5, 2) = X'0002';
+    CREATE TABLE drift_left (bundle TEXT PRIMARY KEY, fingerprint BLOB NOT NULL);"];
 
 /// Where the agent is enrolled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -670,8 +676,57 @@ impl State {
         Ok(sequence)
     }
 
-    /// Queued reports after `after`, oldest first, at most `limit`.
-    pub fn outbox(&self, after: u64, limit: usize) -> Result<Vec<StatusReport>, StateError> {
+    /// Queues drift reports; `left` gives, per bundle whose drift is left in place, the
+    /// fingerprint of what the reports say is left now (`None`: nothing), stored in the same
+    /// transaction so that a report is queued exactly once per change.
+    pub fn queue_drift(
+        &mut self,
+        bundles: Vec<outpost_proto::wire::BundleDrift>,
+        left: &[(String, Option<Digest>)],
+        now: i64,
+    ) -> Result<u64, StateError> {
+        let transaction = self.connection.transaction()?;
+        let sequence = read_counter(&transaction, "outbox_last")? + 1;
+        for (bundle, fingerprint) in left {
+            match fingerprint {
+                Some(fingerprint) => transaction.execute(
+                    "INSERT INTO drift_left (bundle, fingerprint) VALUES (?1, ?2) ON CONFLICT (bundle) DO UPDATE SET fingerprint = ?2",
+                    params![bundle, fingerprint.0.as_slice()],
+                )?,
+                None => transaction.execute("DELETE FROM drift_left WHERE bundle = ?1", [bundle])?,
+            };
+        }
+        let frame =
+            outpost_proto::wire::encode_frame(&Message::Drift(outpost_proto::wire::DriftReport {
+                sequence,
+                bundles,
+            }))
+            .map_err(|error| StateError::Corrupt(format!("drift report: {error}")))?;
+        transaction.execute(
+            "INSERT INTO outbox (sequence, frame, created_at) VALUES (?1, ?2, ?3)",
+            params![sequence as i64, frame, now],
+        )?;
+        write_meta(&transaction, "outbox_last", &sequence.to_be_bytes())?;
+        transaction.commit()?;
+        Ok(sequence)
+    }
+
+    /// The fingerprint of the drift reported last as left in place for `bundle`, if any is.
+    pub fn drift_left(&self, bundle: &str) -> Result<Option<Digest>, StateError> {
+        let bytes: Option<Vec<u8>> = self
+            .connection
+            .query_row(
+                "SELECT fingerprint FROM drift_left WHERE bundle = ?1",
+                [bundle],
+                |row| row.get(0),
+            )
+            .optional()?;
+        bytes.map(|bytes| digest_from(&bytes)).transpose()
+    }
+
+    /// Queued reports (status and drift) after `after`, oldest first, at most `limit`: each a
+    /// [`Message::StatusReport`] or a [`Message::Drift`], with its sequence.
+    pub fn outbox(&self, after: u64, limit: usize) -> Result<Vec<(u64, Message)>, StateError> {
         let mut statement = self
             .connection
             .prepare("SELECT frame FROM outbox WHERE sequence > ?1 ORDER BY sequence LIMIT ?2")?;
@@ -683,7 +738,12 @@ impl State {
             let mut decoder = outpost_proto::wire::FrameDecoder::new();
             decoder.push(&frame);
             match decoder.next_message() {
-                Ok(Some(Message::StatusReport(report))) => reports.push(report),
+                Ok(Some(Message::StatusReport(report))) => {
+                    reports.push((report.sequence, Message::StatusReport(report)));
+                }
+                Ok(Some(Message::Drift(report))) => {
+                    reports.push((report.sequence, Message::Drift(report)));
+                }
                 other => {
                     return Err(StateError::Corrupt(format!(
                         "outbox entry does not decode: {other:?}"
@@ -749,6 +809,8 @@ impl State {
     pub fn forget_status(&mut self, bundle: &str) -> Result<(), StateError> {
         self.connection
             .execute("DELETE FROM last_status WHERE bundle = ?1", [bundle])?;
+        self.connection
+            .execute("DELETE FROM drift_left WHERE bundle = ?1", [bundle])?;
         Ok(())
     }
 

@@ -102,6 +102,7 @@ fn main() {
                 observed_at: 3,
                 stale: false,
             }],
+            drift: Vec::new(),
             now: 3,
         })
         .collect();

@@ -10,6 +10,7 @@
 //!       matchLabels: {role: store}
 //!       matchExpressions:
 //!         - {key: region, operator: In, values: [eu, uk]}
+//!     drift: report             # correct (default): apply drift back; report: leave it, report it
 //! ```
 //!
 //! Without that file, each top-level folder holding manifests (`*.yaml`, `*.yml`, `*.json`, at
@@ -38,7 +39,14 @@ pub struct BundleDefinition {
     pub overlays: Vec<Overlay>,
     /// Label keys whose values replace `${label:KEY}` in the manifests' string values.
     pub substitute: Vec<String>,
+    /// With `drift: report`, agents leave drift in place and report it: every object is
+    /// rendered with the annotation `outpost.io/drift: report` (unless it sets its own).
+    pub drift_report: bool,
 }
+
+/// The annotation that tells agents what to do about an object's drift (`report` or
+/// `correct`); the agent reads it (`outpost_agent::drift::DRIFT_ANNOTATION`).
+pub const DRIFT_ANNOTATION: &str = "outpost.io/drift";
 
 /// Extra manifests for some of a bundle's agents. An overlay object with the same group, kind,
 /// namespace and name as a base object replaces it; others are added.
@@ -81,6 +89,8 @@ struct BundleEntry {
     overlays: Vec<OverlayEntry>,
     #[serde(default)]
     substitute: Vec<String>,
+    #[serde(default)]
+    drift: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,12 +191,23 @@ pub fn parse_definitions(bytes: &[u8]) -> Result<Vec<BundleDefinition>, Definiti
                 ));
             }
         }
+        let drift_report = match entry.drift.as_deref() {
+            None | Some("correct") => false,
+            Some("report") => true,
+            Some(other) => {
+                problems.push(format!(
+                    "{at}: drift: {other:?} is neither \"correct\" (apply drift back, the default) nor \"report\" (leave it in place and report it)"
+                ));
+                false
+            }
+        };
         bundles.push(BundleDefinition {
             name: entry.name,
             path,
             selector,
             overlays,
             substitute: entry.substitute,
+            drift_report,
         });
     }
     match problems.is_empty() {
@@ -237,6 +258,7 @@ pub fn implicit_bundles(paths: &[String]) -> Vec<BundleDefinition> {
             selector: LabelSelector::everything(),
             overlays: Vec::new(),
             substitute: Vec::new(),
+            drift_report: false,
         })
         .collect()
 }

@@ -152,6 +152,27 @@ enum Command {
         #[arg(long)]
         since: Option<String>,
     },
+    /// Drift the agents found, newest first: one row per field that differed from Git (or per
+    /// object deleted), with the desired and live values (Secret values redacted) and the field
+    /// manager that changed it. ACTION is `corrected` (applied back) or `left` (the bundle says
+    /// `drift: report`: left in place and reported until Git or the cluster changes; a `left`
+    /// row without an object says that drift is gone).
+    Drift {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// Only this agent's.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only this bundle's.
+        #[arg(long)]
+        bundle: Option<String>,
+        /// Only since: a duration back from now (30m, 2h, 7d) or an RFC 3339 date.
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many reports.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
     /// List bundles with their newest generation (admin API).
     Bundles(ApiArgs),
     /// List releases: each bundle at each branch and tag, with its generation or its error.
@@ -300,6 +321,21 @@ enum TokensCommand {
     List(ListArgs),
 }
 
+/// `--since`: a duration back from now (30m, 2h, 7d) or an RFC 3339 date.
+fn parse_since(text: &str) -> Result<i64> {
+    Ok(match outpost_proto::time::parse_rfc3339(text) {
+        Some(at) => at,
+        None => {
+            unix_now()
+                - cli::rollout::parse_duration(text).map_err(|error| {
+                    anyhow::anyhow!(
+                        "--since {error}; or give an RFC 3339 date such as 2026-12-01T00:00:00Z"
+                    )
+                })?
+        }
+    })
+}
+
 fn main() -> Result<()> {
     outpost_proto::logging::init("info");
     match Cli::parse().command {
@@ -364,17 +400,51 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Drift {
+            api,
+            agent,
+            bundle,
+            since,
+            limit,
+        } => {
+            let since = since.as_deref().map(parse_since).transpose()?;
+            let (limit, since) = (limit.to_string(), since.map(|at| at.to_string()));
+            let path = format!(
+                "/api/v1/drift{}",
+                cli::client::query(&[
+                    ("limit", &limit),
+                    ("since", since.as_deref().unwrap_or_default()),
+                    ("agent", agent.as_deref().unwrap_or_default()),
+                    ("bundle", bundle.as_deref().unwrap_or_default()),
+                ])
+            );
+            let reports = api.client()?.get(&path)?;
+            if print_document(&reports, api.output) {
+                return Ok(());
+            }
+            print_rows(
+                &cli::client::drift_rows(&reports),
+                api.output,
+                &[
+                    ("received_at", "AT"),
+                    ("agent", "AGENT"),
+                    ("bundle", "BUNDLE"),
+                    ("generation", "+GENERATION"),
+                    ("action", "ACTION"),
+                    ("object", "OBJECT"),
+                    ("field", "FIELD"),
+                    ("desired", "DESIRED"),
+                    ("live", "LIVE"),
+                    ("manager", "MANAGER"),
+                    ("changed", "+CHANGED"),
+                ],
+            );
+            Ok(())
+        }
         Command::History { api, agent, since } => {
             let since = match since.as_deref() {
                 None => 0,
-                Some(text) => match outpost_proto::time::parse_rfc3339(text) {
-                    Some(at) => at,
-                    None => unix_now() - cli::rollout::parse_duration(text).map_err(|error| {
-                        anyhow::anyhow!(
-                            "--since {error}; or give an RFC 3339 date such as 2026-12-01T00:00:00Z"
-                        )
-                    })?,
-                },
+                Some(text) => parse_since(text)?,
             };
             let rows = api
                 .client()?

@@ -43,6 +43,15 @@ pub struct CauseLabel {
     pub cause: &'static str,
 }
 
+/// Drift reported by agents.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DriftLabels {
+    /// The bundle.
+    pub bundle: String,
+    /// `corrected` or `left`.
+    pub action: &'static str,
+}
+
 /// A payload encoding.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EncodingLabel {
@@ -83,6 +92,7 @@ pub struct HubMetrics {
     bytes_sent: Family<EncodingLabel, Counter>,
     transfers: Family<EncodingLabel, Counter>,
     status_reports: Counter,
+    drift_objects: Family<DriftLabels, Counter>,
     sessions: Counter,
     store_seconds: Family<OperationLabel, Histogram>,
 }
@@ -108,6 +118,7 @@ impl HubMetrics {
             bytes_sent: Family::default(),
             transfers: Family::default(),
             status_reports: Counter::default(),
+            drift_objects: Family::default(),
             sessions: Counter::default(),
             store_seconds: Family::new_with_constructor(seconds),
         };
@@ -160,6 +171,11 @@ impl HubMetrics {
             "status_reports",
             "Status reports received from agents",
             metrics.status_reports.clone(),
+        );
+        metrics.registry.register(
+            "drift_objects",
+            "Drifted objects agents reported, by bundle and what the agent did (corrected, left in place)",
+            metrics.drift_objects.clone(),
         );
         metrics.registry.register(
             "sessions",
@@ -236,6 +252,16 @@ impl HubMetrics {
     /// `count` status reports arrived.
     pub fn status_reports(&self, count: usize) {
         self.status_reports.inc_by(count as u64);
+    }
+
+    /// An agent reported `objects` drifted objects of `bundle`.
+    pub fn drift(&self, bundle: &str, action: &'static str, objects: u64) {
+        self.drift_objects
+            .get_or_create(&DriftLabels {
+                bundle: bundle.to_owned(),
+                action,
+            })
+            .inc_by(objects);
     }
 
     /// An agent session started.
@@ -372,6 +398,11 @@ impl FleetGauges {
                 "Agents (not revoked) with at least one stale bundle",
                 gauge(summary.stale as i64),
             );
+            registry.register(
+                "agents_drifted",
+                "Agents (not revoked) with drift left in place (drift: report) in at least one bundle",
+                gauge(summary.drifted as i64),
+            );
             let phases: Family<BundlePhase, Gauge> = Family::default();
             for (bundle, phase, count) in &summary.phases {
                 phases
@@ -507,11 +538,13 @@ mod tests {
         metrics.payload_lookup("delta", None);
         metrics.sent("delta", 1234);
         metrics.status_reports(3);
+        metrics.drift("shop", "left", 2);
         metrics.time("record_statuses", || ());
         let summary = FleetSummary {
             agents: 10,
             revoked: 1,
             stale: 2,
+            drifted: 1,
             phases: vec![("shop".to_owned(), "Healthy".to_owned(), 8)],
             assigned: Vec::new(),
             labels: Vec::new(),
@@ -536,6 +569,8 @@ mod tests {
             "outpost_hub_agents_enrolled 9",
             "outpost_hub_agents_revoked 1",
             "outpost_hub_agents_stale 2",
+            "outpost_hub_agents_drifted 1",
+            "outpost_hub_drift_objects_total{bundle=\"shop\",action=\"left\"} 2",
             "outpost_hub_bundle_agents{bundle=\"shop\",phase=\"Healthy\"} 8",
             "outpost_hub_rollouts{phase=\"running\"} 0",
             "outpost_hub_service_pushbacks_total{reason=\"throttled\"} 2",

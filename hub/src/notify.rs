@@ -1,8 +1,8 @@
 //! Notifications: the event log, sent on to receivers — a generic JSON webhook (signed with
 //! HMAC-SHA256), a Slack-compatible incoming webhook, and Alertmanager's API. What is sent:
 //! rollouts paused, rolled back, aborted or succeeded, releases refused, bundle definitions
-//! invalid, agents gone stale (their snapshot expired) or revoked — or the kinds a receiver
-//! names.
+//! invalid, agents gone stale (their snapshot expired), offline or revoked, drift found (left in
+//! place) or corrected — or the kinds a receiver names (also `drift-gone`).
 //!
 //! Nothing is lost while a receiver is down: each receiver has a cursor in the store (the last
 //! event it took), advanced only after it answered 2xx, and the leader (the only hub, or the
@@ -32,6 +32,8 @@ pub const DEFAULT_EVENTS: &[&str] = &[
     "agent-offline",
     "agents-offline",
     "agent-revoked",
+    "drift-found",
+    "drift-corrected",
 ];
 
 /// What a receiver speaks.

@@ -293,7 +293,10 @@ fn release(
     } = *job;
     let selector = variants::variant_selector(definition, variant).to_string();
     // The render key: the variant's selector and key; the tree key: every folder it reads.
-    let render_key = format!("{selector}#{}", variant.key());
+    let mut render_key = format!("{selector}#{}", variant.key());
+    if definition.drift_report {
+        render_key.push_str("#drift=report");
+    }
     let mut folders = vec![definition.path.clone()];
     folders.extend(
         variant
@@ -333,6 +336,7 @@ fn release(
         &folders,
         kustomized,
         &variant.labels,
+        definition.drift_report,
     )?;
     let digest = body.digest();
     if let Some(existing) = same_snapshot(store, keys, &definition.name, &digest, &selector, now)? {
@@ -410,13 +414,15 @@ fn same_snapshot(
 /// Reads the manifests of `folders` (the bundle's, then its overlays'), lets later folders'
 /// objects replace earlier ones with the same key, substitutes labels, and builds the body.
 /// With `kustomized`, the bundle's own folder is a kustomization: its objects are what
-/// `kustomize build` makes of it (see [`crate::kustomize`]).
+/// `kustomize build` makes of it (see [`crate::kustomize`]). With `drift_report`, objects
+/// without their own drift annotation get `outpost.io/drift: report`.
 fn render(
     source: &GitSource,
     commit: &str,
     folders: &[String],
     kustomized: bool,
     labels: &BTreeMap<String, String>,
+    drift_report: bool,
 ) -> Result<Body, ReleaseError> {
     let mut objects: BTreeMap<ObjectKey, Object> = BTreeMap::new();
     for (index, folder) in folders.iter().enumerate() {
@@ -467,6 +473,19 @@ fn render(
     if !labels.is_empty() {
         for object in &mut objects {
             variants::substitute(&mut object.value, labels);
+        }
+    }
+    if drift_report {
+        for object in &mut objects {
+            let metadata = &mut object.value["metadata"];
+            if !metadata["annotations"].is_object() {
+                metadata["annotations"] = serde_json::Value::Object(Default::default());
+            }
+            let annotations = &mut metadata["annotations"];
+            if annotations.get(bundles::DRIFT_ANNOTATION).is_none() {
+                annotations[bundles::DRIFT_ANNOTATION] =
+                    serde_json::Value::String("report".to_owned());
+            }
         }
     }
     Ok(Body::from_objects(objects)?)

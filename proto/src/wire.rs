@@ -7,18 +7,19 @@
 //!
 //! Conversation (see DESIGN.md "Data flow"):
 //! agent `Hello` → hub `Assign`; agent `Fetch` → hub `TransferStart` + `TransferChunk`s;
-//! agent `StatusReport` → hub `Ack`; either side may send `Error`.
+//! agent `StatusReport` or `Drift` → hub `Ack`; either side may send `Error`.
 
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 
 /// The protocol version this build speaks. Part of every frame and of the ALPN string.
-/// Version 2 added the root-signed key revocation list to [`Trust`] and [`ErrorCode::Busy`].
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Version 2 added the root-signed key revocation list to [`Trust`] and [`ErrorCode::Busy`];
+/// version 3 added [`Message::Drift`].
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The QUIC/TLS ALPN protocol id; it names the protocol version, so mismatched builds fail the
 /// handshake with a clear ALPN error instead of misreading frames.
-pub const ALPN: &[u8] = b"outpost/2";
+pub const ALPN: &[u8] = b"outpost/3";
 /// The largest frame (length prefix excluded) either side sends or accepts.
 pub const MAX_FRAME_SIZE: usize = 1 << 20;
 /// The largest payload slice in one [`TransferChunk`], leaving room for the envelope.
@@ -49,6 +50,91 @@ pub enum Message {
     Enrolled(Enrolled),
     /// Hub → agent, after `Hello`: the root-certified snapshot signing keys in use.
     Trust(Trust),
+    /// Agent → hub: drift found on the cluster (or gone), from the agent's outbox; acknowledged
+    /// by [`Ack`] like a `StatusReport` (one sequence for both).
+    Drift(DriftReport),
+}
+
+/// The most objects one [`BundleDrift`] lists; more are counted in `more_objects`.
+pub const MAX_DRIFT_OBJECTS: usize = 40;
+/// The most fields one [`ObjectDrift`] lists; more are counted in `more_fields`.
+pub const MAX_DRIFT_FIELDS: usize = 16;
+/// The longest value text in a [`FieldDrift`] (longer ones are cut, ending in `…`).
+pub const MAX_DRIFT_VALUE: usize = 200;
+
+/// Drift reports from the agent's outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftReport {
+    /// The report's outbox sequence (shared with status reports); acknowledged by [`Ack`].
+    pub sequence: u64,
+    /// One entry per bundle.
+    pub bundles: Vec<BundleDrift>,
+}
+
+/// What the agent found different between the desired and the live objects of one bundle, at
+/// one drift pass.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BundleDrift {
+    /// Bundle name.
+    pub bundle: String,
+    /// Snapshot being enforced.
+    pub digest: Digest,
+    /// Its generation.
+    pub generation: u64,
+    /// What the agent did about it.
+    pub action: DriftAction,
+    /// The objects that differ. Empty with [`DriftAction::Left`]: the drift reported before
+    /// is gone (the cluster or Git changed).
+    pub objects: Vec<ObjectDrift>,
+    /// Objects that differ beyond [`MAX_DRIFT_OBJECTS`].
+    pub more_objects: u32,
+    /// When this was observed (agent clock, Unix seconds).
+    pub observed_at: i64,
+}
+
+/// What the agent did about drift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DriftAction {
+    /// Applied the desired state again (`drift: correct`, the default).
+    Corrected,
+    /// Left the live change in place and reports it until Git or the cluster changes
+    /// (`drift: report`).
+    Left,
+}
+
+/// One object that differs from its desired state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectDrift {
+    /// `apps/v1`.
+    pub api_version: String,
+    /// `Deployment`.
+    pub kind: String,
+    /// Empty for cluster-scoped objects.
+    pub namespace: String,
+    /// `metadata.name`.
+    pub name: String,
+    /// The object was deleted from the cluster.
+    pub deleted: bool,
+    /// The fields that differ (none when deleted).
+    pub fields: Vec<FieldDrift>,
+    /// Fields that differ beyond [`MAX_DRIFT_FIELDS`].
+    pub more_fields: u32,
+}
+
+/// One field that differs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldDrift {
+    /// The field, as `spec.replicas`, `data.color`, `spec.template.spec.containers[name=web].image`.
+    pub path: String,
+    /// The desired value as JSON text (`None`: the desired state does not have it); Secret
+    /// values are `"<redacted>"`.
+    pub desired: Option<String>,
+    /// The live value as JSON text (`None`: the live object lacks it).
+    pub live: Option<String>,
+    /// The field manager that owns the live value (from `managedFields`), if any does.
+    pub manager: Option<String>,
+    /// When that manager last changed the object (its `managedFields` time, RFC 3339).
+    pub changed_at: Option<String>,
 }
 
 /// Enrol the connection's key (from the TLS client identity) with a token.
@@ -439,7 +525,7 @@ mod tests {
             hex::encode(&frame),
             concat!(
                 "00000031",
-                "0002", // length, protocol version
+                "0003", // length, protocol version
                 "00",   // Message::Hello
                 "05",
                 "302e312e30", // agent_version
@@ -462,7 +548,7 @@ mod tests {
             bytes: b"abc".to_vec(),
         });
         let frame = encode_frame(&chunk).unwrap();
-        assert_eq!(hex::encode(&frame[4..7]), "000204");
+        assert_eq!(hex::encode(&frame[4..7]), "000304");
         assert_eq!(hex::encode(&frame[frame.len() - 5..]), "0103616263");
         assert_eq!(decode_frame(&frame[4..]).unwrap(), chunk);
     }
@@ -478,13 +564,84 @@ mod tests {
         assert_eq!(
             hex::encode(&frame),
             concat!(
-                "0000000a", "0002", // length, protocol version
+                "0000000a", "0003", // length, protocol version
                 "0a",   // Message::Trust
                 "01", "02", "aabb", // one certificate of two bytes
                 "01", "01", "cc", // Some(revocations) of one byte
             )
         );
         assert_eq!(decode_frame(&frame[4..]).unwrap(), trust);
+    }
+
+    /// Golden: pins a Drift frame (added in protocol version 3).
+    #[test]
+    fn golden_drift_frame() {
+        let drift = Message::Drift(DriftReport {
+            sequence: 5,
+            bundles: vec![BundleDrift {
+                bundle: "pos".to_owned(),
+                digest: Digest([0x33; 32]),
+                generation: 2,
+                action: DriftAction::Left,
+                objects: vec![ObjectDrift {
+                    api_version: "v1".to_owned(),
+                    kind: "ConfigMap".to_owned(),
+                    namespace: String::new(),
+                    name: "c".to_owned(),
+                    deleted: false,
+                    fields: vec![FieldDrift {
+                        path: "data.a".to_owned(),
+                        desired: Some("\"1\"".to_owned()),
+                        live: None,
+                        manager: Some("kubectl".to_owned()),
+                        changed_at: None,
+                    }],
+                    more_fields: 0,
+                }],
+                more_objects: 0,
+                observed_at: -1,
+            }],
+        });
+        let frame = encode_frame(&drift).unwrap();
+        assert_eq!(
+            hex::encode(&frame),
+            concat!(
+                "00000058",
+                "0003", // length, protocol version
+                "0b",
+                "05", // Message::Drift, sequence
+                "01",
+                "03",
+                "706f73", // one bundle: "pos"
+                "3333333333333333333333333333333333333333333333333333333333333333",
+                "02",
+                "01", // generation, DriftAction::Left
+                "01",
+                "02",
+                "7631",
+                "09",
+                "436f6e6669674d6170",
+                "00",
+                "01",
+                "63",
+                "00", // object
+                "01",
+                "06",
+                "646174612e61",
+                "01",
+                "03",
+                "223122",
+                "00", // field: path, desired, live
+                "01",
+                "07",
+                "6b75626563746c",
+                "00", // manager, changed_at
+                "00",
+                "00",
+                "01", // more_fields, more_objects, observed_at -1 (zigzag)
+            )
+        );
+        assert_eq!(decode_frame(&frame[4..]).unwrap(), drift);
     }
 
     #[test]
@@ -550,7 +707,7 @@ mod tests {
         assert_eq!(decode_frame(&frame[4..]), Err(WireError::TrailingBytes(1)));
         assert_eq!(decode_frame(&[0]), Err(WireError::FrameTooShort(1)));
         assert!(matches!(
-            decode_frame(&[0, 2, 0xff, 0xff]),
+            decode_frame(&[0, 3, 0xff, 0xff]),
             Err(WireError::Malformed(_))
         ));
     }

@@ -59,7 +59,10 @@ async fn reconcile_figures() {
     let target = server.target().await;
     let started = Instant::now();
     for object in &objects {
-        target.apply(object, "baseline", true).await.expect("apply");
+        target
+            .apply(object, "baseline", true, false)
+            .await
+            .expect("apply");
     }
     let baseline = started.elapsed();
     let row = |name: &str, took: Duration| {

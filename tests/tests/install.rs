@@ -48,7 +48,7 @@ async fn install(overlay: &str, server: &KubeApiServer) -> Vec<Value> {
     for object in body.objects() {
         let object = object.unwrap();
         target
-            .apply(&object, "install-test", false)
+            .apply(&object, "install-test", false, false)
             .await
             .unwrap_or_else(|error| panic!("{overlay}: {error}: {object}"));
         objects.push(object);

@@ -12,7 +12,7 @@ use outpost_e2e::harness::{
 };
 use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
 use outpost_e2e::lossy::{LinkProfile, Relay};
-use outpost_hub::store::FleetStore;
+use outpost_hub::store::{DriftQuery, DriftRecord, FleetStore, FleetView};
 use outpost_proto::transport::Tuning;
 use outpost_proto::wire::{BundleStatus, Phase};
 use serde_json::json;
@@ -74,6 +74,20 @@ spec:
     metadata: {labels: {app: till}}
     spec: {containers: [{name: till, image: 'registry.example/till:1.1'}]}
 ";
+
+/// The drift reports the hub stored for `agent`, oldest first.
+fn drift_of(hub: &TestHub, agent: &str) -> Vec<DriftRecord> {
+    let mut reports = hub
+        .store
+        .drift_reports(&DriftQuery {
+            agent: Some(agent.to_owned()),
+            limit: 1000,
+            ..DriftQuery::default()
+        })
+        .unwrap();
+    reports.reverse();
+    reports
+}
 
 fn phase_is(phase: Phase, generation: u64) -> impl Fn(&BundleStatus) -> bool {
     move |status| status.phase == phase && status.generation == generation
@@ -315,6 +329,189 @@ async fn drift_is_corrected() {
         }
     })
     .await;
+
+    // And reported: the edited field with both values and its editor, the deleted object.
+    eventually(20, "drift reported to the hub", async || {
+        let reports = drift_of(&f.hub, &f.id);
+        let objects: Vec<_> = reports.iter().flat_map(|r| r.objects.iter()).collect();
+        objects.iter().any(|o| o.name == "till" && o.deleted)
+            && objects.iter().any(|o| o.name == "settings")
+    })
+    .await;
+    let reports = drift_of(&f.hub, &f.id);
+    assert!(
+        reports
+            .iter()
+            .all(|r| r.action == "corrected" && r.bundle == "shop")
+    );
+    let settings = reports
+        .iter()
+        .flat_map(|r| r.objects.iter())
+        .find(|o| o.name == "settings")
+        .unwrap();
+    assert_eq!(
+        (settings.kind.as_str(), settings.namespace.as_str()),
+        ("ConfigMap", "shop")
+    );
+    assert_eq!(
+        settings.fields.len(),
+        1,
+        "only the field the agent manages: {settings:?}"
+    );
+    let field = &settings.fields[0];
+    assert_eq!(field.path, "data.currency");
+    assert_eq!(field.desired.as_deref(), Some("\"EUR\""));
+    assert_eq!(field.live.as_deref(), Some("\"USD\""));
+    assert_eq!(field.manager.as_deref(), Some("kubectl-edit"));
+    assert!(field.changed_at.is_some());
+    let events = f.hub.store.agent_events(&f.id, 100).unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "drift-corrected"
+                && e.message.contains("data.currency by kubectl-edit")),
+        "{events:?}"
+    );
+}
+
+/// `shop`'s settings with `drift: report` (the annotation the hub renders for a bundle declared
+/// so), and one more object in the default mode.
+const REPORTED: &str = "apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings, namespace: shop, annotations: {outpost.io/drift: report}}
+data: {currency: EUR, mode: live}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: prices, namespace: shop, annotations: {outpost.io/drift: report}}
+data: {coffee: '2.50'}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_mode_leaves_the_edit_in_place_and_reports_each_change_once() {
+    let f = fleet(ServerOptions::default(), fast()).await;
+    f.deploy("shop", REPORTED).await;
+    let client = f.server.client().await;
+    let configmaps = api(&client, "v1", "ConfigMap", "configmaps", "shop");
+    let edit = |patch: serde_json::Value| {
+        let configmaps = configmaps.clone();
+        async move {
+            configmaps
+                .patch(
+                    "settings",
+                    &PatchParams {
+                        field_manager: Some("kubectl-edit".into()),
+                        ..Default::default()
+                    },
+                    &Patch::Merge(patch),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    let left = |reports: &[DriftRecord]| {
+        reports
+            .iter()
+            .filter(|r| r.action == "left")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    edit(json!({"data": {"currency": "USD", "mode": null}})).await;
+    configmaps
+        .delete("prices", &Default::default())
+        .await
+        .unwrap();
+    eventually(20, "drift reported as left in place", async || {
+        !left(&drift_of(&f.hub, &f.id)).is_empty()
+    })
+    .await;
+    // Many drift passes later: the edit and the deletion stand, and were reported once.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let settings = f
+        .server
+        .object("v1", "ConfigMap", "shop", "settings")
+        .unwrap();
+    assert_eq!(settings["data"]["currency"], "USD");
+    assert!(settings["data"].get("mode").is_none());
+    assert!(
+        f.server
+            .object("v1", "ConfigMap", "shop", "prices")
+            .is_none()
+    );
+    let reports = left(&drift_of(&f.hub, &f.id));
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let mut objects = reports[0].objects.clone();
+    objects.sort_by(|a, b| a.name.cmp(&b.name));
+    assert_eq!(objects.len(), 2);
+    assert!(objects[0].name == "prices" && objects[0].deleted);
+    let paths: Vec<(&str, Option<&str>, Option<&str>)> = objects[1]
+        .fields
+        .iter()
+        .map(|f| (f.path.as_str(), f.desired.as_deref(), f.live.as_deref()))
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            ("data.currency", Some("\"EUR\""), Some("\"USD\"")),
+            ("data.mode", Some("\"live\""), None)
+        ]
+    );
+    assert_eq!(
+        objects[1].fields[0].manager.as_deref(),
+        Some("kubectl-edit")
+    );
+    // The bundle is Degraded (an object is missing) and the fleet page shows the drift.
+    let details = f
+        .hub
+        .store
+        .fleet_details(std::slice::from_ref(&f.id))
+        .unwrap();
+    assert_eq!(details.drift.len(), 1);
+    assert_eq!(details.drift[0].left_objects, 2);
+    assert_eq!(f.hub.store.fleet_summary().unwrap().drifted, 1);
+
+    // The cluster changes again: one more report.
+    edit(json!({"data": {"currency": "GBP"}})).await;
+    eventually(20, "the new drift reported", async || {
+        left(&drift_of(&f.hub, &f.id)).len() == 2
+    })
+    .await;
+    let reports = left(&drift_of(&f.hub, &f.id));
+    assert!(reports[1].objects.iter().any(|o| {
+        o.fields
+            .iter()
+            .any(|f| f.live.as_deref() == Some("\"GBP\""))
+    }));
+
+    // Git changes: the new release is applied over the edit, and the drift is reported gone.
+    let v2 = f.hub.publish("shop", &REPORTED.replace("'2.50'", "'2.60'"));
+    f.hub.assign(&f.id, "shop", v2);
+    eventually(20, "drift gone after the new release", async || {
+        left(&drift_of(&f.hub, &f.id))
+            .last()
+            .is_some_and(|r| r.objects.is_empty())
+    })
+    .await;
+    let settings = f
+        .server
+        .object("v1", "ConfigMap", "shop", "settings")
+        .unwrap();
+    assert_eq!(settings["data"]["currency"], "EUR");
+    assert_eq!(
+        f.server
+            .object("v1", "ConfigMap", "shop", "prices")
+            .unwrap()["data"]["coffee"],
+        "2.60"
+    );
+    assert_eq!(f.hub.store.fleet_summary().unwrap().drifted, 0);
+    let events = f.hub.store.agent_events(&f.id, 100).unwrap();
+    for kind in ["drift-found", "drift-gone"] {
+        assert!(events.iter().any(|e| e.kind == kind), "{kind}: {events:?}");
+    }
 }
 
 const WIDGETS: &str = "apiVersion: apiextensions.k8s.io/v1
@@ -663,7 +860,8 @@ async fn offline_the_agent_keeps_reconciling_across_restarts_and_reports_on_reco
             == 0
     })
     .await;
-    let stored_after = hub.store.status_history_len(&id).unwrap();
+    let drift = drift_of(&hub, &id);
+    let stored_after = hub.store.status_history_len(&id).unwrap() + drift.len() as u64;
     let sent = agent
         .client
         .with_state(|state| state.outbox_sequence())
@@ -671,8 +869,14 @@ async fn offline_the_agent_keeps_reconciling_across_restarts_and_reports_on_reco
         .unwrap();
     assert_eq!(
         stored_after, sent,
-        "each report stored exactly once (before: {stored_before}, queued offline: {queued})"
+        "each status and drift report stored exactly once (before: {stored_before}, queued offline: {queued})"
     );
+    // The deletions made while the agent was offline (and restarting) were reported as drift.
+    let deleted = drift
+        .iter()
+        .filter(|r| r.objects.iter().any(|o| o.name == "till" && o.deleted))
+        .count();
+    assert_eq!(deleted, 2, "{drift:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -750,7 +954,7 @@ async fn a_delete_names_the_object_it_read_by_uid_and_resource_version() {
         name: "shop".to_owned(),
     };
     target
-        .apply(&config("1"), "outpost-agent", true)
+        .apply(&config("1"), "outpost-agent", true, false)
         .await
         .unwrap();
     let read = target.get(&reference).await.unwrap().unwrap();
@@ -761,7 +965,7 @@ async fn a_delete_names_the_object_it_read_by_uid_and_resource_version() {
             .await
     );
     target
-        .apply(&config("1"), "someone-else", true)
+        .apply(&config("1"), "someone-else", true, false)
         .await
         .unwrap();
     let error = target.delete(&reference, &read).await.unwrap_err();
@@ -778,7 +982,7 @@ async fn a_delete_names_the_object_it_read_by_uid_and_resource_version() {
     // Changed since it was read: the resourceVersion no longer holds either.
     let read = target.get(&reference).await.unwrap().unwrap();
     target
-        .apply(&config("2"), "someone-else", true)
+        .apply(&config("2"), "someone-else", true, false)
         .await
         .unwrap();
     let error = target.delete(&reference, &read).await.unwrap_err();

@@ -228,6 +228,7 @@ impl ClusterTarget for KubernetesTarget {
         object: &Value,
         field_manager: &str,
         force: bool,
+        dry_run: bool,
     ) -> Result<Value, TargetError> {
         let reference = ObjectRef::of(object).ok_or_else(|| {
             TargetError::Invalid("object without apiVersion, kind or name".to_owned())
@@ -235,6 +236,7 @@ impl ClusterTarget for KubernetesTarget {
         let (request, resolved) = self.request_for(&reference).await?;
         let mut params = PatchParams::apply(field_manager);
         params.force = force;
+        params.dry_run = dry_run;
         let mut object = object.clone();
         if !resolved.namespace.is_empty() {
             object["metadata"]["namespace"] = Value::String(resolved.namespace.clone());

@@ -167,6 +167,7 @@ impl ClusterTarget for MemoryTarget {
         object: &Value,
         _field_manager: &str,
         _force: bool,
+        dry_run: bool,
     ) -> Result<Value, TargetError> {
         let reference = self.resolve(object).await?;
         if let Some(message) = self
@@ -209,6 +210,9 @@ impl ClusterTarget for MemoryTarget {
         live["metadata"]["generation"] = json!(generation);
         if let Some(status) = settled_status(&live, failure) {
             live["status"] = status;
+        }
+        if dry_run {
+            return Ok(live);
         }
         objects.insert(key, live.clone());
         self.applies.fetch_add(1, Ordering::Relaxed);

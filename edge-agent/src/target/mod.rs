@@ -135,12 +135,15 @@ pub trait ClusterTarget: Send + Sync + 'static {
         object: &Value,
     ) -> impl Future<Output = Result<ObjectRef, TargetError>> + Send;
 
-    /// Server-side apply of `object` with `field_manager`; returns the live object.
+    /// Server-side apply of `object` with `field_manager`; returns the live object. With
+    /// `dry_run` (`dryRun=All`) nothing is written and the answer is the object as the apply
+    /// would leave it.
     fn apply(
         &self,
         object: &Value,
         field_manager: &str,
         force: bool,
+        dry_run: bool,
     ) -> impl Future<Output = Result<Value, TargetError>> + Send;
 
     /// The live object, or `None`.

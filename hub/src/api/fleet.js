@@ -76,6 +76,7 @@ function renderSummary(summary) {
     el("span", {"data-count": "connected"}, `${summary.connected.toLocaleString()} connected`),
     el("span", {}, `${Math.max(0, offline).toLocaleString()} not connected`),
     el("span", {}, `${summary.stale.toLocaleString()} stale`),
+    el("span", {"data-count": "drifted"}, `${summary.drifted.toLocaleString()} drifted`),
     el("span", {}, `${summary.revoked.toLocaleString()} revoked`));
   const box = document.getElementById("bundles");
   box.replaceChildren();
@@ -135,6 +136,10 @@ function renderAgents(fleet) {
           `${b.bundle}: ${b.release || "gen " + b.generation} `,
           el("span", {class: "badge " + phase, "data-health": phase, title: b.status ? b.status.message : "no report yet"}, phase));
         if (b.status && b.status.stale) line.append(el("span", {class: "badge Stale", "data-stale": "true", title: "its snapshot expired: still enforced, but the agent has heard nothing newer"}, "stale"));
+        if (b.drift && b.drift.left_objects > 0) line.append(el("span", {class: "badge Drift", "data-drift": "left",
+          title: `${b.drift.left_objects} objects differ from Git since ${ago(fleet.now, b.drift.left_since)}, left in place (drift: report); details: outpost-hub drift --agent ${a.id}`}, "drift"));
+        else if (b.drift && b.drift.corrected_at != null && fleet.now - b.drift.corrected_at < 86400) line.append(el("span", {class: "badge Corrected", "data-drift": "corrected",
+          title: `drift applied back ${ago(fleet.now, b.drift.corrected_at)} (${b.drift.corrected_objects} objects in all); details: outpost-hub drift --agent ${a.id}`}, "drift corrected"));
         bundles.append(line);
       }
       const isOffline = !a.connected && (a.last_seen == null || fleet.now - a.last_seen > OFFLINE_AFTER);

@@ -1,7 +1,8 @@
 //! Fleet routes of the admin API and the fleet page, sized for a hundred thousand agents: the
 //! page polls counts the store computes and one page of agents, never the whole fleet.
 //!
-//! - `GET /api/v1/fleet/summary` — counts: agents, connected, revoked, stale; per bundle by
+//! - `GET /api/v1/fleet/summary` — counts: agents, connected, revoked, stale, drifted (drift
+//!   left in place); per bundle by
 //!   phase and by release; per label key its most common values
 //! - `GET /api/v1/fleet` — one page of agents (`limit`, default 100, at most 5,000; `after` =
 //!   the `next` of the previous page), filtered by `label` (a selector: `k=v,k2=v2,!k3`),
@@ -224,6 +225,15 @@ pub(super) async fn fleet(
                        "observed_at": status.observed_at, "stale": status.stale}),
             );
         }
+        let mut drift: BTreeMap<(String, String), Value> = details
+            .drift
+            .into_iter()
+            .map(|state| {
+                let key = (state.agent.clone(), state.bundle.clone());
+                (key, json!({"left_objects": state.left_objects, "left_since": state.left_since,
+                    "corrected_objects": state.corrected_objects, "corrected_at": state.corrected_at}))
+            })
+            .collect();
         let mut assigned: BTreeMap<String, Vec<Value>> = BTreeMap::new();
         for (row, origin) in details.assignments {
             let release = names
@@ -232,9 +242,12 @@ pub(super) async fn fleet(
             let status = statuses
                 .remove(&(row.agent.clone(), row.bundle.clone()))
                 .unwrap_or(Value::Null);
+            let drift = drift
+                .remove(&(row.agent.clone(), row.bundle.clone()))
+                .unwrap_or(Value::Null);
             assigned.entry(row.agent.clone()).or_default().push(json!({
                 "bundle": row.bundle, "generation": row.generation, "snapshot": row.digest.short(),
-                "release": release, "origin": origin, "status": status,
+                "release": release, "origin": origin, "status": status, "drift": drift,
             }));
         }
         let agents: Vec<Value> = details
@@ -309,6 +322,7 @@ pub(super) async fn summary(State(state): State<AdminState>) -> ApiResult {
             "revoked": summary.revoked,
             "connected": connected,
             "stale": summary.stale,
+            "drifted": summary.drifted,
             "bundles": bundles,
             "labels": labels,
         })))

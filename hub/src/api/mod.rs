@@ -9,6 +9,7 @@
 //!   `GET /api/v1/sources`, `GET /api/v1/snapshots/{bundle}/{generation}` and `…/objects`
 //!   (Secret values redacted), `GET /api/v1/events?limit=N`, `GET /api/v1/agents`,
 //!   `GET /api/v1/agents/{id}`, `GET /api/v1/agents/{id}/history?since=T` (its time line),
+//!   `GET /api/v1/drift?agent=A&bundle=B&since=T&limit=N` (drift reports, newest first),
 //!   `GET /api/v1/tokens` (enrolment tokens, by digest),
 //!   `GET /api/v1/status` (`?agent=ID`), `GET /api/v1/fleet` (a filtered page) and
 //!   `GET /api/v1/fleet/summary` (counts; see [`fleet`]), `GET /api/v1/rollouts`,
@@ -173,6 +174,7 @@ pub fn router(state: AdminState, hooks: Option<hooks::HooksState>) -> Router {
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/agents/{id}", get(agent))
         .route("/api/v1/agents/{id}/history", get(history))
+        .route("/api/v1/drift", get(drift))
         .route("/api/v1/agents/{id}/labels", post(label_agent))
         .route("/api/v1/agents/{id}/revoke", post(revoke_agent))
         .route("/api/v1/tokens", get(tokens).post(create_token))
@@ -508,6 +510,51 @@ async fn history(
         Ok(Json(serde_json::to_value(entries).map_err(|error| {
             ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
         })?))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+struct DriftParams {
+    agent: Option<String>,
+    bundle: Option<String>,
+    /// Unix seconds (hub clock); reports received before are left out.
+    since: Option<i64>,
+    /// At most this many reports (default 100, at most 10,000).
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/drift` (viewer): drift reports, newest first: per report the agent, bundle,
+/// generation, what the agent did (`corrected`, or `left` in place), and the objects with the
+/// fields that differ, their desired and live values (Secret values redacted by the agent) and
+/// who changed them. A `left` report with no objects says the drift left in place is gone.
+async fn drift(State(state): State<AdminState>, Query(params): Query<DriftParams>) -> ApiResult {
+    let limit = params.limit.unwrap_or(100);
+    if limit == 0 || limit > 10_000 {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "limit must be between 1 and 10000".to_owned(),
+        ));
+    }
+    let query = crate::store::DriftQuery {
+        agent: params.agent,
+        bundle: params.bundle,
+        since: params.since,
+        limit,
+    };
+    with_store(&state, move |store| {
+        let reports = store.drift_reports(&query)?;
+        Ok(Json(Value::Array(
+            reports
+                .iter()
+                .map(|report| {
+                    json!({"id": report.id, "agent": report.agent, "bundle": report.bundle,
+                        "generation": report.generation, "action": report.action,
+                        "objects": report.total, "observed_at": report.observed_at,
+                        "received_at": report.received_at, "findings": report.objects})
+                })
+                .collect(),
+        )))
     })
     .await
 }

@@ -391,6 +391,58 @@ pub(crate) fn select_rows(rows: Value, selector: Option<&str>) -> Result<Value> 
     Ok(Value::Array(kept))
 }
 
+/// The rows `outpost-hub drift` shows of `GET /api/v1/drift`'s reports: one per field that
+/// differs, one per deleted object, one for a report without objects (drift gone).
+pub(crate) fn drift_rows(reports: &Value) -> Value {
+    let mut rows = Vec::new();
+    for report in reports.as_array().into_iter().flatten() {
+        let row = |object: String, field: &Value, deleted: bool| {
+            let text = |key: &str| field[key].as_str().unwrap_or("").to_owned();
+            json!({
+                "received_at": report["received_at"], "agent": report["agent"],
+                "bundle": report["bundle"], "generation": report["generation"],
+                "action": report["action"], "object": object,
+                "field": if deleted { "(deleted)".to_owned() } else { text("path") },
+                "desired": if deleted { String::new() } else { field["desired"].as_str().unwrap_or("(absent)").to_owned() },
+                "live": if deleted { String::new() } else { field["live"].as_str().unwrap_or("(absent)").to_owned() },
+                "manager": text("manager"), "changed": text("changed_at"),
+            })
+        };
+        let findings = report["findings"].as_array().cloned().unwrap_or_default();
+        if findings.is_empty() {
+            rows.push(row("(drift gone)".to_owned(), &Value::Null, true));
+        }
+        for object in &findings {
+            let name = match object["namespace"].as_str().unwrap_or("") {
+                "" => format!(
+                    "{} {}",
+                    object["kind"].as_str().unwrap_or(""),
+                    object["name"].as_str().unwrap_or("")
+                ),
+                namespace => format!(
+                    "{} {namespace}/{}",
+                    object["kind"].as_str().unwrap_or(""),
+                    object["name"].as_str().unwrap_or("")
+                ),
+            };
+            if object["deleted"] == true {
+                rows.push(row(name.clone(), &Value::Null, true));
+            }
+            for field in object["fields"].as_array().into_iter().flatten() {
+                rows.push(row(name.clone(), field, false));
+            }
+            if let Some(more) = object["more_fields"].as_u64().filter(|more| *more > 0) {
+                rows.push(row(
+                    name.clone(),
+                    &json!({"path": format!("({more} more fields)")}),
+                    false,
+                ));
+            }
+        }
+    }
+    Value::Array(rows)
+}
+
 /// A query string (`?a=1&b=x%3Dy`) of `pairs`, values percent-encoded; empty values left out.
 pub(crate) fn query(pairs: &[(&str, &str)]) -> String {
     let encode = |text: &str| -> String {

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 pub type Labels = BTreeMap<String, String>;
 
 use outpost_proto::Digest;
-use outpost_proto::wire::{BundleStatus, Phase};
+use outpost_proto::wire::{BundleDrift, BundleStatus, DriftAction, Phase};
 
 /// How many of an agent's latest assignments of a bundle count as delta bases (the hub
 /// compresses only against these; older ones are pruned by retention).
@@ -125,8 +125,72 @@ pub struct StatusWrite {
     pub sequence: u64,
     /// What it says.
     pub bundles: Vec<BundleStatus>,
+    /// Drift found (a `Drift` message: then `bundles` is empty).
+    pub drift: Vec<BundleDrift>,
     /// When it arrived.
     pub now: i64,
+}
+
+/// A drift action as the stores write it.
+pub(crate) fn drift_action_name(action: DriftAction) -> &'static str {
+    match action {
+        DriftAction::Corrected => "corrected",
+        DriftAction::Left => "left",
+    }
+}
+
+/// The event a drift report adds to the log: `drift-corrected`, `drift-found` (left in
+/// place) or `drift-gone`, with the objects and who changed them.
+pub(crate) fn drift_event(drift: &BundleDrift) -> (&'static str, String) {
+    let total = drift.objects.len() as u64 + u64::from(drift.more_objects);
+    let mut objects: Vec<String> = drift
+        .objects
+        .iter()
+        .take(5)
+        .map(|object| {
+            let name = match object.namespace.is_empty() {
+                true => object.name.clone(),
+                false => format!("{}/{}", object.namespace, object.name),
+            };
+            if object.deleted {
+                return format!("{} {name} deleted", object.kind);
+            }
+            let fields: Vec<String> = object
+                .fields
+                .iter()
+                .map(|field| match &field.manager {
+                    Some(manager) => format!("{} by {manager}", field.path),
+                    None => field.path.clone(),
+                })
+                .collect();
+            format!("{} {name} ({})", object.kind, fields.join(", "))
+        })
+        .collect();
+    if total > 5 {
+        objects.push(format!("{} more", total - 5));
+    }
+    let what = format!("bundle {} generation {}", drift.bundle, drift.generation);
+    let plural = if total == 1 { "object" } else { "objects" };
+    match (drift.action, total) {
+        (DriftAction::Left, 0) => (
+            "drift-gone",
+            format!("{what}: the drift left in place is gone (the cluster or Git changed)"),
+        ),
+        (DriftAction::Left, _) => (
+            "drift-found",
+            format!(
+                "{what}: {total} {plural} drifted, left in place (drift: report): {}",
+                objects.join("; ")
+            ),
+        ),
+        (DriftAction::Corrected, _) => (
+            "drift-corrected",
+            format!(
+                "{what}: {total} {plural} drifted and applied back: {}",
+                objects.join("; ")
+            ),
+        ),
+    }
 }
 
 /// What serving agents needs of the store.

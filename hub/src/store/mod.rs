@@ -26,6 +26,7 @@ pub mod sqlite;
 mod view;
 
 pub use auth::{AdminToken, AuthStore, NewToken, Role, TokenCheck};
+pub(crate) use fleet::drift_action_name;
 pub use fleet::{
     AgentAssignments, AssignmentChange, AssignmentRow, FleetChanges, FleetStore, Labels,
     SessionRead, SignedHeader, StatusOutcome, StatusWrite, StoredStatus,
@@ -35,7 +36,10 @@ pub use replicas::{Fence, Lease, Notice, ReplicaStore};
 pub use retention::{Pruned, Retention, RetentionStore};
 pub use rollouts::{Created, RolloutHead, RolloutSave, RolloutStore, Saved, StoredRollout};
 pub use sqlite::SqliteStore;
-pub use view::{FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView, HistoricStatus};
+pub use view::{
+    DriftQuery, DriftRecord, DriftState, FleetDetails, FleetFilter, FleetPage, FleetSummary,
+    FleetView, HistoricStatus,
+};
 
 #[cfg(test)]
 pub(crate) mod suite;

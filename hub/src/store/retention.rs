@@ -40,6 +40,8 @@ pub struct Pruned {
     pub events: u64,
     /// Status history rows.
     pub status_history: u64,
+    /// Drift reports (kept like the status history).
+    pub drift_reports: u64,
     /// Delta bases past the newest few per agent and bundle.
     pub delta_bases: u64,
     /// Snapshots (signed headers of a generation).

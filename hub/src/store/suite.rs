@@ -1022,24 +1022,28 @@ pub(crate) fn assignments_sessions_and_reports(store: &dyn HubStore) {
                     healthy.clone(),
                     status("kiosk", Digest::of(&[1]), Phase::Failed, false),
                 ],
+                drift: Vec::new(),
                 now: 300,
             },
             StatusWrite {
                 agent: a.id.clone(),
                 sequence: 1,
                 bundles: vec![status("pos", Digest::of(&[10]), Phase::Failed, false)],
+                drift: Vec::new(),
                 now: 301,
             },
             StatusWrite {
                 agent: "nobody".to_owned(),
                 sequence: 1,
                 bundles: vec![healthy.clone()],
+                drift: Vec::new(),
                 now: 302,
             },
             StatusWrite {
                 agent: b.id.clone(),
                 sequence: 1,
                 bundles: vec![status("pos", Digest::of(&[2]), Phase::Degraded, true)],
+                drift: Vec::new(),
                 now: 303,
             },
         ])

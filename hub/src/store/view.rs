@@ -38,6 +38,61 @@ pub struct FleetDetails {
     pub assignments: Vec<(AssignmentRow, String)>,
     /// Their last status per bundle.
     pub statuses: Vec<StoredStatus>,
+    /// Their drift per bundle, where any was reported.
+    pub drift: Vec<DriftState>,
+}
+
+/// Where drift stands for one agent and bundle.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct DriftState {
+    /// The agent.
+    pub agent: String,
+    /// The bundle.
+    pub bundle: String,
+    /// Objects drifted and left in place now (`drift: report`).
+    pub left_objects: u64,
+    /// Since when (hub clock) drift has been left in place, while it is.
+    pub left_since: Option<i64>,
+    /// Objects found drifted and applied back, in all.
+    pub corrected_objects: u64,
+    /// When drift was last corrected (hub clock).
+    pub corrected_at: Option<i64>,
+}
+
+/// Which drift reports to read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DriftQuery {
+    /// Of this agent only.
+    pub agent: Option<String>,
+    /// Of this bundle only.
+    pub bundle: Option<String>,
+    /// Received at or after this time (hub clock, Unix seconds).
+    pub since: Option<i64>,
+    /// At most this many, newest first.
+    pub limit: usize,
+}
+
+/// One drift report as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriftRecord {
+    /// Its id (grows with every report).
+    pub id: u64,
+    /// The agent.
+    pub agent: String,
+    /// The bundle.
+    pub bundle: String,
+    /// The generation enforced.
+    pub generation: u64,
+    /// `corrected` or `left`.
+    pub action: String,
+    /// The objects, as the agent reported them.
+    pub objects: Vec<outpost_proto::wire::ObjectDrift>,
+    /// How many objects drifted in all (more than `objects` holds when the agent cut the list).
+    pub total: u64,
+    /// When the agent observed it (its clock).
+    pub observed_at: i64,
+    /// When the hub received it.
+    pub received_at: i64,
 }
 
 /// Counts over the whole fleet.
@@ -49,6 +104,8 @@ pub struct FleetSummary {
     pub revoked: u64,
     /// Agents (not revoked) with at least one stale bundle.
     pub stale: u64,
+    /// Agents (not revoked) with drift left in place in at least one bundle.
+    pub drifted: u64,
     /// (bundle, phase, agents not revoked) from the last reports; agents assigned a bundle
     /// that never reported it count as `Unknown`.
     pub phases: Vec<(String, String, u64)>,
@@ -184,6 +241,7 @@ impl FleetSummary {
             agents,
             revoked,
             stale,
+            drifted: 0,
             phases: phases
                 .into_iter()
                 .map(|((bundle, phase), count)| (bundle, phase, count))
@@ -228,6 +286,8 @@ pub trait FleetView {
     fn status_history(&self, agent: &str, limit: usize) -> Result<Vec<HistoricStatus>, StoreError>;
     /// The rollouts `agent` is or was a member of, newest first.
     fn rollouts_of(&self, agent: &str) -> Result<Vec<u64>, StoreError>;
+    /// Drift reports, newest first.
+    fn drift_reports(&self, query: &DriftQuery) -> Result<Vec<DriftRecord>, StoreError>;
 }
 
 /// One status report as history keeps it.
@@ -246,6 +306,22 @@ pub struct HistoricStatus {
     /// When the hub received it.
     pub received_at: i64,
 }
+
+/// The objects of a stored drift report.
+pub(crate) fn drift_findings(
+    text: &str,
+) -> Result<Vec<outpost_proto::wire::ObjectDrift>, StoreError> {
+    serde_json::from_str(text)
+        .map_err(|error| StoreError::Corrupt(format!("stored drift findings: {error}")))
+}
+
+/// The columns of `drift_state` a [`DriftState`] is read from, in order.
+pub(crate) const DRIFT_STATE_COLUMNS: &str =
+    "agent, bundle, left_objects, left_since, corrected_objects, corrected_at";
+
+/// The columns of `drift_reports` a [`DriftRecord`] is read from, in order.
+pub(crate) const DRIFT_REPORT_COLUMNS: &str =
+    "id, agent, bundle, generation, action, objects, findings, observed_at, received_at";
 
 /// The API-write events naming an agent carry this in their message.
 pub(crate) fn agent_path(agent: &str) -> String {

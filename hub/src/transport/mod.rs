@@ -620,6 +620,7 @@ fn message_name(message: &Message) -> &'static str {
         Message::Enrol(_) => "Enrol",
         Message::Enrolled(_) => "Enrolled",
         Message::Trust(_) => "Trust",
+        Message::Drift(_) => "Drift",
     }
 }
 
@@ -717,24 +718,12 @@ async fn run_session(
             }
             message = reader.next() => match message? {
                 Some(Message::StatusReport(report)) => {
-                    if reports.take().is_err() {
-                        service.counters.throttled.fetch_add(1, Ordering::Relaxed);
-                        reports.wait().await;
-                    }
-                    let sequence = report.sequence;
-                    let new = service
-                        .statuses
-                        .call(StatusWrite {
-                            agent: id.clone(),
-                            sequence,
-                            bundles: report.bundles,
-                            now: (service.now)(),
-                        })
-                        .await?
-                        .map_err(StoreError::Batch)?;
-                    service.metrics.status_reports(1);
-                    tracing::debug!(agent = %id, sequence, new, "status report stored");
-                    send_message(&mut send, &Message::Ack(outpost_proto::wire::Ack { sequence })).await?;
+                    let report = (report.sequence, report.bundles, Vec::new());
+                    store_report(service, &id, &mut send, &mut reports, report).await?;
+                }
+                Some(Message::Drift(report)) => {
+                    let report = (report.sequence, Vec::new(), report.bundles);
+                    store_report(service, &id, &mut send, &mut reports, report).await?;
                 }
                 Some(Message::Hello(_)) => {}
                 Some(other) => {
@@ -765,6 +754,56 @@ async fn run_session(
     }
     .instrument(span)
     .await
+}
+
+/// Stores a status or drift report from `id`'s outbox (sequence, statuses, drift) and acks it.
+async fn store_report(
+    service: &Arc<AgentService>,
+    id: &str,
+    send: &mut quinn::SendStream,
+    reports: &mut TokenBucket,
+    (sequence, bundles, drift): (
+        u64,
+        Vec<outpost_proto::wire::BundleStatus>,
+        Vec<outpost_proto::wire::BundleDrift>,
+    ),
+) -> Result<(), ServeError> {
+    if reports.take().is_err() {
+        service.counters.throttled.fetch_add(1, Ordering::Relaxed);
+        reports.wait().await;
+    }
+    let drifted: Vec<(String, &'static str, u64)> = drift
+        .iter()
+        .map(|d| {
+            let objects = d.objects.len() as u64 + u64::from(d.more_objects);
+            (
+                d.bundle.clone(),
+                crate::store::drift_action_name(d.action),
+                objects,
+            )
+        })
+        .collect();
+    let new = service
+        .statuses
+        .call(StatusWrite {
+            agent: id.to_owned(),
+            sequence,
+            bundles,
+            drift,
+            now: (service.now)(),
+        })
+        .await?
+        .map_err(StoreError::Batch)?;
+    if new {
+        for (bundle, action, objects) in drifted {
+            service.metrics.drift(&bundle, action, objects);
+            tracing::info!(agent = %id, %bundle, action, objects, "drift reported");
+        }
+    }
+    service.metrics.status_reports(1);
+    tracing::debug!(agent = %id, sequence, new, "status report stored");
+    send_message(send, &Message::Ack(outpost_proto::wire::Ack { sequence })).await?;
+    Ok(())
 }
 
 /// Re-reads the agent: refuses it if it was revoked or removed (returns false), else sends its

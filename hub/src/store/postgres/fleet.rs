@@ -8,12 +8,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use deadpool_postgres::GenericClient;
 use outpost_proto::Digest;
-use outpost_proto::wire::BundleStatus;
+use outpost_proto::wire::{BundleDrift, BundleStatus, DriftAction};
 use tokio_postgres::Row;
 
 use super::store::{AGENT_COLUMNS, agent_from_row};
 use super::{PostgresStore, add_event, digest_at, execute, next_change, one, optional, query};
-use crate::store::fleet::{DELTA_BASES_KEPT, behind_message, phase_from, phase_name};
+use crate::store::fleet::{
+    DELTA_BASES_KEPT, behind_message, drift_action_name, drift_event, phase_from, phase_name,
+};
 use crate::store::{
     AgentAssignments, AssignmentChange, AssignmentRow, FleetChanges, FleetStore, SessionRead,
     SignedHeader, StatusOutcome, StatusWrite, StoreError, StoredStatus, labels_from_json,
@@ -376,6 +378,7 @@ impl FleetStore for PostgresStore {
                     &report.agent,
                     report.sequence,
                     &report.bundles,
+                    &report.drift,
                     report.now,
                 )
                 .await
@@ -406,7 +409,7 @@ impl FleetStore for PostgresStore {
         now: i64,
     ) -> Result<bool, StoreError> {
         self.write(async |transaction| {
-            record_status(transaction, agent, sequence, bundles, now).await
+            record_status(transaction, agent, sequence, bundles, &[], now).await
         })
     }
 
@@ -808,6 +811,7 @@ async fn record_status<C: GenericClient>(
     agent: &str,
     sequence: u64,
     bundles: &[BundleStatus],
+    drift: &[BundleDrift],
     now: i64,
 ) -> Result<bool, StoreError> {
     let stored = optional(
@@ -914,6 +918,9 @@ async fn record_status<C: GenericClient>(
         )
         .await?;
     }
+    for drift in drift.iter().filter(|d| assigned.contains(&d.bundle)) {
+        record_drift(client, agent, drift, now).await?;
+    }
     execute(
         client,
         "UPDATE agents SET status_sequence = $2 WHERE id = $1",
@@ -921,4 +928,47 @@ async fn record_status<C: GenericClient>(
     )
     .await?;
     Ok(true)
+}
+
+/// Stores one bundle's drift report, moves where its drift stands, and logs the event.
+async fn record_drift<C: GenericClient>(
+    client: &C,
+    agent: &str,
+    drift: &BundleDrift,
+    now: i64,
+) -> Result<(), StoreError> {
+    let total = drift.objects.len() as i64 + i64::from(drift.more_objects);
+    let findings = serde_json::to_string(&drift.objects)
+        .map_err(|error| StoreError::Corrupt(format!("drift findings: {error}")))?;
+    execute(
+        client,
+        "INSERT INTO drift_reports (agent, bundle, generation, action, objects, findings, observed_at, received_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        &[
+            &agent,
+            &drift.bundle,
+            &(drift.generation as i64),
+            &drift_action_name(drift.action),
+            &total,
+            &findings,
+            &drift.observed_at,
+            &now,
+        ],
+    )
+    .await?;
+    let statement = match drift.action {
+        DriftAction::Left => {
+            "INSERT INTO drift_state (agent, bundle, left_objects, left_since) VALUES ($1, $2, $3, CASE WHEN $3 > 0 THEN $4::BIGINT END)
+             ON CONFLICT (agent, bundle) DO UPDATE SET left_objects = $3,
+               left_since = CASE WHEN $3 = 0 THEN NULL ELSE COALESCE(drift_state.left_since, $4) END"
+        }
+        DriftAction::Corrected => {
+            "INSERT INTO drift_state (agent, bundle, corrected_objects, corrected_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (agent, bundle) DO UPDATE SET corrected_objects = drift_state.corrected_objects + $3, corrected_at = $4"
+        }
+    };
+    execute(client, statement, &[&agent, &drift.bundle, &total, &now]).await?;
+    let (kind, message) = drift_event(drift);
+    add_event(client, now, kind, agent, &message).await?;
+    Ok(())
 }

@@ -87,6 +87,13 @@ impl RetentionStore for PostgresStore {
             policy.history_age,
             policy.history_max,
         )?;
+        pruned.drift_reports += self.prune_log(
+            "drift_reports",
+            "received_at",
+            now,
+            policy.history_age,
+            policy.history_max,
+        )?;
         pruned.delta_bases += self.delete_in_chunks(
             "DELETE FROM assignment_bases WHERE id IN (SELECT id FROM (
                SELECT id, ROW_NUMBER() OVER (PARTITION BY agent, bundle ORDER BY assigned_at DESC, id DESC) AS n

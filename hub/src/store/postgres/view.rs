@@ -8,10 +8,13 @@ use tokio_postgres::types::ToSql;
 use super::fleet::{STATUS_COLUMNS, assignment_from_row, status_from_row};
 use super::store::agents_where;
 use super::{PostgresStore, digest_at, one, query};
-use crate::store::view::{FilterDialect, FilterValue, agent_path, filter_clause};
+use crate::store::view::{
+    DRIFT_REPORT_COLUMNS, DRIFT_STATE_COLUMNS, FilterDialect, FilterValue, agent_path,
+    drift_findings, filter_clause,
+};
 use crate::store::{
-    Event, FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView, HistoricStatus,
-    StoreError,
+    DriftQuery, DriftRecord, DriftState, Event, FleetDetails, FleetFilter, FleetPage, FleetSummary,
+    FleetView, HistoricStatus, StoreError,
 };
 
 /// The agents not revoked (the revoked are few, and indexed).
@@ -132,10 +135,31 @@ impl FleetView for PostgresStore {
             .iter()
             .map(status_from_row)
             .collect::<Result<_, _>>()?;
+            let drift = query(
+                transaction,
+                &format!(
+                    "SELECT {DRIFT_STATE_COLUMNS} FROM drift_state WHERE agent = ANY($1) ORDER BY agent, bundle"
+                ),
+                &[&ids],
+            )
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(DriftState {
+                    agent: row.try_get(0)?,
+                    bundle: row.try_get(1)?,
+                    left_objects: row.try_get::<_, i64>(2)? as u64,
+                    left_since: row.try_get(3)?,
+                    corrected_objects: row.try_get::<_, i64>(4)? as u64,
+                    corrected_at: row.try_get(5)?,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
             Ok(FleetDetails {
                 agents,
                 assignments,
                 statuses,
+                drift,
             })
         })
     }
@@ -174,6 +198,38 @@ impl FleetView for PostgresStore {
                     message: row.try_get(3)?,
                     observed_at: row.try_get(4)?,
                     received_at: row.try_get(5)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn drift_reports(&self, query_: &DriftQuery) -> Result<Vec<DriftRecord>, StoreError> {
+        let limit = query_.limit.min(i64::MAX as usize) as i64;
+        let since = query_.since.unwrap_or(i64::MIN);
+        self.read(async |client| {
+            query(
+                client,
+                &format!(
+                    "SELECT {DRIFT_REPORT_COLUMNS} FROM drift_reports
+                     WHERE ($1::TEXT IS NULL OR agent = $1) AND ($2::TEXT IS NULL OR bundle = $2) AND received_at >= $3
+                     ORDER BY id DESC LIMIT $4"
+                ),
+                &[&query_.agent, &query_.bundle, &since, &limit],
+            )
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(DriftRecord {
+                    id: row.try_get::<_, i64>(0)? as u64,
+                    agent: row.try_get(1)?,
+                    bundle: row.try_get(2)?,
+                    generation: row.try_get::<_, i64>(3)? as u64,
+                    action: row.try_get(4)?,
+                    total: row.try_get::<_, i64>(5)? as u64,
+                    objects: drift_findings(&row.try_get::<_, String>(6)?)?,
+                    observed_at: row.try_get(7)?,
+                    received_at: row.try_get(8)?,
                 })
             })
             .collect()
@@ -250,11 +306,22 @@ impl FleetView for PostgresStore {
                 ))
             })
             .collect::<Result<_, StoreError>>()?;
-            Ok(FleetSummary::from_assignments(
+            let drifted: i64 = one(
+                transaction,
+                &format!(
+                    "SELECT COUNT(DISTINCT agent) FROM drift_state WHERE left_objects > 0 AND agent {NOT_REVOKED}"
+                ),
+                &[],
+            )
+            .await?
+            .try_get(0)?;
+            let mut summary = FleetSummary::from_assignments(
                 (agents as u64, revoked as u64, stale as u64),
                 rows,
                 labels,
-            ))
+            );
+            summary.drifted = drifted as u64;
+            Ok(summary)
         })
     }
 }

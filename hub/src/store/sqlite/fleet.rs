@@ -3,12 +3,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use outpost_proto::Digest;
-use outpost_proto::wire::BundleStatus;
+use outpost_proto::wire::{BundleDrift, BundleStatus, DriftAction};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::store::{AGENT_COLUMNS, agent_from_row};
 use super::{SqliteStore, add_event, digest_at, next_change};
-use crate::store::fleet::{DELTA_BASES_KEPT, behind_message, phase_from, phase_name};
+use crate::store::fleet::{
+    DELTA_BASES_KEPT, behind_message, drift_action_name, drift_event, phase_from, phase_name,
+};
 use crate::store::labels_from_json;
 use crate::store::{
     AgentAssignments, AssignmentChange, AssignmentRow, FleetChanges, FleetStore, SessionRead,
@@ -363,6 +365,7 @@ impl FleetStore for SqliteStore {
                     &report.agent,
                     report.sequence,
                     &report.bundles,
+                    &report.drift,
                     report.now,
                 ) {
                     Ok(new) => {
@@ -387,7 +390,9 @@ impl FleetStore for SqliteStore {
         now: i64,
     ) -> Result<bool, StoreError> {
         let (agent, bundles) = (agent.to_owned(), bundles.to_vec());
-        self.write(move |connection| record_status(connection, &agent, sequence, &bundles, now))
+        self.write(move |connection| {
+            record_status(connection, &agent, sequence, &bundles, &[], now)
+        })
     }
 
     fn change_cursor(&self) -> Result<u64, StoreError> {
@@ -748,6 +753,7 @@ fn record_status(
     agent: &str,
     sequence: u64,
     bundles: &[BundleStatus],
+    drift: &[BundleDrift],
     now: i64,
 ) -> Result<bool, StoreError> {
     let stored: Option<i64> = connection
@@ -836,8 +842,55 @@ fn record_status(
                 now
             ])?;
     }
+    for drift in drift.iter().filter(|d| assigned.contains(&d.bundle)) {
+        record_drift(connection, agent, drift, now)?;
+    }
     connection
         .prepare_cached("UPDATE agents SET status_sequence = ?2 WHERE id = ?1")?
         .execute(params![agent, sequence as i64])?;
     Ok(true)
+}
+
+/// Stores one bundle's drift report, moves where its drift stands, and logs the event.
+fn record_drift(
+    connection: &Connection,
+    agent: &str,
+    drift: &BundleDrift,
+    now: i64,
+) -> Result<(), StoreError> {
+    let total = drift.objects.len() as i64 + i64::from(drift.more_objects);
+    let findings = serde_json::to_string(&drift.objects)
+        .map_err(|error| StoreError::Corrupt(format!("drift findings: {error}")))?;
+    connection
+        .prepare_cached(
+            "INSERT INTO drift_reports (agent, bundle, generation, action, objects, findings, observed_at, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?
+        .execute(params![
+            agent,
+            drift.bundle,
+            drift.generation as i64,
+            drift_action_name(drift.action),
+            total,
+            findings,
+            drift.observed_at,
+            now
+        ])?;
+    let statement = match drift.action {
+        DriftAction::Left => {
+            "INSERT INTO drift_state (agent, bundle, left_objects, left_since) VALUES (?1, ?2, ?3, CASE WHEN ?3 > 0 THEN ?4 END)
+             ON CONFLICT (agent, bundle) DO UPDATE SET left_objects = ?3,
+               left_since = CASE WHEN ?3 = 0 THEN NULL ELSE COALESCE(left_since, ?4) END"
+        }
+        DriftAction::Corrected => {
+            "INSERT INTO drift_state (agent, bundle, corrected_objects, corrected_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (agent, bundle) DO UPDATE SET corrected_objects = corrected_objects + ?3, corrected_at = ?4"
+        }
+    };
+    connection
+        .prepare_cached(statement)?
+        .execute(params![agent, drift.bundle, total, now])?;
+    let (kind, message) = drift_event(drift);
+    add_event(connection, now, kind, agent, &message)?;
+    Ok(())
 }

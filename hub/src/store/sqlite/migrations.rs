@@ -250,4 +250,29 @@ pub(super) const MIGRATIONS: &[&str] = &[
         receiver TEXT PRIMARY KEY,
         last_event INTEGER NOT NULL
     );",
+    // 13: drift the agents found: every report, and where each agent's bundle stands.
+    "CREATE TABLE drift_reports (
+        id INTEGER PRIMARY KEY,
+        agent TEXT NOT NULL,
+        bundle TEXT NOT NULL,
+        generation INTEGER NOT NULL,
+        action TEXT NOT NULL,
+        objects INTEGER NOT NULL,
+        findings TEXT NOT NULL,
+        observed_at INTEGER NOT NULL,
+        received_at INTEGER NOT NULL
+    );
+    CREATE INDEX drift_reports_by_agent ON drift_reports (agent, id);
+    CREATE INDEX drift_reports_by_bundle ON drift_reports (bundle, id);
+    CREATE INDEX drift_reports_by_time ON drift_reports (received_at);
+    CREATE TABLE drift_state (
+        agent TEXT NOT NULL,
+        bundle TEXT NOT NULL,
+        left_objects INTEGER NOT NULL DEFAULT 0,
+        left_since INTEGER,
+        corrected_objects INTEGER NOT NULL DEFAULT 0,
+        corrected_at INTEGER,
+        PRIMARY KEY (agent, bundle)
+    );
+    CREATE INDEX drift_state_left ON drift_state (agent) WHERE left_objects > 0;",
 ];

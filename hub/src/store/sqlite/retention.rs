@@ -99,6 +99,13 @@ impl RetentionStore for SqliteStore {
             policy.history_age,
             policy.history_max,
         )?;
+        pruned.drift_reports += self.prune_log(
+            "drift_reports",
+            "received_at",
+            now,
+            policy.history_age,
+            policy.history_max,
+        )?;
         pruned.delta_bases += self.delete_in_chunks(
             "DELETE FROM assignment_bases WHERE rowid IN (SELECT rowid FROM (
                SELECT rowid, ROW_NUMBER() OVER (PARTITION BY agent, bundle ORDER BY assigned_at DESC, rowid DESC) AS n

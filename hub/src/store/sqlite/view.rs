@@ -10,10 +10,13 @@ use super::fleet::{STATUS_COLUMNS, assignment_from_row, status_from_row};
 use super::store::{AGENT_COLUMNS, agent_from_row};
 use super::{SqliteStore, digest_at};
 use crate::store::labels_from_json;
-use crate::store::view::{FilterDialect, FilterValue, agent_path, filter_clause};
+use crate::store::view::{
+    DRIFT_REPORT_COLUMNS, DRIFT_STATE_COLUMNS, FilterDialect, FilterValue, agent_path,
+    drift_findings, filter_clause,
+};
 use crate::store::{
-    Agent, Event, FleetDetails, FleetFilter, FleetPage, FleetSummary, FleetView, HistoricStatus,
-    StoreError,
+    Agent, DriftQuery, DriftRecord, DriftState, Event, FleetDetails, FleetFilter, FleetPage,
+    FleetSummary, FleetView, HistoricStatus, StoreError,
 };
 
 /// The agents not revoked (the revoked are few, and indexed).
@@ -136,10 +139,27 @@ impl FleetView for SqliteStore {
                 ))?
                 .query_map([&ids], status_from_row)?
                 .collect::<Result<_, _>>()?;
+            let drift = connection
+                .prepare_cached(&format!(
+                    "SELECT {DRIFT_STATE_COLUMNS} FROM drift_state
+                     WHERE agent IN (SELECT value FROM json_each(?1)) ORDER BY agent, bundle"
+                ))?
+                .query_map([&ids], |row| {
+                    Ok(DriftState {
+                        agent: row.get(0)?,
+                        bundle: row.get(1)?,
+                        left_objects: row.get::<_, i64>(2)? as u64,
+                        left_since: row.get(3)?,
+                        corrected_objects: row.get::<_, i64>(4)? as u64,
+                        corrected_at: row.get(5)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
             Ok(FleetDetails {
                 agents,
                 assignments,
                 statuses,
+                drift,
             })
         })
     }
@@ -176,6 +196,48 @@ impl FleetView for SqliteStore {
                 },
             )?;
             Ok(rows.collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn drift_reports(&self, query: &DriftQuery) -> Result<Vec<DriftRecord>, StoreError> {
+        self.read(|connection| {
+            let mut statement = connection.prepare_cached(&format!(
+                "SELECT {DRIFT_REPORT_COLUMNS} FROM drift_reports
+                 WHERE (?1 IS NULL OR agent = ?1) AND (?2 IS NULL OR bundle = ?2) AND received_at >= ?3
+                 ORDER BY id DESC LIMIT ?4"
+            ))?;
+            let rows: Vec<(DriftRecord, String)> = statement
+                .query_map(
+                    params![
+                        query.agent,
+                        query.bundle,
+                        query.since.unwrap_or(i64::MIN),
+                        query.limit.min(i64::MAX as usize) as i64
+                    ],
+                    |row| {
+                        Ok((
+                            DriftRecord {
+                                id: row.get::<_, i64>(0)? as u64,
+                                agent: row.get(1)?,
+                                bundle: row.get(2)?,
+                                generation: row.get::<_, i64>(3)? as u64,
+                                action: row.get(4)?,
+                                objects: Vec::new(),
+                                total: row.get::<_, i64>(5)? as u64,
+                                observed_at: row.get(7)?,
+                                received_at: row.get(8)?,
+                            },
+                            row.get(6)?,
+                        ))
+                    },
+                )?
+                .collect::<Result<_, _>>()?;
+            rows.into_iter()
+                .map(|(mut record, findings)| {
+                    record.objects = drift_findings(&findings)?;
+                    Ok(record)
+                })
+                .collect()
         })
     }
 
@@ -227,11 +289,20 @@ impl FleetView for SqliteStore {
                     Ok((row.get(0)?, row.get(1)?, row.get::<_, i64>(2)? as u64))
                 })?
                 .collect::<Result<_, _>>()?;
-            Ok(FleetSummary::from_assignments(
+            let drifted: i64 = connection.query_row(
+                &format!(
+                    "SELECT COUNT(DISTINCT agent) FROM drift_state WHERE left_objects > 0 AND agent {NOT_REVOKED}"
+                ),
+                [],
+                |row| row.get(0),
+            )?;
+            let mut summary = FleetSummary::from_assignments(
                 (agents as u64, revoked as u64, stale as u64),
                 rows,
                 labels,
-            ))
+            );
+            summary.drifted = drifted as u64;
+            Ok(summary)
         })
     }
 }
