@@ -64,7 +64,7 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE meta (key TEXT PRIMARY KEY, value BL
     // 3: protocol 3 (drift reports). Queued frames keep their message bytes (a StatusReport
     // encodes the same in protocol 3) and take the new version; the drift left in place and
     // reported last, per bundle, so it is reported again only when it changes.
-    "UPDATE outbox SET frame = substr(frame, 1, 4) || X'0003' || substr(frame, 7)
+    "UPDATE outbox SET frame = CAST(substr(frame, 1, 4) || X'0003' || substr(frame, 7) AS BLOB)
         WHERE substr(frame, 5, 2) = X'0002';
     CREATE TABLE drift_left (bundle TEXT PRIMARY KEY, fingerprint BLOB NOT NULL);"];
 
@@ -903,5 +903,55 @@ impl State {
         } else {
             Err(StateError::Damaged(lines.join("; ")))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state database from a build speaking protocol 2, with a status report queued: after
+    /// the upgrade the report is still in the outbox, as a protocol 3 frame, and drift queues
+    /// behind it in the same sequence.
+    #[test]
+    fn outbox_frames_of_protocol_2_survive_the_upgrade() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let report = StatusReport {
+            sequence: 1,
+            bundles: Vec::new(),
+        };
+        let mut frame =
+            outpost_proto::wire::encode_frame(&Message::StatusReport(report.clone())).unwrap();
+        frame[4..6].copy_from_slice(&2u16.to_be_bytes());
+        {
+            let connection = Connection::open(&path).unwrap();
+            for sql in &MIGRATIONS[..2] {
+                connection.execute_batch(sql).unwrap();
+            }
+            connection.pragma_update(None, "user_version", 2).unwrap();
+            connection
+                .execute(
+                    "INSERT INTO outbox (sequence, frame, created_at) VALUES (1, ?1, 0)",
+                    [&frame],
+                )
+                .unwrap();
+            write_meta(&connection, "outbox_last", &1u64.to_be_bytes()).unwrap();
+        }
+        let mut state = State::open(&path).unwrap();
+        let queued = state.outbox(0, 10).unwrap();
+        assert_eq!(queued, vec![(1, Message::StatusReport(report))]);
+        let fingerprint = Digest([7; 32]);
+        let sequence = state
+            .queue_drift(Vec::new(), &[("pos".to_owned(), Some(fingerprint))], 5)
+            .unwrap();
+        assert_eq!(sequence, 2);
+        assert_eq!(state.drift_left("pos").unwrap(), Some(fingerprint));
+        assert!(matches!(
+            state.outbox(1, 10).unwrap()[0],
+            (2, Message::Drift(_))
+        ));
+        state.forget_status("pos").unwrap();
+        assert_eq!(state.drift_left("pos").unwrap(), None);
     }
 }

@@ -222,6 +222,57 @@ fn outpost_yaml_declares_bundles_and_selectors() {
     );
 }
 
+#[test]
+fn drift_report_in_outpost_yaml_annotates_every_object_unless_it_says_otherwise() {
+    let upstream = Upstream::new();
+    upstream.write("apps/pos/app.yaml", &config_map("pos", "1"));
+    upstream.write(
+        "apps/pos/own.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: own\n  namespace: shop\n  annotations: {outpost.io/drift: correct}\n",
+    );
+    upstream.write(
+        "outpost.yaml",
+        "bundles:\n- name: pos\n  path: apps/pos\n  drift: report\n",
+    );
+    upstream.commit("report drift");
+    let mut hub = Hub::new();
+    hub.sync(&upstream.url(), 1_800_000_100);
+    let body = |hub: &Hub, generation| {
+        let snapshot = hub.store.snapshot("pos", generation).unwrap().unwrap();
+        String::from_utf8(snapshot.body).unwrap()
+    };
+    let first = body(&hub, 1);
+    assert!(first.contains(r#""outpost.io/drift":"report""#), "{first}");
+    assert!(
+        first.contains(r#""outpost.io/drift":"correct""#),
+        "an object's own annotation stands: {first}"
+    );
+    // Back to the default: the same tree renders again, without the annotation.
+    upstream.write("outpost.yaml", "bundles:\n- name: pos\n  path: apps/pos\n");
+    upstream.commit("correct drift");
+    hub.sync(&upstream.url(), 1_800_000_200);
+    let second = body(&hub, 2);
+    assert!(
+        !second.contains(r#""outpost.io/drift":"report""#),
+        "{second}"
+    );
+
+    upstream.write(
+        "outpost.yaml",
+        "bundles:\n- name: pos\n  path: apps/pos\n  drift: ignore\n",
+    );
+    upstream.commit("unknown mode");
+    let report = hub.sync(&upstream.url(), 1_800_000_300);
+    assert!(
+        report
+            .failed
+            .iter()
+            .any(|(_, what, error)| what == "outpost.yaml"
+                && error.contains("drift: \"ignore\" is neither")),
+        "{report:?}"
+    );
+}
+
 struct Daemon(Child);
 
 impl Drop for Daemon {

@@ -166,8 +166,9 @@ pub(crate) fn drift_event(drift: &BundleDrift) -> (&'static str, String) {
             format!("{} {name} ({})", object.kind, fields.join(", "))
         })
         .collect();
-    if total > 5 {
-        objects.push(format!("{} more", total - 5));
+    let shown = objects.len() as u64;
+    if total > shown {
+        objects.push(format!("{} more", total - shown));
     }
     let what = format!("bundle {} generation {}", drift.bundle, drift.generation);
     let plural = if total == 1 { "object" } else { "objects" };

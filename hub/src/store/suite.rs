@@ -1303,6 +1303,187 @@ pub(crate) fn a_hub_behind_its_agent_moves_past_it(store: &dyn HubStore) {
     assert_eq!(store.next_generation("pos").unwrap(), 9);
 }
 
+pub(crate) fn drift_is_stored_once_per_report_and_stands_per_bundle(store: &dyn HubStore) {
+    use outpost_proto::wire::{BundleDrift, DriftAction, FieldDrift, ObjectDrift};
+    let a = enrolled(store, 51, &[]);
+    let b = enrolled(store, 52, &[]);
+    for agent in [&a, &b] {
+        store
+            .change_assignments(
+                &[AssignmentChange {
+                    agent: agent.id.clone(),
+                    bundle: "pos".to_owned(),
+                    to: Some((1, Digest::of(b"v1"))),
+                    origin: "track:repo".to_owned(),
+                }],
+                100,
+            )
+            .unwrap();
+    }
+    let object = |name: &str, deleted: bool| ObjectDrift {
+        api_version: "v1".to_owned(),
+        kind: "ConfigMap".to_owned(),
+        namespace: "shop".to_owned(),
+        name: name.to_owned(),
+        deleted,
+        fields: match deleted {
+            true => Vec::new(),
+            false => vec![FieldDrift {
+                path: "data.a".to_owned(),
+                desired: Some("\"1\"".to_owned()),
+                live: Some("\"2\"".to_owned()),
+                manager: Some("kubectl-edit".to_owned()),
+                changed_at: Some("2026-12-01T10:00:00Z".to_owned()),
+            }],
+        },
+        more_fields: 0,
+    };
+    let drift = |bundle: &str, action, objects: Vec<ObjectDrift>, more_objects| BundleDrift {
+        bundle: bundle.to_owned(),
+        digest: Digest::of(b"v1"),
+        generation: 1,
+        action,
+        objects,
+        more_objects,
+        observed_at: 90,
+    };
+    let write = |agent: &str, sequence, drift: Vec<BundleDrift>, now| StatusWrite {
+        agent: agent.to_owned(),
+        sequence,
+        bundles: Vec::new(),
+        drift,
+        now,
+    };
+    let outcomes = store
+        .record_statuses(&[
+            write(
+                &a.id,
+                1,
+                vec![
+                    drift("pos", DriftAction::Left, vec![object("menu", false)], 0),
+                    // Not assigned: dropped.
+                    drift("kiosk", DriftAction::Left, vec![object("x", false)], 0),
+                ],
+                200,
+            ),
+            // A replay of the same sequence stores nothing.
+            write(
+                &a.id,
+                1,
+                vec![drift(
+                    "pos",
+                    DriftAction::Left,
+                    vec![object("menu", false)],
+                    0,
+                )],
+                201,
+            ),
+            write(
+                &b.id,
+                1,
+                vec![drift(
+                    "pos",
+                    DriftAction::Corrected,
+                    vec![object("menu", true)],
+                    4,
+                )],
+                202,
+            ),
+        ])
+        .unwrap();
+    assert_eq!(outcomes, [Ok(true), Ok(false), Ok(true)]);
+    let all = store
+        .drift_reports(&DriftQuery {
+            limit: 100,
+            ..DriftQuery::default()
+        })
+        .unwrap();
+    assert_eq!(all.len(), 2, "{all:?}");
+    assert_eq!(
+        (all[0].agent.as_str(), all[0].action.as_str()),
+        (b.id.as_str(), "corrected")
+    );
+    assert_eq!(all[0].total, 5, "one listed, four more");
+    assert!(all[0].objects[0].deleted);
+    assert_eq!(all[1].objects, vec![object("menu", false)]);
+    assert_eq!((all[1].observed_at, all[1].received_at), (90, 200));
+    let only_a = store
+        .drift_reports(&DriftQuery {
+            agent: Some(a.id.clone()),
+            bundle: Some("pos".to_owned()),
+            limit: 100,
+            ..DriftQuery::default()
+        })
+        .unwrap();
+    assert_eq!(only_a.len(), 1);
+    let recent = store
+        .drift_reports(&DriftQuery {
+            since: Some(201),
+            limit: 100,
+            ..DriftQuery::default()
+        })
+        .unwrap();
+    assert_eq!(recent.len(), 1);
+    assert_eq!(recent[0].agent, b.id);
+    // Where drift stands: left in place on a, corrected on b.
+    let details = store.fleet_details(&[a.id.clone(), b.id.clone()]).unwrap();
+    let mut states = details.drift.clone();
+    states.sort_by(|x, y| x.agent.cmp(&y.agent));
+    let of = |id: &str| states.iter().find(|s| s.agent == id).unwrap().clone();
+    assert_eq!(
+        (of(&a.id).left_objects, of(&a.id).left_since),
+        (1, Some(200))
+    );
+    assert_eq!(
+        (of(&b.id).corrected_objects, of(&b.id).corrected_at),
+        (5, Some(202))
+    );
+    assert_eq!(of(&b.id).left_objects, 0);
+    assert_eq!(store.fleet_summary().unwrap().drifted, 1);
+    // Gone: an empty `left` report clears it, and the events tell the story.
+    store
+        .record_statuses(&[write(
+            &a.id,
+            2,
+            vec![drift("pos", DriftAction::Left, Vec::new(), 0)],
+            300,
+        )])
+        .unwrap();
+    let details = store.fleet_details(std::slice::from_ref(&a.id)).unwrap();
+    assert_eq!(
+        (details.drift[0].left_objects, details.drift[0].left_since),
+        (0, None)
+    );
+    assert_eq!(store.fleet_summary().unwrap().drifted, 0);
+    let kinds: Vec<String> = store
+        .agent_events(&a.id, 10)
+        .unwrap()
+        .into_iter()
+        .map(|event| event.kind)
+        .filter(|kind| kind.starts_with("drift"))
+        .collect();
+    assert_eq!(kinds, ["drift-gone", "drift-found"]);
+    let corrected = store.agent_events(&b.id, 10).unwrap();
+    assert!(
+        corrected[0]
+            .message
+            .contains("5 objects drifted and applied back: ConfigMap shop/menu deleted; 4 more"),
+        "{}",
+        corrected[0].message
+    );
+    // Retention keeps drift reports like the status history.
+    let pruned = store
+        .prune(
+            &Retention {
+                history_age: 50,
+                ..Retention::default()
+            },
+            300,
+        )
+        .unwrap();
+    assert_eq!(pruned.drift_reports, 2, "the two received before 250");
+}
+
 macro_rules! store_suite {
     ($make:expr) => {
         crate::store::suite::store_suite!(@tests $make;
@@ -1320,7 +1501,8 @@ macro_rules! store_suite {
             assignments_sessions_and_reports,
             many_tokens_are_created_at_once,
             an_agents_history_is_found_by_its_id,
-            a_hub_behind_its_agent_moves_past_it
+            a_hub_behind_its_agent_moves_past_it,
+            drift_is_stored_once_per_report_and_stands_per_bundle
         );
     };
     (@tests $make:expr; $($name:ident),*) => {

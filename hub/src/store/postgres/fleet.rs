@@ -958,9 +958,9 @@ async fn record_drift<C: GenericClient>(
     .await?;
     let statement = match drift.action {
         DriftAction::Left => {
-            "INSERT INTO drift_state (agent, bundle, left_objects, left_since) VALUES ($1, $2, $3, CASE WHEN $3 > 0 THEN $4::BIGINT END)
-             ON CONFLICT (agent, bundle) DO UPDATE SET left_objects = $3,
-               left_since = CASE WHEN $3 = 0 THEN NULL ELSE COALESCE(drift_state.left_since, $4) END"
+            "INSERT INTO drift_state (agent, bundle, left_objects, left_since) VALUES ($1, $2, $3::BIGINT, CASE WHEN $3::BIGINT > 0 THEN $4::BIGINT END)
+             ON CONFLICT (agent, bundle) DO UPDATE SET left_objects = $3::BIGINT,
+               left_since = CASE WHEN $3::BIGINT = 0 THEN NULL ELSE COALESCE(drift_state.left_since, $4::BIGINT) END"
         }
         DriftAction::Corrected => {
             "INSERT INTO drift_state (agent, bundle, corrected_objects, corrected_at) VALUES ($1, $2, $3, $4)
