@@ -421,8 +421,8 @@ mod tests {
         two.fields[0].manager = Some("y".to_owned());
         two.fields[0].changed_at = Some("t2".to_owned());
         assert_eq!(
-            fingerprint(&[one.clone()], 0),
-            fingerprint(&[two.clone()], 0)
+            fingerprint(std::slice::from_ref(&one), 0),
+            fingerprint(std::slice::from_ref(&two), 0)
         );
         two.fields[0].live = Some("\"3\"".to_owned());
         assert_ne!(fingerprint(&[one], 0), fingerprint(&[two], 0));

@@ -410,7 +410,9 @@ pub(crate) fn drift_rows(reports: &Value) -> Value {
         };
         let findings = report["findings"].as_array().cloned().unwrap_or_default();
         if findings.is_empty() {
-            rows.push(row("(drift gone)".to_owned(), &Value::Null, true));
+            let mut gone = row("(drift gone)".to_owned(), &Value::Null, true);
+            gone["field"] = json!("");
+            rows.push(gone);
         }
         for object in &findings {
             let name = match object["namespace"].as_str().unwrap_or("") {
@@ -479,4 +481,46 @@ pub(crate) fn label_changes(changes: &[String]) -> Result<Value> {
         }
     }
     Ok(Value::Object(labels))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drift_rows_show_one_row_per_field_deleted_object_or_gone_drift() {
+        let reports = json!([
+            {"received_at": 10, "agent": "a", "bundle": "pos", "generation": 3, "action": "left",
+             "findings": []},
+            {"received_at": 9, "agent": "a", "bundle": "pos", "generation": 3, "action": "corrected",
+             "findings": [
+                {"kind": "ConfigMap", "namespace": "shop", "name": "menu", "deleted": false,
+                 "fields": [{"path": "data.a", "desired": "\"1\"", "live": null, "manager": "kubectl-edit",
+                             "changed_at": "2026-12-01T10:00:00Z"}], "more_fields": 2},
+                {"kind": "Namespace", "namespace": "", "name": "shop", "deleted": true, "fields": []}
+             ]}
+        ]);
+        let rows = drift_rows(&reports);
+        let rows = rows.as_array().unwrap();
+        let cells: Vec<(&str, &str, &str, &str)> = rows
+            .iter()
+            .map(|row| {
+                (
+                    row["object"].as_str().unwrap(),
+                    row["field"].as_str().unwrap(),
+                    row["live"].as_str().unwrap(),
+                    row["manager"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            cells,
+            [
+                ("(drift gone)", "", "", ""),
+                ("ConfigMap shop/menu", "data.a", "(absent)", "kubectl-edit"),
+                ("ConfigMap shop/menu", "(2 more fields)", "(absent)", ""),
+                ("Namespace shop", "(deleted)", "", ""),
+            ]
+        );
+    }
 }
