@@ -18,7 +18,8 @@ pub struct Entry {
     /// When (Unix seconds, the hub's clock; reports: when the hub received them).
     pub at: i64,
     /// What kind: an event kind (`agent-enrolled`, `agent-labelled`, `api-write`, …),
-    /// `report`, `rollout-released`, `rollout-restored`, `rollout`, `assigned`.
+    /// `report`, `rollout-released`, `rollout-restored`, `rollout`, `assigned`, and
+    /// `drift-corrected`, `drift-found`, `drift-gone` (who: the field managers that changed it).
     pub kind: String,
     /// The bundle it concerns, if one.
     pub bundle: Option<String>,
@@ -44,6 +45,10 @@ pub fn agent_history(
     }
     let mut entries = Vec::new();
     for event in store.agent_events(agent, PER_KIND)? {
+        if event.kind.starts_with("drift-") {
+            // Told below from the reports themselves, with the bundle and the editors.
+            continue;
+        }
         let who = match event.kind.as_str() {
             "api-write" => Some(event.subject.clone()),
             "agent-stale" => Some("hub".to_owned()),
@@ -58,6 +63,41 @@ pub fn agent_history(
             bundle: None,
             who,
             what: event.message,
+        });
+    }
+    let drift = store.drift_reports(&crate::store::DriftQuery {
+        agent: Some(agent.to_owned()),
+        limit: PER_KIND,
+        ..Default::default()
+    })?;
+    for record in drift {
+        let mut managers: Vec<String> = record
+            .objects
+            .iter()
+            .flat_map(|object| object.fields.iter().filter_map(|f| f.manager.clone()))
+            .collect();
+        managers.sort();
+        managers.dedup();
+        let action = match record.action.as_str() {
+            "corrected" => outpost_proto::wire::DriftAction::Corrected,
+            _ => outpost_proto::wire::DriftAction::Left,
+        };
+        let (kind, what) = crate::store::drift_message(
+            &record.bundle,
+            record.generation,
+            action,
+            &record.objects,
+            record.total,
+        );
+        entries.push(Entry {
+            at: record.received_at,
+            kind: kind.to_owned(),
+            bundle: Some(record.bundle),
+            who: Some(match managers.is_empty() {
+                true => "agent".to_owned(),
+                false => managers.join(", "),
+            }),
+            what,
         });
     }
     for report in store.status_history(agent, PER_KIND)? {

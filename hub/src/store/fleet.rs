@@ -143,8 +143,24 @@ pub(crate) fn drift_action_name(action: DriftAction) -> &'static str {
 /// place) or `drift-gone`, with the objects and who changed them.
 pub(crate) fn drift_event(drift: &BundleDrift) -> (&'static str, String) {
     let total = drift.objects.len() as u64 + u64::from(drift.more_objects);
-    let mut objects: Vec<String> = drift
-        .objects
+    drift_message(
+        &drift.bundle,
+        drift.generation,
+        drift.action,
+        &drift.objects,
+        total,
+    )
+}
+
+/// [`drift_event`] of a report's parts: `total` objects drifted, `objects` of them listed.
+pub(crate) fn drift_message(
+    bundle: &str,
+    generation: u64,
+    action: DriftAction,
+    objects: &[outpost_proto::wire::ObjectDrift],
+    total: u64,
+) -> (&'static str, String) {
+    let mut objects: Vec<String> = objects
         .iter()
         .take(5)
         .map(|object| {
@@ -170,9 +186,9 @@ pub(crate) fn drift_event(drift: &BundleDrift) -> (&'static str, String) {
     if total > shown {
         objects.push(format!("{} more", total - shown));
     }
-    let what = format!("bundle {} generation {}", drift.bundle, drift.generation);
+    let what = format!("bundle {bundle} generation {generation}");
     let plural = if total == 1 { "object" } else { "objects" };
-    match (drift.action, total) {
+    match (action, total) {
         (DriftAction::Left, 0) => (
             "drift-gone",
             format!("{what}: the drift left in place is gone (the cluster or Git changed)"),

@@ -26,11 +26,11 @@ pub mod sqlite;
 mod view;
 
 pub use auth::{AdminToken, AuthStore, NewToken, Role, TokenCheck};
-pub(crate) use fleet::drift_action_name;
 pub use fleet::{
     AgentAssignments, AssignmentChange, AssignmentRow, FleetChanges, FleetStore, Labels,
     SessionRead, SignedHeader, StatusOutcome, StatusWrite, StoredStatus,
 };
+pub(crate) use fleet::{drift_action_name, drift_message};
 pub use postgres::PostgresStore;
 pub use replicas::{Fence, Lease, Notice, ReplicaStore};
 pub use retention::{Pruned, Retention, RetentionStore};
