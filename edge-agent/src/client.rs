@@ -8,7 +8,7 @@
 //! (revoked, unknown key, bad token) stop the agent with the hub's words; everything else is
 //! retried.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,7 +20,7 @@ use outpost_proto::transport::{
 use outpost_proto::verify::verify_header;
 use outpost_proto::wire::{
     Assignment, BundleStatus, Enrol, ErrorCode, ErrorMessage, Fetch, Hello, Message,
-    PayloadEncoding, Phase, Resume,
+    PayloadEncoding, Phase, Resume, TransferStart,
 };
 use outpost_proto::{Digest, Expectation, SigningKey};
 use tokio::sync::{Notify, watch};
@@ -202,7 +202,15 @@ struct Inner {
     next_hub: AtomicUsize,
     /// The endpoint of the running link, to close on shutdown.
     endpoint: Mutex<Option<quinn::Endpoint>>,
+    /// Payloads the hub pushed ahead of the assignment naming them, by snapshot digest: used
+    /// by the next fetch of that snapshot instead of a request (at most [`PUSHED_KEPT`]).
+    pushed: Mutex<HashMap<outpost_proto::Digest, (TransferStart, Vec<u8>)>>,
 }
+
+/// How many pushed payloads are kept waiting for their assignment.
+const PUSHED_KEPT: usize = 8;
+/// The largest pushed payload kept (the hub pushes up to 64 KiB).
+const PUSHED_MAX: u64 = 256 << 10;
 
 pub(crate) fn unix_now() -> i64 {
     std::time::SystemTime::now()
@@ -268,6 +276,7 @@ impl Client {
                 fetch_wanted: Notify::new(),
                 next_hub: AtomicUsize::new(0),
                 endpoint: Mutex::new(None),
+                pushed: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -545,6 +554,7 @@ impl Client {
         let mut fetcher = fetcher;
         let mut in_flight: VecDeque<u64> = VecDeque::new();
         let mut sent_upto = 0u64;
+        let mut pushed_start: Option<TransferStart> = None;
         loop {
             // Send queued reports, keeping a bounded number unacknowledged.
             let room = self
@@ -602,6 +612,23 @@ impl Client {
                             self.inner.changed.send_modify(|count| *count += 1);
                         }
                         self.refetch();
+                    }
+                    // A small payload pushed ahead of the Assign naming it: kept for the fetch
+                    // that Assign starts (it is verified there like any other).
+                    Some(Message::TransferStart(start)) => pushed_start = Some(start),
+                    Some(Message::TransferChunk(chunk)) => {
+                        if let Some(start) = pushed_start.take()
+                            && chunk.payload_digest == start.payload_digest
+                            && chunk.offset == 0
+                            && chunk.bytes.len() as u64 == start.payload_size
+                            && start.payload_size <= PUSHED_MAX
+                        {
+                            let mut pushed = self.inner.pushed.lock().unwrap_or_else(|e| e.into_inner());
+                            if pushed.len() >= PUSHED_KEPT {
+                                pushed.clear();
+                            }
+                            pushed.insert(start.snapshot, (start, chunk.bytes));
+                        }
                     }
                     Some(Message::Ack(ack)) => {
                         self.with_state(move |state| state.acknowledge(ack.sequence)).await?;
@@ -716,6 +743,22 @@ impl Client {
         connection: &quinn::Connection,
         assignment: &Assignment,
     ) -> Result<(), TransferError> {
+        let pushed = self
+            .inner
+            .pushed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&assignment.digest);
+        if let Some((start, payload)) = pushed {
+            match self.install_pushed(assignment, start, payload).await {
+                Ok(()) => return Ok(()),
+                // Not usable (a base this agent no longer holds, say): fetched as usual.
+                Err(TransferError::Rejected(reason)) => {
+                    tracing::debug!(bundle = %assignment.bundle, %reason, "pushed payload not used; fetching");
+                }
+                Err(error) => return Err(error),
+            }
+        }
         let (bundle, wanted) = (assignment.bundle.clone(), assignment.digest);
         let lookup = bundle.clone();
         let (held, partial, trust, installed) = self
@@ -760,29 +803,9 @@ impl Client {
             }
         };
         // The header is checked before any payload byte is kept.
-        let expect = Expectation {
-            bundle: &bundle,
-            assigned_digest: Some(wanted),
-            installed,
-        };
-        let header = verify_header(&trust, &start.header, &start.signature, &expect)
-            .map_err(|error| TransferError::Rejected(error.to_string()))?;
-        let reference = match start.encoding {
-            PayloadEncoding::Whole => None,
-            PayloadEncoding::Delta { base } => {
-                let lookup = bundle.clone();
-                let snapshot = self
-                    .with_state(move |state| state.load_snapshot(&lookup, &base))
-                    .await?
-                    .ok_or_else(|| {
-                        TransferError::Rejected(format!(
-                            "delta against {} which this agent does not hold",
-                            base.short()
-                        ))
-                    })?;
-                Some(snapshot.body().clone())
-            }
-        };
+        let (header, reference) = self
+            .check_start(&bundle, wanted, &start, &trust, installed)
+            .await?;
         let continuing = partial.as_ref().is_some_and(|partial| {
             partial.payload_digest == start.payload_digest
                 && partial.received == start.offset
@@ -872,6 +895,86 @@ impl Client {
                 .fetch_add(length, Ordering::Relaxed);
         }
         let payload = self.with_state(move |state| state.payload(&wanted)).await?;
+        self.install_payload(bundle, wanted, header, &start, payload, reference)
+            .await
+    }
+
+    /// Checks a transfer's signed header against the assignment and what is installed, and
+    /// finds the delta's base body among the held snapshots.
+    async fn check_start(
+        &self,
+        bundle: &str,
+        wanted: outpost_proto::Digest,
+        start: &TransferStart,
+        trust: &outpost_proto::TrustStore,
+        installed: Option<outpost_proto::Installed>,
+    ) -> Result<(outpost_proto::VerifiedHeader, Option<outpost_proto::Body>), TransferError> {
+        let expect = Expectation {
+            bundle,
+            assigned_digest: Some(wanted),
+            installed,
+        };
+        let header = verify_header(trust, &start.header, &start.signature, &expect)
+            .map_err(|error| TransferError::Rejected(error.to_string()))?;
+        let reference = match start.encoding {
+            PayloadEncoding::Whole => None,
+            PayloadEncoding::Delta { base } => {
+                let lookup = bundle.to_owned();
+                let snapshot = self
+                    .with_state(move |state| state.load_snapshot(&lookup, &base))
+                    .await?
+                    .ok_or_else(|| {
+                        TransferError::Rejected(format!(
+                            "delta against {} which this agent does not hold",
+                            base.short()
+                        ))
+                    })?;
+                Some(snapshot.body().clone())
+            }
+        };
+        Ok((header, reference))
+    }
+
+    /// Installs a payload the hub pushed with its assignment: checked like a fetched one, not
+    /// kept as a download (it came whole, in one chunk).
+    async fn install_pushed(
+        &self,
+        assignment: &Assignment,
+        start: TransferStart,
+        payload: Vec<u8>,
+    ) -> Result<(), TransferError> {
+        let (bundle, wanted) = (assignment.bundle.clone(), assignment.digest);
+        if start.snapshot != wanted || start.offset != 0 {
+            return Err(TransferError::Rejected(
+                "pushed for another snapshot".to_owned(),
+            ));
+        }
+        let lookup = bundle.clone();
+        let (trust, installed) = self
+            .with_state(move |state| Ok((state.trust_store()?, state.installed(&lookup)?)))
+            .await?;
+        let (header, reference) = self
+            .check_start(&bundle, wanted, &start, &trust, installed)
+            .await?;
+        self.inner
+            .counters
+            .payload_bytes
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        self.install_payload(bundle, wanted, header, &start, payload, reference)
+            .await
+    }
+
+    /// Verifies a whole payload against its checked header and installs the snapshot.
+    async fn install_payload(
+        &self,
+        bundle: String,
+        wanted: outpost_proto::Digest,
+        header: outpost_proto::VerifiedHeader,
+        start: &TransferStart,
+        payload: Vec<u8>,
+        reference: Option<outpost_proto::Body>,
+    ) -> Result<(), TransferError> {
+        let size = start.payload_size;
         // Hashing and decompressing up to 256 MiB: off the runtime thread, so the link (acks,
         // keep-alives) and the reconcile loop go on meanwhile.
         let payload_digest = start.payload_digest;

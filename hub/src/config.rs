@@ -16,6 +16,7 @@
 //! key_rotation_grace_seconds = 300         # a new signing key is offered this long first
 //! api_writes_per_second = 10               # per API token (bursts of five times that)
 //! offline_after = "30m"                    # an agent not heard of this long: agent-offline event
+//! push_payloads = true                     # small updates travel with the assignment (default)
 //! kustomize = "/usr/local/bin/kustomize"   # builds kustomize bundles; default: kustomize, else
 //!                                          # kubectl, on PATH
 //!
@@ -58,7 +59,8 @@
 //!
 //! Environment overrides: `OUTPOST_HUB_STORE`, `OUTPOST_HUB_DATA_DIR`, `OUTPOST_HUB_KEY_DIR`,
 //! `OUTPOST_HUB_POLL_INTERVAL_SECONDS`, `OUTPOST_HUB_LISTEN_ADMIN`, `OUTPOST_HUB_LISTEN_AGENTS`,
-//! `OUTPOST_HUB_LISTEN_HOOKS`, `OUTPOST_HUB_INSECURE_ADMIN` (`true`/`false`).
+//! `OUTPOST_HUB_LISTEN_HOOKS`, `OUTPOST_HUB_INSECURE_ADMIN` (`true`/`false`),
+//! `OUTPOST_HUB_PUSH_PAYLOADS` (`true`/`false`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -108,6 +110,9 @@ pub struct Config {
     pub notify: Vec<crate::notify::Receiver>,
     /// An agent not heard of for this long is recorded as offline (`agent-offline`); none: never.
     pub offline_after: Option<Duration>,
+    /// Push payloads up to 64 KiB ahead of the assignment that names them (the default); with
+    /// `false` every agent fetches what it is assigned.
+    pub push_payloads: bool,
     /// Git sources.
     pub sources: Vec<SourceConfig>,
 }
@@ -202,6 +207,7 @@ struct RawConfig {
     insecure_admin: Option<bool>,
     snapshot_lifetime: Option<String>,
     offline_after: Option<String>,
+    push_payloads: Option<bool>,
     signing_certificate_days: Option<u64>,
     key_rotation_grace_seconds: Option<u64>,
     api_writes_per_second: Option<f64>,
@@ -305,6 +311,15 @@ impl Config {
         }
         if let Some(value) = env("OUTPOST_HUB_LISTEN_HOOKS") {
             raw.listen.hooks = Some(value);
+        }
+        if let Some(value) = env("OUTPOST_HUB_PUSH_PAYLOADS") {
+            match value.as_str() {
+                "true" | "1" => raw.push_payloads = Some(true),
+                "false" | "0" => raw.push_payloads = Some(false),
+                _ => problems.push(format!(
+                    "OUTPOST_HUB_PUSH_PAYLOADS={value:?}: write true or false"
+                )),
+            }
         }
         if let Some(value) = env("OUTPOST_HUB_INSECURE_ADMIN") {
             match value.as_str() {
@@ -614,6 +629,7 @@ impl Config {
             sources,
             notify,
             offline_after,
+            push_payloads: raw.push_payloads.unwrap_or(true),
         })
     }
 

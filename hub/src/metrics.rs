@@ -92,6 +92,7 @@ pub struct HubMetrics {
     bytes_sent: Family<EncodingLabel, Counter>,
     transfers: Family<EncodingLabel, Counter>,
     status_reports: Counter,
+    pushed: Counter,
     drift_objects: Family<DriftLabels, Counter>,
     sessions: Counter,
     store_seconds: Family<OperationLabel, Histogram>,
@@ -118,6 +119,7 @@ impl HubMetrics {
             bytes_sent: Family::default(),
             transfers: Family::default(),
             status_reports: Counter::default(),
+            pushed: Counter::default(),
             drift_objects: Family::default(),
             sessions: Counter::default(),
             store_seconds: Family::new_with_constructor(seconds),
@@ -171,6 +173,11 @@ impl HubMetrics {
             "status_reports",
             "Status reports received from agents",
             metrics.status_reports.clone(),
+        );
+        metrics.registry.register(
+            "payloads_pushed",
+            "Payloads pushed ahead of the assignment that names them (no fetch round trip)",
+            metrics.pushed.clone(),
         );
         metrics.registry.register(
             "drift_objects",
@@ -252,6 +259,11 @@ impl HubMetrics {
     /// `count` status reports arrived.
     pub fn status_reports(&self, count: usize) {
         self.status_reports.inc_by(count as u64);
+    }
+
+    /// A payload was pushed with its assignment.
+    pub fn pushed(&self) {
+        self.pushed.inc();
     }
 
     /// An agent reported `objects` drifted objects of `bundle`.

@@ -59,6 +59,7 @@ pub(crate) fn serve(config: &Config) -> Result<()> {
     settings.retention_every = Some(config.retention_every);
     settings.notify = config.notify.clone();
     settings.offline_after = config.offline_after;
+    settings.service.push_payloads = config.push_payloads;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let quic = server_config(keys.transport(), &Tuning::default())

@@ -25,7 +25,7 @@ use outpost_proto::transport::{MessageReader, SERVER_NAME, Tuning, client_config
 use outpost_proto::verify::{Expectation, Installed, verify_header};
 use outpost_proto::wire::{
     Assignment, BundleStatus, Enrol, ErrorCode, Fetch, HeldSnapshot, Hello, Message,
-    PayloadEncoding, Phase, StatusReport,
+    PayloadEncoding, Phase, StatusReport, TransferStart,
 };
 use outpost_proto::{Digest, PublicKey, SignedKeyCertificate, SigningKey, TrustStore};
 use serde_json::{Value, json};
@@ -399,6 +399,8 @@ pub struct Shared {
     busy: AtomicU64,
     failures: AtomicU64,
     installs: AtomicU64,
+    /// Of them, from a payload the hub pushed with the assignment.
+    pushed: AtomicU64,
     payload_bytes: AtomicU64,
 }
 
@@ -415,6 +417,7 @@ impl Shared {
             busy: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             installs: AtomicU64::new(0),
+            pushed: AtomicU64::new(0),
             payload_bytes: AtomicU64::new(0),
         })
     }
@@ -698,6 +701,8 @@ async fn control(
     reader: &mut MessageReader,
     shared: &Shared,
 ) -> SessionEnd {
+    // A payload the hub pushed ahead of the Assign naming it: start, and the chunk once it came.
+    let mut pushed: Option<(TransferStart, Option<Vec<u8>>)> = None;
     loop {
         let message = match reader.next().await {
             Ok(Some(message)) => message,
@@ -728,7 +733,14 @@ async fn control(
                     if held {
                         continue;
                     }
-                    match fetch(agent, connection, &assignment, shared).await {
+                    let installed = match pushed.take() {
+                        Some((start, Some(payload))) if start.snapshot == assignment.digest => {
+                            shared.pushed.fetch_add(1, Ordering::Relaxed);
+                            install(agent, &assignment, &start, payload, shared)
+                        }
+                        _ => fetch(agent, connection, &assignment, shared).await,
+                    };
+                    match installed {
                         Ok(()) => {
                             agent.outbox += 1;
                             let report = Message::StatusReport(StatusReport {
@@ -755,6 +767,15 @@ async fn control(
                 agent.sequence = assign.sequence;
             }
             Message::Error(error) => return refused(&error),
+            Message::TransferStart(start) => pushed = Some((start, None)),
+            Message::TransferChunk(chunk) => {
+                if let Some((start, payload)) = &mut pushed
+                    && chunk.payload_digest == start.payload_digest
+                    && chunk.offset == 0
+                {
+                    *payload = Some(chunk.bytes);
+                }
+            }
             Message::Ack(_) => {}
             _ => {}
         }
@@ -785,6 +806,24 @@ async fn fetch(
         Some(Message::TransferStart(start)) => start,
         other => return Err(format!("expected TransferStart, got {other:?}")),
     };
+    let mut payload = Vec::with_capacity(start.payload_size as usize);
+    while (payload.len() as u64) < start.payload_size {
+        match reader.next().await.map_err(|error| error.to_string())? {
+            Some(Message::TransferChunk(chunk)) => payload.extend_from_slice(&chunk.bytes),
+            other => return Err(format!("expected a chunk, got {other:?}")),
+        }
+    }
+    install(agent, assignment, &start, payload, shared)
+}
+
+/// Verifies a transfer's header and payload (fetched or pushed) and holds the snapshot.
+fn install(
+    agent: &mut LoadAgent,
+    assignment: &Assignment,
+    start: &TransferStart,
+    payload: Vec<u8>,
+    shared: &Shared,
+) -> Result<(), String> {
     let installed = agent
         .held
         .get(&assignment.bundle)
@@ -806,13 +845,6 @@ async fn fetch(
         )
         .map_err(|error| error.to_string())?
     };
-    let mut payload = Vec::with_capacity(start.payload_size as usize);
-    while (payload.len() as u64) < start.payload_size {
-        match reader.next().await.map_err(|error| error.to_string())? {
-            Some(Message::TransferChunk(chunk)) => payload.extend_from_slice(&chunk.bytes),
-            other => return Err(format!("expected a chunk, got {other:?}")),
-        }
-    }
     shared
         .payload_bytes
         .fetch_add(payload.len() as u64, Ordering::Relaxed);
@@ -1108,9 +1140,10 @@ pub fn run(options: &LoadOptions) -> Result<LoadReport> {
     let propagate = propagate_started.elapsed();
     let end = process_figures(hub.pid)?;
     eprintln!(
-        "load: generation {} on all {total} agents {:.1} s after the fetch request; {} busy answers, {} failed sessions retried, {} payload bytes",
+        "load: generation {} on all {total} agents {:.1} s after the fetch request ({} of the payloads pushed with the assignment); {} busy answers, {} failed sessions retried, {} payload bytes",
         second.0,
         propagate.as_secs_f64(),
+        shared.pushed.load(Ordering::Relaxed),
         shared.busy.load(Ordering::Relaxed),
         shared.failures.load(Ordering::Relaxed),
         shared.payload_bytes.load(Ordering::Relaxed),

@@ -194,6 +194,46 @@ async fn an_agent_gets_only_what_is_assigned_to_it() {
     assert_ne!(id_a, id_b);
 }
 
+/// A new snapshot of a bundle the agent runs travels with its assignment (no fetch round
+/// trip); when the agent lacks the pushed delta's base it fetches as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_updates_are_pushed_with_the_assignment_and_a_missing_base_means_a_fetch() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let hub = TestHub::start(options(), &Tuning::default()).await;
+    let dirs = tempfile::tempdir().unwrap();
+    let (agent, id) = TestAgent::enrolled(dirs.path(), &hub, hub.address, quick_options(12)).await;
+    let pushed = || hub.service.counters().pushed.load(Relaxed);
+    let v1 = hub.publish("app", APP);
+    hub.assign(&id, "app", v1);
+    within(20, "v1", agent.holds(v1)).await;
+    assert_eq!(pushed(), 0, "the first snapshot of a bundle is fetched");
+    let bytes = || agent.client.counters().payload_bytes.load(Relaxed);
+    let before = bytes();
+    let v2 = hub.publish("app", &APP.replace("\"1\"", "\"2\""));
+    hub.assign(&id, "app", v2);
+    within(20, "v2", agent.holds(v2)).await;
+    assert_eq!(pushed(), 1);
+    assert!(
+        bytes() - before < 1024,
+        "a delta: {} bytes",
+        bytes() - before
+    );
+
+    // The agent no longer holds v2 (the push's base): the pushed v3 cannot be used.
+    let digest = v2.digest;
+    agent
+        .client
+        .with_state(move |state| state.drop_snapshot("app", &digest))
+        .await
+        .unwrap();
+    let v3 = hub.publish("app", &APP.replace("\"1\"", "\"3\""));
+    hub.assign(&id, "app", v3);
+    within(20, "v3, fetched", agent.holds(v3)).await;
+    assert_eq!(pushed(), 2, "pushed, and not used");
+    let rejected = agent.client.counters().rejected.load(Relaxed);
+    assert_eq!(rejected, 0, "an unusable push is not a rejected transfer");
+}
+
 /// Opens a raw protocol connection with `dir`'s agent key and says Hello; returns the
 /// connection and the control stream (reader and writer).
 async fn raw_session(

@@ -91,6 +91,8 @@ pub struct ServiceOptions {
     /// Enrolments handled at once; beyond that, and after a second's wait, new ones are told
     /// the hub is busy and when to come back (an enrolment storm is spread out, not dropped).
     pub max_enrolling: usize,
+    /// Push payloads up to [`PUSH_LIMIT`] ahead of the `Assign` that names them.
+    pub push_payloads: bool,
 }
 
 impl Default for ServiceOptions {
@@ -104,6 +106,7 @@ impl Default for ServiceOptions {
             reports_per_second: 20.0,
             fetches_per_second: 2.0,
             max_enrolling: 256,
+            push_payloads: true,
         }
     }
 }
@@ -121,6 +124,8 @@ pub struct ServiceCounters {
     pub throttled: AtomicU64,
     /// Enrolments told to come back later.
     pub busy: AtomicU64,
+    /// Payloads pushed ahead of their assignment.
+    pub pushed: AtomicU64,
     /// Times a session read its agent and assignments again (at its start, and when the bus
     /// named its agent or the whole fleet).
     pub session_reads: AtomicU64,
@@ -872,13 +877,33 @@ async fn push_assignments(
         return Ok(true);
     }
     if *sent_sequence != Some(assignments.sequence) {
+        let first_send = sent_sequence.is_none();
         *sent_sequence = Some(assignments.sequence);
-        {
+        // Bundles whose snapshot moved since the last Assign of this session: their new
+        // payload goes ahead of the Assign, against the snapshot the agent was running.
+        let changed: Vec<(crate::store::AssignmentRow, Digest)> = {
             let mut view = view.lock().unwrap_or_else(|e| e.into_inner());
+            let changed = match first_send {
+                true => Vec::new(),
+                false => assignments
+                    .entries
+                    .iter()
+                    .filter_map(|row| {
+                        let before = view.assigned.iter().find(|old| old.bundle == row.bundle)?;
+                        (before.digest != row.digest
+                            && view.bases.contains(&(row.bundle.clone(), before.digest)))
+                        .then(|| (row.clone(), before.digest))
+                    })
+                    .collect(),
+            };
             for row in &assignments.entries {
                 view.bases.insert((row.bundle.clone(), row.digest));
             }
             view.assigned = assignments.entries.clone();
+            changed
+        };
+        if !changed.is_empty() && service.options.push_payloads {
+            push_payloads(service, send, changed).await?;
         }
         let assign = Assign {
             sequence: assignments.sequence,
@@ -1011,38 +1036,12 @@ async fn serve_fetch(
         );
         return error_reply(&mut send, ErrorCode::NotAssigned, message).await;
     };
-    let Some((header, signature)) = service.signed_header(&row.bundle, row.generation).await?
-    else {
+    let Some((header, signature, payload)) = prepare_transfer(service, &row, base).await? else {
         let message = format!("the hub no longer holds snapshot {}", wanted.short());
         return error_reply(&mut send, ErrorCode::UnknownSnapshot, message).await;
     };
     let bundle = row.bundle.clone();
-    let store = service.store.clone();
-    let load_bundle = bundle.clone();
-    let (payload, compressed) = service
-        .payloads
-        .get(wanted, base, move || {
-            let body = |digest: &Digest| -> Result<Option<Vec<u8>>, String> {
-                store
-                    .snapshot_body(&load_bundle, digest)
-                    .map_err(|error| error.to_string())
-            };
-            Ok(Bodies {
-                target: body(&wanted)?
-                    .ok_or_else(|| format!("snapshot {} vanished", wanted.short()))?,
-                // A base the hub no longer has: the payload is the whole body.
-                base: match &base {
-                    Some(base) => body(base)?,
-                    None => None,
-                },
-            })
-        })
-        .await?;
-    let encoding = match payload.encoding {
-        outpost_proto::wire::PayloadEncoding::Whole => "whole",
-        outpost_proto::wire::PayloadEncoding::Delta { .. } => "delta",
-    };
-    service.metrics.payload_lookup(encoding, compressed);
+    let encoding = encoding_name(&payload);
     service.metrics.transfer(encoding);
     let size = payload.bytes.len() as u64;
     let offset = match fetch.resume {
@@ -1086,6 +1085,106 @@ async fn serve_fetch(
     }
     let _ = send.finish();
     let _ = send.stopped().await;
+    Ok(())
+}
+
+/// The label of a payload's encoding.
+fn encoding_name(payload: &Payload) -> &'static str {
+    match payload.encoding {
+        outpost_proto::wire::PayloadEncoding::Whole => "whole",
+        outpost_proto::wire::PayloadEncoding::Delta { .. } => "delta",
+    }
+}
+
+/// The signed header and the payload (against `base`, or whole) of an assigned snapshot;
+/// `None` when the hub no longer holds it.
+async fn prepare_transfer(
+    service: &Arc<AgentService>,
+    row: &crate::store::AssignmentRow,
+    base: Option<Digest>,
+) -> Result<Option<(Vec<u8>, Vec<u8>, Arc<Payload>)>, ServeError> {
+    let Some((header, signature)) = service.signed_header(&row.bundle, row.generation).await?
+    else {
+        return Ok(None);
+    };
+    let wanted = row.digest;
+    let store = service.store.clone();
+    let load_bundle = row.bundle.clone();
+    let (payload, compressed) = service
+        .payloads
+        .get(wanted, base, move || {
+            let body = |digest: &Digest| -> Result<Option<Vec<u8>>, String> {
+                store
+                    .snapshot_body(&load_bundle, digest)
+                    .map_err(|error| error.to_string())
+            };
+            Ok(Bodies {
+                target: body(&wanted)?
+                    .ok_or_else(|| format!("snapshot {} vanished", wanted.short()))?,
+                // A base the hub no longer has: the payload is the whole body.
+                base: match &base {
+                    Some(base) => body(base)?,
+                    None => None,
+                },
+            })
+        })
+        .await?;
+    service
+        .metrics
+        .payload_lookup(encoding_name(&payload), compressed);
+    Ok(Some((header, signature, payload)))
+}
+
+/// Payloads up to this size are pushed on the control stream ahead of the `Assign` that
+/// names them, when the agent's assignment of the bundle moved from a snapshot it was sent
+/// before (the delta base): the agent installs without a round trip of its own.
+pub const PUSH_LIMIT: usize = 64 << 10;
+
+/// Pushes the payloads of `changed` (each with the digest the agent was assigned before, its
+/// likely delta base) that fit [`PUSH_LIMIT`] in one chunk, ahead of the `Assign`. An agent
+/// that cannot use one (it lacks the base) fetches as usual.
+async fn push_payloads(
+    service: &Arc<AgentService>,
+    send: &mut quinn::SendStream,
+    changed: Vec<(crate::store::AssignmentRow, Digest)>,
+) -> Result<(), ServeError> {
+    for (row, base) in changed {
+        let Some((header, signature, payload)) =
+            prepare_transfer(service, &row, Some(base)).await?
+        else {
+            continue;
+        };
+        if payload.bytes.len() > PUSH_LIMIT.min(outpost_proto::wire::MAX_CHUNK_SIZE) {
+            continue;
+        }
+        let encoding = encoding_name(&payload);
+        send_message(
+            send,
+            &Message::TransferStart(TransferStart {
+                snapshot: row.digest,
+                header,
+                signature,
+                encoding: payload.encoding,
+                payload_size: payload.bytes.len() as u64,
+                payload_digest: payload.digest,
+                offset: 0,
+            }),
+        )
+        .await?;
+        send_message(
+            send,
+            &Message::TransferChunk(TransferChunk {
+                payload_digest: payload.digest,
+                offset: 0,
+                bytes: payload.bytes.clone(),
+            }),
+        )
+        .await?;
+        service.metrics.transfer(encoding);
+        service.metrics.pushed();
+        service.counters.pushed.fetch_add(1, Ordering::Relaxed);
+        service.metrics.sent(encoding, payload.bytes.len());
+    }
     Ok(())
 }
 
