@@ -409,6 +409,10 @@ fn status(state_dir: &Path, output: Output) -> Result<()> {
         .collect::<Result<_, _>>()?;
     let outbox = state.outbox_len()?;
     let statuses = state.last_statuses()?;
+    let drift_left: Vec<bool> = statuses
+        .iter()
+        .map(|s| Ok(state.drift_left(&s.bundle)?.is_some()))
+        .collect::<Result<_, outpost_agent::state::StateError>>()?;
     let inventory = state.inventory_len()?;
     let trust = match &enrolment {
         Some(_) => Some(state.trust_store()?),
@@ -450,10 +454,11 @@ fn status(state_dir: &Path, output: Output) -> Result<()> {
         "applied_objects": inventory,
         "signing_keys": signing_keys,
         "revocations_version": revocations,
-        "bundles": statuses.iter().map(|s| serde_json::json!({
+        "bundles": statuses.iter().zip(&drift_left).map(|(s, drift)| serde_json::json!({
             "bundle": s.bundle, "generation": s.generation, "snapshot": s.digest.to_hex(),
             "phase": format!("{:?}", s.phase), "ready": s.objects_ready, "total": s.objects_total,
             "message": s.message, "observed_at": s.observed_at, "stale": s.stale,
+            "drift_left": drift,
         })).collect::<Vec<_>>(),
     });
     match output {
@@ -528,9 +533,9 @@ fn status(state_dir: &Path, output: Output) -> Result<()> {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |elapsed| elapsed.as_secs() as i64);
-            for s in &statuses {
+            for (s, drift) in statuses.iter().zip(&drift_left) {
                 println!(
-                    "  {:<24} generation {:<6} {:<9} {}/{} ready, {}{}{}",
+                    "  {:<24} generation {:<6} {:<9} {}/{} ready, {}{}{}{}",
                     s.bundle,
                     s.generation,
                     format!("{:?}", s.phase),
@@ -538,6 +543,11 @@ fn status(state_dir: &Path, output: Output) -> Result<()> {
                     s.objects_total,
                     outpost_proto::time::age(s.observed_at, now),
                     if s.stale { " (stale)" } else { "" },
+                    if *drift {
+                        " (drift left in place: drift: report)"
+                    } else {
+                        ""
+                    },
                     if s.message.is_empty() {
                         String::new()
                     } else {

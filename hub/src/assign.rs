@@ -4,7 +4,10 @@
 //!
 //! Incremental: [`assign_tracked`] recomputes every agent (when the tracked ref moved or the
 //! releases there changed); [`assign_agents`] only the agents named (an enrolment, a label
-//! change). Each writes only the rows that change.
+//! change). Each writes only the rows that change, [`CHUNK`] agents per transaction, and
+//! names the agents of each chunk as soon as it is stored: at fleet scale the first agents
+//! install while the rest are still being assigned. A hub stopped half-way writes the rest at
+//! its next start (every start recomputes every agent).
 //!
 //! Failures never unassign: if the tracked ref is missing, the bundle definitions do not parse,
 //! or an agent's variant did not render at the new commit, agents keep what they were assigned.
@@ -19,6 +22,12 @@ use crate::git::GitSource;
 use crate::store::{AssignmentRow, HubStore};
 use crate::sync::SyncError;
 use crate::variants;
+
+/// Agents whose assignments one transaction writes.
+pub const CHUNK: usize = 5_000;
+
+/// Told the agents of each chunk of assignments once it is stored.
+pub type OnChanged<'a> = &'a mut dyn FnMut(&[String]);
 
 /// The origin recorded for assignments that follow `url`'s tracked ref.
 pub fn track_origin(url: &str) -> String {
@@ -75,6 +84,7 @@ fn released(
 
 /// Writes the tracked assignments of `agents` for `definitions`; `everyone` means `agents` is
 /// the whole fleet (agents assigned before and not listed lose the bundle).
+#[allow(clippy::too_many_arguments)]
 fn write(
     store: &dyn HubStore,
     origin: &str,
@@ -83,8 +93,22 @@ fn write(
     agents: &[(String, BTreeMap<String, String>)],
     everyone: bool,
     now: i64,
+    chunk_size: usize,
+    on_changed: OnChanged<'_>,
 ) -> Result<Vec<String>, SyncError> {
     let mut changed = BTreeSet::new();
+    let mut set = |bundle: &str,
+                   wanted: &[AssignmentRow],
+                   unassign: &[String],
+                   changed: &mut BTreeSet<String>|
+     -> Result<(), SyncError> {
+        let written = store.set_tracked(origin, bundle, wanted, unassign, now)?;
+        if !written.is_empty() {
+            on_changed(&written);
+        }
+        changed.extend(written);
+        Ok(())
+    };
     for definition in definitions {
         let mut wanted = Vec::new();
         let mut selected = BTreeSet::new();
@@ -120,7 +144,12 @@ fn write(
                 .filter(|agent| !selected.contains(agent))
                 .collect();
         }
-        changed.extend(store.set_tracked(origin, &definition.name, &wanted, &unassign, now)?);
+        for chunk in wanted.chunks(chunk_size.max(1)) {
+            set(&definition.name, chunk, &[], &mut changed)?;
+        }
+        for chunk in unassign.chunks(chunk_size.max(1)) {
+            set(&definition.name, &[], chunk, &mut changed)?;
+        }
     }
     if everyone {
         // A bundle that is gone from the repository is gone from its agents.
@@ -128,7 +157,9 @@ fn write(
         for bundle in store.bundles_assigned_by(origin)? {
             if !names.contains(bundle.as_str()) {
                 let agents = store.assigned_by(origin, &bundle)?;
-                changed.extend(store.set_tracked(origin, &bundle, &[], &agents, now)?);
+                for chunk in agents.chunks(chunk_size.max(1)) {
+                    set(&bundle, &[], chunk, &mut changed)?;
+                }
             }
         }
     }
@@ -136,12 +167,13 @@ fn write(
 }
 
 /// Recomputes the tracked assignments of every agent for `source`; returns the agents whose
-/// assignments changed.
+/// assignments changed (and tells `on_changed` each chunk of them as it is stored).
 pub fn assign_tracked(
     store: &dyn HubStore,
     source: &GitSource,
     track: &str,
     now: i64,
+    on_changed: OnChanged<'_>,
 ) -> Result<Vec<String>, SyncError> {
     let url = source.url().to_owned();
     let Some((commit, definitions)) = tracked(source, track)? else {
@@ -157,17 +189,20 @@ pub fn assign_tracked(
         &agents,
         true,
         now,
+        CHUNK,
+        on_changed,
     )
 }
 
 /// Computes the tracked assignments of the agents named only (new, or relabelled); returns
-/// those whose assignments changed.
+/// those whose assignments changed (and tells `on_changed` each chunk of them).
 pub fn assign_agents(
     store: &dyn HubStore,
     source: &GitSource,
     track: &str,
     ids: &[String],
     now: i64,
+    on_changed: OnChanged<'_>,
 ) -> Result<Vec<String>, SyncError> {
     if ids.is_empty() {
         return Ok(Vec::new());
@@ -186,5 +221,67 @@ pub fn assign_agents(
         &agents,
         false,
         now,
+        CHUNK,
+        on_changed,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{FleetStore, SqliteStore, Store};
+
+    #[test]
+    fn assignments_are_written_and_announced_a_chunk_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+        let mut agents = Vec::new();
+        for seed in 0..7u8 {
+            let token = Digest::of(&[seed, 0xee]);
+            store
+                .create_token(&token, &BTreeMap::new(), "ops", 100, 10_000)
+                .unwrap();
+            let agent = store.enrol(&token, &[seed; 32], 100).unwrap().unwrap();
+            agents.push((agent.id, BTreeMap::new()));
+        }
+        let definitions = bundles::implicit_bundles(&["pos/app.yaml".to_owned()]);
+        let released: Released = [(("pos".to_owned(), String::new()), (1, Digest::of(b"v1")))]
+            .into_iter()
+            .collect();
+        let mut announced: Vec<usize> = Vec::new();
+        let changed = write(
+            &store,
+            "track:repo",
+            &definitions,
+            &released,
+            &agents,
+            true,
+            200,
+            3,
+            &mut |chunk: &[String]| announced.push(chunk.len()),
+        )
+        .unwrap();
+        assert_eq!(announced, [3, 3, 1]);
+        assert_eq!(changed.len(), 7);
+        for (agent, _) in &agents {
+            let assigned = store.assignments(agent).unwrap();
+            assert_eq!(assigned.entries.len(), 1, "{agent}");
+            assert_eq!(assigned.sequence, 1);
+        }
+        // Nothing changed: nothing written, nothing announced.
+        announced.clear();
+        let again = write(
+            &store,
+            "track:repo",
+            &definitions,
+            &released,
+            &agents,
+            true,
+            300,
+            3,
+            &mut |chunk: &[String]| announced.push(chunk.len()),
+        )
+        .unwrap();
+        assert!(again.is_empty() && announced.is_empty());
+    }
 }

@@ -693,7 +693,7 @@ fn run(config: &Config) -> Result<()> {
         let report = sync_source(store, &keys, &git, now)
             .with_context(|| format!("syncing {}", source.name))?;
         print_report(&report);
-        outpost_hub::assign::assign_tracked(store, &git, &source.track_in(&git), now)
+        outpost_hub::assign::assign_tracked(store, &git, &source.track_in(&git), now, &mut |_| {})
             .with_context(|| format!("assigning {}", source.name))?;
         any_failed |= report.fetch_error.is_some();
     }

@@ -536,6 +536,7 @@ async fn source_loop(
             metrics.clone(),
         );
         let (everyone, tracked_before) = (assign_everyone, tracked.clone());
+        let waking = changes.clone();
         let synced = blocking(move || {
             let now = clock();
             // The configured ref, or the remote's default branch as just fetched.
@@ -550,11 +551,13 @@ async fn source_loop(
                 })
                 .and_then(|report| {
                     let moved = tracked_before.as_deref() != Some(track.as_str());
+                    // Each chunk's agents are woken as soon as it is stored.
+                    let mut wake = |agents: &[String]| waking.agents_changed(agents);
                     timing.time("assign", || {
                         if everyone || moved || report.changed_refs.contains(&track) {
-                            assign_tracked(&*store, &syncing, &track, now)
+                            assign_tracked(&*store, &syncing, &track, now, &mut wake)
                         } else {
-                            assign_agents(&*store, &syncing, &track, &agents, now)
+                            assign_agents(&*store, &syncing, &track, &agents, now, &mut wake)
                         }
                     })
                 });
@@ -573,7 +576,6 @@ async fn source_loop(
                         if !changed.is_empty() {
                             metrics.assignments_changed("sync", changed.len());
                             tracing::info!(source = %name, agents = changed.len(), "assignments changed");
-                            changes.agents_changed(&changed);
                         }
                     }
                     Err(error) => {

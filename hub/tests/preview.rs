@@ -94,7 +94,14 @@ fn a_preview_shows_waves_variants_and_field_changes_and_writes_nothing() {
     }
     let source = GitSource::open_or_init(&upstream.url(), &data.path().join("mirror")).unwrap();
     sync_source(&store, &keys, &source, 1_800_000_100).unwrap();
-    assign_tracked(&store, &source, "refs/heads/stable", 1_800_000_100).unwrap();
+    assign_tracked(
+        &store,
+        &source,
+        "refs/heads/stable",
+        1_800_000_100,
+        &mut |_| {},
+    )
+    .unwrap();
     let mut definitions_at = |_: &str, commit: &str| {
         outpost_hub::bundles::bundles_at(&source, commit).map_err(|error| error.to_string())
     };

@@ -268,7 +268,14 @@ fn drift_from_an_agent_process_reaches_the_cli_the_fleet_page_metrics_and_a_webh
             && table.contains("kubectl-edit"),
         "{table}"
     );
-    // Left in place, through many drift passes.
+    // Left in place, through many drift passes; the device says so too.
+    let status = outpost_e2e::processes::run(
+        &agent_bin,
+        &["status", "--output", "json"],
+        &[("OUTPOST_AGENT_STATE_DIR", state.display().to_string())],
+    );
+    let status: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["bundles"][0]["drift_left"], true, "{status}");
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(value().as_deref(), Some("hand-edited"));
     assert_eq!(drift().as_array().unwrap().len(), 1, "reported once");

@@ -92,6 +92,7 @@ fn routes(agent: &str) -> Vec<(&'static str, String, Option<&'static str>, Value
         "/api/v1/rollouts",
         "/api/v1/rollouts/99",
         "/api/v1/preview?bundle=shop&tag=v1",
+        "/api/v1/drift",
     ] {
         routes.push(("GET", path.to_owned(), Some("viewer"), no_body.clone()));
     }
