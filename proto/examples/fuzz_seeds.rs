@@ -6,7 +6,10 @@
 use std::path::Path;
 
 use outpost_proto::compress::{compress_delta, compress_whole};
-use outpost_proto::wire::{Ack, HeldSnapshot, Hello, Message, StatusReport, encode_frame};
+use outpost_proto::wire::{
+    Ack, BundleDrift, DriftAction, DriftReport, FieldDrift, HeldSnapshot, Hello, Message,
+    ObjectDrift, StatusReport, encode_frame,
+};
 use outpost_proto::{Digest, SnapshotHeader};
 
 fn write(target: &str, name: &str, bytes: &[u8]) {
@@ -32,7 +35,38 @@ fn main() {
         bundles: Vec::new(),
     });
     let ack = Message::Ack(Ack { sequence: 9 });
-    for (name, message) in [("hello", hello), ("report", report), ("ack", ack)] {
+    let drift = Message::Drift(DriftReport {
+        sequence: 10,
+        bundles: vec![BundleDrift {
+            bundle: "shop".to_owned(),
+            digest: Digest([7; 32]),
+            generation: 2,
+            action: DriftAction::Left,
+            objects: vec![ObjectDrift {
+                api_version: "v1".to_owned(),
+                kind: "ConfigMap".to_owned(),
+                namespace: "default".to_owned(),
+                name: "menu".to_owned(),
+                deleted: false,
+                fields: vec![FieldDrift {
+                    path: "data.price".to_owned(),
+                    desired: Some("\"2.50\"".to_owned()),
+                    live: Some("\"3.00\"".to_owned()),
+                    manager: Some("kubectl-edit".to_owned()),
+                    changed_at: Some("2026-12-01T10:00:00Z".to_owned()),
+                }],
+                more_fields: 0,
+            }],
+            more_objects: 0,
+            observed_at: 1_796_148_300,
+        }],
+    });
+    for (name, message) in [
+        ("hello", hello),
+        ("report", report),
+        ("ack", ack),
+        ("drift", drift),
+    ] {
         let frame = encode_frame(&message).expect("encode");
         write("frames", name, &frame);
     }
