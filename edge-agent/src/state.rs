@@ -166,6 +166,24 @@ fn read_counter(connection: &Connection, key: &str) -> rusqlite::Result<u64> {
         .map_or(0, u64::from_be_bytes))
 }
 
+/// Writes `report` (a status or drift report numbered `sequence`) to the outbox as a frame and
+/// moves the outbox counter, inside the caller's transaction.
+fn append_to_outbox(
+    connection: &Connection,
+    sequence: u64,
+    report: &Message,
+    now: i64,
+) -> Result<(), StateError> {
+    let frame = outpost_proto::wire::encode_frame(report)
+        .map_err(|error| StateError::Corrupt(format!("outbox report: {error}")))?;
+    connection.execute(
+        "INSERT INTO outbox (sequence, frame, created_at) VALUES (?1, ?2, ?3)",
+        params![sequence as i64, frame, now],
+    )?;
+    write_meta(connection, "outbox_last", &sequence.to_be_bytes())?;
+    Ok(())
+}
+
 impl State {
     /// Opens (creating) `path` and migrates it. A file that is not a database is an error that
     /// says so; nothing is overwritten.
@@ -662,16 +680,8 @@ impl State {
                 params![status.bundle, text],
             )?;
         }
-        let frame = outpost_proto::wire::encode_frame(&Message::StatusReport(StatusReport {
-            sequence,
-            bundles,
-        }))
-        .map_err(|error| StateError::Corrupt(format!("status report: {error}")))?;
-        transaction.execute(
-            "INSERT INTO outbox (sequence, frame, created_at) VALUES (?1, ?2, ?3)",
-            params![sequence as i64, frame, now],
-        )?;
-        write_meta(&transaction, "outbox_last", &sequence.to_be_bytes())?;
+        let report = Message::StatusReport(StatusReport { sequence, bundles });
+        append_to_outbox(&transaction, sequence, &report, now)?;
         transaction.commit()?;
         Ok(sequence)
     }
@@ -696,17 +706,8 @@ impl State {
                 None => transaction.execute("DELETE FROM drift_left WHERE bundle = ?1", [bundle])?,
             };
         }
-        let frame =
-            outpost_proto::wire::encode_frame(&Message::Drift(outpost_proto::wire::DriftReport {
-                sequence,
-                bundles,
-            }))
-            .map_err(|error| StateError::Corrupt(format!("drift report: {error}")))?;
-        transaction.execute(
-            "INSERT INTO outbox (sequence, frame, created_at) VALUES (?1, ?2, ?3)",
-            params![sequence as i64, frame, now],
-        )?;
-        write_meta(&transaction, "outbox_last", &sequence.to_be_bytes())?;
+        let report = Message::Drift(outpost_proto::wire::DriftReport { sequence, bundles });
+        append_to_outbox(&transaction, sequence, &report, now)?;
         transaction.commit()?;
         Ok(sequence)
     }
