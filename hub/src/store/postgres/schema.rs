@@ -218,4 +218,6 @@ pub(super) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (agent, bundle)
     );
     CREATE INDEX drift_state_left ON drift_state (agent) WHERE left_objects > 0;",
+    // 5: an agent's rollouts without a scan of every member of every rollout (SQLite's 14).
+    "CREATE INDEX rollout_members_by_agent ON rollout_members (agent, rollout);",
 ];

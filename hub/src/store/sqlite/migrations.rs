@@ -275,4 +275,7 @@ pub(super) const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (agent, bundle)
     );
     CREATE INDEX drift_state_left ON drift_state (agent) WHERE left_objects > 0;",
+    // 14: an agent's rollouts (its history, its details) without a scan of every member of every
+    // rollout.
+    "CREATE INDEX rollout_members_by_agent ON rollout_members (agent, rollout);",
 ];

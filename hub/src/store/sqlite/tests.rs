@@ -186,3 +186,29 @@ fn a_body_signed_again_is_stored_once() {
     assert_eq!(count("bodies"), 1);
     assert_eq!(store.snapshot("pos", 2).unwrap().unwrap().body, body);
 }
+
+#[test]
+fn an_agents_rollouts_are_found_by_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    drop(SqliteStore::open(&path).unwrap());
+    let connection = Connection::open(&path).unwrap();
+    let plan: Vec<String> = connection
+        .prepare(
+            "EXPLAIN QUERY PLAN SELECT rollout FROM rollout_members WHERE agent = ?1 ORDER BY rollout DESC",
+        )
+        .unwrap()
+        .query_map(["agent-1"], |row| row.get::<_, String>(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        plan.iter()
+            .any(|step| step.contains("rollout_members_by_agent")),
+        "{plan:?}"
+    );
+    assert!(
+        !plan.iter().any(|step| step.contains("TEMP B-TREE")),
+        "{plan:?}"
+    );
+}
