@@ -175,8 +175,7 @@ fn idle_rss(binary: &std::path::Path, bundles: &[(&str, String)]) -> (f64, f64) 
     let hub = runtime.block_on(TestHub::start(test_service_options(), &Tuning::default()));
     let cluster = runtime.block_on(KubeApiServer::start(ServerOptions::default()));
     let work = tempfile::tempdir().expect("dir");
-    let kubeconfig = work.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, cluster.kubeconfig()).expect("kubeconfig");
+    let kubeconfig = cluster.write_kubeconfig(work.path().join("kubeconfig"));
     let state = work.path().join("agent").display().to_string();
     let env = [("OUTPOST_AGENT_STATE_DIR", state.clone())];
     let id = enrol_agent(binary, &hub, work.path(), &state);

@@ -472,3 +472,11 @@ fn agent_id(out: &str) -> String {
         .trim_end_matches(';')
         .to_owned()
 }
+
+/// The `value` of ConfigMap `default/shop`, the object the process tests' bundles write, as
+/// `cluster` holds it now.
+pub fn shop_value(cluster: &crate::kubeapi::KubeApiServer) -> Option<String> {
+    cluster
+        .object("v1", "ConfigMap", "default", "shop")
+        .and_then(|object| object["data"]["value"].as_str().map(str::to_owned))
+}

@@ -16,7 +16,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
-use outpost_e2e::processes::{HubProcess, Process, binary, git, git_init, run, wait_for};
+use outpost_e2e::processes::{
+    HubProcess, Process, binary, git, git_init, run, shop_value, wait_for,
+};
 use serde_json::Value;
 
 fn config_map(value: &str) -> String {
@@ -53,12 +55,6 @@ fn run_agent(agent: &Path, state: &Path, kubeconfig: &Path) -> Process {
     )
 }
 
-fn value_in(cluster: &KubeApiServer) -> Option<String> {
-    cluster
-        .object("v1", "ConfigMap", "default", "shop")
-        .and_then(|object| object["data"]["value"].as_str().map(str::to_owned))
-}
-
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
@@ -89,13 +85,12 @@ fn rotation_revocation_and_expiry_with_real_processes() {
     let keys = hub.key_dir();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let cluster = runtime.block_on(KubeApiServer::start(ServerOptions::default()));
-    let kubeconfig = work.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, cluster.kubeconfig()).unwrap();
+    let kubeconfig = cluster.write_kubeconfig(work.path().join("kubeconfig"));
     let state = work.path().join("agent");
     let id = hub.enrol(&agent_bin, &state, &[]);
     let _agent = run_agent(&agent_bin, &state, &kubeconfig);
     wait_for("the first release applied", 60, || {
-        value_in(&cluster).as_deref() == Some("1")
+        shop_value(&cluster).as_deref() == Some("1")
     });
 
     // The operator moves the root key offline; the hub goes on without it.
@@ -116,7 +111,7 @@ fn rotation_revocation_and_expiry_with_real_processes() {
     commit(&repo, "2");
     hub.cli(&["fetch-now"]);
     wait_for("the second release, signed without root.key", 60, || {
-        value_in(&cluster).as_deref() == Some("2")
+        shop_value(&cluster).as_deref() == Some("2")
     });
     assert!(
         !keys.join("root.key").exists(),
@@ -161,7 +156,7 @@ fn rotation_revocation_and_expiry_with_real_processes() {
     commit(&repo, "3");
     hub.cli(&["fetch-now"]);
     wait_for("a release signed with the rotated key applied", 60, || {
-        value_in(&cluster).as_deref() == Some("3")
+        shop_value(&cluster).as_deref() == Some("3")
     });
     let newest = hub.get("/api/v1/bundles")[0]["newest_generation"]
         .as_u64()
@@ -209,7 +204,7 @@ fn rotation_revocation_and_expiry_with_real_processes() {
     });
     assert!(runtime.block_on(cluster.kubectl_delete("v1", "ConfigMap", "default", "shop")));
     wait_for("a stale snapshot still enforced", 30, || {
-        value_in(&cluster).as_deref() == Some("3")
+        shop_value(&cluster).as_deref() == Some("3")
     });
     // The hub, back: it records the stale agent and signs the snapshot again; the agent takes
     // the fresh header (the same body) and is no longer stale.
@@ -228,7 +223,7 @@ fn rotation_revocation_and_expiry_with_real_processes() {
             .iter()
             .any(|row| row["stale"] == false && row["phase"] == "Healthy")
     });
-    assert_eq!(value_in(&cluster).as_deref(), Some("3"));
+    assert_eq!(shop_value(&cluster).as_deref(), Some("3"));
 
     // A rogue hub with the stolen key and a copy of the hub's data (its identity too) takes
     // the hub's place, without the revocation list, and signs a new release with the old key.
@@ -278,14 +273,14 @@ fn rotation_revocation_and_expiry_with_real_processes() {
     });
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
-        value_in(&cluster).as_deref(),
+        shop_value(&cluster).as_deref(),
         Some("3"),
         "nothing the stolen key signed applied"
     );
     // The agent still enforces what it verified: a deleted object comes back.
     assert!(runtime.block_on(cluster.kubectl_delete("v1", "ConfigMap", "default", "shop")));
     wait_for("drift corrected from the held snapshot", 30, || {
-        value_in(&cluster).as_deref() == Some("3")
+        shop_value(&cluster).as_deref() == Some("3")
     });
     drop(rogue);
 }

@@ -16,7 +16,7 @@ use axum::routing::post;
 use hmac::{KeyInit as _, Mac as _};
 use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
 use outpost_e2e::processes::{
-    HubProcess, Scrape, binary, free_port, git, git_init, run_agent_with, wait_for,
+    HubProcess, Scrape, binary, free_port, git, git_init, run_agent_with, shop_value, wait_for,
 };
 use serde_json::Value;
 
@@ -204,19 +204,14 @@ fn drift_from_an_agent_process_reaches_the_cli_the_fleet_page_metrics_and_a_webh
     let state = work.path().join("agent");
     let id = hub.enrol(&agent_bin, &state, &["role=store"]);
     let cluster = runtime.block_on(KubeApiServer::start(ServerOptions::default()));
-    let kubeconfig = work.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, cluster.kubeconfig()).unwrap();
+    let kubeconfig = cluster.write_kubeconfig(work.path().join("kubeconfig"));
     let _agent = run_agent_with(
         &agent_bin,
         &state,
         &kubeconfig,
         &[("OUTPOST_AGENT_DRIFT_SECONDS", "1".to_owned())],
     );
-    let value = || {
-        cluster
-            .object("v1", "ConfigMap", "default", "shop")
-            .and_then(|object| object["data"]["value"].as_str().map(str::to_owned))
-    };
+    let value = || shop_value(&cluster);
     wait_for("the agent to apply its bundle", 60, || {
         value().as_deref() == Some("1")
     });

@@ -7,7 +7,9 @@
 use std::process::Command;
 
 use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
-use outpost_e2e::processes::{HubProcess, binary, git, git_init, run, run_agent, wait_for};
+use outpost_e2e::processes::{
+    HubProcess, binary, git, git_init, run, run_agent, shop_value, wait_for,
+};
 
 #[test]
 fn hub_and_agent_processes_enrol_fetch_and_report() {
@@ -110,8 +112,7 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
     // applies it to the cluster.
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let cluster = runtime.block_on(KubeApiServer::start(ServerOptions::default()));
-    let kubeconfig = work.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, cluster.kubeconfig()).unwrap();
+    let kubeconfig = cluster.write_kubeconfig(work.path().join("kubeconfig"));
     let _agent = run_agent(&agent_bin, &state, &kubeconfig);
     let status = || -> serde_json::Value {
         serde_json::from_str(&run(&agent_bin, &["status", "--output", "json"], &env)).unwrap()
@@ -123,11 +124,7 @@ fn hub_and_agent_processes_enrol_fetch_and_report() {
     wait_for("the agent to hold its assignment", 60, || {
         holds_all(&status())
     });
-    let applied = |value: &str| {
-        cluster
-            .object("v1", "ConfigMap", "default", "shop")
-            .is_some_and(|object| object["data"]["value"] == value)
-    };
+    let applied = |value: &str| shop_value(&cluster).as_deref() == Some(value);
     wait_for("the agent to apply it", 60, || applied("1"));
     let first = status()["assignments"][0]["snapshot"]
         .as_str()
@@ -339,24 +336,14 @@ fn a_revoked_agent_keeps_enforcing_what_it_verified() {
     let id = hub.enrol(&agent_bin, &state, &["role=store"]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let cluster = runtime.block_on(KubeApiServer::start(ServerOptions::default()));
-    let kubeconfig = work.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, cluster.kubeconfig()).unwrap();
+    let kubeconfig = cluster.write_kubeconfig(work.path().join("kubeconfig"));
     let mut agent = outpost_e2e::processes::run_agent_with(
         &agent_bin,
         &state,
         &kubeconfig,
         &[("OUTPOST_AGENT_DRIFT_SECONDS", "1".to_owned())],
     );
-    let value = || {
-        cluster
-            .object("v1", "ConfigMap", "default", "shop")
-            .map(|object| {
-                object["data"]["value"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
-    };
+    let value = || shop_value(&cluster);
     wait_for("the agent to apply its bundle", 60, || {
         value().as_deref() == Some("1")
     });
@@ -430,19 +417,9 @@ fn a_hub_restored_from_a_backup_moves_past_what_its_agents_hold() {
     hub.enrol(&agent_bin, &state, &["role=store"]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let cluster = runtime.block_on(KubeApiServer::start(ServerOptions::default()));
-    let kubeconfig = work.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, cluster.kubeconfig()).unwrap();
+    let kubeconfig = cluster.write_kubeconfig(work.path().join("kubeconfig"));
     let _agent = run_agent(&agent_bin, &state, &kubeconfig);
-    let value = || {
-        cluster
-            .object("v1", "ConfigMap", "default", "shop")
-            .map(|object| {
-                object["data"]["value"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
-    };
+    let value = || shop_value(&cluster);
     wait_for("generation 1 applied", 60, || {
         value().as_deref() == Some("1")
     });

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use outpost_e2e::kubeapi::{KubeApiServer, ServerOptions};
 use outpost_e2e::processes::{
-    HubProcess, Process, binary, git, git_init, run, run_agent, wait_for,
+    HubProcess, Process, binary, git, git_init, run, run_agent, shop_value, wait_for,
 };
 use outpost_hub::store::postgres::testing::TestServer;
 use serde_json::Value;
@@ -39,9 +39,7 @@ struct Site {
 
 impl Site {
     fn value(&self) -> Option<String> {
-        self.cluster
-            .object("v1", "ConfigMap", "default", "shop")
-            .and_then(|object| object["data"]["value"].as_str().map(str::to_owned))
+        shop_value(&self.cluster)
     }
 }
 
@@ -163,8 +161,7 @@ fn fleet() -> Fleet {
         let state = work.path().join(format!("site{n}"));
         let all: Vec<&HubProcess> = hubs.iter().collect();
         let id = enrol_everywhere(&hubs[via], &all, &state);
-        let kubeconfig = work.path().join(format!("site{n}.kubeconfig"));
-        std::fs::write(&kubeconfig, cluster.kubeconfig()).unwrap();
+        let kubeconfig = cluster.write_kubeconfig(work.path().join(format!("site{n}.kubeconfig")));
         let agent = run_agent(&binary("outpost-agent"), &state, &kubeconfig);
         sites.push(Site {
             id,
@@ -368,14 +365,9 @@ fn postgres_migration_moves_a_hub_and_its_fleet_from_sqlite() {
     let state = work.path().join("site");
     let agent_bin = binary("outpost-agent");
     hub.enrol(&agent_bin, &state, &["region=eu"]);
-    let kubeconfig = work.path().join("site.kubeconfig");
-    std::fs::write(&kubeconfig, cluster.kubeconfig()).unwrap();
+    let kubeconfig = cluster.write_kubeconfig(work.path().join("site.kubeconfig"));
     let _agent = run_agent(&agent_bin, &state, &kubeconfig);
-    let site_value = || {
-        cluster
-            .object("v1", "ConfigMap", "default", "shop")
-            .and_then(|object| object["data"]["value"].as_str().map(str::to_owned))
-    };
+    let site_value = || shop_value(&cluster);
     wait_for("the site on 1", 90, || site_value().as_deref() == Some("1"));
     let before = hub.get("/api/v1/agents");
 

@@ -109,8 +109,7 @@ fn a_tag_rolls_out_in_waves_survives_a_restart_and_rolls_back_on_failure() {
         let cluster = runtime.block_on(KubeApiServer::start(options));
         let state = work.path().join(name);
         let id = hub.enrol(&agent_bin, &state, labels);
-        let kubeconfig = work.path().join(format!("{name}.kubeconfig"));
-        std::fs::write(&kubeconfig, cluster.kubeconfig()).unwrap();
+        let kubeconfig = cluster.write_kubeconfig(work.path().join(format!("{name}.kubeconfig")));
         let metrics = format!("127.0.0.1:{}", free_port(false));
         let agent = run_agent_with(
             &agent_bin,

@@ -30,6 +30,7 @@ pub mod selector;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -1740,6 +1741,12 @@ impl KubeApiServer {
             "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster: {{server: \"{}\"}}\nusers:\n- name: test\n  user: {user}\ncontexts:\n- name: test\n  context: {{cluster: test, user: test, namespace: default}}\ncurrent-context: test\n",
             self.url()
         )
+    }
+
+    /// Writes [`KubeApiServer::kubeconfig`] to `path`, for an agent process, and returns the path.
+    pub fn write_kubeconfig(&self, path: PathBuf) -> PathBuf {
+        std::fs::write(&path, self.kubeconfig()).expect("write the test server's kubeconfig");
+        path
     }
 
     /// A kube-rs client for this server, built from [`KubeApiServer::kubeconfig`].
