@@ -10,6 +10,7 @@
 //! from another replica is [`Changes::apply`]ed here without being relayed again.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -64,6 +65,8 @@ pub enum Signal {
     Rollouts,
     /// Every agent connection should look at its agent again.
     Fleet,
+    /// An API token was revoked: cached token checks are stale.
+    TokensRevoked,
 }
 
 /// What changed, for whom.
@@ -81,6 +84,8 @@ pub struct Changes {
     /// Per source: agents to assign (new, or relabelled).
     pending: Mutex<BTreeMap<String, Vec<String>>>,
     records: Mutex<BTreeMap<String, SourceRecord>>,
+    /// Token revocations seen, here or on another replica.
+    token_revocations: AtomicU64,
 }
 
 /// Why a source loop woke.
@@ -106,6 +111,7 @@ impl Default for Changes {
             agents: Mutex::default(),
             pending: Mutex::default(),
             records: Mutex::default(),
+            token_revocations: AtomicU64::new(0),
         }
     }
 }
@@ -179,6 +185,7 @@ impl Changes {
             Signal::Assign { agents } => self.local_agents_to_assign(&agents),
             Signal::Rollouts => self.local_rollouts_changed(),
             Signal::Fleet => self.local_fleet_changed(),
+            Signal::TokensRevoked => self.local_token_revoked(),
         }
     }
 
@@ -360,6 +367,23 @@ impl Changes {
         self.agents_to_assign(&[agent.to_owned()]);
     }
 
+    /// Records that an API token was revoked, so that every replica stops trusting the token
+    /// checks it cached (see [`Changes::token_revocations`]).
+    pub fn token_revoked(&self) {
+        self.local_token_revoked();
+        self.relay(Signal::TokensRevoked);
+    }
+
+    fn local_token_revoked(&self) {
+        self.token_revocations.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// How many token revocations this replica has heard of: a token check cached under an
+    /// older count is not to be used.
+    pub fn token_revocations(&self) -> u64 {
+        self.token_revocations.load(Ordering::SeqCst)
+    }
+
     /// Wakes the rollout loop (a rollout was created or commanded).
     pub fn rollouts_changed(&self) {
         self.local_rollouts_changed();
@@ -421,6 +445,26 @@ mod tests {
                 .await
         );
         assert_eq!(changes.records()["a"].webhook_requests, 5);
+    }
+
+    #[test]
+    fn a_token_revocation_reaches_the_other_replicas_once() {
+        let (here, there) = (Changes::default(), Changes::default());
+        let (relay, mut relayed) = tokio::sync::mpsc::unbounded_channel();
+        here.relay_to(relay);
+        let (other_relay, mut relayed_again) = tokio::sync::mpsc::unbounded_channel();
+        there.relay_to(other_relay);
+        here.token_revoked();
+        assert_eq!(here.token_revocations(), 1);
+        let signal = relayed.try_recv().expect("the revocation is relayed");
+        // As it crosses between replicas.
+        let signal: Signal =
+            serde_json::from_str(&serde_json::to_string(&signal).unwrap()).unwrap();
+        assert_eq!(signal, Signal::TokensRevoked);
+        assert_eq!(there.token_revocations(), 0);
+        there.apply(signal);
+        assert_eq!(there.token_revocations(), 1);
+        assert!(relayed_again.try_recv().is_err(), "not relayed back");
     }
 
     #[tokio::test(start_paused = true)]

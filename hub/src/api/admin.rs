@@ -139,7 +139,7 @@ pub(super) async fn revoke_token(
             "no API token {name:?}; see GET /api/v1/admin-tokens"
         ))
     })?;
-    state.auth.forget();
+    state.changes.token_revoked();
     Ok(Json(token_json(&revoked)))
 }
 

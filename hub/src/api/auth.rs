@@ -33,8 +33,10 @@ pub const PUBLIC_PATHS: &[&str] = &["/live", "/ready", "/metrics", "/", "/fleet"
 /// The prefix of every API token, so secret scanners can spot leaked ones.
 pub const TOKEN_PREFIX: &str = "opat_";
 
-/// How long a checked token is believed without asking the store again (a revocation on
-/// this hub takes effect at once; on another replica within this).
+/// How long a checked token is believed without asking the store again. A revocation takes
+/// effect at once on the replica that made it and on the others as soon as its signal reaches
+/// them ([`Signal::TokensRevoked`](crate::changes::Signal)); within this at worst, if the
+/// signal is lost.
 const CHECK_CACHE: Duration = Duration::from_secs(5);
 
 /// How often a token's last use is written.
@@ -66,12 +68,21 @@ pub fn valid_token_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
 }
 
+/// A token check kept for [`CHECK_CACHE`].
+#[derive(Debug)]
+struct CachedCheck {
+    check: TokenCheck,
+    at: tokio::time::Instant,
+    revocations: u64,
+}
+
 /// Authentication state shared by all requests.
 #[derive(Debug)]
 pub struct Auth {
     names: Vec<String>,
     writes_per_second: f64,
-    checked: Mutex<HashMap<Digest, (TokenCheck, tokio::time::Instant)>>,
+    /// Token checks by digest: the answer, when, and the token revocations heard of by then.
+    checked: Mutex<HashMap<Digest, CachedCheck>>,
     last_used: Mutex<HashMap<String, i64>>,
     buckets: Mutex<HashMap<String, TokenBucket>>,
 }
@@ -86,13 +97,6 @@ impl Auth {
             checked: Mutex::default(),
             last_used: Mutex::default(),
             buckets: Mutex::default(),
-        }
-    }
-
-    /// Forgets cached checks (after a token is revoked here).
-    pub fn forget(&self) {
-        if let Ok(mut checked) = self.checked.lock() {
-            checked.clear();
         }
     }
 
@@ -117,18 +121,31 @@ impl Auth {
         name == "localhost" || name.parse::<IpAddr>().is_ok() || self.names.contains(&name)
     }
 
-    fn cached(&self, digest: &Digest) -> Option<TokenCheck> {
+    /// A check of this token made less than [`CHECK_CACHE`] ago, unless a token was revoked
+    /// since (`revocations`: [`Changes::token_revocations`](crate::changes::Changes) now).
+    fn cached(&self, digest: &Digest, revocations: u64) -> Option<TokenCheck> {
         let checked = self.checked.lock().ok()?;
-        let (check, at) = checked.get(digest)?;
-        (at.elapsed() < CHECK_CACHE).then(|| check.clone())
+        let cached = checked.get(digest)?;
+        (cached.at.elapsed() < CHECK_CACHE && cached.revocations == revocations)
+            .then(|| cached.check.clone())
     }
 
-    fn remember(&self, digest: Digest, check: &TokenCheck) {
+    /// Keeps a check made when `revocations` token revocations were known.
+    fn remember(&self, digest: Digest, check: &TokenCheck, revocations: u64) {
         if let Ok(mut checked) = self.checked.lock() {
             if checked.len() > 10_000 {
                 checked.clear();
             }
-            checked.insert(digest, (check.clone(), tokio::time::Instant::now()));
+            let at = tokio::time::Instant::now();
+            let check = check.clone();
+            checked.insert(
+                digest,
+                CachedCheck {
+                    check,
+                    at,
+                    revocations,
+                },
+            );
         }
     }
 
@@ -244,7 +261,10 @@ pub async fn authenticate(
     };
     let digest = Digest::of(secret.as_bytes());
     let now = (state.now)();
-    let check = match auth.cached(&digest) {
+    // Read before the store is: a revocation that lands during the lookup makes the answer
+    // stale at once.
+    let revocations = state.changes.token_revocations();
+    let check = match auth.cached(&digest, revocations) {
         Some(check) => check,
         None => {
             let looked_up = super::with_store(&state, move |store| {
@@ -253,7 +273,7 @@ pub async fn authenticate(
             .await;
             match looked_up {
                 Ok(check) => {
-                    auth.remember(digest, &check);
+                    auth.remember(digest, &check, revocations);
                     check
                 }
                 Err(error) => return error.into_response(),
@@ -459,6 +479,16 @@ mod tests {
         ] {
             assert!(!auth.host_allowed(Some(host)), "{host}");
         }
+    }
+
+    #[test]
+    fn a_cached_check_is_not_used_once_a_token_was_revoked() {
+        let auth = Auth::new(Vec::new(), 1.0);
+        let digest = Digest::of(b"a token");
+        auth.remember(digest, &TokenCheck::Unknown, 3);
+        assert_eq!(auth.cached(&digest, 3), Some(TokenCheck::Unknown));
+        assert_eq!(auth.cached(&digest, 4), None, "a revocation since");
+        assert_eq!(auth.cached(&Digest::of(b"another"), 3), None);
     }
 
     #[test]
