@@ -986,14 +986,8 @@ impl Client {
         .map_err(|error| TransferError::Rejected(error.to_string()))?;
         let generation = snapshot.header().generation;
         let objects = snapshot.header().object_count;
-        self.with_state(move |state| state.install(&snapshot, unix_now()))
-            .await?;
-        tracing::info!(%bundle, generation, snapshot = %wanted.short(), encoding = ?start.encoding, bytes = size, "snapshot installed");
-        self.inner.counters.installs.fetch_add(1, Ordering::Relaxed);
-        self.inner.installed.send_modify(|count| *count += 1);
-        self.inner.changed.send_modify(|count| *count += 1);
         let status = BundleStatus {
-            bundle,
+            bundle: bundle.clone(),
             digest: wanted,
             generation,
             phase: Phase::Applying,
@@ -1003,7 +997,20 @@ impl Client {
             observed_at: unix_now(),
             stale: false,
         };
-        self.report(vec![status]).await?;
+        // Installed and its report queued under one hold of the state: whoever sees the new
+        // snapshot (the reconcile loop, reporting Healthy) reports after it, so the hub never
+        // takes this Applying for news newer than the loop's answer.
+        self.with_state(move |state| {
+            let now = unix_now();
+            state.install(&snapshot, now)?;
+            state.queue_status(vec![status], now)
+        })
+        .await?;
+        self.inner.outbox_ready.notify_one();
+        tracing::info!(%bundle, generation, snapshot = %wanted.short(), encoding = ?start.encoding, bytes = size, "snapshot installed");
+        self.inner.counters.installs.fetch_add(1, Ordering::Relaxed);
+        self.inner.installed.send_modify(|count| *count += 1);
+        self.inner.changed.send_modify(|count| *count += 1);
         Ok(())
     }
 }

@@ -66,7 +66,18 @@ async fn enrolment_fetch_report_and_token_reuse_refused() {
 
     // A new generation arrives as a delta against the held one.
     let second = hub.publish("app", &APP.replace("\"1\"", "\"2\""));
+    let mut installed = agent.client.installed();
     hub.assign(&id, "app", second);
+    within(20, "second install", installed.changed())
+        .await
+        .unwrap();
+    // Whoever is told of an install finds its report queued already: nothing that reacts to the
+    // new snapshot (a reconcile loop reporting Healthy) can report before it.
+    let last = agent.last_status("app").await.expect("a status for app");
+    assert_eq!(
+        (last.generation, last.phase),
+        (second.generation, Phase::Applying)
+    );
     within(20, "second snapshot", agent.holds(second)).await;
     let held = agent.client.with_state(|state| state.held()).await.unwrap();
     assert_eq!(held.len(), 2, "the previous generation is kept: {held:?}");
