@@ -6,6 +6,9 @@
 //! store = "sqlite"                         # optional: "sqlite" (data_dir/hub.db, the default)
 //!                                          # or "postgres://USER@HOST:PORT/DB" for replicas
 //! store_password_env = "OUTPOST_DB_PASS"   # or store_password_file: the database password
+//! store_ca_file = "/etc/outpost/db-ca.pem" # TLS to the database, its certificate checked
+//!                                          # against this CA (also: ?sslmode=require in the
+//!                                          # URL, then the Mozilla roots without a CA file)
 //! key_dir = "/var/lib/outpost-hub/keys"    # optional; default: data_dir/keys
 //! poll_interval_seconds = 60               # optional; default 60, at least 1
 //! insecure_admin = false                   # serve the admin API (and webhooks) as plain HTTP
@@ -128,6 +131,8 @@ pub enum StoreConfig {
         url: String,
         /// The password, from `store_password_env` or `store_password_file`.
         password: Option<Secret>,
+        /// The CA that signed the database's certificate (PEM): connections are TLS.
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -202,6 +207,7 @@ struct RawConfig {
     store: Option<String>,
     store_password_env: Option<String>,
     store_password_file: Option<PathBuf>,
+    store_ca_file: Option<PathBuf>,
     key_dir: Option<PathBuf>,
     poll_interval_seconds: Option<u64>,
     insecure_admin: Option<bool>,
@@ -351,6 +357,9 @@ impl Config {
                 if password.is_some() {
                     problems.push("store_password_env/store_password_file are for store = \"postgres://…\"; the SQLite store has no password".to_owned());
                 }
+                if raw.store_ca_file.is_some() {
+                    problems.push("store_ca_file is for store = \"postgres://…\"; the SQLite store is a local file".to_owned());
+                }
                 StoreConfig::Sqlite
             }
             Some(url) if crate::store::postgres::is_postgres_url(url) => {
@@ -360,9 +369,18 @@ impl Config {
                         crate::store::postgres::redact(url)
                     ));
                 }
+                if let Some(file) = &raw.store_ca_file
+                    && !file.is_file()
+                {
+                    problems.push(format!(
+                        "store_ca_file {}: no such file; give the PEM file of the CA that signed the database server's certificate",
+                        file.display()
+                    ));
+                }
                 StoreConfig::Postgres {
                     url: url.to_owned(),
                     password: password.map(Secret),
+                    ca_file: raw.store_ca_file.clone(),
                 }
             }
             Some(other) => {
@@ -1031,6 +1049,34 @@ mod tests {
         .to_string();
         assert!(
             error.contains("http(s) sources only") && !error.contains("s3cret"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_database_ca_file_is_for_postgres_and_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("db-ca.pem");
+        std::fs::write(&ca, "PEM").unwrap();
+        let text = format!(
+            "data_dir = \"/d\"\nstore = \"postgres://outpost@db.example.com/outpost\"\nstore_ca_file = \"{}\"\n[[sources]]\nname = \"a\"\nurl = \"https://h/a.git\"\n",
+            ca.display()
+        );
+        match Config::parse(&text, no_env).unwrap().store {
+            StoreConfig::Postgres { ca_file, .. } => assert_eq!(ca_file, Some(ca.clone())),
+            other => panic!("{other:?}"),
+        }
+        let missing = text.replace("db-ca.pem", "gone.pem");
+        let error = Config::parse(&missing, no_env).unwrap_err().to_string();
+        assert!(error.contains("gone.pem: no such file"), "{error}");
+        let error = Config::parse(
+            &format!("data_dir = \"/d\"\nstore_ca_file = \"{}\"\n", ca.display()),
+            no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("store_ca_file is for store = \"postgres"),
             "{error}"
         );
     }

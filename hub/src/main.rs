@@ -106,6 +106,11 @@ enum Command {
         /// A file holding the database password.
         #[arg(long, conflicts_with = "password_env")]
         password_file: Option<PathBuf>,
+        /// The CA that signed the database server's certificate (PEM): connect over TLS and
+        /// check the certificate against it (`?sslmode=require` in the URL does TLS with the
+        /// Mozilla roots).
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
     /// Print the version and the Git commit this binary was built from.
     Version,
@@ -367,11 +372,13 @@ fn main() -> Result<()> {
             to,
             password_env,
             password_file,
+            ca_file,
         } => migrate(
             &from,
             &to,
             password_env.as_deref(),
             password_file.as_deref(),
+            ca_file.as_deref(),
         ),
         Command::CheckConfig { config } => {
             let config = load_config(&config)?;
@@ -641,15 +648,27 @@ pub(crate) type OpenedStore = (Arc<dyn HubStore>, Option<Arc<dyn ReplicaStore>>)
 pub(crate) fn open_shared_store(config: &Config) -> Result<OpenedStore> {
     match &config.store {
         StoreConfig::Sqlite => Ok((Arc::new(open_store(&config.data_dir)?), None)),
-        StoreConfig::Postgres { url, password } => {
-            let store = PostgresStore::connect(url, password.as_ref().map(|p| p.0.as_str()))
-                .with_context(|| {
-                    format!(
-                        "connecting to the store {} (store in the config)",
-                        outpost_hub::store::postgres::redact(url)
-                    )
-                })?;
-            tracing::info!(store = store.target(), "store: PostgreSQL");
+        StoreConfig::Postgres {
+            url,
+            password,
+            ca_file,
+        } => {
+            let store = PostgresStore::connect_with(
+                url,
+                password.as_ref().map(|p| p.0.as_str()),
+                ca_file.as_deref(),
+            )
+            .with_context(|| {
+                format!(
+                    "connecting to the store {} (store in the config)",
+                    outpost_hub::store::postgres::redact(url)
+                )
+            })?;
+            tracing::info!(
+                store = store.target(),
+                tls = store.tls(),
+                "store: PostgreSQL"
+            );
             Ok((Arc::new(store.clone()), Some(Arc::new(store))))
         }
     }
@@ -709,6 +728,7 @@ fn migrate(
     to: &str,
     password_env: Option<&str>,
     password_file: Option<&Path>,
+    ca_file: Option<&Path>,
 ) -> Result<()> {
     let path = from.strip_prefix("sqlite:").with_context(|| {
         format!("--from {from:?}: write sqlite:PATH, e.g. sqlite:/var/lib/outpost-hub/hub.db")
@@ -730,7 +750,7 @@ fn migrate(
         (None, None) => None,
     };
     let target = outpost_hub::store::postgres::redact(to);
-    let store = PostgresStore::connect(to, password.as_deref())
+    let store = PostgresStore::connect_with(to, password.as_deref(), ca_file)
         .with_context(|| format!("connecting to {target}"))?;
     eprintln!("copying {path} into {target} (stop the hub first: later writes are not copied)");
     let copied =
@@ -744,7 +764,11 @@ fn migrate(
         copied.len()
     );
     println!(
-        "now set store = \"{target}\" in every replica's config (the password through store_password_env or store_password_file)"
+        "now set store = \"{target}\" in every replica's config (the password through store_password_env or store_password_file{})",
+        match ca_file {
+            Some(file) => format!(", store_ca_file = {:?}", file.display().to_string()),
+            None => String::new(),
+        }
     );
     Ok(())
 }

@@ -212,7 +212,7 @@ async fn the_postgres_overlay_runs_replicas_with_the_password_from_a_secret() {
         "the overlay's env merges with the base's"
     );
     match hub_config(&server, &hub).store {
-        outpost_hub::config::StoreConfig::Postgres { url, password } => {
+        outpost_hub::config::StoreConfig::Postgres { url, password, .. } => {
             assert!(url.starts_with("postgres://"), "{url}");
             assert!(
                 !url.contains("from-the-secret"),

@@ -21,6 +21,7 @@ mod rollouts;
 mod schema;
 mod store;
 pub mod testing;
+mod tls;
 mod view;
 
 use std::future::Future;
@@ -30,8 +31,10 @@ use std::time::Duration;
 
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, RecyclingMethod};
 use outpost_proto::Digest;
+use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
+
+pub use tls::StoreTls;
 
 use super::{StoreError, StoredSnapshot};
 use schema::MIGRATIONS;
@@ -60,6 +63,7 @@ struct Inner {
     pool: Pool,
     /// For the connection that listens for other replicas' notices.
     config: tokio_postgres::Config,
+    tls: StoreTls,
     notices: std::sync::OnceLock<tokio::sync::broadcast::Sender<super::Notice>>,
     target: String,
     counters: PostgresCounters,
@@ -126,7 +130,18 @@ pub fn redact(url: &str) -> String {
 fn db_error(error: tokio_postgres::Error) -> StoreError {
     StoreError::Postgres(match error.as_db_error() {
         Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-        None => error.to_string(),
+        // tokio-postgres names what failed ("error performing TLS handshake") and keeps why
+        // in its source: say both.
+        None => {
+            let mut text = error.to_string();
+            let mut source = std::error::Error::source(&error);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        }
     })
 }
 
@@ -139,7 +154,19 @@ impl From<tokio_postgres::Error> for StoreError {
 impl PostgresStore {
     /// Connects to the database at `url` (`postgres://user@host:port/db`; `password`, when
     /// given, overrides one in the URL), migrates it to the current schema, and keeps a pool.
+    /// Plain unless the URL says `sslmode=require` (see [`PostgresStore::connect_with`]).
     pub fn connect(url: &str, password: Option<&str>) -> Result<PostgresStore, StoreError> {
+        PostgresStore::connect_with(url, password, None)
+    }
+
+    /// [`PostgresStore::connect`], over TLS when the URL says `sslmode=require` or `ca_file`
+    /// (PEM) is given: the server's certificate is checked against `ca_file` (else the Mozilla
+    /// roots) and the URL's host name.
+    pub fn connect_with(
+        url: &str,
+        password: Option<&str>,
+        ca_file: Option<&std::path::Path>,
+    ) -> Result<PostgresStore, StoreError> {
         let target = redact(url);
         let mut config: tokio_postgres::Config = url.parse().map_err(|error| {
             StoreError::Postgres(format!(
@@ -148,6 +175,11 @@ impl PostgresStore {
         })?;
         if let Some(password) = password {
             config.password(password);
+        }
+        let tls = StoreTls::choose(&mut config, ca_file)
+            .map_err(|error| StoreError::Postgres(format!("{target}: {error}")))?;
+        if !tls.is_on() && tls::plain_to_remote(&config) {
+            tracing::warn!(store = %target, "the connection to the database is not encrypted and crosses the network: add ?sslmode=require to the URL (and store_ca_file with the server's CA)");
         }
         config.application_name("outpost-hub");
         config.connect_timeout(Duration::from_secs(10));
@@ -163,7 +195,7 @@ impl PostgresStore {
             })?;
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -183,6 +215,7 @@ impl PostgresStore {
                 runtime: Some(runtime),
                 pool,
                 config,
+                tls,
                 notices: std::sync::OnceLock::new(),
                 target,
                 counters: PostgresCounters::default(),
@@ -196,6 +229,11 @@ impl PostgresStore {
     /// The database, its password elided.
     pub fn target(&self) -> &str {
         &self.inner.target
+    }
+
+    /// Whether its connections are TLS.
+    pub fn tls(&self) -> bool {
+        self.inner.tls.is_on()
     }
 
     /// What the store did so far.
@@ -215,7 +253,10 @@ impl PostgresStore {
     async fn client(&self) -> Result<deadpool_postgres::Client, StoreError> {
         self.inner.pool.get().await.map_err(|error| {
             let error = match error {
-                deadpool_postgres::PoolError::Backend(error) => db_error(error).to_string(),
+                deadpool_postgres::PoolError::Backend(error) => match db_error(error) {
+                    StoreError::Postgres(text) => text,
+                    other => other.to_string(),
+                },
                 other => other.to_string(),
             };
             StoreError::Postgres(format!("{}: {error}", self.inner.target))

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
+
+use super::StoreTls;
 
 use super::{PostgresStore, optional};
 use crate::store::{Fence, HubStore, Lease, Notice, ReplicaStore, StoreError};
@@ -122,13 +124,14 @@ impl ReplicaStore for PostgresStore {
     fn notices(&self) -> tokio::sync::broadcast::Receiver<Notice> {
         let sender = self.inner.notices.get_or_init(|| {
             let (sender, _) = tokio::sync::broadcast::channel(4096);
-            let (config, target, forward) = (
+            let (config, tls, target, forward) = (
                 self.inner.config.clone(),
+                self.inner.tls.clone(),
                 self.inner.target.clone(),
                 sender.clone(),
             );
             if let Some(runtime) = &self.inner.runtime {
-                runtime.spawn(listen(config, target, forward));
+                runtime.spawn(listen(config, tls, target, forward));
             }
             sender
         });
@@ -140,12 +143,13 @@ impl ReplicaStore for PostgresStore {
 /// whenever the connection breaks, and says so with [`Notice::Reconnected`].
 async fn listen(
     config: tokio_postgres::Config,
+    tls: StoreTls,
     target: String,
     notices: tokio::sync::broadcast::Sender<Notice>,
 ) {
     let mut wait = Duration::from_millis(250);
     loop {
-        match config.connect(NoTls).await {
+        match config.connect(tls.clone()).await {
             Ok((client, mut connection)) => {
                 let (forward, mut messages) = tokio::sync::mpsc::unbounded_channel();
                 let driver = tokio::spawn(async move {

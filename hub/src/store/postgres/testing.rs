@@ -79,6 +79,86 @@ fn quote(text: &str) -> String {
 impl TestServer {
     /// Creates a cluster in a new temporary directory and starts a server on it.
     pub fn start() -> Result<TestServer, String> {
+        let mut server = TestServer::create()?;
+        server.resume()?;
+        Ok(server)
+    }
+
+    /// [`TestServer::start`] with TLS on (plain connections are still accepted): a CA made
+    /// for it, whose PEM file is returned, signs the server's certificate for the host name
+    /// `localhost` only.
+    pub fn start_tls() -> Result<(TestServer, PathBuf), String> {
+        let mut server = TestServer::create()?;
+        let ca = test_ca(&server.dir, "ca")?;
+        let key = server.dir.join("server.key");
+        let request = server.dir.join("server.csr");
+        let certificate = server.dir.join("server.pem");
+        let extensions = server.dir.join("server.ext");
+        std::fs::write(
+            &extensions,
+            "subjectAltName = DNS:localhost\nbasicConstraints = CA:FALSE\nkeyUsage = digitalSignature\nextendedKeyUsage = serverAuth\n",
+        )
+        .map_err(|error| format!("{}: {error}", extensions.display()))?;
+        openssl(&[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            &key.to_string_lossy(),
+            "-out",
+            &request.to_string_lossy(),
+        ])?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-days",
+            "2",
+            "-in",
+            &request.to_string_lossy(),
+            "-CA",
+            &ca.to_string_lossy(),
+            "-CAkey",
+            &ca.with_extension("key").to_string_lossy(),
+            "-CAcreateserial",
+            "-extfile",
+            &extensions.to_string_lossy(),
+            "-out",
+            &certificate.to_string_lossy(),
+        ])?;
+        // The server refuses a key that others can read, and must own it.
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|error| format!("{}: {error}", key.display()))?;
+        if server.as_postgres {
+            server.run(
+                Command::new("chown")
+                    .arg("-R")
+                    .arg("postgres")
+                    .arg(&server.dir),
+            )?;
+        }
+        let conf = server.data_dir().join("postgresql.conf");
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&conf)
+            .map_err(|error| format!("{}: {error}", conf.display()))?;
+        writeln!(
+            file,
+            "ssl = on\nssl_cert_file = {}\nssl_key_file = {}",
+            quote(&certificate.to_string_lossy()),
+            quote(&key.to_string_lossy())
+        )
+        .map_err(|error| format!("{}: {error}", conf.display()))?;
+        server.resume()?;
+        Ok((server, ca))
+    }
+
+    fn create() -> Result<TestServer, String> {
         static SERVERS: AtomicU32 = AtomicU32::new(0);
         let bin = find_bin()?;
         let as_postgres = is_root();
@@ -96,7 +176,7 @@ impl TestServer {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|error| format!("{}: {error}", dir.display()))?;
-        let mut server = TestServer {
+        let server = TestServer {
             bin,
             dir,
             port: free_port()?,
@@ -124,7 +204,6 @@ impl TestServer {
             "--locale=C",
         ]);
         server.run(&mut initdb)?;
-        server.resume()?;
         Ok(server)
     }
 
@@ -270,6 +349,49 @@ impl TestServer {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+fn openssl(args: &[&str]) -> Result<(), String> {
+    let output = Command::new("openssl")
+        .args(args)
+        .output()
+        .map_err(|error| format!("running openssl (install Debian's openssl): {error}"))?;
+    match output.status.success() {
+        true => Ok(()),
+        false => Err(format!(
+            "openssl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        )),
+    }
+}
+
+/// A self-signed CA for tests in `dir`: `NAME.pem` (returned) and `NAME.key`.
+pub fn test_ca(dir: &Path, name: &str) -> Result<PathBuf, String> {
+    let certificate = dir.join(format!("{name}.pem"));
+    let key = dir.join(format!("{name}.key"));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN=outpost test {name}"),
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+        "-keyout",
+        &key.to_string_lossy(),
+        "-out",
+        &certificate.to_string_lossy(),
+    ])?;
+    Ok(certificate)
 }
 
 impl Drop for TestServer {

@@ -301,3 +301,64 @@ fn postgres_migration_from_sqlite_copies_everything_and_checks_it() {
         "{missing}"
     );
 }
+
+#[test]
+fn postgres_over_tls_checks_the_servers_certificate_and_name() {
+    use crate::store::{Notice, ReplicaStore};
+    use std::time::{Duration, Instant};
+    let (server, ca) = TestServer::start_tls().unwrap();
+    let url = server.create_database().unwrap();
+    let by_name = url.replace("127.0.0.1", "localhost");
+
+    // The CA that signed the certificate, the name it was issued for: TLS, and the store works,
+    // its notice listener too.
+    let store = PostgresStore::connect_with(&by_name, None, Some(&ca)).unwrap();
+    assert!(store.tls());
+    let ssl: bool = store
+        .read(async |client| {
+            let row = one(
+                client,
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
+            .await?;
+            Ok(row.get(0))
+        })
+        .unwrap();
+    assert!(ssl, "the server says the session is not TLS");
+    assert_eq!(store.next_generation("pos").unwrap(), 1);
+    let mut notices = store.notices();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !matches!(notices.try_recv(), Ok(Notice::Reconnected)) {
+        assert!(
+            Instant::now() < deadline,
+            "the listener did not connect over TLS"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    store.signal("over-tls").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match notices.try_recv() {
+            Ok(Notice::Signal(payload)) if payload == "over-tls" => break,
+            _ if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            other => panic!("no signal over TLS: {other:?}"),
+        }
+    }
+
+    // Another CA, a name the certificate does not carry, the public roots: refused.
+    let other = super::testing::test_ca(server.dir(), "other").unwrap();
+    let refused = |url: &str, ca: Option<&std::path::Path>| {
+        PostgresStore::connect_with(url, None, ca)
+            .unwrap_err()
+            .to_string()
+    };
+    let error = refused(&by_name, Some(&other));
+    assert!(error.contains("certificate"), "{error}");
+    let error = refused(&url, Some(&ca));
+    assert!(error.contains("certificate"), "{error}");
+    let error = refused(&format!("{by_name}?sslmode=require"), None);
+    assert!(error.contains("certificate"), "{error}");
+    // Plain stays plain when asked for nothing.
+    assert!(!PostgresStore::connect(&url, None).unwrap().tls());
+}
