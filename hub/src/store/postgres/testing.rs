@@ -134,14 +134,7 @@ impl TestServer {
         // The server refuses a key that others can read, and must own it.
         std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .map_err(|error| format!("{}: {error}", key.display()))?;
-        if server.as_postgres {
-            server.run(
-                Command::new("chown")
-                    .arg("-R")
-                    .arg("postgres")
-                    .arg(&server.dir),
-            )?;
-        }
+        server.give_to_postgres()?;
         let conf = server.data_dir().join("postgresql.conf");
         let mut file = std::fs::OpenOptions::new()
             .append(true)
@@ -184,14 +177,7 @@ impl TestServer {
             guard: None,
             databases: AtomicU32::new(0),
         };
-        if as_postgres {
-            server.run(
-                Command::new("chown")
-                    .arg("-R")
-                    .arg("postgres")
-                    .arg(&server.dir),
-            )?;
-        }
+        server.give_to_postgres()?;
         let data = server.data_dir();
         let mut initdb = server.command("initdb");
         initdb.arg("-D").arg(&data).args([
@@ -205,6 +191,20 @@ impl TestServer {
         ]);
         server.run(&mut initdb)?;
         Ok(server)
+    }
+
+    /// As root: hands the cluster's directory to the server's user (it refuses what it does
+    /// not own).
+    fn give_to_postgres(&self) -> Result<(), String> {
+        match self.as_postgres {
+            true => self.run(
+                Command::new("chown")
+                    .arg("-R")
+                    .arg("postgres")
+                    .arg(&self.dir),
+            ),
+            false => Ok(()),
+        }
     }
 
     fn data_dir(&self) -> PathBuf {
