@@ -588,6 +588,60 @@ async fn a_crd_and_its_custom_resources_in_one_snapshot() {
     );
 }
 
+/// An object the API refuses (422 Invalid: a label value with a space) fails with the API's
+/// words and the object's name; the bundle's other objects are applied all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_the_api_refuses_fails_with_its_reason_and_the_rest_is_applied() {
+    let f = fleet(ServerOptions::default(), fast()).await;
+    let refused = f.hub.publish(
+        "shop",
+        "apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: bad
+  namespace: default
+  labels:
+    tier: front end
+data:
+  a: \"1\"
+---
+apiVersion: v1
+kind: ConfigMap
+metadata:
+  name: good
+  namespace: default
+data:
+  a: \"1\"
+",
+    );
+    f.hub.assign(&f.id, "shop", refused);
+    let failed = within(
+        30,
+        "the refusal reported",
+        f.agent
+            .status_where("shop", phase_is(Phase::Failed, refused.generation)),
+    )
+    .await;
+    for expected in ["bad", "metadata.labels[tier]", "a valid label must be"] {
+        assert!(
+            failed.message.contains(expected),
+            "{expected:?} missing in {}",
+            failed.message
+        );
+    }
+    eventually(30, "the other object applied", async || {
+        f.server
+            .object("v1", "ConfigMap", "default", "good")
+            .is_some()
+    })
+    .await;
+    assert!(
+        f.server
+            .object("v1", "ConfigMap", "default", "bad")
+            .is_none()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conflict_with_another_field_manager_is_reported_unless_forced() {
     let careful = ReconcileOptions {
