@@ -138,31 +138,29 @@ async fn fleet(server: ServerOptions, reconcile: ReconcileOptions) -> Fleet {
 impl Fleet {
     /// Publishes `yaml` as `bundle`, assigns it to the agent, waits until it is Healthy.
     async fn deploy(&self, bundle: &str, yaml: &str) -> Published {
+        self.roll_out(bundle, yaml, Phase::Healthy).await.0
+    }
+
+    /// Publishes `yaml` as `bundle`, assigns it to the agent, waits until the agent reports
+    /// that generation in `phase`; returns it and the report.
+    async fn roll_out(&self, bundle: &str, yaml: &str, phase: Phase) -> (Published, BundleStatus) {
         let published = self.hub.publish(bundle, yaml);
         self.hub.assign(&self.id, bundle, published);
-        within(
+        let status = within(
             30,
-            "healthy",
+            &format!("generation {} {phase:?}", published.generation),
             self.agent
-                .status_where(bundle, phase_is(Phase::Healthy, published.generation)),
+                .status_where(bundle, phase_is(phase, published.generation)),
         )
         .await;
-        published
+        (published, status)
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_update_and_prune_only_what_the_agent_created() {
     let f = fleet(ServerOptions::default(), fast()).await;
-    let v1 = f.hub.publish("shop", SHOP_V1);
-    f.hub.assign(&f.id, "shop", v1);
-    let status = within(
-        30,
-        "v1 healthy",
-        f.agent
-            .status_where("shop", phase_is(Phase::Healthy, v1.generation)),
-    )
-    .await;
+    let (_, status) = f.roll_out("shop", SHOP_V1, Phase::Healthy).await;
     assert_eq!((status.objects_total, status.objects_ready), (4, 4));
 
     let settings = f
@@ -194,15 +192,7 @@ async fn apply_update_and_prune_only_what_the_agent_created() {
         .await
         .unwrap();
 
-    let v2 = f.hub.publish("shop", SHOP_V2);
-    f.hub.assign(&f.id, "shop", v2);
-    within(
-        30,
-        "v2 healthy",
-        f.agent
-            .status_where("shop", phase_is(Phase::Healthy, v2.generation)),
-    )
-    .await;
+    let v2 = f.deploy("shop", SHOP_V2).await;
     eventually(10, "pruned", async || {
         f.server
             .object("v1", "ConfigMap", "shop", "stray")
@@ -544,15 +534,7 @@ async fn a_crd_and_its_custom_resources_in_one_snapshot() {
         ..ServerOptions::default()
     };
     let f = fleet(server, fast()).await;
-    let v1 = f.hub.publish("widgets", WIDGETS);
-    f.hub.assign(&f.id, "widgets", v1);
-    let status = within(
-        30,
-        "healthy",
-        f.agent
-            .status_where("widgets", phase_is(Phase::Healthy, v1.generation)),
-    )
-    .await;
+    let (_, status) = f.roll_out("widgets", WIDGETS, Phase::Healthy).await;
     assert_eq!(status.objects_ready, 3);
     let widget = f
         .server
@@ -593,9 +575,10 @@ async fn a_crd_and_its_custom_resources_in_one_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_the_api_refuses_fails_with_its_reason_and_the_rest_is_applied() {
     let f = fleet(ServerOptions::default(), fast()).await;
-    let refused = f.hub.publish(
-        "shop",
-        "apiVersion: v1
+    let (_, failed) = f
+        .roll_out(
+            "shop",
+            "apiVersion: v1
 kind: ConfigMap
 metadata:
   name: bad
@@ -613,15 +596,9 @@ metadata:
 data:
   a: \"1\"
 ",
-    );
-    f.hub.assign(&f.id, "shop", refused);
-    let failed = within(
-        30,
-        "the refusal reported",
-        f.agent
-            .status_where("shop", phase_is(Phase::Failed, refused.generation)),
-    )
-    .await;
+            Phase::Failed,
+        )
+        .await;
     for expected in ["bad", "metadata.labels[tier]", "a valid label must be"] {
         assert!(
             failed.message.contains(expected),
@@ -790,15 +767,7 @@ async fn the_api_server_down_then_up() {
     f.deploy("shop", SHOP_V1).await;
 
     f.server.stop().await;
-    let v2 = f.hub.publish("shop", SHOP_V2);
-    f.hub.assign(&f.id, "shop", v2);
-    let down = within(
-        30,
-        "reported down",
-        f.agent
-            .status_where("shop", phase_is(Phase::Failed, v2.generation)),
-    )
-    .await;
+    let (v2, down) = f.roll_out("shop", SHOP_V2, Phase::Failed).await;
     assert!(down.message.contains("unreachable"), "{}", down.message);
 
     f.server.resume().await;
