@@ -232,6 +232,20 @@ pub(crate) fn generations_only_grow(store: &dyn HubStore) {
     assert_eq!(store.next_generation("pos").unwrap(), 3);
 }
 
+/// Assigns generation 1 of `pos` (digest of "v1") to each of `agents`, tracked, at `at`.
+fn assign_pos_v1(store: &dyn HubStore, agents: &[&Agent], at: i64) {
+    let changes: Vec<AssignmentChange> = agents
+        .iter()
+        .map(|agent| AssignmentChange {
+            agent: agent.id.clone(),
+            bundle: "pos".to_owned(),
+            to: Some((1, Digest::of(b"v1"))),
+            origin: "track:repo".to_owned(),
+        })
+        .collect();
+    store.change_assignments(&changes, at).unwrap();
+}
+
 fn enrolled(store: &dyn HubStore, seed: u8, pairs: &[(&str, &str)]) -> Agent {
     let token = Digest::of(&[seed, 0xee]);
     store
@@ -1170,19 +1184,7 @@ pub(crate) fn an_agents_history_is_found_by_its_id(store: &dyn HubStore) {
     );
     assert_eq!(store.agent_events(&a.id, 1).unwrap().len(), 1);
     // Reports count only for assigned bundles.
-    for agent in [&a, &b] {
-        store
-            .change_assignments(
-                &[AssignmentChange {
-                    agent: agent.id.clone(),
-                    bundle: "pos".to_owned(),
-                    to: Some((1, Digest::of(b"v1"))),
-                    origin: "track:repo".to_owned(),
-                }],
-                135,
-            )
-            .unwrap();
-    }
+    assign_pos_v1(store, &[&a, &b], 135);
     for (sequence, phase, at) in [
         (1, outpost_proto::wire::Phase::Applying, 140),
         (2, outpost_proto::wire::Phase::Healthy, 150),
@@ -1307,19 +1309,7 @@ pub(crate) fn drift_is_stored_once_per_report_and_stands_per_bundle(store: &dyn 
     use outpost_proto::wire::{BundleDrift, DriftAction, FieldDrift, ObjectDrift};
     let a = enrolled(store, 51, &[]);
     let b = enrolled(store, 52, &[]);
-    for agent in [&a, &b] {
-        store
-            .change_assignments(
-                &[AssignmentChange {
-                    agent: agent.id.clone(),
-                    bundle: "pos".to_owned(),
-                    to: Some((1, Digest::of(b"v1"))),
-                    origin: "track:repo".to_owned(),
-                }],
-                100,
-            )
-            .unwrap();
-    }
+    assign_pos_v1(store, &[&a, &b], 100);
     let object = |name: &str, deleted: bool| ObjectDrift {
         api_version: "v1".to_owned(),
         kind: "ConfigMap".to_owned(),
