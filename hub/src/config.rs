@@ -22,6 +22,9 @@
 //! push_payloads = true                     # small updates travel with the assignment (default)
 //! kustomize = "/usr/local/bin/kustomize"   # builds kustomize bundles; default: kustomize, else
 //!                                          # kubectl, on PATH
+//! kustomize_isolation = "required"         # builds run in a network namespace of their own;
+//!                                          # "none": build without one where the machine
+//!                                          # cannot make one (warned at every start)
 //!
 //! [listen]                                 # optional
 //! admin = "127.0.0.1:7070"                 # admin API (default shown)
@@ -172,6 +175,9 @@ pub struct SourceConfig {
     /// The program that builds kustomize bundles (the config's `kustomize`; none: `kustomize`,
     /// else `kubectl`, on `PATH`).
     pub kustomize: Option<PathBuf>,
+    /// Build kustomize bundles without a network namespace where none can be made
+    /// (`kustomize_isolation = "none"`).
+    pub kustomize_unisolated: bool,
 }
 
 impl SourceConfig {
@@ -218,6 +224,7 @@ struct RawConfig {
     key_rotation_grace_seconds: Option<u64>,
     api_writes_per_second: Option<f64>,
     kustomize: Option<PathBuf>,
+    kustomize_isolation: Option<String>,
     #[serde(default)]
     listen: RawListen,
     tls: Option<RawTls>,
@@ -558,6 +565,16 @@ impl Config {
                 "at least one [[sources]] entry with a name and a url is required".to_owned(),
             );
         }
+        let kustomize_unisolated = match raw.kustomize_isolation.as_deref() {
+            None | Some("required") => false,
+            Some("none") => true,
+            Some(other) => {
+                problems.push(format!(
+                    "kustomize_isolation = {other:?}: write \"required\" (the default: builds run in a network namespace of their own) or \"none\""
+                ));
+                false
+            }
+        };
         let mut names = std::collections::BTreeSet::new();
         let mut sources = Vec::new();
         for (index, source) in raw.sources.iter().enumerate() {
@@ -610,6 +627,7 @@ impl Config {
                 track,
                 webhook_secret,
                 kustomize: raw.kustomize.clone(),
+                kustomize_unisolated,
             });
         }
         let notify = receivers(&raw.notify, &env, &mut problems);
@@ -862,7 +880,7 @@ impl Config {
         Ok(
             GitSource::open_or_init(&source.url, &self.mirror_path(source))?
                 .with_credentials(source.credentials.clone())
-                .with_kustomize(source.kustomize.clone()),
+                .with_kustomize(source.kustomize.clone(), source.kustomize_unisolated),
         )
     }
 }

@@ -23,6 +23,8 @@ pub struct GitSource {
     credentials: Option<Credentials>,
     /// The program that builds its kustomize bundles (none: found on `PATH` when needed).
     kustomize: Option<std::path::PathBuf>,
+    /// Build kustomize bundles without a network namespace where none can be made.
+    kustomize_unisolated: bool,
 }
 
 /// A username and password (or token) for http(s) remotes. `Debug` never shows the password.
@@ -133,6 +135,7 @@ impl GitSource {
             repo: std::sync::RwLock::new(repo.into_sync()),
             credentials: None,
             kustomize: None,
+            kustomize_unisolated: false,
         })
     }
 
@@ -143,15 +146,26 @@ impl GitSource {
     }
 
     /// Builds kustomize bundles with this program (`kustomize`, or `kubectl`) instead of the
-    /// first of them found on `PATH`.
-    pub fn with_kustomize(mut self, program: Option<std::path::PathBuf>) -> GitSource {
+    /// first of them found on `PATH`; with `unisolated`, also where no network namespace can
+    /// be made (see [`crate::kustomize::isolation`]).
+    pub fn with_kustomize(
+        mut self,
+        program: Option<std::path::PathBuf>,
+        unisolated: bool,
+    ) -> GitSource {
         self.kustomize = program;
+        self.kustomize_unisolated = unisolated;
         self
     }
 
-    /// The configured kustomize program, if any.
-    pub fn kustomize(&self) -> Option<&Path> {
-        self.kustomize.as_deref()
+    /// The program that builds this source's kustomize bundles.
+    pub fn kustomize(
+        &self,
+    ) -> Result<crate::kustomize::Kustomize, crate::kustomize::KustomizeError> {
+        Ok(
+            crate::kustomize::Kustomize::find(self.kustomize.as_deref())?
+                .allow_unisolated(self.kustomize_unisolated),
+        )
     }
 
     /// The remote URL.

@@ -61,6 +61,11 @@ enum Command {
         /// Write the canonical body to this file as well.
         #[arg(long)]
         body_out: Option<PathBuf>,
+        /// Build a kustomization even where no network namespace can be made for it (macOS, a
+        /// container without user namespaces): the checks of each kustomization still run, but
+        /// nothing else stops a fetch it asks for. Without it such a build is refused.
+        #[arg(long)]
+        unisolated: bool,
     },
     /// Fetch a Git source into the data dir once and render every bundle at every branch and tag
     /// into signed snapshots (for a hub that keeps syncing, use `run`). Bundles come from
@@ -344,7 +349,11 @@ fn parse_since(text: &str) -> Result<i64> {
 fn main() -> Result<()> {
     outpost_proto::logging::init("info");
     match Cli::parse().command {
-        Command::Render { folder, body_out } => render(&folder, body_out.as_deref()),
+        Command::Render {
+            folder,
+            body_out,
+            unisolated,
+        } => render(&folder, body_out.as_deref(), unisolated),
         Command::Sync { data_dir, source } => sync(&data_dir, &source),
         Command::Run { config, once } => {
             let config = load_config(&config)?;
@@ -918,13 +927,13 @@ fn print_objects(
     Ok(())
 }
 
-fn render(folder: &Path, body_out: Option<&Path>) -> Result<()> {
+fn render(folder: &Path, body_out: Option<&Path>, unisolated: bool) -> Result<()> {
     if outpost_hub::kustomize::KUSTOMIZATION_FILES
         .iter()
         .any(|name| folder.join(name).is_file())
     {
         // A kustomization: built as the hub builds it (same restrictions), then read alike.
-        let kustomize = outpost_hub::kustomize::Kustomize::find(None)?;
+        let kustomize = outpost_hub::kustomize::Kustomize::find(None)?.allow_unisolated(unisolated);
         let text = kustomize.build_local(folder)?;
         let path = format!("kustomize build {}", folder.display());
         let body = Body::render(&[SourceFile {

@@ -430,7 +430,7 @@ fn render(
         // (where the text came from, the text): the kustomize build's output, or each
         // manifest file of the folder.
         let texts: Vec<(String, String)> = if index == 0 && kustomized {
-            let program = crate::kustomize::Kustomize::find(source.kustomize())?;
+            let program = source.kustomize()?;
             let built = program.build_commit(source, commit, folder)?;
             vec![(format!("kustomize build {folder}"), built)]
         } else {

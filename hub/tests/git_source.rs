@@ -130,6 +130,7 @@ fn the_remote_default_branch_is_learned_and_followed_when_it_moves() {
         track: Some("refs/heads/main".to_owned()),
         webhook_secret: None,
         kustomize: None,
+        kustomize_unisolated: false,
     };
     assert_eq!(named.track_in(&source), "refs/heads/main");
     let following = outpost_hub::config::SourceConfig {

@@ -288,4 +288,17 @@ fn outpost_hub_render_builds_a_local_kustomization_the_same_way() {
         "the same body as the hub renders ({digest}): {text}"
     );
     assert!(text.contains("shop-settings-"), "{text}");
+    // A path relative to where the operator stands builds the same.
+    let relative = Command::new(env!("CARGO_BIN_EXE_outpost-hub"))
+        .args(["render", "shop/overlays/prod"])
+        .current_dir(upstream.path())
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .unwrap();
+    assert!(
+        relative.status.success(),
+        "{}",
+        String::from_utf8_lossy(&relative.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&relative.stdout), text);
 }

@@ -299,6 +299,7 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
             track: Some("refs/heads/stable".to_owned()),
             webhook_secret: None,
             kustomize: None,
+            kustomize_unisolated: false,
         },
         mirror: work.path().join("mirror"),
     };

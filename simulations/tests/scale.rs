@@ -128,6 +128,7 @@ fn a_label_change_on_one_of_a_thousand_agents_reads_for_that_agent_only() {
                 track: Some("refs/heads/main".to_owned()),
                 webhook_secret: None,
                 kustomize: None,
+                kustomize_unisolated: false,
             },
             mirror: data.join("mirrors/fleet.git"),
         };
@@ -144,7 +145,7 @@ fn a_label_change_on_one_of_a_thousand_agents_reads_for_that_agent_only() {
                 hub_pin: hub_pin(&keys.transport().public_key()),
                 root_key: keys.root(),
             },
-            admin: Some(HttpListener::new(listener, None).unwrap()),
+            admin: Some(HttpListener::new(listener, None, "admin").unwrap()),
             hooks: None,
             replication: None,
         });
