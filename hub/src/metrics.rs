@@ -190,6 +190,11 @@ impl HubMetrics {
             metrics.sessions.clone(),
         );
         metrics.registry.register(
+            "http_connections_refused",
+            "Connections the admin and hooks listeners closed before serving a request, by listener and reason (source_share, header_timeout, handshake)",
+            crate::api::listener::refused().clone(),
+        );
+        metrics.registry.register(
             "store_operation_duration_seconds",
             "Time of store operations on the hot paths, by operation",
             metrics.store_seconds.clone(),

@@ -338,17 +338,15 @@ impl Hub {
                 Some(listener) => {
                     let hooks_app = crate::api::hooks::router(hooks_state);
                     tasks.push(tokio::spawn(async move {
-                        if let Err(error) = axum::serve(listener, hooks_app).await {
-                            tracing::error!(%error, "the webhook listener stopped");
-                        }
+                        crate::api::listener::serve(listener, hooks_app).await;
+                        tracing::error!("the webhook listener stopped");
                     }));
                     crate::api::router(state, None)
                 }
             };
             tasks.push(tokio::spawn(async move {
-                if let Err(error) = axum::serve(admin, app).await {
-                    tracing::error!(%error, "the admin API stopped");
-                }
+                crate::api::listener::serve(admin, app).await;
+                tracing::error!("the admin API stopped");
             }));
         }
         Hub {
@@ -434,7 +432,7 @@ async fn open_source(settings: &SourceSettings, interval: Duration) -> Arc<GitSo
             GitSource::open_or_init(&config.url, &mirror).map(|source| {
                 source
                     .with_credentials(config.credentials.clone())
-                    .with_kustomize(config.kustomize.clone())
+                    .with_kustomize(config.kustomize.clone(), config.kustomize_unisolated)
             })
         })
         .await;

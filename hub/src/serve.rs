@@ -20,6 +20,15 @@ pub(crate) fn serve(config: &Config) -> Result<()> {
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
+    // Which protection kustomize builds have on this machine, said once at start.
+    let unisolated = config
+        .sources
+        .iter()
+        .any(|source| source.kustomize_unisolated);
+    match outpost_hub::kustomize::describe_isolation(unisolated) {
+        (true, said) => tracing::info!("{said}"),
+        (false, said) => tracing::warn!("{said}"),
+    }
     let (store, shared): (Arc<dyn HubStore>, _) = open_shared_store(config)?;
     let keys = Arc::new(load_keys(&config.key_dir, config.key_policy.clone())?);
     let replication = shared.map(Replication::new);
@@ -129,10 +138,15 @@ async fn bind(
     field: &str,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<HttpListener> {
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
+    let listener = outpost_hub::api::listener::bind(address)
         .with_context(|| format!("binding {address} ({field})"))?;
-    HttpListener::new(listener, tls).with_context(|| format!("listening on {address} ({field})"))
+    let name = if field == "listen.hooks" {
+        "hooks"
+    } else {
+        "admin"
+    };
+    HttpListener::new(listener, tls, name)
+        .with_context(|| format!("listening on {address} ({field})"))
 }
 
 /// SIGINT (Ctrl-C) or SIGTERM (systemd, Kubernetes).

@@ -2,6 +2,7 @@
 //! ([`harness`]), a seeded lossy UDP link ([`lossy`]), and tests with real processes. The
 //! binaries' own CLI tests live beside them (`hub/tests`, `simulations/tests`).
 
+pub mod abuse;
 pub mod harness;
 pub mod kubeapi;
 pub mod lossy;

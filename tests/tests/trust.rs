@@ -1,0 +1,375 @@
+//! The trust chain, attacked with real processes (docs/security.md, "Attacks and their
+//! defences"): a real `outpost-hub run`, real Git, real HTTP and TCP. Each test is an attack that
+//! must fail; each asserts the refusal, what an operator sees of it, and that nothing else gave
+//! way.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use outpost_e2e::abuse::{GET_LIVE, half_open, keep_half_open, timed_request};
+use outpost_e2e::processes::{HubProcess, Scrape, git, git_init, wait_for};
+use serde_json::Value;
+
+/// An HTTP server on loopback that answers every request with "stolen" and counts the
+/// connections that reach it: what a kustomization would make the hub fetch.
+struct Bait {
+    address: SocketAddr,
+    arrived: Arc<AtomicUsize>,
+}
+
+impl Bait {
+    fn start() -> Bait {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let arrived = Arc::new(AtomicUsize::new(0));
+        let counted = arrived.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                counted.fetch_add(1, Ordering::SeqCst);
+                let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+                let _ = stream.read(&mut [0; 4096]);
+                let _ = stream.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\nConnection: close\r\n\r\nstolen",
+                );
+            }
+        });
+        Bait { address, arrived }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/meta-data", self.address)
+    }
+}
+
+/// Every field of kustomize v5 that takes a path, each in a bundle of its own naming a URL on
+/// loopback; and a generator configuration file naming one. Not one connection reaches the
+/// bait, every release is refused naming its field, each refusal is an event and a metric, and
+/// a plain bundle beside them is released.
+#[test]
+fn trust_attack_kustomize_fields_reach_no_network() {
+    let bait = Bait::start();
+    let url = bait.url();
+    let work = tempfile::tempdir().unwrap();
+    let repo = work.path().join("repo");
+    git_init(&repo);
+    let write = |path: &str, text: &str| {
+        let path = repo.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    };
+    let attacks: Vec<(&str, &str, String)> = vec![
+        (
+            "resources",
+            "resources[0]",
+            format!("resources:\n- {url}\n"),
+        ),
+        ("bases", "bases[0]", format!("bases:\n- {url}\n")),
+        (
+            "components",
+            "components[0]",
+            format!("components:\n- {url}\n"),
+        ),
+        ("crds", "crds[0]", format!("crds:\n- {url}\n")),
+        (
+            "configurations",
+            "configurations[0]",
+            format!("configurations:\n- {url}\n"),
+        ),
+        (
+            "generators",
+            "generators[0]",
+            format!("generators:\n- {url}\n"),
+        ),
+        (
+            "transformers",
+            "transformers[0]",
+            format!("transformers:\n- {url}\n"),
+        ),
+        (
+            "validators",
+            "validators[0]",
+            format!("validators:\n- {url}\n"),
+        ),
+        (
+            "psm",
+            "patchesStrategicMerge[0]",
+            format!("patchesStrategicMerge:\n- {url}\n"),
+        ),
+        (
+            "patches",
+            "patches[0].path",
+            format!("patches:\n- path: {url}\n"),
+        ),
+        (
+            "json6902",
+            "patchesJson6902[0].path",
+            format!("patchesJson6902:\n- path: {url}\n  target: {{kind: ConfigMap, name: x}}\n"),
+        ),
+        (
+            "replacements",
+            "replacements[0].path",
+            format!("replacements:\n- path: {url}\n"),
+        ),
+        (
+            "cmfiles",
+            "configMapGenerator[0].files[0]",
+            format!("configMapGenerator:\n- name: u\n  files:\n  - u={url}\n"),
+        ),
+        (
+            "cmenvs",
+            "configMapGenerator[0].envs[0]",
+            format!("configMapGenerator:\n- name: u\n  envs:\n  - {url}\n"),
+        ),
+        (
+            "secretfiles",
+            "secretGenerator[0].files[0]",
+            format!("secretGenerator:\n- name: u\n  files:\n  - {url}\n"),
+        ),
+        (
+            "openapi",
+            "openapi.path",
+            format!("openapi:\n  path: {url}\n"),
+        ),
+        (
+            "helm",
+            "helmCharts",
+            format!("helmCharts:\n- name: x\n  repo: {url}\n"),
+        ),
+        // A builtin generator's configuration in a file of the commit.
+        (
+            "plugin",
+            "ConfigMapGenerator[0].files[0]",
+            "generators:\n- gen.yaml\n".to_owned(),
+        ),
+    ];
+    let mut outpost = String::from("bundles:\n  - name: plain\n    path: plain\n");
+    for (name, _, kustomization) in &attacks {
+        outpost.push_str(&format!("  - name: {name}\n    path: {name}\n"));
+        write(&format!("{name}/kustomization.yaml"), kustomization);
+    }
+    write(
+        "plugin/gen.yaml",
+        &format!(
+            "apiVersion: builtin\nkind: ConfigMapGenerator\nmetadata: {{name: u}}\nfiles:\n- u={url}\n"
+        ),
+    );
+    write("outpost.yaml", &outpost);
+    write(
+        "plain/app.yaml",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: shop, namespace: default}\ndata: {value: \"1\"}\n",
+    );
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "kustomizations that fetch"]);
+
+    let hub = HubProcess::start(work.path(), &repo, "main");
+    let releases = || -> Vec<Value> {
+        hub.get("/api/v1/releases")
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|release| release["ref"] == "refs/heads/main")
+            .cloned()
+            .collect()
+    };
+    wait_for("every bundle to be released or refused", 60, || {
+        releases().len() == attacks.len() + 1
+    });
+    let releases = releases();
+    let plain = releases.iter().find(|r| r["bundle"] == "plain").unwrap();
+    assert!(plain["generation"].as_u64().is_some(), "{plain}");
+    for (bundle, field, _) in &attacks {
+        let release = releases.iter().find(|r| r["bundle"] == *bundle).unwrap();
+        let error = release["error"].as_str().unwrap_or_default();
+        assert!(
+            release["generation"].is_null(),
+            "{bundle} refused: {release}"
+        );
+        assert!(
+            error.contains(&format!("`{field}`"))
+                || (*field == "helmCharts" && error.contains(field)),
+            "{bundle}: the refusal names the field {field}: {error}"
+        );
+    }
+    assert_eq!(
+        bait.arrived.load(Ordering::SeqCst),
+        0,
+        "not one connection reached the bait"
+    );
+    let events = hub.get("/api/v1/events?limit=1000");
+    let refused = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|event| event["kind"] == "release-refused")
+        .count();
+    assert!(refused >= attacks.len(), "an event per refusal: {events}");
+    let scrape = Scrape::get(&format!("{}/metrics", hub.url));
+    assert!(
+        scrape.must("outpost_hub_render_refusals_total", &[("source", "fleet")])
+            >= attacks.len() as f64,
+        "the refusals are counted"
+    );
+}
+
+/// A repository with one plain bundle, `shop`.
+fn plain_repository(work: &std::path::Path) -> std::path::PathBuf {
+    let repo = work.join("repo");
+    git_init(&repo);
+    std::fs::create_dir_all(repo.join("shop")).unwrap();
+    std::fs::write(
+        repo.join("shop/app.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: shop, namespace: default}\ndata: {value: \"1\"}\n",
+    )
+    .unwrap();
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "first"]);
+    repo
+}
+
+/// The webhook secret of the hubs [`hub_with_hooks`] starts.
+const HOOK_SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+/// A hub process whose source has a webhook secret, with webhooks on a listener of their own;
+/// and that listener's address.
+fn hub_with_hooks(work: &std::path::Path, repo: &std::path::Path) -> (HubProcess, SocketAddr) {
+    let secret_file = work.join("hook-secret");
+    std::fs::write(&secret_file, format!("{HOOK_SECRET}\n")).unwrap();
+    let hooks_port = outpost_e2e::processes::free_port(false);
+    let mut hub = HubProcess::start(work, repo, "main");
+    let config = std::fs::read_to_string(&hub.config)
+        .unwrap()
+        .replace(
+            "[listen]\n",
+            &format!("[listen]\nhooks = \"127.0.0.1:{hooks_port}\"\n"),
+        )
+        .replace(
+            "track = \"main\"\n",
+            &format!(
+                "track = \"main\"\nwebhook_secret_file = \"{}\"\n",
+                secret_file.display()
+            ),
+        );
+    std::fs::write(&hub.config, config).unwrap();
+    hub.restart();
+    wait_for("the hooks listener", 20, || {
+        TcpStream::connect(("127.0.0.1", hooks_port)).is_ok()
+    });
+    (hub, SocketAddr::from(([127, 0, 0, 1], hooks_port)))
+}
+
+/// The admin listener's address of `hub`.
+fn admin_address(hub: &HubProcess) -> SocketAddr {
+    hub.url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("an address")
+}
+
+/// Slowloris: one machine (127.0.0.2) holds 2,000 connections to the admin listener and 2,000
+/// to the webhook listener, each with half a request header. A real `GET /live` and a webhook
+/// delivery from another address are answered; the hub closes every held connection (those
+/// past the source's share at once, the others at the header deadline); the metrics count
+/// both.
+#[test]
+fn trust_attack_slowloris_on_admin_and_webhooks() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = plain_repository(work.path());
+    let (hub, hooks) = hub_with_hooks(work.path(), &repo);
+    let admin = admin_address(&hub);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let attacker: std::net::IpAddr = [127, 0, 0, 2].into();
+    let held = runtime.block_on(async {
+        let mut held = half_open(attacker, admin, 2000).await;
+        held.extend(half_open(attacker, hooks, 2000).await);
+        held
+    });
+    let since = Instant::now();
+    let (live, took) = timed_request(admin, GET_LIVE, Duration::from_secs(30));
+    assert!(live.contains(" 200 "), "GET /live answered: {live:?}");
+    eprintln!("GET /live beside 4,000 half-open connections: answered in {took:?}");
+    let body = r#"{"ref":"refs/heads/main"}"#;
+    let (hook, took) = timed_request(
+        hooks,
+        &format!(
+            "POST /hooks/git/fleet HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+        Duration::from_secs(30),
+    );
+    assert!(
+        hook.contains(" 401 "),
+        "an unsigned delivery is answered (refused): {hook:?}"
+    );
+    eprintln!("a webhook delivery beside them: answered in {took:?}");
+
+    // Every held connection is closed by the hub: read each to its end.
+    let closed = runtime.block_on(async {
+        use tokio::io::AsyncReadExt as _;
+        let mut closed = 0;
+        for mut stream in held {
+            let mut buffer = [0u8; 512];
+            loop {
+                match tokio::time::timeout(Duration::from_secs(40), stream.read(&mut buffer)).await
+                {
+                    Ok(Ok(0)) | Ok(Err(_)) => {
+                        closed += 1;
+                        break;
+                    }
+                    Ok(Ok(_)) => continue,
+                    Err(_) => break,
+                }
+            }
+        }
+        closed
+    });
+    assert_eq!(closed, 4000, "the hub closed every half-open connection");
+    eprintln!("all closed {:?} after they were opened", since.elapsed());
+    // Many machines together (40 addresses, 30 each: more than the listener's places), each
+    // connection opened again as soon as the hub closes it: the API still answers, the idle
+    // ones giving their places.
+    let opened = Arc::new(AtomicUsize::new(0));
+    let attackers: Vec<_> = (1..=40u8)
+        .flat_map(|n| keep_half_open(&runtime, [127, 0, 1, n].into(), admin, 30, opened.clone()))
+        .collect();
+    wait_for("the attack to fill the listener", 30, || {
+        opened.load(Ordering::Relaxed) >= 1100
+    });
+    for _ in 0..5 {
+        let (live, took) = timed_request(admin, GET_LIVE, Duration::from_secs(30));
+        assert!(
+            live.contains(" 200 "),
+            "GET /live answered beside many machines: {live:?}"
+        );
+        eprintln!("GET /live beside 1,200 half-open connections from 40 addresses: {took:?}");
+    }
+    for attacker in attackers {
+        attacker.abort();
+    }
+    let scrape = Scrape::get(&format!("{}/metrics", hub.url));
+    let refused = |listener: &str, reason: &str| {
+        scrape
+            .value(
+                "outpost_hub_http_connections_refused_total",
+                &[("listener", listener), ("reason", reason)],
+            )
+            .unwrap_or(0.0)
+    };
+    eprintln!(
+        "admin connections displaced: {}",
+        refused("admin", "displaced")
+    );
+    for listener in ["admin", "hooks"] {
+        assert!(
+            refused(listener, "source_share") >= 1900.0,
+            "{listener}: closed at once, counted"
+        );
+        assert!(
+            refused(listener, "header_timeout") >= 1.0,
+            "{listener}: closed at the header deadline, counted"
+        );
+    }
+}
