@@ -532,13 +532,20 @@ impl Client {
                 }
             }
         }
-        let (sequence, have) = self
-            .with_state(|state| Ok((state.assignment_sequence()?, state.held()?)))
+        let (sequence, have, proofs) = self
+            .with_state(|state| {
+                Ok((
+                    state.assignment_sequence()?,
+                    state.held()?,
+                    state.held_proofs()?,
+                ))
+            })
             .await?;
         let hello = Hello {
             agent_version: self.inner.options.agent_version.clone(),
             assignment_sequence: sequence,
             have,
+            proofs,
         };
         send_message(&mut send, &Message::Hello(hello)).await?;
 
@@ -915,6 +922,7 @@ impl Client {
             installed,
         };
         let header = verify_header(trust, &start.header, &start.signature, &expect)
+            .and_then(|header| header.check_fresh(unix_now()).map(|()| header))
             .map_err(|error| TransferError::Rejected(error.to_string()))?;
         let reference = match start.encoding {
             PayloadEncoding::Whole => None,

@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use outpost_proto::wire::{
-    Assign, Assignment, HeldSnapshot, Message, PayloadEncoding, StatusReport,
+    Assign, Assignment, HeldProof, HeldSnapshot, Message, PayloadEncoding, StatusReport,
 };
 use outpost_proto::{
     Digest, Expectation, Installed, KeyCertificate, PublicKey, SignedKeyCertificate,
@@ -66,7 +66,11 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE meta (key TEXT PRIMARY KEY, value BL
     // reported last, per bundle, so it is reported again only when it changes.
     "UPDATE outbox SET frame = CAST(substr(frame, 1, 4) || X'0003' || substr(frame, 7) AS BLOB)
         WHERE substr(frame, 5, 2) = X'0002';
-    CREATE TABLE drift_left (bundle TEXT PRIMARY KEY, fingerprint BLOB NOT NULL);"];
+    CREATE TABLE drift_left (bundle TEXT PRIMARY KEY, fingerprint BLOB NOT NULL);",
+    // 4: protocol 4 (Hello carries signed evidence; counters at most 2^63 - 1). Queued status
+    // and drift frames encode the same and take the new version.
+    "UPDATE outbox SET frame = CAST(substr(frame, 1, 4) || X'0004' || substr(frame, 7) AS BLOB)
+        WHERE substr(frame, 5, 2) = X'0003';"];
 
 /// Where the agent is enrolled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -451,6 +455,25 @@ impl State {
                 digest,
             })
             .collect())
+    }
+
+    /// The signed header of the newest held snapshot of each bundle: what the agent shows a hub
+    /// as evidence of the generations it was issued (`Hello::proofs`).
+    pub fn held_proofs(&self) -> Result<Vec<HeldProof>, StateError> {
+        let mut statement = self.connection.prepare(
+            "SELECT header, signature FROM snapshots AS s
+             WHERE generation = (SELECT MAX(generation) FROM snapshots WHERE bundle = s.bundle)
+             ORDER BY bundle",
+        )?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok(HeldProof {
+                    header: row.get(0)?,
+                    signature: row.get(1)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
     }
 
     /// The newest installed snapshot of `bundle` (generation and digest).
@@ -912,8 +935,8 @@ mod tests {
     use super::*;
 
     /// A state database from a build speaking protocol 2, with a status report queued: after
-    /// the upgrade the report is still in the outbox, as a protocol 3 frame, and drift queues
-    /// behind it in the same sequence.
+    /// the upgrades the report is still in the outbox, as a frame of this protocol, and drift
+    /// queues behind it in the same sequence.
     #[test]
     fn outbox_frames_of_protocol_2_survive_the_upgrade() {
         let dir = tempfile::tempdir().unwrap();

@@ -329,6 +329,17 @@ enum TokensCommand {
     },
     /// List tokens (their digests) and whether they were used.
     List(ListArgs),
+    /// Revoke an enrolment token that was not used yet (leaked, or handed to a device that will
+    /// not come): it can enrol nothing from now on. A used token: revoke its agent instead.
+    Revoke {
+        #[command(flatten)]
+        api: ApiArgs,
+        /// The token's digest, or its first 8 or more hex digits (`tokens list`).
+        digest: String,
+        /// Why (recorded with your API token's name).
+        #[arg(long)]
+        why: String,
+    },
 }
 
 /// `--since`: a duration back from now (30m, 2h, 7d) or an RFC 3339 date.
@@ -901,6 +912,22 @@ fn tokens(command: TokensCommand) -> Result<()> {
                     ("created_by", "CREATED BY"),
                     ("expires_at", "EXPIRES"),
                     ("used", "USED"),
+                ],
+            );
+        }
+        TokensCommand::Revoke { api, digest, why } => {
+            let revoked = api.client()?.post(
+                &format!("/api/v1/tokens/{digest}/revoke"),
+                serde_json::json!({"why": why}),
+            )?;
+            print_rows(
+                &serde_json::json!([revoked]),
+                api.output,
+                &[
+                    ("digest", "DIGEST"),
+                    ("revoked_at", "REVOKED"),
+                    ("by", "BY"),
+                    ("why", "WHY"),
                 ],
             );
         }

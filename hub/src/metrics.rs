@@ -95,6 +95,7 @@ pub struct HubMetrics {
     pushed: Counter,
     drift_objects: Family<DriftLabels, Counter>,
     sessions: Counter,
+    claims_refused: Counter,
     store_seconds: Family<OperationLabel, Histogram>,
 }
 
@@ -122,6 +123,7 @@ impl HubMetrics {
             pushed: Counter::default(),
             drift_objects: Family::default(),
             sessions: Counter::default(),
+            claims_refused: Counter::default(),
             store_seconds: Family::new_with_constructor(seconds),
         };
         metrics.registry.register(
@@ -190,6 +192,11 @@ impl HubMetrics {
             metrics.sessions.clone(),
         );
         metrics.registry.register(
+            "agent_claims_refused",
+            "Claims in agents' Hello this hub could not verify (a generation or body without a header its keys signed, a sequence too far past the one it issued), refused without moving anything",
+            metrics.claims_refused.clone(),
+        );
+        metrics.registry.register(
             "http_connections_refused",
             "Connections the admin and hooks listeners closed before serving a request, by listener and reason (source_share, header_timeout, handshake)",
             crate::api::listener::refused().clone(),
@@ -200,6 +207,11 @@ impl HubMetrics {
             metrics.store_seconds.clone(),
         );
         metrics
+    }
+
+    /// An agent's `Hello` made `count` claims this hub refused.
+    pub fn claims_refused(&self, count: usize) {
+        self.claims_refused.inc_by(count as u64);
     }
 
     /// A fetch of `source` ended.

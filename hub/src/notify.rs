@@ -148,7 +148,7 @@ pub fn delivery(receiver: &Receiver, event: &Event) -> Delivery {
         }
         ReceiverKind::Slack => (
             receiver.url.clone(),
-            json!({"text": format!("*Outpost {}* {}: {}", event.kind, event.subject, event.message)})
+            json!({"text": format!("*Outpost {}* {}: {}", slack_escape(&event.kind), slack_escape(&event.subject), slack_escape(&event.message))})
                 .to_string(),
         ),
         ReceiverKind::Alertmanager => {
@@ -308,6 +308,24 @@ pub fn example(receiver: &Receiver) -> Value {
     serde_json::from_str(&delivery(receiver, &event).body).unwrap_or(Value::Null)
 }
 
+/// Text as a Slack-compatible receiver shows it and nothing more: `&`, `<` and `>` escaped as
+/// Slack documents (so no `<!channel>`, `<@user>` or `<https://…|link>` from a commit message or
+/// an agent's label), and a word joiner after each `@` (so Mattermost and Rocket.Chat do not
+/// read `@channel` or `@all` as a mention).
+pub fn slack_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for character in text.chars() {
+        match character {
+            '&' => escaped.push_str("&amp;"),
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '@' => escaped.push_str("@\u{2060}"),
+            other => escaped.push(other),
+        }
+    }
+    escaped
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,6 +338,18 @@ mod tests {
             subject: "rollout 2".to_owned(),
             message: "rolled back by hub: 1 agents failed".to_owned(),
         }
+    }
+
+    #[test]
+    fn slack_text_cannot_mention_link_or_format_a_message_of_its_own() {
+        let said = slack_escape("v2 <!channel> <https://evil.example|login> @here & <@U1>");
+        assert!(!said.contains('<') && !said.contains('>'), "{said}");
+        assert!(
+            said.contains("&lt;!channel&gt;") && said.contains("&amp;"),
+            "{said}"
+        );
+        assert!(!said.contains("@here"), "no mention: {said}");
+        assert_eq!(slack_escape("plain words"), "plain words");
     }
 
     #[test]

@@ -284,6 +284,7 @@ impl Hub {
         )));
         if let Some(admin) = admin {
             let hooks_state = HooksState {
+                deliveries: Arc::default(),
                 secrets: Arc::new(
                     settings
                         .sources

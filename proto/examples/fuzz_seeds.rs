@@ -7,8 +7,8 @@ use std::path::Path;
 
 use outpost_proto::compress::{compress_delta, compress_whole};
 use outpost_proto::wire::{
-    Ack, BundleDrift, DriftAction, DriftReport, FieldDrift, HeldSnapshot, Hello, Message,
-    ObjectDrift, StatusReport, encode_frame,
+    Ack, BundleDrift, DriftAction, DriftReport, FieldDrift, HeldProof, HeldSnapshot, Hello,
+    Message, ObjectDrift, StatusReport, encode_frame,
 };
 use outpost_proto::{Digest, SnapshotHeader};
 
@@ -28,6 +28,10 @@ fn main() {
             bundle: "shop".to_owned(),
             generation: 2,
             digest: Digest([7; 32]),
+        }],
+        proofs: vec![HeldProof {
+            header: vec![0x4f, 0x50, 0x53, 0x48],
+            signature: vec![9; 64],
         }],
     });
     let report = Message::StatusReport(StatusReport {

@@ -113,6 +113,16 @@ impl SnapshotHeader {
         }
         let bundle = reader.str("bundle")?;
         let generation = reader.u64("generation")?;
+        if generation > crate::wire::MAX_COUNTER {
+            return Err(crate::DecodeError::Invalid {
+                field: "generation",
+                message: format!(
+                    "{generation} is above the largest counter, {}",
+                    crate::wire::MAX_COUNTER
+                ),
+            }
+            .into());
+        }
         let git_commit = reader.str("git commit")?;
         let git_ref = reader.str("git ref")?;
         let body_digest = Digest(reader.array("body digest")?);

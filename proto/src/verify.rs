@@ -125,6 +125,18 @@ pub enum VerifyError {
         /// Offered digest.
         offered: Digest,
     },
+    /// A snapshot that expired before it was installed: an agent keeps enforcing one that
+    /// expires while installed, but never installs one that has expired already (a replayed
+    /// old snapshot).
+    #[error(
+        "the snapshot expired at {expires_at} (unix time; it is {now} here): an expired snapshot is never installed anew; the hub signs snapshots in use again before they expire — if this device's clock is wrong, set it"
+    )]
+    ExpiredBeforeInstall {
+        /// Its signed expiry.
+        expires_at: i64,
+        /// The time here.
+        now: i64,
+    },
     /// The body's length is not the header's.
     #[error("snapshot body is {got} bytes, the signed header says {expected}")]
     BodySize {
@@ -222,6 +234,17 @@ impl VerifiedHeader {
     /// The checked header.
     pub fn header(&self) -> &SnapshotHeader {
         &self.header
+    }
+
+    /// Refuses a header that expired before `now`: for an install (what is installed already
+    /// goes on being enforced when it expires; that is checked elsewhere, and reported stale).
+    pub fn check_fresh(&self, now: i64) -> Result<(), VerifyError> {
+        match self.header.expires_at {
+            Some(expires_at) if expires_at < now => {
+                Err(VerifyError::ExpiredBeforeInstall { expires_at, now })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Stage two: checks `body` against the header's size, digest and object count.
@@ -433,6 +456,28 @@ mod tests {
         assert_eq!(verified.body(), &f.body);
         assert!(!verified.is_expired(1_600));
         assert!(verified.is_expired(1_601));
+    }
+
+    /// A snapshot replayed after its expiry is refused for an install; one in date, or without
+    /// expiry, is not.
+    #[test]
+    fn an_expired_snapshot_is_not_fresh_enough_to_install() {
+        let f = fixture();
+        let (bytes, signature) = f.header.clone().sign(&f.signer).unwrap();
+        let header = verify_header(&f.trust, &bytes, &signature.0, &expect("pos")).unwrap();
+        assert!(header.check_fresh(1_600).is_ok());
+        assert_eq!(
+            header.check_fresh(1_601).unwrap_err(),
+            VerifyError::ExpiredBeforeInstall {
+                expires_at: 1_600,
+                now: 1_601
+            }
+        );
+        let mut forever = f.header.clone();
+        forever.expires_at = None;
+        let (bytes, signature) = forever.sign(&f.signer).unwrap();
+        let header = verify_header(&f.trust, &bytes, &signature.0, &expect("pos")).unwrap();
+        assert!(header.check_fresh(i64::MAX).is_ok());
     }
 
     #[test]

@@ -16,10 +16,10 @@ use crate::digest::Digest;
 /// The protocol version this build speaks. Part of every frame and of the ALPN string.
 /// Version 2 added the root-signed key revocation list to [`Trust`] and [`ErrorCode::Busy`];
 /// version 3 added [`Message::Drift`].
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The QUIC/TLS ALPN protocol id; it names the protocol version, so mismatched builds fail the
 /// handshake with a clear ALPN error instead of misreading frames.
-pub const ALPN: &[u8] = b"outpost/3";
+pub const ALPN: &[u8] = b"outpost/4";
 /// The largest frame (length prefix excluded) either side sends or accepts.
 pub const MAX_FRAME_SIZE: usize = 1 << 20;
 /// The largest payload slice in one [`TransferChunk`], leaving room for the envelope.
@@ -54,6 +54,17 @@ pub enum Message {
     /// by [`Ack`] like a `StatusReport` (one sequence for both).
     Drift(DriftReport),
 }
+
+/// The largest sequence or generation anywhere: 2^63 − 1. Every counter is a `u64` on the wire
+/// and in the agent and a signed 64-bit integer in both hub stores, so one value range holds
+/// end to end; a frame naming a larger one is refused when it is decoded
+/// ([`WireError::CounterOutOfRange`]), before anything reads it.
+pub const MAX_COUNTER: u64 = i64::MAX as u64;
+
+/// The most one agent's assignment sequence may move past what the hub last issued it on the
+/// strength of the agent's word alone (a hub restored from a backup catching up): a claim
+/// beyond is refused, so no claim can jam an agent's sequence near [`MAX_COUNTER`].
+pub const MAX_SEQUENCE_STEP: u64 = 1 << 20;
 
 /// The most objects one [`BundleDrift`] lists; more are counted in `more_objects`.
 pub const MAX_DRIFT_OBJECTS: usize = 40;
@@ -173,6 +184,19 @@ pub struct Hello {
     pub assignment_sequence: u64,
     /// Snapshots the agent holds, verified, usable as delta bases.
     pub have: Vec<HeldSnapshot>,
+    /// Evidence for the newest held snapshot of each bundle: its signed header, as the hub
+    /// sent it. A hub restored from a backup moves its generation counters past what an agent
+    /// holds only on this evidence, never on the agent's word.
+    pub proofs: Vec<HeldProof>,
+}
+
+/// A signed snapshot header an agent holds, sent back as evidence of what a hub issued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldProof {
+    /// Signed header bytes.
+    pub header: Vec<u8>,
+    /// Signature over them (64 bytes).
+    pub signature: Vec<u8>,
 }
 
 /// A snapshot the agent holds.
@@ -383,6 +407,59 @@ pub enum WireError {
     /// Bytes were left after the message.
     #[error("{0} unexpected bytes after the message in a frame")]
     TrailingBytes(usize),
+    /// A sequence or generation above [`MAX_COUNTER`].
+    #[error("{field} {value} is above the largest counter, {MAX_COUNTER}")]
+    CounterOutOfRange {
+        /// Which counter.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+    },
+}
+
+impl Message {
+    /// Refuses a message naming a sequence or generation above [`MAX_COUNTER`].
+    pub fn check_counters(&self) -> Result<(), WireError> {
+        let check = |field: &'static str, value: u64| match value > MAX_COUNTER {
+            true => Err(WireError::CounterOutOfRange { field, value }),
+            false => Ok(()),
+        };
+        match self {
+            Message::Hello(hello) => {
+                check("assignment sequence", hello.assignment_sequence)?;
+                for held in &hello.have {
+                    check("held generation", held.generation)?;
+                }
+            }
+            Message::Assign(assign) => {
+                check("assignment sequence", assign.sequence)?;
+                for assignment in &assign.assignments {
+                    check("assigned generation", assignment.generation)?;
+                }
+            }
+            Message::StatusReport(report) => {
+                check("report sequence", report.sequence)?;
+                for status in &report.bundles {
+                    check("reported generation", status.generation)?;
+                }
+            }
+            Message::Drift(report) => {
+                check("report sequence", report.sequence)?;
+                for bundle in &report.bundles {
+                    check("drift generation", bundle.generation)?;
+                }
+            }
+            Message::Ack(ack) => check("acknowledged sequence", ack.sequence)?,
+            Message::Fetch(_)
+            | Message::TransferStart(_)
+            | Message::TransferChunk(_)
+            | Message::Error(_)
+            | Message::Enrol(_)
+            | Message::Enrolled(_)
+            | Message::Trust(_) => {}
+        }
+        Ok(())
+    }
 }
 
 /// Encodes `message` as one frame, length prefix included.
@@ -416,6 +493,7 @@ pub fn decode_frame(content: &[u8]) -> Result<Message, WireError> {
     if !rest.is_empty() {
         return Err(WireError::TrailingBytes(rest.len()));
     }
+    message.check_counters()?;
     Ok(message)
 }
 
@@ -513,6 +591,10 @@ mod tests {
                 generation: 7,
                 digest: Digest([0x11; 32]),
             }],
+            proofs: vec![HeldProof {
+                header: vec![0xaa, 0xbb],
+                signature: vec![0xcc],
+            }],
         })
     }
 
@@ -524,8 +606,8 @@ mod tests {
         assert_eq!(
             hex::encode(&frame),
             concat!(
-                "00000031",
-                "0003", // length, protocol version
+                "00000037",
+                "0004", // length, protocol version
                 "00",   // Message::Hello
                 "05",
                 "302e312e30", // agent_version
@@ -535,9 +617,106 @@ mod tests {
                 "706f73",
                 "07", // one held snapshot: bundle, generation
                 "1111111111111111111111111111111111111111111111111111111111111111",
+                "01", // one proof: header and signature bytes
+                "02aabb",
+                "01cc",
             )
         );
         assert_eq!(decode_frame(&frame[4..]).unwrap(), hello());
+    }
+
+    proptest::proptest! {
+        /// Any sequence decodes exactly when it is at most 2^63 − 1.
+        #[test]
+        fn a_counter_decodes_exactly_when_it_fits_both_stores(value in proptest::prelude::any::<u64>()) {
+            let message = Message::Assign(Assign { sequence: value, assignments: vec![] });
+            let frame = encode_frame(&message).unwrap();
+            proptest::prop_assert_eq!(decode_frame(&frame[4..]).is_ok(), value <= MAX_COUNTER);
+        }
+    }
+
+    /// Counters at the edges: up to 2^63 − 1 a frame decodes; 2^63 and 2^64 − 1 are refused
+    /// in every message that carries a sequence or a generation.
+    #[test]
+    fn counters_above_two_to_the_63_are_refused_when_decoded() {
+        let frames = |value: u64| -> Vec<(&'static str, Message)> {
+            let digest = Digest([1; 32]);
+            vec![
+                (
+                    "hello sequence",
+                    Message::Hello(Hello {
+                        agent_version: String::new(),
+                        assignment_sequence: value,
+                        have: vec![],
+                        proofs: vec![],
+                    }),
+                ),
+                (
+                    "held generation",
+                    Message::Hello(Hello {
+                        agent_version: String::new(),
+                        assignment_sequence: 0,
+                        have: vec![HeldSnapshot {
+                            bundle: "b".into(),
+                            generation: value,
+                            digest,
+                        }],
+                        proofs: vec![],
+                    }),
+                ),
+                (
+                    "assign sequence",
+                    Message::Assign(Assign {
+                        sequence: value,
+                        assignments: vec![],
+                    }),
+                ),
+                (
+                    "assigned generation",
+                    Message::Assign(Assign {
+                        sequence: 1,
+                        assignments: vec![Assignment {
+                            bundle: "b".into(),
+                            generation: value,
+                            digest,
+                        }],
+                    }),
+                ),
+                (
+                    "status sequence",
+                    Message::StatusReport(StatusReport {
+                        sequence: value,
+                        bundles: vec![],
+                    }),
+                ),
+                (
+                    "drift sequence",
+                    Message::Drift(DriftReport {
+                        sequence: value,
+                        bundles: vec![],
+                    }),
+                ),
+                ("ack", Message::Ack(Ack { sequence: value })),
+            ]
+        };
+        for value in [0, 1, MAX_COUNTER - 1, MAX_COUNTER] {
+            for (what, message) in frames(value) {
+                let frame = encode_frame(&message).unwrap();
+                assert_eq!(decode_frame(&frame[4..]), Ok(message), "{what} at {value}");
+            }
+        }
+        for value in [MAX_COUNTER + 1, u64::MAX - 1, u64::MAX] {
+            for (what, message) in frames(value) {
+                let frame = encode_frame(&message).unwrap();
+                assert!(
+                    matches!(
+                        decode_frame(&frame[4..]),
+                        Err(WireError::CounterOutOfRange { value: got, .. }) if got == value
+                    ),
+                    "{what} at {value}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -548,7 +727,7 @@ mod tests {
             bytes: b"abc".to_vec(),
         });
         let frame = encode_frame(&chunk).unwrap();
-        assert_eq!(hex::encode(&frame[4..7]), "000304");
+        assert_eq!(hex::encode(&frame[4..7]), "000404");
         assert_eq!(hex::encode(&frame[frame.len() - 5..]), "0103616263");
         assert_eq!(decode_frame(&frame[4..]).unwrap(), chunk);
     }
@@ -564,7 +743,7 @@ mod tests {
         assert_eq!(
             hex::encode(&frame),
             concat!(
-                "0000000a", "0003", // length, protocol version
+                "0000000a", "0004", // length, protocol version
                 "0a",   // Message::Trust
                 "01", "02", "aabb", // one certificate of two bytes
                 "01", "01", "cc", // Some(revocations) of one byte
@@ -607,7 +786,7 @@ mod tests {
             hex::encode(&frame),
             concat!(
                 "00000058",
-                "0003", // length, protocol version
+                "0004", // length, protocol version
                 "0b",
                 "05", // Message::Drift, sequence
                 "01",
@@ -707,7 +886,7 @@ mod tests {
         assert_eq!(decode_frame(&frame[4..]), Err(WireError::TrailingBytes(1)));
         assert_eq!(decode_frame(&[0]), Err(WireError::FrameTooShort(1)));
         assert!(matches!(
-            decode_frame(&[0, 3, 0xff, 0xff]),
+            decode_frame(&[0, 4, 0xff, 0xff]),
             Err(WireError::Malformed(_))
         ));
     }

@@ -675,6 +675,8 @@ async fn session(
                 digest: *digest,
             })
             .collect(),
+        // Load agents keep no headers: they hold only what this hub assigned them.
+        proofs: Vec::new(),
     });
     if let Err(error) = send_message(&mut send, &hello).await {
         return lost(&error);

@@ -92,3 +92,50 @@ pub fn timed_request(to: SocketAddr, request: &str, patience: Duration) -> (Stri
 
 /// `GET /live`, as [`timed_request`] sends it.
 pub const GET_LIVE: &str = "GET /live HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+
+/// A protocol session opened with an enrolled agent's own key (from its state dir), as a
+/// device under an attacker's control would: the connection, the control stream's writer and
+/// reader, after `hello` was sent.
+pub async fn forged_session(
+    state_dir: &std::path::Path,
+    hub: SocketAddr,
+    hello: outpost_proto::wire::Hello,
+) -> (
+    quinn::Connection,
+    quinn::SendStream,
+    outpost_proto::transport::MessageReader,
+) {
+    let (key, _) = outpost_agent::identity::load_or_create(&outpost_agent::paths::key(state_dir))
+        .expect("the agent's key");
+    let (state, _) = outpost_agent::open_state(state_dir).expect("the agent's state");
+    let pin = state
+        .enrolment()
+        .expect("the enrolment")
+        .expect("an enrolled agent")
+        .hub_pin;
+    drop(state);
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).expect("an endpoint");
+    let config = outpost_proto::transport::client_config(
+        &key,
+        pin,
+        &outpost_proto::transport::Tuning::default(),
+    )
+    .expect("a client config");
+    let connection = endpoint
+        .connect_with(config, hub, "outpost-hub")
+        .expect("connect")
+        .await
+        .expect("the handshake");
+    let (mut control, recv) = connection.open_bi().await.expect("a control stream");
+    outpost_proto::transport::send_message(
+        &mut control,
+        &outpost_proto::wire::Message::Hello(hello),
+    )
+    .await
+    .expect("send Hello");
+    (
+        connection,
+        control,
+        outpost_proto::transport::MessageReader::new(recv),
+    )
+}

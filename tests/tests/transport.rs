@@ -179,6 +179,7 @@ async fn an_agent_gets_only_what_is_assigned_to_it() {
         agent_version: "test".into(),
         assignment_sequence: 0,
         have: vec![],
+        proofs: vec![],
     };
     send_message(&mut control, &Message::Hello(hello))
         .await
@@ -266,6 +267,7 @@ async fn raw_session(
         agent_version: "test".into(),
         assignment_sequence: 0,
         have: vec![],
+        proofs: vec![],
     };
     send_message(&mut control, &Message::Hello(hello))
         .await

@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use outpost_e2e::abuse::{GET_LIVE, half_open, keep_half_open, timed_request};
-use outpost_e2e::processes::{HubProcess, Scrape, git, git_init, wait_for};
+use outpost_e2e::abuse::{GET_LIVE, forged_session, half_open, keep_half_open, timed_request};
+use outpost_e2e::processes::{HubProcess, Process, Scrape, git, git_init, wait_for};
+use outpost_proto::transport::MessageReader;
+use outpost_proto::wire::{Assign, HeldProof, HeldSnapshot, Hello, MAX_COUNTER, Message};
 use serde_json::Value;
 
 /// An HTTP server on loopback that answers every request with "stolen" and counts the
@@ -372,4 +374,230 @@ fn trust_attack_slowloris_on_admin_and_webhooks() {
             "{listener}: closed at the header deadline, counted"
         );
     }
+}
+
+/// `outpost-agent status` of the agent in `state_dir`: the generation of its first assignment.
+fn assigned_generation(agent_bin: &std::path::Path, state_dir: &std::path::Path) -> u64 {
+    let env = [("OUTPOST_AGENT_STATE_DIR", state_dir.display().to_string())];
+    let status: Value = serde_json::from_str(&outpost_e2e::processes::run(
+        agent_bin,
+        &["status", "--output", "json"],
+        &env,
+    ))
+    .unwrap();
+    status["assignments"][0]["generation"].as_u64().unwrap_or(0)
+}
+
+/// `outpost-agent run --cluster none` on `state_dir` (a device that keeps its cache only).
+fn run_cache_only(agent_bin: &std::path::Path, state_dir: &std::path::Path) -> Process {
+    Process(
+        std::process::Command::new(agent_bin)
+            .args(["run", "--cluster", "none"])
+            .env("OUTPOST_AGENT_STATE_DIR", state_dir)
+            .env("OUTPOST_LOG", "warn")
+            .spawn()
+            .expect("start outpost-agent"),
+    )
+}
+
+/// Reads the control stream up to the first `Assign` (or the end: `None`).
+async fn next_assign(reader: &mut MessageReader) -> Option<Assign> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), reader.next()).await {
+            Ok(Ok(Some(Message::Assign(assign)))) => return Some(assign),
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) | Ok(Err(_)) => return None,
+            Err(_) => panic!("no answer from the hub within 20 s"),
+        }
+    }
+}
+
+/// A device's key in an attacker's hands: its `Hello` claims generations the hub never issued
+/// (1,000,000 and 2^63 − 1), a sequence 2^63 − 1, a genuine signed header with its generation
+/// changed, and finally a sequence of 2^64 − 1. Nothing moves: each is answered with the hub's
+/// own assignment (the last frame is refused whole), recorded as `agent-claim-refused` and
+/// counted; the next commit is generation 2 for the fleet and another device installs it.
+#[test]
+fn trust_attack_forged_hello_cannot_move_or_freeze_counters() {
+    let agent_bin = outpost_e2e::processes::binary("outpost-agent");
+    let work = tempfile::tempdir().unwrap();
+    let repo = plain_repository(work.path());
+    let hub = HubProcess::start(work.path(), &repo, "main");
+    let attacker = work.path().join("attacker");
+    let honest = work.path().join("honest");
+    hub.enrol(&agent_bin, &attacker, &["role=store"]);
+    hub.enrol(&agent_bin, &honest, &["role=store"]);
+    let _honest = run_cache_only(&agent_bin, &honest);
+    {
+        // The attacker's device fetched generation 1 once, as any device does.
+        let _device = run_cache_only(&agent_bin, &attacker);
+        wait_for("the devices to hold generation 1", 60, || {
+            assigned_generation(&agent_bin, &attacker) == 1
+                && assigned_generation(&agent_bin, &honest) == 1
+        });
+    }
+    let (state, _) = outpost_agent::open_state(&attacker).unwrap();
+    let genuine = state.held_proofs().unwrap().pop().expect("a held header");
+    let sequence = state.assignment_sequence().unwrap();
+    drop(state);
+    let digest = outpost_proto::Digest([0x5a; 32]);
+    let held = |generation: u64| HeldSnapshot {
+        bundle: "shop".to_owned(),
+        generation,
+        digest,
+    };
+    // The genuine header with its generation (bytes after magic, version and bundle) changed.
+    let mut tampered = genuine.clone();
+    let at = 4 + 2 + 4 + "shop".len();
+    tampered.header[at..at + 8].copy_from_slice(&1_000_000u64.to_be_bytes());
+    let hello = |sequence: u64, have: Vec<HeldSnapshot>, proofs: Vec<HeldProof>| Hello {
+        agent_version: "attacker".to_owned(),
+        assignment_sequence: sequence,
+        have,
+        proofs,
+    };
+    let forged = [
+        hello(sequence, vec![held(1_000_000)], vec![]),
+        hello(sequence, vec![held(MAX_COUNTER)], vec![]),
+        hello(MAX_COUNTER, vec![], vec![]),
+        hello(sequence, vec![held(1_000_000)], vec![tampered]),
+    ];
+    let agents = SocketAddr::from(([127, 0, 0, 1], hub.agents_port));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    for hello in forged {
+        let claimed = format!("{hello:?}");
+        let assign = runtime.block_on(async {
+            let (_connection, _control, mut reader) =
+                forged_session(&attacker, agents, hello).await;
+            next_assign(&mut reader).await
+        });
+        let assign = assign.unwrap_or_else(|| panic!("the hub answers {claimed} with an Assign"));
+        assert!(assign.sequence < 100, "the hub's own sequence: {assign:?}");
+        assert_eq!(assign.assignments[0].generation, 1, "{claimed}: {assign:?}");
+    }
+    // 2^64 − 1 does not even decode: the hub ends the session and keeps nothing.
+    let ended = runtime.block_on(async {
+        let (_connection, _control, mut reader) =
+            forged_session(&attacker, agents, hello(u64::MAX, vec![], vec![])).await;
+        next_assign(&mut reader).await
+    });
+    assert!(
+        ended.is_none(),
+        "no Assign for an undecodable Hello: {ended:?}"
+    );
+
+    let events = hub.get("/api/v1/events?limit=200");
+    let refused: Vec<&Value> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|event| event["kind"] == "agent-claim-refused")
+        .collect();
+    assert!(refused.len() >= 4, "an event per forged Hello: {events}");
+    assert!(
+        !events.to_string().contains("hub-behind-agent"),
+        "nothing moved: {events}"
+    );
+    let scrape = Scrape::get(&format!("{}/metrics", hub.url));
+    assert!(scrape.must("outpost_hub_agent_claims_refused_total", &[]) >= 4.0);
+
+    // The fleet goes on: the next commit is generation 2, and the honest device installs it.
+    std::fs::write(
+        repo.join("shop/app.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: shop, namespace: default}\ndata: {value: \"2\"}\n",
+    )
+    .unwrap();
+    git(&repo, &["commit", "-qam", "second"]);
+    hub.cli(&["fetch-now"]);
+    wait_for("generation 2 on the honest device", 60, || {
+        assigned_generation(&agent_bin, &honest) == 2
+    });
+    let releases = hub.get("/api/v1/releases");
+    let newest = releases
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|release| release["bundle"] == "shop")
+        .filter_map(|release| release["generation"].as_u64())
+        .max();
+    assert_eq!(newest, Some(2), "{releases}");
+}
+
+/// HMAC-SHA256 of `body` under [`HOOK_SECRET`], as GitHub signs a delivery.
+fn github_signature(body: &str) -> String {
+    use hmac::{KeyInit as _, Mac as _};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(HOOK_SECRET.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// A captured webhook delivery sent again — whole, with its delivery id changed, and with the
+/// id removed — is refused (409, saying it is a replay) and makes no fetch; a new delivery is
+/// taken.
+#[test]
+fn trust_attack_a_replayed_webhook_is_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let repo = plain_repository(work.path());
+    let (hub, hooks) = hub_with_hooks(work.path(), &repo);
+    let deliver = |id: Option<&str>, body: &str| -> (u16, Value) {
+        let mut request = ureq::http::Request::builder()
+            .method("POST")
+            .uri(format!("http://{hooks}/hooks/git/fleet"))
+            .header("content-type", "application/json")
+            .header("x-github-event", "push")
+            .header("x-hub-signature-256", github_signature(body));
+        if let Some(id) = id {
+            request = request.header("x-github-delivery", id);
+        }
+        let agent = ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build(),
+        );
+        let mut response = agent
+            .run(request.body(body.as_bytes().to_vec()).unwrap())
+            .unwrap();
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    };
+    let fetches = || -> u64 {
+        hub.get("/api/v1/sources")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|row| row["name"] == "fleet")
+            .and_then(|row| row["fetches"].as_u64())
+            .unwrap_or(0)
+    };
+    wait_for("the first fetch", 30, || fetches() >= 1);
+    let captured =
+        r#"{"ref":"refs/heads/main","after":"1111111111111111111111111111111111111111"}"#;
+    assert_eq!(deliver(Some("delivery-1"), captured).0, 202);
+    wait_for("the delivery's fetch", 30, || fetches() >= 2);
+    std::thread::sleep(Duration::from_secs(2));
+    let before = fetches();
+    for (what, id) in [
+        ("replayed whole", Some("delivery-1")),
+        ("its id changed", Some("delivery-2")),
+        ("its id removed", None),
+    ] {
+        let (status, answer) = deliver(id, captured);
+        assert_eq!(status, 409, "{what}: {answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("replay"),
+            "{what}: {answer}"
+        );
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(fetches(), before, "a replay makes no fetch");
+    let fresh = r#"{"ref":"refs/heads/main","after":"2222222222222222222222222222222222222222"}"#;
+    assert_eq!(
+        deliver(Some("delivery-3"), fresh).0,
+        202,
+        "a new delivery is taken"
+    );
 }

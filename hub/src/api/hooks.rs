@@ -9,11 +9,16 @@
 //! - GitLab: `X-Gitlab-Token: <the secret>`.
 //!
 //! All comparisons are constant-time. Missing or wrong: 401; a source without a configured
-//! secret: 404 saying how to enable it; unknown source: 404. Served on the admin listener, or
+//! secret: 404 saying how to enable it; unknown source: 404. A replayed delivery — its delivery
+//! id (`X-GitHub-Delivery`, `X-Gitea-Delivery`, `X-Forgejo-Delivery`, `X-Gitlab-Event-UUID`)
+//! or its body already accepted for that source within [`REPLAY_WINDOW`] — is refused with 409
+//! (the body too, because the signature covers the body and not the id header: a captured
+//! delivery with its id changed is still the same signed body). Served on the admin listener, or
 //! on a listener of its own (`listen.hooks`) so Git servers never reach the admin API.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::body::Bytes;
@@ -31,6 +36,11 @@ use crate::config::Secret;
 /// The largest webhook body read (GitHub sends at most 25 MB; push events are far smaller).
 pub const MAX_HOOK_BODY: usize = 4 << 20;
 
+/// How long an accepted delivery is remembered, to refuse it when it comes again.
+pub const REPLAY_WINDOW: Duration = Duration::from_secs(3600);
+/// The most deliveries remembered (the oldest are forgotten first).
+const MAX_REMEMBERED: usize = 100_000;
+
 /// What the webhook route needs.
 #[derive(Debug, Clone)]
 pub struct HooksState {
@@ -38,6 +48,72 @@ pub struct HooksState {
     pub secrets: Arc<BTreeMap<String, Option<Secret>>>,
     /// Where fetch requests go.
     pub changes: Arc<Changes>,
+    /// Deliveries accepted lately.
+    pub deliveries: Arc<Deliveries>,
+}
+
+/// Deliveries accepted within [`REPLAY_WINDOW`], by delivery id and by body, per source.
+#[derive(Debug, Default)]
+pub struct Deliveries {
+    seen: Mutex<Seen>,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    keys: HashSet<[u8; 32]>,
+    order: VecDeque<(Instant, [u8; 32])>,
+}
+
+impl Deliveries {
+    /// Remembers a delivery of `source` with `id` (if it has one) and `body`; `false` when
+    /// either was accepted within [`REPLAY_WINDOW`] (a replay: nothing is remembered anew).
+    pub fn first_time(&self, source: &str, id: Option<&str>, body: &[u8], now: Instant) -> bool {
+        use sha2::Digest as _;
+        let key = |kind: &str, bytes: &[u8]| -> [u8; 32] {
+            let mut hash = sha2::Sha256::new();
+            for part in [kind.as_bytes(), source.as_bytes(), bytes] {
+                hash.update((part.len() as u64).to_be_bytes());
+                hash.update(part);
+            }
+            hash.finalize().into()
+        };
+        let mut keys = vec![key("body", body)];
+        if let Some(id) = id {
+            keys.push(key("id", id.as_bytes()));
+        }
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        while let Some((at, old)) = seen.order.front().copied() {
+            if now.duration_since(at) < REPLAY_WINDOW && seen.order.len() < MAX_REMEMBERED {
+                break;
+            }
+            seen.order.pop_front();
+            seen.keys.remove(&old);
+        }
+        if keys.iter().any(|key| seen.keys.contains(key)) {
+            return false;
+        }
+        for key in keys {
+            seen.keys.insert(key);
+            seen.order.push_back((now, key));
+        }
+        true
+    }
+}
+
+/// The delivery id a Git server sends with each delivery, if any.
+fn delivery_id(headers: &HeaderMap) -> Option<&str> {
+    [
+        "x-github-delivery",
+        "x-gitea-delivery",
+        "x-forgejo-delivery",
+        "x-gitlab-event-uuid",
+    ]
+    .iter()
+    .find_map(|name| headers.get(*name)?.to_str().ok())
+    .filter(|id| !id.is_empty())
 }
 
 /// The webhook routes.
@@ -137,6 +213,19 @@ async fn hook(
                 .or_else(|| headers.get("x-gitlab-event"))
                 .and_then(|value| value.to_str().ok())
                 .unwrap_or("push");
+            let id = delivery_id(&headers);
+            if !state
+                .deliveries
+                .first_time(&source, id, &body, Instant::now())
+            {
+                let message = format!(
+                    "this delivery ({}) was accepted already within the last {} minutes: a replay is refused",
+                    id.map_or_else(|| "the same body".to_owned(), |id| format!("id {id}")),
+                    REPLAY_WINDOW.as_secs() / 60
+                );
+                tracing::warn!(%source, sender, %message, "webhook replay refused");
+                return answer(StatusCode::CONFLICT, message);
+            }
             if event == "ping" {
                 return answer(StatusCode::OK, "pong: the signature checks out".to_owned());
             }
@@ -174,6 +263,42 @@ mod tests {
         let mut mac = HmacSha256::new_from_slice(secret).unwrap();
         mac.update(body);
         hex::encode(mac.finalize().into_bytes())
+    }
+
+    #[test]
+    fn a_delivery_is_taken_once_by_id_or_by_body_within_the_window() {
+        let deliveries = Deliveries::default();
+        let start = Instant::now();
+        assert!(deliveries.first_time("fleet", Some("a"), b"one", start));
+        assert!(
+            !deliveries.first_time("fleet", Some("a"), b"one", start),
+            "replayed whole"
+        );
+        assert!(
+            !deliveries.first_time("fleet", Some("b"), b"one", start),
+            "id changed, same signed body"
+        );
+        assert!(
+            !deliveries.first_time("fleet", None, b"one", start),
+            "id removed"
+        );
+        assert!(
+            !deliveries.first_time("fleet", Some("a"), b"two", start),
+            "same id, another body"
+        );
+        assert!(
+            deliveries.first_time("fleet", Some("c"), b"two", start),
+            "a new delivery"
+        );
+        assert!(
+            deliveries.first_time("other", Some("a"), b"one", start),
+            "another source"
+        );
+        let later = start + REPLAY_WINDOW + Duration::from_secs(1);
+        assert!(
+            deliveries.first_time("fleet", Some("a"), b"one", later),
+            "forgotten after the window"
+        );
     }
 
     #[test]

@@ -21,6 +21,8 @@
 //! - admin: `POST /api/v1/tokens` (`{"labels": {...}, "ttl_seconds": N}`: an enrolment token,
 //!   shown once, in an enrolment bundle; with `"count": N`, up to 10,000 tokens at once),
 //!   `POST /api/v1/agents/{id}/revoke` (`{"why": "..."}`),
+//!   `POST /api/v1/tokens/{digest}/revoke` (`{"why": "..."}`: an unused enrolment token, by
+//!   its digest or a unique prefix of at least 8 hex digits, can enrol nothing more),
 //!   `GET|POST /api/v1/admin-tokens`, `POST /api/v1/admin-tokens/{name}/revoke`,
 //!   `GET /api/v1/keys`, `POST /api/v1/keys/reload`, and `…/objects?secrets=reveal`
 //! - Git webhooks: `POST /hooks/git/{source}`, signed with the source's secret (see [`hooks`]),
@@ -178,6 +180,7 @@ pub fn router(state: AdminState, hooks: Option<hooks::HooksState>) -> Router {
         .route("/api/v1/agents/{id}/labels", post(label_agent))
         .route("/api/v1/agents/{id}/revoke", post(revoke_agent))
         .route("/api/v1/tokens", get(tokens).post(create_token))
+        .route("/api/v1/tokens/{digest}/revoke", post(revoke_token))
         .route(
             "/api/v1/admin-tokens",
             get(admin::list_tokens).post(admin::create_token),
@@ -671,6 +674,63 @@ async fn revoke_agent(
     state.changes.agents_changed(&[revoked]);
     state.changes.rollouts_changed();
     result
+}
+
+/// Revokes an unused enrolment token named by its digest (hex, as `GET /api/v1/tokens` lists
+/// it) or a prefix of at least 8 hex digits that names one token.
+async fn revoke_token(
+    State(state): State<AdminState>,
+    auth::Admin(caller): auth::Admin,
+    Path(digest): Path<String>,
+    Json(request): Json<RevokeRequest>,
+) -> ApiResult {
+    check_why(&request.why, "revoke the enrolment token")?;
+    let prefix = digest.to_ascii_lowercase();
+    if prefix.len() < 8 || prefix.len() > 64 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad_request(format!(
+            "{digest:?} is not a token digest: give 8 to 64 hex digits of a digest `outpost-hub tokens list` shows"
+        )));
+    }
+    let now = (state.now)();
+    with_store(&state, move |store| {
+        let matching: Vec<crate::store::EnrolmentToken> = store
+            .tokens()?
+            .into_iter()
+            .filter(|token| token.digest.starts_with(&prefix))
+            .collect();
+        let token = match matching.as_slice() {
+            [one] => one,
+            [] => {
+                return Err(not_found(format!(
+                    "no enrolment token with a digest starting {prefix}; see `outpost-hub tokens list`"
+                )));
+            }
+            _ => {
+                return Err(bad_request(format!(
+                    "{} tokens have digests starting {prefix}: give more digits",
+                    matching.len()
+                )));
+            }
+        };
+        if let Some((_, agent)) = &token.used {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("token {} was used already, by agent {agent}: revoke the agent instead (outpost-hub agents revoke)", &token.digest[..16]),
+            ));
+        }
+        let bytes: [u8; 32] = hex::decode(&token.digest)
+            .ok()
+            .and_then(|bytes| bytes.try_into().ok())
+            .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "a stored token digest does not decode".to_owned()))?;
+        if !store.revoke_token(&outpost_proto::Digest(bytes), &caller.name, &request.why, now)? {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("token {} has expired already: it can enrol nothing", &token.digest[..16]),
+            ));
+        }
+        Ok(Json(json!({"digest": token.digest, "revoked_at": now, "by": caller.name, "why": request.why})))
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize)]

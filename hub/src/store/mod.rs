@@ -210,6 +210,15 @@ pub struct Event {
     pub message: String,
 }
 
+/// Refuses a counter that does not fit both stores' signed 64-bit integers, or one step past
+/// it (a stored value may be raised by one); returns it as stored.
+pub(crate) fn counter(field: &'static str, value: u64) -> Result<i64, StoreError> {
+    match value < outpost_proto::wire::MAX_COUNTER {
+        true => Ok(value as i64),
+        false => Err(StoreError::CounterOutOfRange { field, value }),
+    }
+}
+
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -237,6 +246,15 @@ pub enum StoreError {
     /// The store was closed (the hub is stopping).
     #[error("hub store: closed")]
     Closed,
+    /// A sequence or generation above 2^63 − 1 (`outpost_proto::wire::MAX_COUNTER`): both
+    /// stores keep counters as signed 64-bit integers; such a value is never stored.
+    #[error("hub store: {field} {value} is above the largest counter, 2^63 - 1; not stored")]
+    CounterOutOfRange {
+        /// Which counter.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+    },
     /// A stored record does not decode (written by a broken or newer hub).
     #[error("hub store: a stored record does not decode: {0}")]
     Corrupt(String),
@@ -360,6 +378,15 @@ pub trait Store {
     ) -> Result<(), StoreError>;
     /// Enrolment tokens, newest first.
     fn tokens(&self) -> Result<Vec<EnrolmentToken>, StoreError>;
+    /// Revokes an enrolment token not used yet: it expires now, so it can enrol nothing more
+    /// (a `token-revoked` event says who and why). `false`: no such unused, unexpired token.
+    fn revoke_token(
+        &self,
+        token_digest: &Digest,
+        by: &str,
+        why: &str,
+        now: i64,
+    ) -> Result<bool, StoreError>;
     /// Uses a token once to enrol `public_key`, in one transaction: the token is marked used and
     /// the agent created with the token's labels. A second use fails.
     fn enrol(

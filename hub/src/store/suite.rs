@@ -60,6 +60,36 @@ pub(crate) fn expired_tokens_and_enrolled_keys_are_refused(store: &dyn HubStore)
         store.enrol(&token, &[1; 32], 201).unwrap(),
         Err(TokenError::Expired(200))
     );
+    // An unused token is revoked at once; a used, expired or unknown one is not.
+    let leaked = Digest::of(b"leaked");
+    store
+        .create_token(&leaked, &BTreeMap::new(), "ops", 100, 10_000)
+        .unwrap();
+    assert!(
+        store
+            .revoke_token(&leaked, "ops", "left in a ticket", 120)
+            .unwrap()
+    );
+    assert!(matches!(
+        store.enrol(&leaked, &[9; 32], 121).unwrap(),
+        Err(TokenError::Expired(_))
+    ));
+    assert!(!store.revoke_token(&leaked, "ops", "again", 122).unwrap());
+    assert!(
+        !store
+            .revoke_token(&token, "ops", "expired already", 300)
+            .unwrap()
+    );
+    assert!(
+        !store
+            .revoke_token(&Digest::of(b"nothing"), "ops", "?", 122)
+            .unwrap()
+    );
+    assert!(
+        store.events(20).unwrap().iter().any(
+            |event| event.kind == "token-revoked" && event.message.contains("left in a ticket")
+        )
+    );
     let second = Digest::of(b"u");
     store
         .create_token(&second, &BTreeMap::new(), "ops", 100, 300)
@@ -1303,6 +1333,39 @@ pub(crate) fn a_hub_behind_its_agent_moves_past_it(store: &dyn HubStore) {
     );
     assert_eq!(store.assignments(&a.id).unwrap().sequence, 6);
     assert_eq!(store.next_generation("pos").unwrap(), 9);
+    // Counters that do not fit a signed 64-bit integer plus one step are refused and nothing
+    // is stored: the bundle and the agent go on as before.
+    use outpost_proto::wire::MAX_COUNTER;
+    for value in [MAX_COUNTER, MAX_COUNTER + 1, u64::MAX - 1, u64::MAX] {
+        assert!(
+            matches!(
+                store.advance_past(&a.id, value, &[], 302),
+                Err(StoreError::CounterOutOfRange { .. })
+            ),
+            "sequence {value}"
+        );
+        assert!(
+            matches!(
+                store.advance_past(&a.id, 7, &[("pos".to_owned(), value)], 302),
+                Err(StoreError::CounterOutOfRange { .. })
+            ),
+            "generation {value}"
+        );
+    }
+    assert_eq!(store.assignments(&a.id).unwrap().sequence, 6);
+    assert_eq!(
+        store.next_generation("pos").unwrap(),
+        10,
+        "the bundle goes on"
+    );
+    // The largest that fits is taken (0 and 2^63 − 2 at the edges).
+    assert!(!store.advance_past(&a.id, 0, &[], 303).unwrap());
+    assert!(
+        store
+            .advance_past(&a.id, MAX_COUNTER - 1, &[], 303)
+            .unwrap()
+    );
+    assert_eq!(store.assignments(&a.id).unwrap().sequence, MAX_COUNTER);
 }
 
 pub(crate) fn drift_is_stored_once_per_report_and_stands_per_bundle(store: &dyn HubStore) {

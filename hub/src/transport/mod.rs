@@ -651,9 +651,11 @@ async fn run_session(
         }
     }
     // What the agent says it has seen: checked against this hub's state at the first read.
-    let mut seen = hello
-        .as_ref()
-        .map(|hello| (hello.assignment_sequence, hello.have.clone()));
+    let mut seen = hello.as_ref().map(|hello| Claims {
+        sequence: hello.assignment_sequence,
+        held: hello.have.clone(),
+        proofs: hello.proofs.clone(),
+    });
     let version = hello.map(|hello| hello.agent_version).unwrap_or_default();
     let now = (service.now)();
     service.connections.call((id.clone(), version, now)).await?;
@@ -813,8 +815,10 @@ async fn store_report(
 
 /// Re-reads the agent: refuses it if it was revoked or removed (returns false), else sends its
 /// assignments if their sequence is not the one sent last. With `seen` (the agent's Hello: the
-/// sequence it accepted last, the snapshots it holds), a hub that is behind the agent first
-/// moves past it (see [`catch_up`]) and the push waits for the re-read that follows.
+/// sequence it accepted last, the snapshots it holds and their signed headers), a hub that is
+/// behind the agent first moves past what the agent can prove (see [`catch_up`]) and the push
+/// waits for the re-read that follows; claims it cannot prove are refused and answered with
+/// this hub's own assignment.
 #[allow(clippy::too_many_arguments)]
 async fn push_assignments(
     service: &Arc<AgentService>,
@@ -824,7 +828,7 @@ async fn push_assignments(
     view: &Mutex<SessionView>,
     sent_sequence: &mut Option<u64>,
     with_bases: bool,
-    seen: Option<(u64, Vec<outpost_proto::wire::HeldSnapshot>)>,
+    seen: Option<Claims>,
 ) -> Result<bool, ServeError> {
     service
         .counters
@@ -858,8 +862,8 @@ async fn push_assignments(
             return Ok(false);
         }
     }
-    if let Some((sequence, held)) = seen
-        && behind(&assignments, sequence, &held)
+    if let Some(claims) = seen
+        && behind(&assignments, claims.sequence, &claims.held)
     {
         let (store, keys, agent, now) = (
             service.store.clone(),
@@ -867,14 +871,35 @@ async fn push_assignments(
             id.to_owned(),
             (service.now)(),
         );
-        let changed = tokio::task::spawn_blocking(move || {
-            catch_up(&*store, &keys, &agent, &assignments, sequence, &held, now)
+        let ours = assignments.clone();
+        let caught = tokio::task::spawn_blocking(move || {
+            catch_up(&*store, &keys, &agent, &ours, &claims, now)
         })
         .await
         .map_err(|error| ServeError::Protocol(format!("catching up failed: {error}")))??;
-        // This session among them: it reads again and sends what is right.
-        service.changes.agents_changed(&changed);
-        return Ok(true);
+        if !caught.refused.is_empty() {
+            service.metrics.claims_refused(caught.refused.len());
+            let (store, agent, now) = (service.store.clone(), id.to_owned(), (service.now)());
+            let message = caught.refused.join("; ");
+            tracing::warn!(%agent, %message, "the agent claims what this hub cannot verify; refused, and its own assignment sent");
+            let recorded = tokio::task::spawn_blocking(move || {
+                store.add_event(
+                    now,
+                    "agent-claim-refused",
+                    &agent,
+                    &format!("refused: {message}; nothing moved, the hub's signed assignment sent"),
+                )
+            })
+            .await;
+            if let Ok(Err(error)) = recorded {
+                tracing::warn!(%error, "could not record the refused claim");
+            }
+        }
+        if !caught.changed.is_empty() {
+            // This session among them: it reads again and sends what is right.
+            service.changes.agents_changed(&caught.changed);
+            return Ok(true);
+        }
     }
     if *sent_sequence != Some(assignments.sequence) {
         let first_send = sent_sequence.is_none();
@@ -942,36 +967,127 @@ fn behind(
         })
 }
 
-/// Moves the hub past what the agent has seen: its sequence and the generation counters of
-/// the bundles it holds ([`crate::store::FleetStore::advance_past`]), then every assigned
-/// snapshot whose generation the agent holds with another body (or holds newer) is signed
-/// again under a fresh generation and put in its place everywhere. The agent then accepts
-/// what it is sent: a higher sequence, a newer generation. Returns the agents to wake.
+/// What an agent's `Hello` says it has seen.
+#[derive(Debug, Clone)]
+struct Claims {
+    /// The highest assignment sequence it accepted.
+    sequence: u64,
+    /// The snapshots it holds.
+    held: Vec<outpost_proto::wire::HeldSnapshot>,
+    /// The signed headers of the newest of them, per bundle.
+    proofs: Vec<outpost_proto::wire::HeldProof>,
+}
+
+/// What came of an agent's claims.
+#[derive(Debug, Default)]
+struct CaughtUp {
+    /// The agents to wake (empty: nothing moved).
+    changed: Vec<String>,
+    /// The claims refused, for people.
+    refused: Vec<String>,
+}
+
+/// Moves the hub past what the agent can show it has seen — the case of a hub restored from a
+/// backup — and never past what it merely says:
+/// - generation counters move only to generations proven by a snapshot header the agent holds
+///   and this hub's keys verify (the hub signed that generation once, before the backup); a held
+///   generation or digest without such a header is refused;
+/// - the agent's own assignment sequence moves at most [`MAX_SEQUENCE_STEP`] past what this
+///   hub issued it (it concerns that agent alone); a claim beyond is refused.
+///
+/// Then every assigned snapshot whose generation the agent proves it holds with another body
+/// (or newer) is signed again under a fresh generation and put in its place everywhere. The
+/// agent then accepts what it is sent: a higher sequence, a newer generation. One agent can
+/// thus never move a fleet-wide counter past what this hub's keys signed, nor jam one.
 fn catch_up(
     store: &dyn HubStore,
     keys: &HubKeys,
     agent: &str,
     assignments: &AgentAssignments,
-    sequence: u64,
-    held: &[outpost_proto::wire::HeldSnapshot],
+    claims: &Claims,
     now: i64,
-) -> Result<Vec<String>, ServeError> {
-    let mut newest: HashMap<&str, u64> = HashMap::new();
-    for have in held {
-        let entry = newest.entry(have.bundle.as_str()).or_default();
-        *entry = (*entry).max(have.generation);
+) -> Result<CaughtUp, ServeError> {
+    use outpost_proto::wire::MAX_SEQUENCE_STEP;
+    let mut caught = CaughtUp::default();
+    let sequence = match claims.sequence.checked_sub(assignments.sequence) {
+        Some(step) if step > MAX_SEQUENCE_STEP => {
+            caught.refused.push(format!(
+                "assignment sequence {} ({step} past the {} this hub issued it; at most {MAX_SEQUENCE_STEP} is taken on the agent's word)",
+                claims.sequence, assignments.sequence
+            ));
+            assignments.sequence
+        }
+        _ => claims.sequence,
+    };
+    // The newest generation of each bundle that a header this hub's keys verify proves.
+    let trust = keys.trust_store();
+    let mut proven: HashMap<String, (u64, Digest)> = HashMap::new();
+    for proof in &claims.proofs {
+        let bundle = match outpost_proto::SnapshotHeader::decode(&proof.header) {
+            Ok(header) => header.bundle,
+            Err(error) => {
+                caught.refused.push(format!(
+                    "a held snapshot header that does not decode: {error}"
+                ));
+                continue;
+            }
+        };
+        let expect = outpost_proto::verify::Expectation {
+            bundle: &bundle,
+            assigned_digest: None,
+            installed: None,
+        };
+        match outpost_proto::verify::verify_header(&trust, &proof.header, &proof.signature, &expect)
+        {
+            Ok(verified) => {
+                let header = verified.header();
+                let entry = proven
+                    .entry(header.bundle.clone())
+                    .or_insert((header.generation, header.body_digest));
+                if header.generation > entry.0 {
+                    *entry = (header.generation, header.body_digest);
+                }
+            }
+            Err(error) => caught.refused.push(format!(
+                "a held snapshot header of {bundle} that this hub's keys do not verify: {error}"
+            )),
+        }
     }
-    let generations: Vec<(String, u64)> = newest
+    let is_proven = |bundle: &str, generation: u64, digest: &Digest| {
+        proven.get(bundle) == Some(&(generation, *digest))
+    };
+    // Claims that would move this hub and that no header proves.
+    for have in &claims.held {
+        let moves = assignments.entries.iter().any(|row| {
+            row.bundle == have.bundle
+                && have.generation >= row.generation
+                && have.digest != row.digest
+        });
+        if moves && !is_proven(&have.bundle, have.generation, &have.digest) {
+            caught.refused.push(format!(
+                "{} generation {} with body {} (no header signed by this hub's keys shows it)",
+                have.bundle,
+                have.generation,
+                have.digest.short()
+            ));
+        }
+    }
+    let generations: Vec<(String, u64)> = proven
         .iter()
-        .map(|(bundle, generation)| ((*bundle).to_owned(), *generation))
+        .map(|(bundle, (generation, _))| (bundle.clone(), *generation))
         .collect();
-    store.advance_past(agent, sequence, &generations, now)?;
-    let mut changed = vec![agent.to_owned()];
+    // Nothing proven and no sequence taken: nothing to move (not even this agent's sequence).
+    let moved = match sequence > assignments.sequence || !generations.is_empty() {
+        true => store.advance_past(agent, sequence, &generations, now)?,
+        false => false,
+    };
+    let mut changed = Vec::new();
     for row in &assignments.entries {
-        let outdated = held.iter().any(|have| {
+        let outdated = claims.held.iter().any(|have| {
             have.bundle == row.bundle
                 && have.generation >= row.generation
                 && have.digest != row.digest
+                && is_proven(&have.bundle, have.generation, &have.digest)
         });
         if !outdated {
             continue;
@@ -983,12 +1099,16 @@ fn catch_up(
             crate::resign::sign_again(store, keys, snapshot, now).map_err(|error| {
                 ServeError::Protocol(format!("signing {} again: {error}", row.bundle))
             })?;
-        tracing::warn!(%agent, bundle = %row.bundle, from = row.generation, to = generation, "the agent holds this generation with another body (a hub restored from a backup?); the assigned snapshot is signed again under a new generation");
+        tracing::warn!(%agent, bundle = %row.bundle, from = row.generation, to = generation, "the agent holds this generation, signed by this hub, with another body (a hub restored from a backup?); the assigned snapshot is signed again under a new generation");
         changed.extend(store.replace_generation(&row.bundle, row.generation, generation, now)?);
+    }
+    if moved || !changed.is_empty() {
+        changed.push(agent.to_owned());
     }
     changed.sort();
     changed.dedup();
-    Ok(changed)
+    caught.changed = changed;
+    Ok(caught)
 }
 
 /// One fetch: check the snapshot is assigned, choose whole or delta, send from the resume point.

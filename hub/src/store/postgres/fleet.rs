@@ -717,7 +717,10 @@ impl FleetStore for PostgresStore {
         generations: &[(String, u64)],
         now: i64,
     ) -> Result<bool, StoreError> {
-        let sequence = sequence as i64;
+        let sequence = crate::store::counter("assignment sequence", sequence)?;
+        for (_, generation) in generations {
+            crate::store::counter("generation", *generation)?;
+        }
         self.write(async |transaction| {
             let behind = optional(
                 transaction,

@@ -466,6 +466,36 @@ impl Store for PostgresStore {
         })
     }
 
+    fn revoke_token(
+        &self,
+        token_digest: &Digest,
+        by: &str,
+        why: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(async |transaction| {
+            let revoked = execute(
+                transaction,
+                "UPDATE enrolment_tokens SET expires_at = $2
+                 WHERE digest = $1 AND used_at IS NULL AND expires_at >= $3",
+                &[&token_digest.0.as_slice(), &(now - 1), &now],
+            )
+            .await?
+                > 0;
+            if revoked {
+                add_event(
+                    transaction,
+                    now,
+                    "token-revoked",
+                    &token_digest.short(),
+                    &format!("by {by}: {why}"),
+                )
+                .await?;
+            }
+            Ok(revoked)
+        })
+    }
+
     fn enrol(
         &self,
         token_digest: &Digest,

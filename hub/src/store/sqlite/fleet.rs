@@ -669,6 +669,10 @@ impl FleetStore for SqliteStore {
         generations: &[(String, u64)],
         now: i64,
     ) -> Result<bool, StoreError> {
+        crate::store::counter("assignment sequence", sequence)?;
+        for (_, generation) in generations {
+            crate::store::counter("generation", *generation)?;
+        }
         let (agent, generations) = (agent.to_owned(), generations.to_vec());
         self.write(move |connection| {
             let behind: bool = connection

@@ -471,6 +471,33 @@ impl Store for SqliteStore {
         })
     }
 
+    fn revoke_token(
+        &self,
+        token_digest: &Digest,
+        by: &str,
+        why: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let (token_digest, by, why) = (*token_digest, by.to_owned(), why.to_owned());
+        self.write(move |connection| {
+            let revoked = connection.execute(
+                "UPDATE enrolment_tokens SET expires_at = ?2
+                 WHERE digest = ?1 AND used_at IS NULL AND expires_at >= ?3",
+                params![token_digest.0.as_slice(), now - 1, now],
+            )? > 0;
+            if revoked {
+                add_event(
+                    connection,
+                    now,
+                    "token-revoked",
+                    &token_digest.short(),
+                    &format!("by {by}: {why}"),
+                )?;
+            }
+            Ok(revoked)
+        })
+    }
+
     fn enrol(
         &self,
         token_digest: &Digest,
