@@ -3,8 +3,9 @@
 # from Debian's archive: a C compiler (zstd-sys builds libzstd), pkg-config and libcurl's and
 # OpenSSL's headers (gix's https transport links the system libcurl; without them curl-sys would
 # quietly build a libcurl without TLS), and for the tests git, python3, openssl, tar, headless
-# Chromium (the fleet page test takes a screenshot with it) and a PostgreSQL server (the store
-# tests start their own, on a temporary directory); it checks that kubectl is there. Needs root, or sudo, to install.
+# Chromium (the fleet page test takes a screenshot with it), a PostgreSQL server (the store
+# tests start their own, on a temporary directory), ssh-keygen (signed-Git tests) and unshare
+# (kustomize builds' network namespace); it checks that kubectl is there. Needs root, or sudo, to install.
 # Usage: bash scripts/setup.sh [build|tests]
 set -euo pipefail
 what="${1:-build}"
@@ -19,6 +20,10 @@ if [ "$what" = tests ]; then
   command -v python3 >/dev/null || missing+=(python3)
   command -v openssl >/dev/null || missing+=(openssl)
   command -v tar >/dev/null || missing+=(tar)
+  # Signed-Git tests sign commits and tags with real SSH keys.
+  command -v ssh-keygen >/dev/null || missing+=(openssh-client)
+  # Kustomize builds run in a network namespace of their own (unshare --user --net).
+  command -v unshare >/dev/null || missing+=(util-linux)
   command -v chromium >/dev/null || command -v chromium-browser >/dev/null || missing+=(chromium)
   if [ -z "${OUTPOST_PG_BIN:-}" ] && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
     missing+=(postgresql)

@@ -9,8 +9,9 @@
 //! install while the rest are still being assigned. A hub stopped half-way writes the rest at
 //! its next start (every start recomputes every agent).
 //!
-//! Failures never unassign: if the tracked ref is missing, the bundle definitions do not parse,
-//! or an agent's variant did not render at the new commit, agents keep what they were assigned.
+//! Failures never unassign: if the tracked ref is missing, its commit is not signed by an
+//! allowed signer (a source with `verify`), the bundle definitions do not parse, or an agent's
+//! variant did not render at the new commit, agents keep what they were assigned.
 //! A bundle removed from the repository, or an agent it no longer selects, is unassigned.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -48,6 +49,12 @@ fn tracked(
         tracing::warn!(source = %url, track, "tracked ref not found; assignments unchanged");
         return Ok(None);
     };
+    // Signed Git: a commit no allowed signer signed decides nothing, not even which bundles
+    // exist (an unsigned commit emptying outpost.yaml must not unassign the fleet).
+    if let Some(Err(reason)) = source.check_signed(&target) {
+        tracing::warn!(source = %url, track, %reason, "tracked commit not signed by an allowed signer; assignments unchanged");
+        return Ok(None);
+    }
     match bundles::bundles_at(source, &target.commit) {
         Ok(definitions) => Ok(Some((target.commit, definitions))),
         Err(error) => {

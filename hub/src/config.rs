@@ -59,6 +59,9 @@
 //!                                          # says otherwise; default: the remote's default
 //!                                          # branch (its HEAD)
 //!                                          # says otherwise; default main
+//! verify = { keys = ["/etc/outpost/allowed_signers"], mode = "commits" }
+//!                                          # optional: release only commits ("tags": only
+//!                                          # annotated tags) SSH-signed by these signers
 //! webhook_secret_env = "FLEET_HOOK_SECRET" # or webhook_secret_file: enables
 //!                                          # POST /hooks/git/fleet (GitHub, GitLab, Gitea)
 //! ```
@@ -178,6 +181,9 @@ pub struct SourceConfig {
     /// Build kustomize bundles without a network namespace where none can be made
     /// (`kustomize_isolation = "none"`).
     pub kustomize_unisolated: bool,
+    /// Release only commits (or tags) signed by these keys (`verify`; none: Git is trusted as
+    /// it is).
+    pub verify: Option<std::sync::Arc<crate::signed::VerifyPolicy>>,
 }
 
 impl SourceConfig {
@@ -289,6 +295,15 @@ struct RawSource {
     track: Option<String>,
     webhook_secret_env: Option<String>,
     webhook_secret_file: Option<PathBuf>,
+    verify: Option<RawVerify>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVerify {
+    #[serde(default)]
+    keys: Vec<PathBuf>,
+    mode: Option<String>,
 }
 
 impl Config {
@@ -628,6 +643,35 @@ impl Config {
                 webhook_secret,
                 kustomize: raw.kustomize.clone(),
                 kustomize_unisolated,
+                verify: source.verify.as_ref().and_then(|verify| {
+                    let mode = match verify.mode.as_deref() {
+                        None | Some("commits") => crate::signed::VerifyMode::Commits,
+                        Some("tags") => crate::signed::VerifyMode::Tags,
+                        Some(other) => {
+                            problems.push(format!(
+                                "{at}: verify.mode = {other:?}: write \"commits\" (every ref's commit signed) or \"tags\" (only signed tags released)"
+                            ));
+                            return None;
+                        }
+                    };
+                    if verify.keys.is_empty() {
+                        problems.push(format!(
+                            "{at}: verify.keys names no file: list allowed-signers files (OpenSSH format, as git's gpg.ssh.allowedSignersFile)"
+                        ));
+                        return None;
+                    }
+                    match crate::signed::AllowedSigners::load(&verify.keys) {
+                        Ok(signers) => Some(std::sync::Arc::new(crate::signed::VerifyPolicy {
+                            mode,
+                            signers,
+                            files: verify.keys.clone(),
+                        })),
+                        Err(problem) => {
+                            problems.push(format!("{at}: verify.keys: {problem}"));
+                            None
+                        }
+                    }
+                }),
             });
         }
         let notify = receivers(&raw.notify, &env, &mut problems);
@@ -880,7 +924,8 @@ impl Config {
         Ok(
             GitSource::open_or_init(&source.url, &self.mirror_path(source))?
                 .with_credentials(source.credentials.clone())
-                .with_kustomize(source.kustomize.clone(), source.kustomize_unisolated),
+                .with_kustomize(source.kustomize.clone(), source.kustomize_unisolated)
+                .with_verify(source.verify.clone()),
         )
     }
 }

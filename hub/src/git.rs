@@ -25,6 +25,8 @@ pub struct GitSource {
     kustomize: Option<std::path::PathBuf>,
     /// Build kustomize bundles without a network namespace where none can be made.
     kustomize_unisolated: bool,
+    /// Release only what these signers signed.
+    verify: Option<std::sync::Arc<crate::signed::VerifyPolicy>>,
 }
 
 /// A username and password (or token) for http(s) remotes. `Debug` never shows the password.
@@ -136,6 +138,7 @@ impl GitSource {
             credentials: None,
             kustomize: None,
             kustomize_unisolated: false,
+            verify: None,
         })
     }
 
@@ -156,6 +159,93 @@ impl GitSource {
         self.kustomize = program;
         self.kustomize_unisolated = unisolated;
         self
+    }
+
+    /// Releases only commits (or tags) these signers signed (see [`crate::signed`]).
+    pub fn with_verify(
+        mut self,
+        policy: Option<std::sync::Arc<crate::signed::VerifyPolicy>>,
+    ) -> GitSource {
+        self.verify = policy;
+        self
+    }
+
+    /// With a `verify` policy, whether `target` may be released: who signed it, or why not.
+    /// `None` without a policy.
+    pub fn check_signed(
+        &self,
+        target: &RefTarget,
+    ) -> Option<Result<crate::signed::Verified, String>> {
+        let policy = self.verify.as_deref()?;
+        Some(self.signed_by(policy, target))
+    }
+
+    fn signed_by(
+        &self,
+        policy: &crate::signed::VerifyPolicy,
+        target: &RefTarget,
+    ) -> Result<crate::signed::Verified, String> {
+        use crate::signed::{VerifyMode, split_tag, verify_signature};
+        let repo = self.repo();
+        let short = &target.commit[..target.commit.len().min(12)];
+        match policy.mode {
+            VerifyMode::Commits => {
+                let id = gix::ObjectId::from_hex(target.commit.as_bytes())
+                    .map_err(|error| format!("commit id {short}: {error}"))?;
+                let commit = repo
+                    .find_commit(id)
+                    .map_err(|error| format!("reading commit {short}: {error}"))?;
+                match commit
+                    .signature()
+                    .map_err(|error| format!("reading commit {short}: {error}"))?
+                {
+                    None => Err(format!(
+                        "commit {short} is not signed (this source releases only commits signed by one of: {})",
+                        policy.signers.expected()
+                    )),
+                    Some((signature, data)) => verify_signature(
+                        &signature.to_str_lossy(),
+                        &data.to_bstring(),
+                        &policy.signers,
+                    )
+                    .map_err(|error| format!("commit {short}: {error}")),
+                }
+            }
+            VerifyMode::Tags => {
+                if !target.name.starts_with("refs/tags/") {
+                    return Err(format!(
+                        "{} is a branch, and this source releases only signed tags (verify.mode = \"tags\")",
+                        target.name
+                    ));
+                }
+                let reference = repo
+                    .find_reference(target.name.as_str())
+                    .map_err(|error| format!("reading {}: {error}", target.name))?;
+                let id = reference
+                    .target()
+                    .try_id()
+                    .map(|id| id.to_owned())
+                    .ok_or_else(|| format!("{} is a symbolic ref", target.name))?;
+                let object = repo
+                    .find_object(id)
+                    .map_err(|error| format!("reading {}: {error}", target.name))?;
+                if object.kind != gix::object::Kind::Tag {
+                    return Err(format!(
+                        "{} is a lightweight tag, which cannot be signed: tag with `git tag -s` (SSH signing)",
+                        target.name
+                    ));
+                }
+                let Some((content, signature)) = split_tag(&object.data) else {
+                    return Err(format!(
+                        "tag {} is not signed (this source releases only tags signed by one of: {})",
+                        target.name,
+                        policy.signers.expected()
+                    ));
+                };
+                verify_signature(signature, content, &policy.signers)
+                    .map_err(|error| format!("tag {}: {error}", target.name))
+            }
+        }
     }
 
     /// The program that builds this source's kustomize bundles.

@@ -21,6 +21,7 @@ pub mod replication;
 pub mod resign;
 pub mod rollout;
 pub mod runtime;
+pub mod signed;
 pub mod store;
 pub mod sync;
 pub mod transport;

@@ -434,6 +434,7 @@ async fn open_source(settings: &SourceSettings, interval: Duration) -> Arc<GitSo
                 source
                     .with_credentials(config.credentials.clone())
                     .with_kustomize(config.kustomize.clone(), config.kustomize_unisolated)
+                    .with_verify(config.verify.clone())
             })
         })
         .await;

@@ -175,6 +175,41 @@ pub fn render_remembering(
                 continue;
             }
         };
+        // Signed Git: a ref whose commit (or tag) no allowed signer signed releases nothing.
+        if let Some(Err(reason)) = source.check_signed(target) {
+            for definition in &definitions {
+                tracing::warn!(bundle = %definition.name, git_ref = %target.name, %reason, "release refused: not signed by an allowed signer");
+                report
+                    .failed
+                    .push((target.name.clone(), definition.name.clone(), reason.clone()));
+                memo.released.retain(|(name, bundle, _), _| {
+                    name != &target.name || bundle != &definition.name
+                });
+                memo.variants
+                    .remove(&(target.name.clone(), definition.name.clone()));
+                let release = Release {
+                    source: url.clone(),
+                    git_ref: target.name.clone(),
+                    bundle: definition.name.clone(),
+                    variant: String::new(),
+                    git_commit: target.commit.clone(),
+                    generation: None,
+                    error: Some(reason.clone()),
+                    updated_at: now,
+                };
+                store.retain_variants(&url, &target.name, &definition.name, &[String::new()])?;
+                if store.upsert_release(&release)? {
+                    report.changed_refs.insert(target.name.clone());
+                    store.add_event(
+                        now,
+                        "release-refused",
+                        &format!("{} at {}", release.bundle, release.git_ref),
+                        &reason,
+                    )?;
+                }
+            }
+            continue;
+        }
         for definition in &definitions {
             let needed = variants::variants(definition, label_sets.iter());
             let variant_keys: Vec<String> = needed.iter().map(Variant::key).collect();

@@ -131,6 +131,7 @@ fn the_remote_default_branch_is_learned_and_followed_when_it_moves() {
         webhook_secret: None,
         kustomize: None,
         kustomize_unisolated: false,
+        verify: None,
     };
     assert_eq!(named.track_in(&source), "refs/heads/main");
     let following = outpost_hub::config::SourceConfig {
@@ -138,4 +139,96 @@ fn the_remote_default_branch_is_learned_and_followed_when_it_moves() {
         ..named
     };
     assert_eq!(following.track_in(&source), "refs/heads/master");
+}
+
+/// Signed Git with `verify.mode = "tags"`: a tag signed (SSH) by an allowed key is released; an
+/// unsigned annotated tag, a lightweight tag, a tag signed by another key and any branch are
+/// refused, saying why. With `"commits"`, a signed commit passes and the tag's name does not
+/// matter.
+#[test]
+fn signed_tags_pass_and_everything_else_is_refused_in_tags_mode() {
+    use outpost_hub::signed::{AllowedSigners, VerifyMode, VerifyPolicy};
+    use std::sync::Arc;
+    let upstream = Upstream::new();
+    let keys = tempfile::tempdir().unwrap();
+    let key = |name: &str| {
+        let path = keys.path().join(name);
+        let made = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(&path)
+            .status()
+            .expect("ssh-keygen is installed (Debian: openssh-client)");
+        assert!(made.success());
+        let public = std::fs::read_to_string(path.with_extension("pub")).unwrap();
+        (path, public.trim().to_owned())
+    };
+    let ((alice, alice_public), (mallory, _)) = (key("alice"), key("mallory"));
+    let signing = |key: &std::path::Path| {
+        vec![
+            "-c".to_owned(),
+            "gpg.format=ssh".to_owned(),
+            "-c".to_owned(),
+            format!("user.signingkey={}", key.display()),
+        ]
+    };
+    let git = |prefix: Vec<String>, args: &[&str]| {
+        let mut all: Vec<&str> = prefix.iter().map(String::as_str).collect();
+        all.extend(args);
+        upstream.git(&all);
+    };
+    upstream.write("pos/app.yaml", &config_map("pos", "1"));
+    upstream.git(&["add", "-A"]);
+    git(signing(&alice), &["commit", "-S", "-qm", "signed commit"]);
+    git(
+        signing(&alice),
+        &["tag", "-s", "v1", "-m", "signed by alice"],
+    );
+    git(
+        signing(&mallory),
+        &["tag", "-s", "v1-forged", "-m", "signed by mallory"],
+    );
+    upstream.git(&["tag", "-a", "v1-unsigned", "-m", "annotated, unsigned"]);
+    upstream.git(&["tag", "v1-light"]);
+
+    let data = tempfile::tempdir().unwrap();
+    let allowed =
+        AllowedSigners::parse(&format!("alice@example.com {alice_public}"), "test").unwrap();
+    let policy = |mode| {
+        Some(Arc::new(VerifyPolicy {
+            mode,
+            signers: allowed.clone(),
+            files: Vec::new(),
+        }))
+    };
+    let source = GitSource::open_or_init(&upstream.url(), &data.path().join("mirror"))
+        .unwrap()
+        .with_verify(policy(VerifyMode::Tags));
+    source.fetch().unwrap();
+    let refs = source.refs().unwrap();
+    let check = |name: &str| {
+        let target = refs.iter().find(|target| target.name == name).unwrap();
+        source.check_signed(target).expect("a policy")
+    };
+    let signed = check("refs/tags/v1").unwrap();
+    assert_eq!(signed.principals, "alice@example.com");
+    for (name, why) in [
+        ("refs/tags/v1-forged", "not an allowed signer"),
+        ("refs/tags/v1-unsigned", "is not signed"),
+        ("refs/tags/v1-light", "lightweight"),
+        ("refs/heads/main", "branch"),
+    ] {
+        let refused = check(name).unwrap_err();
+        assert!(refused.contains(why), "{name}: {refused}");
+    }
+    let commits = GitSource::open_or_init(&upstream.url(), &data.path().join("mirror"))
+        .unwrap()
+        .with_verify(policy(VerifyMode::Commits));
+    let target = refs
+        .iter()
+        .find(|target| target.name == "refs/heads/main")
+        .unwrap();
+    assert_eq!(
+        commits.check_signed(target).unwrap().unwrap().principals,
+        "alice@example.com"
+    );
 }

@@ -300,6 +300,7 @@ async fn simulate(scenario: &Scenario, show_progress: bool) -> Result<Report> {
             webhook_secret: None,
             kustomize: None,
             kustomize_unisolated: false,
+            verify: None,
         },
         mirror: work.path().join("mirror"),
     };

@@ -129,6 +129,7 @@ fn a_label_change_on_one_of_a_thousand_agents_reads_for_that_agent_only() {
                 webhook_secret: None,
                 kustomize: None,
                 kustomize_unisolated: false,
+                verify: None,
             },
             mirror: data.join("mirrors/fleet.git"),
         };

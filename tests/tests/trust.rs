@@ -601,3 +601,145 @@ fn trust_attack_a_replayed_webhook_is_refused() {
         "a new delivery is taken"
     );
 }
+
+/// An ed25519 key made by the real ssh-keygen under `dir`; its private key's path and its
+/// public key line.
+fn ssh_key(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, String) {
+    let key = dir.join(name);
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .status()
+        .expect("ssh-keygen is installed (Debian: openssh-client; scripts/setup.sh installs it)");
+    assert!(made.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    (key, public.trim().to_owned())
+}
+
+/// Commits everything in `repo` with `value` in the shop ConfigMap, signed with `key` (SSH, as
+/// `git config gpg.format ssh` does) or unsigned.
+fn commit_shop(repo: &std::path::Path, value: &str, key: Option<&std::path::Path>) {
+    std::fs::write(
+        repo.join("shop/app.yaml"),
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: shop, namespace: default}}\ndata: {{value: \"{value}\"}}\n"),
+    )
+    .unwrap();
+    git(repo, &["add", "-A"]);
+    match key {
+        Some(key) => git(
+            repo,
+            &[
+                "-c",
+                "gpg.format=ssh",
+                "-c",
+                &format!("user.signingkey={}", key.display()),
+                "commit",
+                "-S",
+                "-qm",
+                value,
+            ],
+        ),
+        None => git(repo, &["commit", "-qm", value]),
+    }
+}
+
+/// Signed Git: a source that releases only commits signed by alice. An unsigned commit and one
+/// signed by another key are refused — the release says who signed and who was expected, an
+/// event and the refusal metric say so — and the device keeps enforcing what it had; alice's
+/// next commit is released and reaches it.
+#[test]
+fn trust_attack_unsigned_and_wrongly_signed_commits_are_refused() {
+    let agent_bin = outpost_e2e::processes::binary("outpost-agent");
+    let work = tempfile::tempdir().unwrap();
+    let (alice, alice_public) = ssh_key(work.path(), "alice");
+    let (mallory, mallory_public) = ssh_key(work.path(), "mallory");
+    let allowed = work.path().join("allowed_signers");
+    std::fs::write(&allowed, format!("alice@example.com {alice_public}\n")).unwrap();
+    let repo = work.path().join("repo");
+    git_init(&repo);
+    std::fs::create_dir_all(repo.join("shop")).unwrap();
+    commit_shop(&repo, "1", Some(&alice));
+    let mut hub = HubProcess::start(work.path(), &repo, "main");
+    let config = std::fs::read_to_string(&hub.config).unwrap();
+    std::fs::write(
+        &hub.config,
+        format!(
+            "{config}verify = {{ keys = [\"{}\"], mode = \"commits\" }}\n",
+            allowed.display()
+        ),
+    )
+    .unwrap();
+    hub.restart();
+    let main = || -> Value {
+        hub.get("/api/v1/releases")
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|release| release["bundle"] == "shop" && release["ref"] == "refs/heads/main")
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    wait_for("alice's commit released", 30, || main()["generation"] == 1);
+    let device = work.path().join("device");
+    hub.enrol(&agent_bin, &device, &["role=store"]);
+    let _device = run_cache_only(&agent_bin, &device);
+    wait_for("the device to hold generation 1", 60, || {
+        assigned_generation(&agent_bin, &device) == 1
+    });
+
+    let mallory_fingerprint =
+        outpost_hub::signed::AllowedSigners::parse(&format!("m {mallory_public}"), "test")
+            .unwrap()
+            .signers()[0]
+            .fingerprint
+            .clone();
+    for (what, key, expected) in [
+        ("unsigned", None, vec!["is not signed", "alice@example.com"]),
+        (
+            "signed by mallory",
+            Some(mallory.as_path()),
+            vec![
+                "not an allowed signer",
+                mallory_fingerprint.as_str(),
+                "alice@example.com",
+            ],
+        ),
+    ] {
+        commit_shop(&repo, what, key);
+        hub.cli(&["fetch-now"]);
+        wait_for(&format!("the {what} commit refused"), 30, || {
+            main()["error"]
+                .as_str()
+                .is_some_and(|error| error.contains(expected[0]))
+        });
+        let error = main()["error"].as_str().unwrap().to_owned();
+        for word in &expected {
+            assert!(error.contains(word), "{what}: {error}");
+        }
+        let shown = hub.cli(&["releases"]);
+        assert!(
+            shown.contains(expected[0]),
+            "outpost-hub releases shows why: {shown}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        assert_eq!(
+            assigned_generation(&agent_bin, &device),
+            1,
+            "{what}: the device keeps enforcing what it had"
+        );
+    }
+    let events = hub.get("/api/v1/events?limit=200").to_string();
+    assert!(
+        events.contains("release-refused") && events.contains("not an allowed signer"),
+        "{events}"
+    );
+    let scrape = Scrape::get(&format!("{}/metrics", hub.url));
+    assert!(scrape.must("outpost_hub_render_refusals_total", &[("source", "fleet")]) >= 2.0);
+
+    commit_shop(&repo, "2", Some(&alice));
+    hub.cli(&["fetch-now"]);
+    wait_for("alice's next commit on the device", 60, || {
+        assigned_generation(&agent_bin, &device) >= 2
+    });
+    assert!(main()["error"].is_null(), "{}", main());
+}
