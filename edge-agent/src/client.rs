@@ -78,6 +78,9 @@ pub struct Counters {
     pub installs: AtomicU64,
     /// Transfers whose bytes did not verify and were dropped.
     pub rejected: AtomicU64,
+    /// Assignments refused: unsigned, not signed by a certified key, for another agent, or
+    /// expired (nothing of them was taken).
+    pub assignments_refused: AtomicU64,
     /// Status reports acknowledged.
     pub acknowledged: AtomicU64,
     /// Whether a connection to the hub is up now.
@@ -613,12 +616,35 @@ impl Client {
                     }
                     Some(Message::Assign(assign)) => {
                         let sequence = assign.sequence;
-                        let accepted = self.with_state(move |state| state.accept_assign(&assign)).await?;
-                        tracing::info!(sequence, accepted, "assignments");
-                        if accepted {
-                            self.inner.changed.send_modify(|count| *count += 1);
+                        // Only an assignment the hub's certified signing key signed, for this
+                        // agent and in date, is taken; anything else changes nothing (above
+                        // all, prunes nothing).
+                        let checked = self
+                            .with_state(move |state| {
+                                let trust = state.trust_store()?;
+                                let agent = state
+                                    .enrolment()?
+                                    .and_then(|enrolment| enrolment.agent_id)
+                                    .unwrap_or_default();
+                                match outpost_proto::assignment::verify(&trust, &assign, &agent, unix_now()) {
+                                    Ok(()) => Ok(Ok(state.accept_assign(&assign)?)),
+                                    Err(error) => Ok(Err(error)),
+                                }
+                            })
+                            .await?;
+                        match checked {
+                            Ok(accepted) => {
+                                tracing::info!(sequence, accepted, "assignments");
+                                if accepted {
+                                    self.inner.changed.send_modify(|count| *count += 1);
+                                }
+                                self.refetch();
+                            }
+                            Err(error) => {
+                                self.inner.counters.assignments_refused.fetch_add(1, Ordering::Relaxed);
+                                tracing::warn!(sequence, %error, "assignment refused; this device keeps running what it runs");
+                            }
                         }
-                        self.refetch();
                     }
                     // A small payload pushed ahead of the Assign naming it: kept for the fetch
                     // that Assign starts (it is verified there like any other).

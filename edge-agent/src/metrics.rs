@@ -173,6 +173,11 @@ impl Observed {
             counter(link.rejected.load(Relaxed)),
         );
         registry.register(
+            "assignments_refused",
+            "Assignments refused: unsigned, not signed by a certified key, for another agent, or expired",
+            counter(link.assignments_refused.load(Relaxed)),
+        );
+        registry.register(
             "status_reports_acknowledged",
             "Status reports the hub acknowledged",
             counter(link.acknowledged.load(Relaxed)),

@@ -16,6 +16,7 @@
 //! and key seeds come in as arguments. That keeps it deterministic, testable and usable from the
 //! hub, the agent and the simulations alike.
 
+pub mod assignment;
 mod codec;
 
 pub mod body;

@@ -211,13 +211,21 @@ pub struct HeldSnapshot {
 }
 
 /// The hub's wishes for one agent, complete (bundles not listed are unassigned).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Assign {
     /// Grows with every change of this agent's assignments; an agent ignores an `Assign` whose
     /// sequence is not above the last one it accepted, so a replayed old message changes nothing.
     pub sequence: u64,
     /// One entry per bundle.
     pub assignments: Vec<Assignment>,
+    /// The agent it is for (its id on the hub).
+    pub agent: String,
+    /// Unix seconds after which it is refused (see [`crate::assignment`]).
+    pub expires_at: i64,
+    /// The id of the signing key that signed it.
+    pub key_id: [u8; 32],
+    /// Its signature ([`crate::assignment::sign`]); empty: unsigned, refused.
+    pub signature: Vec<u8>,
 }
 
 /// Run `digest` (of `generation`) for `bundle`.
@@ -629,7 +637,7 @@ mod tests {
         /// Any sequence decodes exactly when it is at most 2^63 − 1.
         #[test]
         fn a_counter_decodes_exactly_when_it_fits_both_stores(value in proptest::prelude::any::<u64>()) {
-            let message = Message::Assign(Assign { sequence: value, assignments: vec![] });
+            let message = Message::Assign(Assign { sequence: value, ..Assign::default() });
             let frame = encode_frame(&message).unwrap();
             proptest::prop_assert_eq!(decode_frame(&frame[4..]).is_ok(), value <= MAX_COUNTER);
         }
@@ -668,7 +676,7 @@ mod tests {
                     "assign sequence",
                     Message::Assign(Assign {
                         sequence: value,
-                        assignments: vec![],
+                        ..Assign::default()
                     }),
                 ),
                 (
@@ -680,6 +688,7 @@ mod tests {
                             generation: value,
                             digest,
                         }],
+                        ..Assign::default()
                     }),
                 ),
                 (

@@ -743,3 +743,174 @@ fn trust_attack_unsigned_and_wrongly_signed_commits_are_refused() {
     });
     assert!(main()["error"].is_null(), "{}", main());
 }
+
+/// `outpost-agent run --cluster none` on `state_dir` with its metrics on `metrics`.
+fn run_cache_only_with_metrics(
+    agent_bin: &std::path::Path,
+    state_dir: &std::path::Path,
+    metrics: &str,
+) -> Process {
+    Process(
+        std::process::Command::new(agent_bin)
+            .args(["run", "--cluster", "none"])
+            .env("OUTPOST_AGENT_STATE_DIR", state_dir)
+            .env("OUTPOST_AGENT_METRICS_ADDRESS", metrics)
+            .env("OUTPOST_LOG", "warn")
+            .spawn()
+            .expect("start outpost-agent"),
+    )
+}
+
+/// A hub impostor holding only a copy of the real hub's `keys/transport.key` (a stolen TLS key,
+/// a compromised relay): the device connects to it as to its hub, and it sends `Assign`s that
+/// roll the device back to an older snapshot it still caches, empty it, jam its sequence at
+/// 2^63 − 1, and replay another device's genuine signed assignment. The device takes none of
+/// them (counted in `outpost_agent_assignments_refused_total`), keeps the generation it runs,
+/// and goes on with the real hub when it returns.
+#[test]
+fn trust_attack_assignments_from_a_hub_with_only_the_transport_key_are_refused() {
+    let agent_bin = outpost_e2e::processes::binary("outpost-agent");
+    let work = tempfile::tempdir().unwrap();
+    let repo = plain_repository(work.path());
+    let mut hub = HubProcess::start(work.path(), &repo, "main");
+    let device = work.path().join("device");
+    let other = work.path().join("other");
+    let id = hub.enrol(&agent_bin, &device, &["role=store"]);
+    hub.enrol(&agent_bin, &other, &["role=store"]);
+    let metrics = format!("127.0.0.1:{}", outpost_e2e::processes::free_port(false));
+    let _device = run_cache_only_with_metrics(&agent_bin, &device, &metrics);
+    wait_for("generation 1 on the device", 60, || {
+        assigned_generation(&agent_bin, &device) == 1
+    });
+    let first = hub.get("/api/v1/snapshots/shop/1")["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    commit_shop(&repo, "2", None);
+    hub.cli(&["fetch-now"]);
+    wait_for("generation 2 on the device", 60, || {
+        assigned_generation(&agent_bin, &device) == 2
+    });
+    let agents = SocketAddr::from(([127, 0, 0, 1], hub.agents_port));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // A genuine assignment, signed for the other device, captured from its session.
+    let (other_state, _) = outpost_agent::open_state(&other).unwrap();
+    let other_sequence = other_state.assignment_sequence().unwrap();
+    drop(other_state);
+    let captured = runtime
+        .block_on(async {
+            let hello = Hello {
+                agent_version: "capture".to_owned(),
+                assignment_sequence: other_sequence,
+                have: vec![],
+                proofs: vec![],
+            };
+            let (_connection, _control, mut reader) = forged_session(&other, agents, hello).await;
+            next_assign(&mut reader).await
+        })
+        .expect("the other device's assignment");
+    assert!(!captured.signature.is_empty(), "assignments are signed");
+    let (state, _) = outpost_agent::open_state(&device).unwrap();
+    let sequence = state.assignment_sequence().unwrap();
+    drop(state);
+
+    // The impostor: the real hub stops, and a server with only its transport key takes its
+    // address.
+    hub.stop();
+    let seed = std::fs::read_to_string(hub.key_dir().join("transport.key")).unwrap();
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(seed.trim(), &mut bytes).unwrap();
+    let transport = outpost_proto::SigningKey::from_seed(bytes);
+    let shop = |generation: u64, digest: &str| outpost_proto::wire::Assignment {
+        bundle: "shop".to_owned(),
+        generation,
+        digest: outpost_proto::Digest(hex::decode(digest).unwrap().try_into().unwrap()),
+    };
+    let far = outpost_e2e::harness::unix_now() + 86_400;
+    let mut signed_by_transport = Assign {
+        sequence: sequence + 2,
+        assignments: vec![],
+        agent: id.clone(),
+        expires_at: far,
+        ..Assign::default()
+    };
+    outpost_proto::assignment::sign(&mut signed_by_transport, &transport).unwrap();
+    let forged = vec![
+        // Back to generation 1, which the device still caches: unsigned.
+        Assign {
+            sequence: sequence + 1,
+            assignments: vec![shop(1, &first)],
+            agent: id.clone(),
+            expires_at: far,
+            ..Assign::default()
+        },
+        // Nothing at all (the device would prune everything), signed with the transport key.
+        signed_by_transport,
+        // The sequence jammed at 2^63 − 1.
+        Assign {
+            sequence: MAX_COUNTER,
+            assignments: vec![shop(1, &first)],
+            agent: id.clone(),
+            expires_at: far,
+            ..Assign::default()
+        },
+        // Another device's genuine signed assignment, replayed as it was.
+        captured,
+    ];
+    let sent = forged.len();
+    runtime.block_on(async move {
+        let config = outpost_proto::transport::server_config(
+            &transport,
+            &outpost_proto::transport::Tuning::default(),
+        )
+        .unwrap();
+        let endpoint = quinn::Endpoint::server(config, agents).expect("the hub's address is free");
+        let incoming = tokio::time::timeout(Duration::from_secs(60), endpoint.accept())
+            .await
+            .expect("the device dials the impostor")
+            .unwrap();
+        let connection = incoming.await.expect("the device takes the stolen key");
+        let (mut send, recv) = connection.accept_bi().await.unwrap();
+        let mut reader = MessageReader::new(recv);
+        match reader.next().await.unwrap() {
+            Some(Message::Hello(_)) => {}
+            other => panic!("expected Hello, got {other:?}"),
+        }
+        for assign in forged {
+            outpost_proto::transport::send_message(&mut send, &Message::Assign(assign))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        connection.close(0u32.into(), b"gone");
+        endpoint.close(0u32.into(), b"gone");
+        endpoint.wait_idle().await;
+    });
+    drop(runtime);
+    let scrape = Scrape::get(&format!("http://{metrics}/metrics"));
+    assert_eq!(
+        scrape.must("outpost_agent_assignments_refused_total", &[]),
+        sent as f64,
+        "every forged assignment refused"
+    );
+    assert_eq!(
+        assigned_generation(&agent_bin, &device),
+        2,
+        "the device keeps the generation it runs"
+    );
+    let (state, _) = outpost_agent::open_state(&device).unwrap();
+    assert_eq!(
+        state.assignment_sequence().unwrap(),
+        sequence,
+        "its sequence is not jammed"
+    );
+    drop(state);
+
+    // The real hub returns; its next commit reaches the device.
+    hub.restart();
+    commit_shop(&repo, "3", None);
+    hub.cli(&["fetch-now"]);
+    wait_for("generation 3 on the device", 60, || {
+        assigned_generation(&agent_bin, &device) == 3
+    });
+}

@@ -425,6 +425,29 @@ impl HubKeys {
             .map_err(|error| SignError::Header(error.to_string()))
     }
 
+    /// Signs an assignment for sending now: the key in use (checked as for headers), expiring
+    /// [`outpost_proto::assignment::ASSIGNMENT_LIFETIME`] from `now`.
+    pub fn sign_assignment(
+        &self,
+        assign: &mut outpost_proto::wire::Assign,
+        now: i64,
+    ) -> Result<(), SignError> {
+        let signer = self.signer();
+        let key = signer.key_id();
+        if self.is_revoked(&key) {
+            return Err(SignError::Revoked(key));
+        }
+        if now > signer.window.not_after {
+            return Err(SignError::Expired {
+                key,
+                not_after: signer.window.not_after,
+            });
+        }
+        assign.expires_at = now.saturating_add(outpost_proto::assignment::ASSIGNMENT_LIFETIME);
+        outpost_proto::assignment::sign(assign, &signer.key)
+            .map_err(|error| SignError::Header(error.to_string()))
+    }
+
     /// Why a stored header should be signed again before agents get it (or keep it): its key
     /// was revoked, or it expires within a third of the snapshot lifetime. `None`: it is fine.
     pub fn needs_resigning(&self, header: &SnapshotHeader, now: i64) -> Option<&'static str> {

@@ -930,7 +930,7 @@ async fn push_assignments(
         if !changed.is_empty() && service.options.push_payloads {
             push_payloads(service, send, changed).await?;
         }
-        let assign = Assign {
+        let mut assign = Assign {
             sequence: assignments.sequence,
             assignments: assignments
                 .entries
@@ -941,7 +941,14 @@ async fn push_assignments(
                     digest: row.digest,
                 })
                 .collect(),
+            agent: id.to_owned(),
+            ..Assign::default()
         };
+        // Signed like the snapshots: only the certified signing key chooses what a device runs.
+        service
+            .keys
+            .sign_assignment(&mut assign, (service.now)())
+            .map_err(|error| ServeError::Protocol(format!("signing the assignment: {error}")))?;
         send_message(send, &Message::Assign(assign)).await?;
     }
     Ok(true)
