@@ -37,6 +37,7 @@ pub fn track_origin(url: &str) -> String {
 
 /// What the tracked ref names now: its commit and the bundle definitions there.
 fn tracked(
+    store: &dyn HubStore,
     source: &GitSource,
     track: &str,
 ) -> Result<Option<(String, Vec<BundleDefinition>)>, SyncError> {
@@ -49,10 +50,11 @@ fn tracked(
         tracing::warn!(source = %url, track, "tracked ref not found; assignments unchanged");
         return Ok(None);
     };
-    // Signed Git: a commit no allowed signer signed decides nothing, not even which bundles
-    // exist (an unsigned commit emptying outpost.yaml must not unassign the fleet).
-    if let Some(Err(reason)) = source.check_signed(&target) {
-        tracing::warn!(source = %url, track, %reason, "tracked commit not signed by an allowed signer; assignments unchanged");
+    // Signed Git: a commit no allowed signer signed, or a rewritten history, decides nothing,
+    // not even which bundles exist (an unsigned commit emptying outpost.yaml must not
+    // unassign the fleet).
+    if let Some((reason, _)) = crate::sync::ref_refusal(store, source, &target)? {
+        tracing::warn!(source = %url, track, %reason, "tracked commit refused; assignments unchanged");
         return Ok(None);
     }
     match bundles::bundles_at(source, &target.commit) {
@@ -183,7 +185,7 @@ pub fn assign_tracked(
     on_changed: OnChanged<'_>,
 ) -> Result<Vec<String>, SyncError> {
     let url = source.url().to_owned();
-    let Some((commit, definitions)) = tracked(source, track)? else {
+    let Some((commit, definitions)) = tracked(store, source, track)? else {
         return Ok(Vec::new());
     };
     let released = released(store, &url, track, &commit)?;
@@ -215,7 +217,7 @@ pub fn assign_agents(
         return Ok(Vec::new());
     }
     let url = source.url().to_owned();
-    let Some((commit, definitions)) = tracked(source, track)? else {
+    let Some((commit, definitions)) = tracked(store, source, track)? else {
         return Ok(Vec::new());
     };
     let released = released(store, &url, track, &commit)?;

@@ -304,6 +304,8 @@ struct RawVerify {
     #[serde(default)]
     keys: Vec<PathBuf>,
     mode: Option<String>,
+    #[serde(default)]
+    allow_rewrite_to: Vec<String>,
 }
 
 impl Config {
@@ -665,6 +667,7 @@ impl Config {
                             mode,
                             signers,
                             files: verify.keys.clone(),
+                            allow_rewrite_to: verify.allow_rewrite_to.clone(),
                         })),
                         Err(problem) => {
                             problems.push(format!("{at}: verify.keys: {problem}"));

@@ -14,6 +14,9 @@ use gix::bstr::ByteSlice;
 /// The refspecs a source mirrors: every branch and every tag, forced.
 const REFSPECS: [&str; 2] = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"];
 
+/// The most commits [`GitSource::descends`] walks.
+pub const MAX_WALK: usize = 1_000_000;
+
 /// A mirrored Git repository.
 #[derive(Debug)]
 pub struct GitSource {
@@ -168,6 +171,31 @@ impl GitSource {
     ) -> GitSource {
         self.verify = policy;
         self
+    }
+
+    /// The source's `verify` policy, if any.
+    pub fn verify_policy(&self) -> Option<&crate::signed::VerifyPolicy> {
+        self.verify.as_deref()
+    }
+
+    /// Whether `commit` descends from (or is) `ancestor`: `None` when either is not in the
+    /// mirror, or the history is too long to tell (more than [`MAX_WALK`] commits between).
+    pub fn descends(&self, commit: &str, ancestor: &str) -> Option<bool> {
+        let repo = self.repo();
+        let from = gix::ObjectId::from_hex(commit.as_bytes()).ok()?;
+        let ancestor = gix::ObjectId::from_hex(ancestor.as_bytes()).ok()?;
+        repo.find_commit(ancestor).ok()?;
+        let walk = repo.rev_walk([from]).all().ok()?;
+        for (seen, info) in walk.enumerate() {
+            let info = info.ok()?;
+            if info.id == ancestor {
+                return Some(true);
+            }
+            if seen >= MAX_WALK {
+                return None;
+            }
+        }
+        Some(false)
     }
 
     /// With a `verify` policy, whether `target` may be released: who signed it, or why not.

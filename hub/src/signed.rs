@@ -31,6 +31,9 @@ pub struct VerifyPolicy {
     pub signers: AllowedSigners,
     /// The files they came from.
     pub files: Vec<PathBuf>,
+    /// Commits a branch may move to although they do not descend from its last released
+    /// commit (a history rewrite the operator allowed; `verify.allow_rewrite_to`).
+    pub allow_rewrite_to: Vec<String>,
 }
 
 /// One allowed signer: its principals (as the file says, e.g. `alice@example.com`) and key.

@@ -175,10 +175,11 @@ pub fn render_remembering(
                 continue;
             }
         };
-        // Signed Git: a ref whose commit (or tag) no allowed signer signed releases nothing.
-        if let Some(Err(reason)) = source.check_signed(target) {
+        // Signed Git: a ref whose commit (or tag) no allowed signer signed, or a branch whose
+        // history was rewritten, releases nothing.
+        if let Some((reason, kept)) = ref_refusal(store, source, target)? {
             for definition in &definitions {
-                tracing::warn!(bundle = %definition.name, git_ref = %target.name, %reason, "release refused: not signed by an allowed signer");
+                tracing::warn!(bundle = %definition.name, git_ref = %target.name, %reason, "release refused");
                 report
                     .failed
                     .push((target.name.clone(), definition.name.clone(), reason.clone()));
@@ -187,12 +188,14 @@ pub fn render_remembering(
                 });
                 memo.variants
                     .remove(&(target.name.clone(), definition.name.clone()));
+                // The release keeps naming the last commit released here (so a rewrite is
+                // judged against it next time too); the error says what came instead.
                 let release = Release {
                     source: url.clone(),
                     git_ref: target.name.clone(),
                     bundle: definition.name.clone(),
                     variant: String::new(),
-                    git_commit: target.commit.clone(),
+                    git_commit: kept.clone(),
                     generation: None,
                     error: Some(reason.clone()),
                     updated_at: now,
@@ -284,6 +287,63 @@ pub fn render_remembering(
     memo.released
         .retain(|(name, _, _), _| named.contains(name.as_str()));
     Ok(report)
+}
+
+/// With a `verify` policy, why nothing at `target` may be released, and the commit its
+/// releases keep naming: the commit (or tag) is not signed by an allowed signer, or `target` is
+/// a branch whose history was rewritten — it moved to a commit that does not descend from the
+/// last commit released there, and the operator did not allow that commit
+/// (`verify.allow_rewrite_to`). `None`: it may be released (or there is no policy).
+pub fn ref_refusal(
+    store: &dyn HubStore,
+    source: &GitSource,
+    target: &RefTarget,
+) -> Result<Option<(String, String)>, StoreError> {
+    let Some(policy) = source.verify_policy() else {
+        return Ok(None);
+    };
+    // The last commit released at this ref: the one its releases name.
+    let url = source.url();
+    let mut base: Option<String> = None;
+    for release in store.releases()? {
+        if release.source == url
+            && release.git_ref == target.name
+            && (release.generation.is_some() || base.is_none())
+        {
+            base = Some(release.git_commit);
+        }
+    }
+    let kept = base.clone().unwrap_or_else(|| target.commit.clone());
+    if let Some(Err(reason)) = source.check_signed(target) {
+        return Ok(Some((reason, kept)));
+    }
+    let Some(base) = base else {
+        return Ok(None);
+    };
+    if !target.name.starts_with("refs/heads/")
+        || base == target.commit
+        || policy.allow_rewrite_to.contains(&target.commit)
+    {
+        return Ok(None);
+    }
+    let short = |commit: &str| commit[..commit.len().min(12)].to_owned();
+    match source.descends(&target.commit, &base) {
+        Some(true) => Ok(None),
+        found => Ok(Some((
+            format!(
+                "history rewritten: {} moved from {} (released) to {}, which {}; if that is intended, add \"{}\" to this source's verify.allow_rewrite_to and restart the hub",
+                target.name,
+                short(&base),
+                short(&target.commit),
+                match found {
+                    Some(_) => "does not descend from it",
+                    None => "cannot be shown to descend from it (not in the mirror)",
+                },
+                target.commit
+            ),
+            kept,
+        ))),
+    }
 }
 
 enum ReleaseOutcome {

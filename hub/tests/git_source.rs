@@ -198,6 +198,7 @@ fn signed_tags_pass_and_everything_else_is_refused_in_tags_mode() {
             mode,
             signers: allowed.clone(),
             files: Vec::new(),
+            allow_rewrite_to: Vec::new(),
         }))
     };
     let source = GitSource::open_or_init(&upstream.url(), &data.path().join("mirror"))

@@ -646,9 +646,10 @@ fn commit_shop(repo: &std::path::Path, value: &str, key: Option<&std::path::Path
 /// Signed Git: a source that releases only commits signed by alice. An unsigned commit and one
 /// signed by another key are refused — the release says who signed and who was expected, an
 /// event and the refusal metric say so — and the device keeps enforcing what it had; alice's
-/// next commit is released and reaches it.
+/// next commit is released and reaches it. Then a force-push back to an older signed commit is
+/// refused as a history rewrite until the operator allows that commit.
 #[test]
-fn trust_attack_unsigned_and_wrongly_signed_commits_are_refused() {
+fn trust_attack_unsigned_wrongly_signed_and_force_pushed_commits_are_refused() {
     let agent_bin = outpost_e2e::processes::binary("outpost-agent");
     let work = tempfile::tempdir().unwrap();
     let (alice, alice_public) = ssh_key(work.path(), "alice");
@@ -670,7 +671,7 @@ fn trust_attack_unsigned_and_wrongly_signed_commits_are_refused() {
     )
     .unwrap();
     hub.restart();
-    let main = || -> Value {
+    let main = |hub: &HubProcess| -> Value {
         hub.get("/api/v1/releases")
             .as_array()
             .unwrap()
@@ -679,7 +680,9 @@ fn trust_attack_unsigned_and_wrongly_signed_commits_are_refused() {
             .cloned()
             .unwrap_or(Value::Null)
     };
-    wait_for("alice's commit released", 30, || main()["generation"] == 1);
+    wait_for("alice's commit released", 30, || {
+        main(&hub)["generation"] == 1
+    });
     let device = work.path().join("device");
     hub.enrol(&agent_bin, &device, &["role=store"]);
     let _device = run_cache_only(&agent_bin, &device);
@@ -708,11 +711,11 @@ fn trust_attack_unsigned_and_wrongly_signed_commits_are_refused() {
         commit_shop(&repo, what, key);
         hub.cli(&["fetch-now"]);
         wait_for(&format!("the {what} commit refused"), 30, || {
-            main()["error"]
+            main(&hub)["error"]
                 .as_str()
                 .is_some_and(|error| error.contains(expected[0]))
         });
-        let error = main()["error"].as_str().unwrap().to_owned();
+        let error = main(&hub)["error"].as_str().unwrap().to_owned();
         for word in &expected {
             assert!(error.contains(word), "{what}: {error}");
         }
@@ -741,7 +744,50 @@ fn trust_attack_unsigned_and_wrongly_signed_commits_are_refused() {
     wait_for("alice's next commit on the device", 60, || {
         assigned_generation(&agent_bin, &device) >= 2
     });
-    assert!(main()["error"].is_null(), "{}", main());
+    assert!(main(&hub)["error"].is_null(), "{}", main(&hub));
+    let running = assigned_generation(&agent_bin, &device);
+
+    // A force-push: main rewritten back to alice's first commit (signed, but not a descendant
+    // of what was released). Refused until the operator allows that commit.
+    let first = head_of(&repo, "HEAD~3");
+    git(&repo, &["reset", "-q", "--hard", &first]);
+    hub.cli(&["fetch-now"]);
+    wait_for("the rewrite refused", 30, || {
+        main(&hub)["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("history rewritten"))
+    });
+    let error = main(&hub)["error"].as_str().unwrap().to_owned();
+    assert!(
+        error.contains(&first) && error.contains("allow_rewrite_to"),
+        "{error}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        assigned_generation(&agent_bin, &device),
+        running,
+        "the device keeps what it runs"
+    );
+    let config = std::fs::read_to_string(&hub.config).unwrap().replace(
+        "mode = \"commits\" }",
+        &format!("mode = \"commits\", allow_rewrite_to = [\"{first}\"] }}"),
+    );
+    std::fs::write(&hub.config, config).unwrap();
+    hub.restart();
+    wait_for("the allowed rewrite released", 30, || {
+        main(&hub)["error"].is_null()
+    });
+}
+
+/// The commit `revision` names in `repo`.
+fn head_of(repo: &std::path::Path, revision: &str) -> String {
+    let output = std::process::Command::new("git")
+        .args(["rev-parse", revision])
+        .current_dir(repo)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
 /// `outpost-agent run --cluster none` on `state_dir` with its metrics on `metrics`.
