@@ -3,8 +3,8 @@
 //! - the root key moved offline: the hub keeps signing and makes no root of its own;
 //! - `keys rotate`: the new certificate reaches the agent before anything it signs;
 //! - `keys revoke` of a leaked key: a rogue hub that holds the stolen key (and the hub's
-//!   identity) signs a new release with it, and the agent refuses it while it keeps enforcing
-//!   what it verified before;
+//!   identity) signs a new release and its assignment with it, and the agent refuses the
+//!   assignment while it keeps enforcing what it verified before;
 //! - snapshot expiry: with the hub gone, the agent keeps enforcing an expired snapshot and says
 //!   it is stale; the hub, back, records it and signs the snapshot again.
 //!
@@ -42,13 +42,14 @@ fn agent_status(agent: &Path, state: &Path) -> Value {
     .unwrap()
 }
 
-/// Starts `outpost-agent run` with a short drift interval.
-fn run_agent(agent: &Path, state: &Path, kubeconfig: &Path) -> Process {
+/// Starts `outpost-agent run` with a short drift interval and its metrics on `metrics`.
+fn run_agent(agent: &Path, state: &Path, kubeconfig: &Path, metrics: &str) -> Process {
     Process(
         Command::new(agent)
             .args(["run", "--kubeconfig", &kubeconfig.display().to_string()])
             .env("OUTPOST_AGENT_STATE_DIR", state)
             .env("OUTPOST_AGENT_DRIFT_SECONDS", "2")
+            .env("OUTPOST_AGENT_METRICS_ADDRESS", metrics)
             .env("OUTPOST_LOG", "warn")
             .spawn()
             .expect("start outpost-agent"),
@@ -88,7 +89,8 @@ fn rotation_revocation_and_expiry_with_real_processes() {
     let kubeconfig = cluster.write_kubeconfig(work.path().join("kubeconfig"));
     let state = work.path().join("agent");
     let id = hub.enrol(&agent_bin, &state, &[]);
-    let _agent = run_agent(&agent_bin, &state, &kubeconfig);
+    let metrics = format!("127.0.0.1:{}", outpost_e2e::processes::free_port(false));
+    let _agent = run_agent(&agent_bin, &state, &kubeconfig, &metrics);
     wait_for("the first release applied", 60, || {
         shop_value(&cluster).as_deref() == Some("1")
     });
@@ -261,15 +263,12 @@ fn rotation_revocation_and_expiry_with_real_processes() {
     );
     commit(&repo, "evil");
     rogue.cli(&["fetch-now"]);
-    wait_for("the agent to refuse the rogue's release", 60, || {
-        rogue
-            .get(&format!("/api/v1/status?agent={id}"))
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|row| {
-                row["phase"] == "Failed" && row["message"].as_str().unwrap().contains("revoked")
-            })
+    // The rogue's assignment is signed with the revoked key too: the agent refuses it before
+    // it fetches anything (signed assignments), and counts it.
+    wait_for("the agent to refuse the rogue's assignment", 60, || {
+        outpost_e2e::processes::Scrape::get(&format!("http://{metrics}/metrics"))
+            .value("outpost_agent_assignments_refused_total", &[])
+            .is_some_and(|refused| refused >= 1.0)
     });
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(

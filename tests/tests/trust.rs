@@ -884,7 +884,10 @@ fn run_cache_only_with_metrics(
             .args(["run", "--cluster", "none"])
             .env("OUTPOST_AGENT_STATE_DIR", state_dir)
             .env("OUTPOST_AGENT_METRICS_ADDRESS", metrics)
-            .env("OUTPOST_LOG", "warn")
+            .env(
+                "OUTPOST_LOG",
+                std::env::var("OUTPOST_TEST_AGENT_LOG").unwrap_or_else(|_| "warn".to_owned()),
+            )
             .spawn()
             .expect("start outpost-agent"),
     )
@@ -1091,4 +1094,166 @@ fn impostor(forgery: Forgery) {
     wait_for("generation 3 on the device", 60, || {
         assigned_generation(&agent_bin, &device) == 3
     });
+}
+
+/// What a device's own key gets from the hub in one session, as an attacker holding that key
+/// would record it: the `Trust` and `Assign` sent after `Hello`, and the fetch of the assigned
+/// snapshot (its `TransferStart` and whole payload).
+async fn record_session(
+    state_dir: &std::path::Path,
+    hub: SocketAddr,
+) -> (Message, Assign, outpost_proto::wire::TransferStart, Vec<u8>) {
+    let hello = Hello {
+        agent_version: "recorder".to_owned(),
+        assignment_sequence: 0,
+        have: vec![],
+        proofs: vec![],
+    };
+    let (connection, _control, mut reader) = forged_session(state_dir, hub, hello).await;
+    let mut trust = None;
+    let assign = loop {
+        match reader.next().await.unwrap() {
+            // The assignment made at enrolment may follow an empty first one.
+            Some(Message::Assign(assign)) if !assign.assignments.is_empty() => break assign,
+            Some(message @ Message::Trust(_)) => trust = Some(message),
+            Some(_) => continue,
+            None => panic!("the session ended before an Assign"),
+        }
+    };
+    let (mut send, recv) = connection.open_bi().await.unwrap();
+    let fetch = outpost_proto::wire::Fetch {
+        snapshot: assign.assignments[0].digest,
+        have: vec![],
+        resume: None,
+    };
+    outpost_proto::transport::send_message(&mut send, &Message::Fetch(fetch))
+        .await
+        .unwrap();
+    let mut reader = MessageReader::new(recv);
+    let Some(Message::TransferStart(start)) = reader.next().await.unwrap() else {
+        panic!("expected TransferStart");
+    };
+    let mut payload = Vec::new();
+    while (payload.len() as u64) < start.payload_size {
+        match reader.next().await.unwrap() {
+            Some(Message::TransferChunk(chunk)) => payload.extend_from_slice(&chunk.bytes),
+            other => panic!("expected a chunk, got {other:?}"),
+        }
+    }
+    (trust.expect("Trust before Assign"), assign, start, payload)
+}
+
+/// A snapshot replayed after its signed expiry, to a device installing it for the first time:
+/// an impostor with the hub's transport key replays what it recorded of the device's own
+/// session — the genuine `Trust`, the genuine signed `Assign`, the genuine snapshot, now
+/// expired. The device takes the assignment (it is genuine and in date) but refuses the
+/// snapshot (`outpost_agent_transfers_rejected_total`) and installs nothing.
+#[test]
+fn trust_attack_expired_snapshot_on_first_install() {
+    let agent_bin = outpost_e2e::processes::binary("outpost-agent");
+    let work = tempfile::tempdir().unwrap();
+    let repo = plain_repository(work.path());
+    let mut hub = HubProcess::start_with(work.path(), &repo, "main", "snapshot_lifetime = \"12s\"");
+    let device = work.path().join("device");
+    hub.enrol(&agent_bin, &device, &["role=store"]);
+    let agents = SocketAddr::from(([127, 0, 0, 1], hub.agents_port));
+    wait_for("a release", 30, || {
+        hub.get("/api/v1/releases")
+            .as_array()
+            .is_some_and(|rows| rows.iter().any(|row| row["generation"].is_u64()))
+    });
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (trust, assign, start, payload) = runtime.block_on(record_session(&device, agents));
+    let header = outpost_proto::SnapshotHeader::decode(&start.header).unwrap();
+    let expires_at = header.expires_at.expect("snapshots expire");
+    hub.stop();
+    let wait = expires_at + 2 - outpost_e2e::harness::unix_now();
+    if wait > 0 {
+        std::thread::sleep(Duration::from_secs(wait as u64));
+    }
+
+    let seed = std::fs::read_to_string(hub.key_dir().join("transport.key")).unwrap();
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(seed.trim(), &mut bytes).unwrap();
+    let transport = outpost_proto::SigningKey::from_seed(bytes);
+    let metrics = format!("127.0.0.1:{}", outpost_e2e::processes::free_port(false));
+    let _device = run_cache_only_with_metrics(&agent_bin, &device, &metrics);
+    runtime.block_on(async move {
+        let config = outpost_proto::transport::server_config(
+            &transport,
+            &outpost_proto::transport::Tuning::default(),
+        )
+        .unwrap();
+        let endpoint = quinn::Endpoint::server(config, agents).expect("the hub's address is free");
+        let incoming = tokio::time::timeout(Duration::from_secs(60), endpoint.accept())
+            .await
+            .expect("the device dials the impostor")
+            .unwrap();
+        let connection = incoming.await.expect("the device takes the stolen key");
+        let (mut send, recv) = connection.accept_bi().await.unwrap();
+        let mut reader = MessageReader::new(recv);
+        assert!(matches!(
+            reader.next().await.unwrap(),
+            Some(Message::Hello(_))
+        ));
+        // As the real hub does once a peer said who it is: room for its fetch streams.
+        outpost_proto::transport::allow_identified(&connection);
+        outpost_proto::transport::send_message(&mut send, &trust)
+            .await
+            .unwrap();
+        outpost_proto::transport::send_message(&mut send, &Message::Assign(assign))
+            .await
+            .unwrap();
+        // Serve the device's fetches with the recorded, now expired, snapshot.
+        let serving = async {
+            loop {
+                let Ok((mut send, recv)) = connection.accept_bi().await else {
+                    return;
+                };
+                let mut reader = MessageReader::new(recv);
+                if !matches!(reader.next().await, Ok(Some(Message::Fetch(_)))) {
+                    continue;
+                }
+                let chunk = outpost_proto::wire::TransferChunk {
+                    payload_digest: start.payload_digest,
+                    offset: 0,
+                    bytes: payload.clone(),
+                };
+                let _ = outpost_proto::transport::send_message(
+                    &mut send,
+                    &Message::TransferStart(start.clone()),
+                )
+                .await;
+                let _ = outpost_proto::transport::send_message(
+                    &mut send,
+                    &Message::TransferChunk(chunk),
+                )
+                .await;
+                let _ = send.finish();
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
+        connection.close(0u32.into(), b"gone");
+        endpoint.close(0u32.into(), b"gone");
+        endpoint.wait_idle().await;
+    });
+    drop(runtime);
+    let scrape = Scrape::get(&format!("http://{metrics}/metrics"));
+    assert!(
+        scrape.must("outpost_agent_transfers_rejected_total", &[]) >= 1.0,
+        "the expired snapshot refused: {}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.must("outpost_agent_snapshots_installed_total", &[]),
+        0.0,
+        "nothing installed"
+    );
+    let (state, _) = outpost_agent::open_state(&device).unwrap();
+    assert!(state.held().unwrap().is_empty(), "the device holds nothing");
+    assert_eq!(
+        state.assignments().unwrap().len(),
+        1,
+        "the genuine assignment was taken"
+    );
 }
