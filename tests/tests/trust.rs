@@ -893,6 +893,66 @@ fn run_cache_only_with_metrics(
     )
 }
 
+/// The transport key of `hub`, as an attacker who copied `keys/transport.key` holds it.
+fn stolen_transport_key(hub: &HubProcess) -> outpost_proto::SigningKey {
+    let seed = std::fs::read_to_string(hub.key_dir().join("transport.key")).unwrap();
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(seed.trim(), &mut bytes).unwrap();
+    outpost_proto::SigningKey::from_seed(bytes)
+}
+
+/// A hub impostor on `address` with `transport` (the real hub's stolen key): the device that
+/// dials it, once it said Hello.
+struct Impostor {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+    control: quinn::SendStream,
+}
+
+impl Impostor {
+    /// Waits up to a minute for the device, reads its Hello and, as the real hub does once a
+    /// peer said who it is, makes room for its fetch streams.
+    async fn accept(transport: &outpost_proto::SigningKey, address: SocketAddr) -> Impostor {
+        let config = outpost_proto::transport::server_config(
+            transport,
+            &outpost_proto::transport::Tuning::default(),
+        )
+        .unwrap();
+        let endpoint = quinn::Endpoint::server(config, address).expect("the hub's address is free");
+        let incoming = tokio::time::timeout(Duration::from_secs(60), endpoint.accept())
+            .await
+            .expect("the device dials the impostor")
+            .unwrap();
+        let connection = incoming.await.expect("the device takes the stolen key");
+        let (control, recv) = connection.accept_bi().await.unwrap();
+        let mut reader = MessageReader::new(recv);
+        match reader.next().await.unwrap() {
+            Some(Message::Hello(_)) => {}
+            other => panic!("expected Hello, got {other:?}"),
+        }
+        outpost_proto::transport::allow_identified(&connection);
+        Impostor {
+            endpoint,
+            connection,
+            control,
+        }
+    }
+
+    /// Sends `message` on the control stream.
+    async fn send(&mut self, message: &Message) {
+        outpost_proto::transport::send_message(&mut self.control, message)
+            .await
+            .unwrap();
+    }
+
+    /// Closes the connection and frees the address.
+    async fn close(self) {
+        self.connection.close(0u32.into(), b"gone");
+        self.endpoint.close(0u32.into(), b"gone");
+        self.endpoint.wait_idle().await;
+    }
+}
+
 /// What a hub impostor holding only a copy of the real hub's `keys/transport.key` (a stolen
 /// TLS key, a compromised relay) sends the device that connects to it as to its hub.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -985,10 +1045,7 @@ fn impostor(forgery: Forgery) {
     // The impostor: the real hub stops, and a server with only its transport key takes its
     // address.
     hub.stop();
-    let seed = std::fs::read_to_string(hub.key_dir().join("transport.key")).unwrap();
-    let mut bytes = [0u8; 32];
-    hex::decode_to_slice(seed.trim(), &mut bytes).unwrap();
-    let transport = outpost_proto::SigningKey::from_seed(bytes);
+    let transport = stolen_transport_key(&hub);
     let shop = |generation: u64, digest: &str| outpost_proto::wire::Assignment {
         bundle: "shop".to_owned(),
         generation,
@@ -1040,32 +1097,12 @@ fn impostor(forgery: Forgery) {
     let sent = forged.len();
     assert_eq!(sent, 1);
     runtime.block_on(async move {
-        let config = outpost_proto::transport::server_config(
-            &transport,
-            &outpost_proto::transport::Tuning::default(),
-        )
-        .unwrap();
-        let endpoint = quinn::Endpoint::server(config, agents).expect("the hub's address is free");
-        let incoming = tokio::time::timeout(Duration::from_secs(60), endpoint.accept())
-            .await
-            .expect("the device dials the impostor")
-            .unwrap();
-        let connection = incoming.await.expect("the device takes the stolen key");
-        let (mut send, recv) = connection.accept_bi().await.unwrap();
-        let mut reader = MessageReader::new(recv);
-        match reader.next().await.unwrap() {
-            Some(Message::Hello(_)) => {}
-            other => panic!("expected Hello, got {other:?}"),
-        }
+        let mut impostor = Impostor::accept(&transport, agents).await;
         for assign in forged {
-            outpost_proto::transport::send_message(&mut send, &Message::Assign(assign))
-                .await
-                .unwrap();
+            impostor.send(&Message::Assign(assign)).await;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
-        connection.close(0u32.into(), b"gone");
-        endpoint.close(0u32.into(), b"gone");
-        endpoint.wait_idle().await;
+        impostor.close().await;
     });
     drop(runtime);
     let scrape = Scrape::get(&format!("http://{metrics}/metrics"));
@@ -1172,39 +1209,15 @@ fn trust_attack_expired_snapshot_on_first_install() {
         std::thread::sleep(Duration::from_secs(wait as u64));
     }
 
-    let seed = std::fs::read_to_string(hub.key_dir().join("transport.key")).unwrap();
-    let mut bytes = [0u8; 32];
-    hex::decode_to_slice(seed.trim(), &mut bytes).unwrap();
-    let transport = outpost_proto::SigningKey::from_seed(bytes);
+    let transport = stolen_transport_key(&hub);
     let metrics = format!("127.0.0.1:{}", outpost_e2e::processes::free_port(false));
     let _device = run_cache_only_with_metrics(&agent_bin, &device, &metrics);
     runtime.block_on(async move {
-        let config = outpost_proto::transport::server_config(
-            &transport,
-            &outpost_proto::transport::Tuning::default(),
-        )
-        .unwrap();
-        let endpoint = quinn::Endpoint::server(config, agents).expect("the hub's address is free");
-        let incoming = tokio::time::timeout(Duration::from_secs(60), endpoint.accept())
-            .await
-            .expect("the device dials the impostor")
-            .unwrap();
-        let connection = incoming.await.expect("the device takes the stolen key");
-        let (mut send, recv) = connection.accept_bi().await.unwrap();
-        let mut reader = MessageReader::new(recv);
-        assert!(matches!(
-            reader.next().await.unwrap(),
-            Some(Message::Hello(_))
-        ));
-        // As the real hub does once a peer said who it is: room for its fetch streams.
-        outpost_proto::transport::allow_identified(&connection);
-        outpost_proto::transport::send_message(&mut send, &trust)
-            .await
-            .unwrap();
-        outpost_proto::transport::send_message(&mut send, &Message::Assign(assign))
-            .await
-            .unwrap();
+        let mut impostor = Impostor::accept(&transport, agents).await;
+        impostor.send(&trust).await;
+        impostor.send(&Message::Assign(assign)).await;
         // Serve the device's fetches with the recorded, now expired, snapshot.
+        let connection = impostor.connection.clone();
         let serving = async {
             loop {
                 let Ok((mut send, recv)) = connection.accept_bi().await else {
@@ -1219,23 +1232,17 @@ fn trust_attack_expired_snapshot_on_first_install() {
                     offset: 0,
                     bytes: payload.clone(),
                 };
-                let _ = outpost_proto::transport::send_message(
-                    &mut send,
-                    &Message::TransferStart(start.clone()),
-                )
-                .await;
-                let _ = outpost_proto::transport::send_message(
-                    &mut send,
-                    &Message::TransferChunk(chunk),
-                )
-                .await;
+                for message in [
+                    Message::TransferStart(start.clone()),
+                    Message::TransferChunk(chunk),
+                ] {
+                    let _ = outpost_proto::transport::send_message(&mut send, &message).await;
+                }
                 let _ = send.finish();
             }
         };
         let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
-        connection.close(0u32.into(), b"gone");
-        endpoint.close(0u32.into(), b"gone");
-        endpoint.wait_idle().await;
+        impostor.close().await;
     });
     drop(runtime);
     let scrape = Scrape::get(&format!("http://{metrics}/metrics"));

@@ -400,6 +400,17 @@ impl HubKeys {
         mut header: SnapshotHeader,
         now: i64,
     ) -> Result<(Vec<u8>, Signature), SignError> {
+        let signer = self.usable_signer(now)?;
+        header.key_id = signer.key_id();
+        header.created_at = now;
+        header.expires_at = self.policy.snapshot_lifetime.map(|lifetime| now + lifetime);
+        header
+            .sign(&signer.key)
+            .map_err(|error| SignError::Header(error.to_string()))
+    }
+
+    /// The key in use, if it may sign now: not revoked, within its certificate's window.
+    fn usable_signer(&self, now: i64) -> Result<Arc<Signer>, SignError> {
         let signer = self.signer();
         let key = signer.key_id();
         if self.is_revoked(&key) {
@@ -417,12 +428,7 @@ impl HubKeys {
                 not_before: signer.window.not_before,
             });
         }
-        header.key_id = key;
-        header.created_at = now;
-        header.expires_at = self.policy.snapshot_lifetime.map(|lifetime| now + lifetime);
-        header
-            .sign(&signer.key)
-            .map_err(|error| SignError::Header(error.to_string()))
+        Ok(signer)
     }
 
     /// Signs an assignment for sending now: the key in use (checked as for headers), expiring
@@ -432,17 +438,7 @@ impl HubKeys {
         assign: &mut outpost_proto::wire::Assign,
         now: i64,
     ) -> Result<(), SignError> {
-        let signer = self.signer();
-        let key = signer.key_id();
-        if self.is_revoked(&key) {
-            return Err(SignError::Revoked(key));
-        }
-        if now > signer.window.not_after {
-            return Err(SignError::Expired {
-                key,
-                not_after: signer.window.not_after,
-            });
-        }
+        let signer = self.usable_signer(now)?;
         assign.expires_at = now.saturating_add(outpost_proto::assignment::ASSIGNMENT_LIFETIME);
         outpost_proto::assignment::sign(assign, &signer.key)
             .map_err(|error| SignError::Header(error.to_string()))
