@@ -53,7 +53,9 @@ fn tracked(
     // Signed Git: a commit no allowed signer signed, or a rewritten history, decides nothing,
     // not even which bundles exist (an unsigned commit emptying outpost.yaml must not
     // unassign the fleet).
-    if let Some((reason, _)) = crate::sync::ref_refusal(store, source, &target)? {
+    let bases = crate::sync::released_commits(store, source)?;
+    let base = bases.get(&target.name).map(String::as_str);
+    if let Some((reason, _)) = crate::sync::ref_refusal(source, &target, base) {
         tracing::warn!(source = %url, track, %reason, "tracked commit refused; assignments unchanged");
         return Ok(None);
     }

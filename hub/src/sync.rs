@@ -154,6 +154,8 @@ pub fn render_remembering(
     }
     // The label sets of enrolled, not revoked agents decide which variants are rendered.
     let label_sets = store.label_sets()?;
+    // With a verify policy, what each ref released last (read once per sync).
+    let bases = released_commits(store, source)?;
     for target in &refs {
         let read = match memo.definitions.get(&target.commit) {
             Some(definitions) => Ok(definitions.clone()),
@@ -177,7 +179,9 @@ pub fn render_remembering(
         };
         // Signed Git: a ref whose commit (or tag) no allowed signer signed, or a branch whose
         // history was rewritten, releases nothing.
-        if let Some((reason, kept)) = ref_refusal(store, source, target)? {
+        if let Some((reason, kept)) =
+            ref_refusal(source, target, bases.get(&target.name).map(String::as_str))
+        {
             for definition in &definitions {
                 tracing::warn!(bundle = %definition.name, git_ref = %target.name, %reason, "release refused");
                 report
@@ -289,47 +293,63 @@ pub fn render_remembering(
     Ok(report)
 }
 
-/// With a `verify` policy, why nothing at `target` may be released, and the commit its
-/// releases keep naming: the commit (or tag) is not signed by an allowed signer, or `target` is
-/// a branch whose history was rewritten — it moved to a commit that does not descend from the
-/// last commit released there, and the operator did not allow that commit
-/// (`verify.allow_rewrite_to`). `None`: it may be released (or there is no policy).
-pub fn ref_refusal(
+/// The last commit released at each ref of `source` (the one its releases name, preferring
+/// releases that were not refused): what a move of the ref is judged against. Empty without a
+/// `verify` policy (nothing is judged).
+pub fn released_commits(
     store: &dyn HubStore,
     source: &GitSource,
-    target: &RefTarget,
-) -> Result<Option<(String, String)>, StoreError> {
-    let Some(policy) = source.verify_policy() else {
-        return Ok(None);
-    };
-    // The last commit released at this ref: the one its releases name.
-    let url = source.url();
-    let mut base: Option<String> = None;
+) -> Result<HashMap<String, String>, StoreError> {
+    let mut bases: HashMap<String, (bool, String)> = HashMap::new();
+    if source.verify_policy().is_none() {
+        return Ok(HashMap::new());
+    }
     for release in store.releases()? {
-        if release.source == url
-            && release.git_ref == target.name
-            && (release.generation.is_some() || base.is_none())
-        {
-            base = Some(release.git_commit);
+        if release.source != source.url() {
+            continue;
+        }
+        let good = release.generation.is_some();
+        match bases.get(&release.git_ref) {
+            Some((true, _)) if !good => {}
+            _ => {
+                bases.insert(release.git_ref, (good, release.git_commit));
+            }
         }
     }
+    Ok(bases
+        .into_iter()
+        .map(|(git_ref, (_, commit))| (git_ref, commit))
+        .collect())
+}
+
+/// With a `verify` policy, why nothing at `target` may be released, and the commit its
+/// releases keep naming: the commit (or tag) is not signed by an allowed signer, or `target` is
+/// a branch whose history was rewritten — it moved to a commit that does not descend from
+/// `base`, the last commit released there ([`released_commits`]), and the operator did not
+/// allow that commit (`verify.allow_rewrite_to`). `None`: it may be released (or there is no
+/// policy).
+pub fn ref_refusal(
+    source: &GitSource,
+    target: &RefTarget,
+    base: Option<&str>,
+) -> Option<(String, String)> {
+    let policy = source.verify_policy()?;
+    let base = base.map(str::to_owned);
     let kept = base.clone().unwrap_or_else(|| target.commit.clone());
     if let Some(Err(reason)) = source.check_signed(target) {
-        return Ok(Some((reason, kept)));
+        return Some((reason, kept));
     }
-    let Some(base) = base else {
-        return Ok(None);
-    };
+    let base = base?;
     if !target.name.starts_with("refs/heads/")
         || base == target.commit
         || policy.allow_rewrite_to.contains(&target.commit)
     {
-        return Ok(None);
+        return None;
     }
     let short = |commit: &str| commit[..commit.len().min(12)].to_owned();
     match source.descends(&target.commit, &base) {
-        Some(true) => Ok(None),
-        found => Ok(Some((
+        Some(true) => None,
+        found => Some((
             format!(
                 "history rewritten: {} moved from {} (released) to {}, which {}; if that is intended, add \"{}\" to this source's verify.allow_rewrite_to and restart the hub",
                 target.name,
@@ -342,7 +362,7 @@ pub fn ref_refusal(
                 target.commit
             ),
             kept,
-        ))),
+        )),
     }
 }
 
