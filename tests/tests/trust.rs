@@ -385,7 +385,8 @@ fn slowloris(on_hooks: bool) {
     );
 }
 
-/// `outpost-agent status` of the agent in `state_dir`: the generation of its first assignment.
+/// `outpost-agent status` of the agent in `state_dir`: the generation of its first assignment
+/// once it holds that snapshot (0 before).
 fn assigned_generation(agent_bin: &std::path::Path, state_dir: &std::path::Path) -> u64 {
     let env = [("OUTPOST_AGENT_STATE_DIR", state_dir.display().to_string())];
     let status: Value = serde_json::from_str(&outpost_e2e::processes::run(
@@ -394,7 +395,11 @@ fn assigned_generation(agent_bin: &std::path::Path, state_dir: &std::path::Path)
         &env,
     ))
     .unwrap();
-    status["assignments"][0]["generation"].as_u64().unwrap_or(0)
+    let first = &status["assignments"][0];
+    match first["held"].as_bool() {
+        Some(true) => first["generation"].as_u64().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 /// `outpost-agent run --cluster none` on `state_dir` (a device that keeps its cache only).
