@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use outpost_e2e::abuse::{GET_LIVE, keep_half_open, timed_request};
-use outpost_e2e::processes::{HubProcess, git, git_init};
+use outpost_e2e::processes::{HubProcess, shop_repository};
 
 /// Requests measured per row.
 const REQUESTS: usize = 20;
@@ -39,16 +39,7 @@ fn main() {
         .expect("run cargo");
     assert!(status.success(), "cargo build --profile bench failed");
     let work = tempfile::tempdir().unwrap();
-    let repo = work.path().join("repo");
-    git_init(&repo);
-    std::fs::create_dir_all(repo.join("shop")).unwrap();
-    std::fs::write(
-        repo.join("shop/app.yaml"),
-        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: shop, namespace: default}\n",
-    )
-    .unwrap();
-    git(&repo, &["add", "-A"]);
-    git(&repo, &["commit", "-qm", "first"]);
+    let repo = shop_repository(work.path());
     let hub = HubProcess::start(work.path(), &repo, "main");
     let admin: SocketAddr = hub.url.trim_start_matches("http://").parse().unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();

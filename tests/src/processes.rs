@@ -196,6 +196,22 @@ impl Scrape {
     }
 }
 
+/// A Git repository `work/repo` with one plain bundle, `shop` (ConfigMap `default/shop`,
+/// value "1"), committed on main.
+pub fn shop_repository(work: &Path) -> PathBuf {
+    let repo = work.join("repo");
+    git_init(&repo);
+    std::fs::create_dir_all(repo.join("shop")).expect("create the bundle folder");
+    std::fs::write(
+        repo.join("shop/app.yaml"),
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: shop, namespace: default}\ndata: {value: \"1\"}\n",
+    )
+    .expect("write the manifest");
+    git(&repo, &["add", "-A"]);
+    git(&repo, &["commit", "-qm", "first"]);
+    repo
+}
+
 /// Runs `git` in `dir`; panics if it fails.
 pub fn git(dir: &Path, args: &[&str]) {
     let status = Command::new("git")

@@ -217,21 +217,6 @@ fn trust_attack_kustomize_fields_reach_no_network() {
     );
 }
 
-/// A repository with one plain bundle, `shop`.
-fn plain_repository(work: &std::path::Path) -> std::path::PathBuf {
-    let repo = work.join("repo");
-    git_init(&repo);
-    std::fs::create_dir_all(repo.join("shop")).unwrap();
-    std::fs::write(
-        repo.join("shop/app.yaml"),
-        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: shop, namespace: default}\ndata: {value: \"1\"}\n",
-    )
-    .unwrap();
-    git(&repo, &["add", "-A"]);
-    git(&repo, &["commit", "-qm", "first"]);
-    repo
-}
-
 /// The webhook secret of the hubs [`hub_with_hooks`] starts.
 const HOOK_SECRET: &str = "0123456789abcdef0123456789abcdef";
 
@@ -290,7 +275,7 @@ fn trust_attack_slowloris_on_webhooks() {
 
 fn slowloris(on_hooks: bool) {
     let work = tempfile::tempdir().unwrap();
-    let repo = plain_repository(work.path());
+    let repo = outpost_e2e::processes::shop_repository(work.path());
     let (hub, hooks) = hub_with_hooks(work.path(), &repo);
     let admin = admin_address(&hub);
     let (target, listener) = match on_hooks {
@@ -455,7 +440,7 @@ fn trust_attack_claim_of_generation_2_pow_63_minus_1() {
 fn forged_hello(claim: Claim) {
     let agent_bin = outpost_e2e::processes::binary("outpost-agent");
     let work = tempfile::tempdir().unwrap();
-    let repo = plain_repository(work.path());
+    let repo = outpost_e2e::processes::shop_repository(work.path());
     let hub = HubProcess::start(work.path(), &repo, "main");
     let attacker = work.path().join("attacker");
     let honest = work.path().join("honest");
@@ -579,7 +564,7 @@ fn github_signature(body: &str) -> String {
 #[test]
 fn trust_attack_a_replayed_webhook_is_refused() {
     let work = tempfile::tempdir().unwrap();
-    let repo = plain_repository(work.path());
+    let repo = outpost_e2e::processes::shop_repository(work.path());
     let (hub, hooks) = hub_with_hooks(work.path(), &repo);
     let deliver = |id: Option<&str>, body: &str| -> (u16, Value) {
         let mut request = ureq::http::Request::builder()
@@ -1004,7 +989,7 @@ fn trust_attack_assignment_of_another_agent() {
 fn impostor(forgery: Forgery) {
     let agent_bin = outpost_e2e::processes::binary("outpost-agent");
     let work = tempfile::tempdir().unwrap();
-    let repo = plain_repository(work.path());
+    let repo = outpost_e2e::processes::shop_repository(work.path());
     let mut hub = HubProcess::start(work.path(), &repo, "main");
     let device = work.path().join("device");
     let other = work.path().join("other");
@@ -1194,7 +1179,7 @@ async fn record_session(
 fn trust_attack_expired_snapshot_on_first_install() {
     let agent_bin = outpost_e2e::processes::binary("outpost-agent");
     let work = tempfile::tempdir().unwrap();
-    let repo = plain_repository(work.path());
+    let repo = outpost_e2e::processes::shop_repository(work.path());
     let mut hub = HubProcess::start_with(work.path(), &repo, "main", "snapshot_lifetime = \"12s\"");
     let device = work.path().join("device");
     hub.enrol(&agent_bin, &device, &["role=store"]);
